@@ -15,6 +15,7 @@ through a layer are correct.  The forward solver only ever sees raw numbers.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional, Union
 
 import autograd.numpy as np
@@ -27,6 +28,28 @@ from . import linear_solvers
 from .errors import (NonFiniteError, ResidualError, ShapeError, UnsupportedError,
                      finite_or_raise)
 from .structure import Structure
+
+_RECORDERS: list = []
+
+
+@contextlib.contextmanager
+def record_points():
+    """Collect the :class:`ForwardPoint` of every implicit layer evaluated in the block.
+
+    >>> with record_points() as points:
+    ...     fn(*inputs)          # any function that calls implicit layers
+    >>> points[0].y, points[0].inputs, points[0].layer
+
+    This is how a checker (``verification.diagnose``) inspects the solutions
+    and Jacobians inside an arbitrary composition of layers.
+    """
+    points: list = []
+    _RECORDERS.append(points)
+    try:
+        yield points
+    finally:
+        _RECORDERS.remove(points)
+
 
 #: largest number of unknowns per instance for which ``linear_solver='auto'``
 #: forms J_F,y densely; above it the matrix-free GMRES/LSMR are used.
@@ -68,6 +91,8 @@ class ForwardPoint:
         self.cache: dict = {}
         self.linear_solver = None     # chosen by the layer for this point
         self._vjp_y = None
+        for recorder in _RECORDERS:
+            recorder.append(self)
 
     # -- the residual as a function of flat vectors (traceable) --------------
     def F(self, y_flat, *inputs):
@@ -249,11 +274,13 @@ class ImplicitLayer:
     def __init__(self, residual, solver, *, linear_solver="auto", ridge: float = 0.0,
                  batch_axis: Optional[int] = None, residual_tol: float = 1e-6,
                  check_residual: bool = True, dense_max: int = DENSE_MAX,
-                 linear_solver_options: Optional[dict] = None, **solver_options_unused):
+                 linear_solver_options: Optional[dict] = None, diagnostics=None,
+                 **solver_options_unused):
         if solver_options_unused:
             raise TypeError(f"implicit_layer got unknown options {sorted(solver_options_unused)}")
         self.residual = residual
         self.solver = solver
+        self.diagnostics = diagnostics
         self.batch_axis = batch_axis
         self.residual_tol = residual_tol
         self.check_residual = check_residual
@@ -329,7 +356,8 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
                    linear_solver: Union[str, Callable] = "auto", ridge: float = 0.0,
                    batch_axis: Optional[int] = None, residual_tol: float = 1e-6,
                    check_residual: bool = True, dense_max: int = DENSE_MAX,
-                   linear_solver_options: Optional[dict] = None) -> ImplicitLayer:
+                   linear_solver_options: Optional[dict] = None,
+                   diagnostics: Optional[Callable] = None) -> ImplicitLayer:
     r"""A layer ``x -> y*`` defined implicitly by ``F(y*, x) = 0``.
 
     Parameters
@@ -365,6 +393,10 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
     linear_solver_options : dict
         Keyword options for the linear solver (``rtol``, ``maxiter``,
         ``max_condition``, ``rcond``, ...).
+    diagnostics : callable, optional
+        ``diagnostics(point) -> dict`` of layer-specific well-posedness measures
+        at a :class:`ForwardPoint` (e.g. a strict-complementarity margin or an
+        eigen-gap): ``{name: (value, ok, why)}``; read by checkers.
 
     Returns
     -------
@@ -382,4 +414,4 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
     return ImplicitLayer(residual, solver, linear_solver=linear_solver, ridge=ridge,
                          batch_axis=batch_axis, residual_tol=residual_tol,
                          check_residual=check_residual, dense_max=dense_max,
-                         linear_solver_options=linear_solver_options)
+                         linear_solver_options=linear_solver_options, diagnostics=diagnostics)
