@@ -1,0 +1,2 @@
+"""Registry entries, one module per layer; each module calls
+``verification.registry.register`` at import time."""
