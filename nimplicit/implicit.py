@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Union
 import autograd.numpy as np
 import numpy as onp
 from autograd import make_jvp, make_vjp
+from autograd.builtins import tuple as autograd_tuple
 from autograd.extend import defjvp_argnums, defvjp_argnums, primitive
 from autograd.tracer import getval, isbox
 
@@ -349,7 +350,12 @@ class ImplicitLayer:
     def __call__(self, *inputs):
         point = self.solve_forward(*[getval(x) for x in inputs])
         self.last_point = point
-        return point.y_structure.unflatten(_node(point, *inputs))
+        y = point.y_structure.unflatten(_node(point, *inputs))
+        if point.y_structure.is_tuple and any(isbox(x) for x in inputs):
+            # a plain tuple of boxes is invisible to autograd's make_jvp/make_vjp
+            # on the layer itself (they would silently return zeros): box it
+            y = autograd_tuple(y)
+        return y
 
 
 def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,

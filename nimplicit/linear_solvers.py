@@ -32,6 +32,7 @@ the forward solver) for reuse.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import numpy as onp
@@ -88,7 +89,7 @@ def _blocks(J):
 def _condition_error(cond: float, index, max_condition: float) -> SingularJacobianError:
     where = "" if index is None else f" (batch instance {index})"
     if not onp.isfinite(cond) or cond * EPS >= 1.0:
-        what = "is singular to working precision"
+        what = f"is singular to working precision (estimated condition number {cond:.3g})"
     else:
         what = f"is ill-conditioned (estimated condition number {cond:.3g} > max_condition={max_condition:.3g})"
     return SingularJacobianError(
@@ -120,7 +121,9 @@ def lu(matvec: MatVec, rmatvec: MatVec, b: onp.ndarray, *, transpose: bool = Fal
         _check_square(J)
         factors = []
         for i, block in enumerate(_blocks(J)):
-            lu_piv = scipy.linalg.lu_factor(block, check_finite=False)
+            with warnings.catch_warnings():   # singularity is reported below, as a typed error
+                warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+                lu_piv = scipy.linalg.lu_factor(block, check_finite=False)
             anorm = onp.abs(block).sum(axis=0).max()
             rcond, _info = scipy.linalg.lapack.dgecon(lu_piv[0], anorm, norm="1")
             cond = 1.0 / rcond if rcond > 0 else onp.inf
@@ -251,8 +254,12 @@ def _krylov(name, method, matvec, rmatvec, b, rtol, maxiter, symmetric, check_sy
 
     maxiter = maxiter or 10 * n
     if method is spla.gmres:
-        x, info = method(op, bf, rtol=rtol, atol=0.0, maxiter=maxiter, callback=count,
-                         callback_type="pr_norm", **kw)
+        # scipy counts GMRES restart cycles; here maxiter bounds the inner iterations
+        # (matrix-vector products), as for the other Krylov methods
+        restart = max(1, min(kw.pop("restart"), maxiter))
+        cycles = -(-maxiter // restart)
+        x, info = method(op, bf, rtol=rtol, atol=0.0, maxiter=cycles, restart=restart,
+                         callback=count, callback_type="pr_norm", **kw)
     else:
         x, info = method(op, bf, rtol=rtol, maxiter=maxiter, callback=count, **kw)
     res = onp.linalg.norm(op.matvec(x) - bf) / bnorm
@@ -281,7 +288,8 @@ def minres(matvec: MatVec, rmatvec: Optional[MatVec], b: onp.ndarray, *, rtol: f
 
 def gmres(matvec: MatVec, rmatvec: Optional[MatVec], b: onp.ndarray, *, rtol: float = 1e-11,
           maxiter: Optional[int] = None, restart: int = 60, **_) -> onp.ndarray:
-    """Restarted GMRES, for a general square ``A``."""
+    """Restarted GMRES(``restart``), for a general square ``A``; ``maxiter`` bounds the
+    total number of inner iterations over all restart cycles."""
     return _krylov("gmres", spla.gmres, matvec, rmatvec, b, rtol, maxiter, False, False,
                    restart=min(restart, b.size))
 

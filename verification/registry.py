@@ -35,6 +35,11 @@ class Entry:
     cases : number of default cases the CLI checks.
     description : one line for ``--list``.
     fd_step : optional base step for finite differences.
+    noise : relative accuracy of ``fn``'s output when it is worse than the
+        checker's default (``verification.check.NOISE``, 64 eps), e.g. for a
+        forward solver that stops at a tolerance; ``None`` for the default.
+    conventions : conventions the outputs follow (e.g. an eigenvector's sign),
+        recorded in exported oracle files.
     """
     name: str
     fn: Callable[..., Any]
@@ -47,6 +52,8 @@ class Entry:
     cases: int = 3
     description: str = ""
     fd_step: Optional[float] = None
+    noise: Optional[float] = None
+    conventions: str = ""
 
 
 ENTRIES: Dict[str, Entry] = {}

@@ -1,0 +1,237 @@
+"""Front-ends: fixed_point_layer (Anderson), argmin_layer and
+constrained_argmin_layer (KKT), against finite differences and closed forms."""
+import warnings
+
+import autograd.numpy as np
+import numpy as onp
+import pytest
+from autograd import grad, jacobian, make_jvp
+
+from conftest import assert_close, assert_grad_matches_fd, fd_directional, fd_grad, fd_jacobian
+from nimplicit import anderson, argmin_layer, constrained_argmin_layer, fixed_point_layer
+from nimplicit.errors import ImplicitGradientWarning, NotConvergedError, SolverError
+
+RTOL = 1e-6
+
+
+# ------------------------------------------------------------------------------
+# fixed points
+# ------------------------------------------------------------------------------
+
+def test_anderson_solves_a_fixed_point():
+    y = anderson(lambda y: onp.cos(y), onp.zeros(3), tol=1e-14)
+    assert onp.abs(onp.cos(y) - y).max() <= 1e-13
+    assert_close(y, onp.full(3, 0.7390851332151607), 1e-13, "Dottie number")
+
+
+def test_fixed_point_layer_gradients():
+    rng = onp.random.default_rng(20)
+    d = 6
+    W = 0.6 * rng.standard_normal((d, d)) / onp.sqrt(d)
+    b = rng.standard_normal(d)
+    layer = fixed_point_layer(lambda y, W, b, s: s * np.tanh(np.dot(W, y) + b) + 0.1 * np.sin(y),
+                              y0=lambda W, b, s: onp.zeros(len(b)))
+    s = 0.9
+    y = layer(W, b, s)
+    assert onp.abs(s * onp.tanh(W @ y + b) + 0.1 * onp.sin(y) - y).max() <= 1e-12
+    loss = lambda W, b, s: np.sum(np.cos(layer(W, b, s)) * b)
+    assert_close(grad(loss, 1)(W, b, s), fd_grad(lambda b: loss(W, b, s), b), RTOL, "grad b")
+    assert_close(grad(loss, 2)(W, b, s), fd_directional(lambda s: loss(W, b, s), s, 1.0), RTOL, "grad s")
+    assert_grad_matches_fd(lambda W: loss(W, b, s), W, grad(loss, 0)(W, b, s), rng, 2, RTOL, "grad W")
+    v = rng.standard_normal(d)
+    assert_close(make_jvp(lambda b: layer(W, b, s))(b)(v)[1],
+                 fd_directional(lambda b: layer(W, b, s), b, v), RTOL, "jvp b")
+    assert_close(grad(grad(loss, 2), 2)(W, b, s),
+                 fd_directional(lambda s: grad(loss, 2)(W, b, s), s, 1.0), RTOL, "second order in s")
+
+
+def test_fixed_point_layer_with_a_user_solver_and_gmres():
+    T = lambda y, x: 0.5 * np.cos(y) + x
+    solver_calls = []
+
+    def plain_iteration(x):
+        solver_calls.append(x)
+        y = onp.zeros_like(x)
+        for _ in range(200):
+            y = 0.5 * onp.cos(y) + x
+        return y
+
+    layer = fixed_point_layer(T, plain_iteration, linear_solver="gmres")
+    x = onp.array([0.1, -0.4, 1.0])
+    assert_close(jacobian(layer)(x), fd_jacobian(layer, x), RTOL, "user solver + gmres")
+    # diagonal closed form: dy/dx = 1 / (1 + 0.5 sin y)
+    assert_close(onp.diag(jacobian(layer)(x)), 1 / (1 + 0.5 * onp.sin(layer(x))), 1e-12, "closed form")
+    assert solver_calls
+
+
+def test_fixed_point_not_contractive_raises():
+    """T(y) = y^2 + x has no real fixed point for x > 1/4."""
+    layer = fixed_point_layer(lambda y, x: y ** 2 + x, y0=onp.zeros(2))
+    with pytest.raises(NotConvergedError) as info:
+        layer(onp.ones(2))
+    msg = str(info.value)
+    assert "did not converge" in msg and "max_iter=1000" in msg and "contraction" in msg
+
+
+def test_fixed_point_max_iter_too_small_raises():
+    layer = fixed_point_layer(lambda y, x: 0.5 * np.cos(y) + x, y0=onp.zeros(2), max_iter=2)
+    with pytest.raises(NotConvergedError, match=r"max_iter=2 steps: max\|T\(y\) - y\| = "):
+        layer(onp.ones(2))
+    assert issubclass(NotConvergedError, SolverError)
+
+
+def test_fixed_point_needs_an_initial_guess():
+    with pytest.raises(TypeError, match="y0"):
+        fixed_point_layer(lambda y, x: 0.5 * y + x)(onp.ones(2))
+
+
+# ------------------------------------------------------------------------------
+# argmin
+# ------------------------------------------------------------------------------
+
+def test_argmin_layer_quadratic_closed_form_and_fd():
+    """argmin 0.5 y^T Q y - x . y + 0.25 sum y^4 ; J = Q + 3 diag(y^2)."""
+    rng = onp.random.default_rng(21)
+    M = rng.standard_normal((4, 4))
+    Q = M @ M.T / 4 + onp.eye(4)
+    obj = lambda y, Q, x: 0.5 * np.dot(y, np.dot(Q, y)) - np.dot(x, y) + 0.25 * np.sum(y ** 4)
+    layer = argmin_layer(obj, y0=onp.zeros(4))
+    x = rng.standard_normal(4)
+    y = layer(Q, x)
+    assert onp.abs(Q @ y - x + y ** 3).max() <= 1e-10
+    J = jacobian(lambda x: layer(Q, x))(x)
+    assert_close(J, onp.linalg.inv(Q + 3 * onp.diag(y ** 2)), 1e-10, "dy/dx = H^{-1}")
+    assert_close(J, fd_jacobian(lambda x: layer(Q, x), x), RTOL, "dy/dx vs FD")
+    loss = lambda Q: np.sum(layer(Q, x) ** 2)
+    assert_grad_matches_fd(loss, Q, grad(loss)(Q), rng, 2, RTOL, "grad Q")
+
+
+def test_argmin_layer_matrix_variable():
+    """y is a 2 x 2 matrix; argmin of sum cosh(y - x) + 0.5 |y|^2: separable."""
+    obj = lambda y, x: np.sum(np.cosh(y - x)) + 0.5 * np.sum(y ** 2)
+    layer = argmin_layer(obj, y0=lambda x: onp.zeros_like(x))
+    x = onp.array([[0.3, -1.0], [2.0, 0.5]])
+    y = layer(x)
+    assert y.shape == (2, 2)
+    # elementwise: sinh(y - x) + y = 0  ->  dy/dx = cosh(y - x) / (cosh(y - x) + 1)
+    c = onp.cosh(y - x)
+    J = jacobian(layer)(x)
+    assert_close(onp.einsum("ijij->ij", J), c / (c + 1), 1e-9, "closed form")
+    V = onp.ones((2, 2))
+    assert_close(make_jvp(layer)(x)(V)[1], fd_directional(layer, x, V), RTOL, "jvp vs FD")
+
+
+def test_argmin_not_converged():
+    obj = lambda y, x: np.sum((y - x) ** 4) + np.sum(np.exp(y))
+    layer = argmin_layer(obj, y0=onp.full(3, 5.0), method="BFGS", max_iter=1)
+    with pytest.raises(NotConvergedError, match="stopped with"):
+        layer(onp.zeros(3))
+
+
+# ------------------------------------------------------------------------------
+# constrained argmin (KKT)
+# ------------------------------------------------------------------------------
+
+def test_projection_onto_a_ball_closed_form():
+    """min 0.5 |y - x|^2 s.t. |y|^2 <= 1, x outside: y = x/|x|, nu = (|x| - 1)/2,
+    dy/dx = (I - y y^T)/|x|."""
+    layer = constrained_argmin_layer(lambda y, x: 0.5 * np.sum((y - x) ** 2),
+                                     ineq=lambda y, x: np.array([np.sum(y ** 2) - 1.0]),
+                                     y0=lambda x: onp.zeros(len(x)))
+    x = onp.array([1.2, -0.9, 0.6])
+    r = onp.linalg.norm(x)
+    y, lam, nu = layer(x)
+    assert lam.shape == (0,) and nu.shape == (1,)
+    assert_close(y, x / r, 1e-10, "y")
+    assert_close(nu, [(r - 1) / 2], 1e-8, "nu")
+    Jy = jacobian(lambda x: layer(x)[0])(x)
+    assert_close(Jy, (onp.eye(3) - onp.outer(y, y)) / r, 1e-8, "dy/dx closed form")
+    assert_close(Jy, fd_jacobian(lambda x: layer(x)[0], x), RTOL, "dy/dx vs FD")
+    assert_close(grad(lambda x: layer(x)[2][0])(x), x / (2 * r), 1e-8, "dnu/dx closed form")
+    assert_close(jacobian(lambda x: layer(x)[2])(x), fd_jacobian(lambda x: layer(x)[2], x), RTOL,
+                 "dnu/dx vs FD")
+
+
+def test_equality_and_inequality_constrained_qp():
+    """min 0.5 y^T P y + q(x) . y  s.t.  sum(y) = x0,  y >= -0.2 (some active)."""
+    rng = onp.random.default_rng(22)
+    n = 5
+    M = rng.standard_normal((n, n))
+    P = M @ M.T / n + 0.5 * onp.eye(n)
+    obj = lambda y, q, t: 0.5 * np.dot(y, np.dot(P, y)) + np.dot(q, y)
+    layer = constrained_argmin_layer(obj, eq=lambda y, q, t: np.array([np.sum(y) - t]),
+                                     ineq=lambda y, q, t: -0.2 - y,
+                                     y0=lambda q, t: onp.full(n, t / n))
+    q = onp.array([1.5, -0.5, 2.0, -1.0, 0.2])
+    t = 1.0
+    y, lam, nu = layer(q, t)
+    active = nu > 1e-6
+    assert 0 < active.sum() < n, (y, nu)        # strictly complementary, some active
+    assert onp.all(onp.abs(y[active] + 0.2) <= 1e-10) and onp.all(y[~active] > -0.2 + 1e-6)
+    G = (rng.standard_normal(n), rng.standard_normal(1), rng.standard_normal(n))
+    loss = lambda q, t: sum(np.sum(g * z) for g, z in zip(G, layer(q, t)))
+    assert_close(grad(loss, 0)(q, t), fd_grad(lambda q: loss(q, t), q), RTOL, "grad q (y, lam, nu)")
+    assert_close(grad(loss, 1)(q, t), fd_directional(lambda t: loss(q, t), t, 1.0), RTOL, "grad t")
+    v = rng.standard_normal(n)
+    assert_close(make_jvp(lambda q: layer(q, t))(q)(v)[1],
+                 fd_directional(lambda q: layer(q, t), q, v), RTOL, "jvp of (y, lam, nu)")
+    # second order through the KKT system
+    loss_y = lambda q: np.sum(np.sin(layer(q, t)[0]))
+    assert_close(make_jvp(grad(loss_y))(q)(v)[1], fd_directional(grad(loss_y), q, v), RTOL,
+                 "forward-over-reverse through KKT")
+
+
+def test_equality_only_closed_form():
+    """min 0.5 |y - x|^2 s.t. a.y = c: y = x - a (a.x - c)/|a|^2, lam = (a.x - c)/|a|^2."""
+    a, c = onp.array([1.0, 2.0, -1.0]), 0.5
+    layer = constrained_argmin_layer(lambda y, x: 0.5 * np.sum((y - x) ** 2),
+                                     eq=lambda y, x: np.array([np.dot(a, y) - c]), y0=onp.zeros(3))
+    x = onp.array([0.3, 0.1, 0.7])
+    y, lam, nu = layer(x)
+    assert nu.shape == (0,)
+    k = (a @ x - c) / (a @ a)
+    assert_close(y, x - a * k, 1e-10, "y")
+    assert_close(lam, [k], 1e-10, "lam")
+    assert_close(jacobian(lambda x: layer(x)[0])(x), onp.eye(3) - onp.outer(a, a) / (a @ a), 1e-10, "dy/dx")
+    assert_close(jacobian(lambda x: layer(x)[1])(x), a[None] / (a @ a), 1e-10, "dlam/dx")
+
+
+def _simplex_projection():
+    n = 5
+    return constrained_argmin_layer(lambda y, x: 0.5 * np.sum((y - x) ** 2),
+                                    eq=lambda y, x: np.array([np.sum(y) - 1.0]),
+                                    ineq=lambda y, x: -y, y0=lambda x: onp.full(n, 1.0 / n))
+
+
+def test_weakly_active_constraint_warns_and_gives_the_minimum_norm_gradient():
+    """Projection onto the simplex of x = (0.5, 0.5, 0, -3, -2): y = (0.5, 0.5, 0, 0, 0)
+    and the constraint y_2 >= 0 is weakly active (y_2 = 0 and nu_2 = 0)."""
+    layer = _simplex_projection()
+    x = onp.array([0.5, 0.5, 0.0, -3.0, -2.0])
+    y, lam, nu = layer(x)
+    assert abs(y[2]) <= 1e-9 and abs(nu[2]) <= 1e-9
+    with pytest.warns(ImplicitGradientWarning, match=r"constraint\(s\) \[2\] are weakly active") as rec:
+        J = jacobian(lambda x: np.concatenate(layer(x)))(x)
+    assert "minimum-norm" in str(rec[0].message)
+    # the minimum-norm solution of the (singular) KKT system: dz/dx = -pinv(dF/dz) dF/dx
+    point = layer.last_point
+    Fz = jacobian(lambda z: point.F(z, x))(point.y_flat)
+    Fx = jacobian(lambda x: point.F(point.y_flat, x))(x)
+    assert onp.linalg.matrix_rank(Fz) < Fz.shape[0]            # singular indeed
+    assert_close(J, -onp.linalg.pinv(Fz) @ Fx, 1e-10, "minimum-norm KKT derivative")
+
+
+def test_strictly_complementary_projection_does_not_warn():
+    layer = _simplex_projection()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImplicitGradientWarning)
+        jacobian(lambda x: layer(x)[0])(onp.array([0.5, 0.1, -0.3, 0.9, -1.0]))
+
+
+def test_infeasible_problem_raises_solver_error():
+    layer = constrained_argmin_layer(lambda y, x: np.sum((y - x) ** 2),
+                                     eq=lambda y, x: np.array([np.sum(y) - 1.0]),
+                                     ineq=lambda y, x: np.concatenate([y - 0.1, -y]),
+                                     y0=onp.zeros(3))
+    with pytest.raises(SolverError, match="SLSQP"):
+        layer(onp.zeros(3))

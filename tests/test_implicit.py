@@ -1,0 +1,488 @@
+"""The implicit node: every derivative mode against finite differences of the
+forward solver's actual output.
+
+Covers reverse mode (``grad``, ``jacobian``, ``make_vjp``), forward mode
+(``make_jvp``) and second order (``grad`` of ``grad``, ``hessian``,
+Hessian-vector products, forward-over-reverse), for 0-d, vector, matrix and
+tuple outputs and inputs given as Python floats, 0-d and n-d arrays; batches
+(``batch_axis`` 0 and non-zero, shared inputs); and the guarantee that the
+forward solver only ever sees raw numbers.
+"""
+from unittest import mock
+
+import autograd.numpy as np
+import numpy as onp
+import pytest
+import scipy.linalg
+import scipy.optimize
+from autograd import elementwise_grad, grad, hessian, jacobian, make_jvp, make_vjp
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import (assert_close, assert_grad_matches_fd, fd_directional, fd_grad, fd_jacobian, newton_solve,
+                      random_direction, vdot)
+from nimplicit import ForwardPoint, implicit_layer, linear_solvers, record_points
+
+RTOL = 1e-6
+
+
+# ------------------------------------------------------------------------------
+# 0-d output: y^3 + y = x  (dy/dx = 1 / (3 y^2 + 1))
+# ------------------------------------------------------------------------------
+
+def cubic_residual(y, x):
+    return y ** 3 + y - x
+
+
+def cubic_solver(x):
+    y = scipy.optimize.brentq(lambda t: t ** 3 + t - x, -10.0, 10.0, xtol=1e-15)
+    for _ in range(2):   # polish to the last bit, so that FD of high order stay accurate
+        y = y - (y ** 3 + y - x) / (3 * y ** 2 + 1)
+    return y
+
+
+cubic = implicit_layer(cubic_residual, cubic_solver)
+
+
+@pytest.mark.parametrize("x", [2.0, onp.array(2.0), onp.array(-0.7)], ids=["float", "0d", "0d-neg"])
+def test_scalar_output_first_and_second_order(x):
+    y = cubic(x)
+    assert onp.shape(y) == ()
+    closed = 1.0 / (3 * y ** 2 + 1)
+    fd1 = fd_directional(cubic, x, 1.0 if isinstance(x, float) else onp.ones(()))
+    assert_close(grad(cubic)(x), closed, RTOL, "grad vs closed form")
+    assert_close(grad(cubic)(x), fd1, RTOL, "grad vs FD")
+    assert_close(make_jvp(cubic)(x)(1.0)[1], fd1, RTOL, "jvp vs FD")
+    # d2y/dx2 = -6 y (dy/dx)^3
+    fd2 = fd_directional(grad(cubic), x, 1.0 if isinstance(x, float) else onp.ones(()))
+    assert_close(grad(grad(cubic))(x), -6 * y * closed ** 3, RTOL, "grad(grad) vs closed form")
+    assert_close(grad(grad(cubic))(x), fd2, RTOL, "grad(grad) vs FD")
+    assert_close(hessian(cubic)(x), fd2, RTOL, "hessian vs FD")
+    # forward over reverse and reverse over forward
+    assert_close(make_jvp(grad(cubic))(x)(1.0)[1], fd2, RTOL, "fwd-over-rev")
+    assert_close(grad(lambda t: make_jvp(cubic)(t)(1.0)[1])(x), fd2, RTOL, "rev-over-fwd")
+
+
+def test_scalar_output_third_order():
+    x = 1.3
+    d3 = grad(grad(grad(cubic)))(x)
+    assert_close(d3, fd_directional(grad(grad(cubic)), x, 1.0), RTOL, "third order vs FD")
+
+
+# ------------------------------------------------------------------------------
+# vector output, several inputs: A y + s tanh(y) = b
+# ------------------------------------------------------------------------------
+
+def vec_residual(y, A, b, s):
+    return np.dot(A, y) + s * np.tanh(y) - b
+
+
+def vec_solver(A, b, s):
+    return newton_solve(vec_residual, onp.zeros(b.shape), A, b, s)
+
+
+@pytest.fixture(scope="module")
+def vec_problem():
+    rng = onp.random.default_rng(0)
+    n = 4
+    A = 2.0 * onp.eye(n) + 0.4 * rng.standard_normal((n, n))
+    b = rng.standard_normal(n)
+    return implicit_layer(vec_residual, vec_solver), (A, b, 0.7), rng
+
+
+@pytest.mark.parametrize("argnum", [0, 1, 2], ids=["matrix-A", "vector-b", "float-s"])
+def test_vector_output_jacobian_vjp_jvp(vec_problem, argnum):
+    layer, inputs, rng = vec_problem
+    at = lambda v: layer(*inputs[:argnum], v, *inputs[argnum + 1:])
+    x = inputs[argnum]
+    J = jacobian(at)(x)
+    assert_close(J, fd_jacobian(at, x), RTOL, "jacobian vs FD")
+    v = random_direction(rng, x)
+    fd_v = fd_directional(at, x, v)
+    assert_close(make_jvp(at)(x)(v)[1], fd_v, RTOL, "jvp vs FD")
+    g = rng.standard_normal(layer(*inputs).shape)
+    x_bar = make_vjp(at)(x)[0](g)
+    assert onp.shape(x_bar) == onp.shape(x)
+    assert abs(vdot(x_bar, v) - vdot(g, fd_v)) <= RTOL * onp.linalg.norm(g) * onp.linalg.norm(fd_v)
+
+
+def test_vector_output_second_order(vec_problem):
+    layer, (A, b, s), rng = vec_problem
+    w = rng.standard_normal(b.shape)
+
+    def loss(A, b, s):
+        y = layer(A, b, s)
+        return np.sum(w * np.sin(y)) + np.sum(y ** 2) * s
+
+    loss_b = lambda b: loss(A, b, s)
+    H = hessian(loss_b)(b)
+    assert_close(H, fd_jacobian(grad(loss_b), b), RTOL, "hessian in b vs FD of grad")
+    v = rng.standard_normal(b.shape)
+    fd_Hv = fd_directional(grad(loss_b), b, v)
+    hvp_rev = grad(lambda b: np.sum(grad(loss_b)(b) * v))(b)
+    assert_close(hvp_rev, fd_Hv, RTOL, "Hessian-vector product (reverse over reverse)")
+    assert_close(make_jvp(grad(loss_b))(b)(v)[1], fd_Hv, RTOL, "forward over reverse")
+    # mixed: d/ds of grad_b, and d/dA of grad_s (python float input)
+    mixed = grad(lambda s: np.sum(grad(loss, 1)(A, b, s) * v))(s)
+    assert_close(mixed, fd_directional(lambda s: vdot(grad(loss, 1)(A, b, s), v), s, 1.0), RTOL,
+                 "d/ds grad_b")
+    E = rng.standard_normal(A.shape)
+    mixed_A = grad(lambda A: grad(loss, 2)(A, b, s))(A)
+    assert_close(vdot(mixed_A, E), fd_directional(lambda A: grad(loss, 2)(A, b, s), A, E), RTOL,
+                 "d/dA grad_s")
+    assert_close(grad(grad(loss, 2), 2)(A, b, s),
+                 fd_directional(lambda s: grad(loss, 2)(A, b, s), s, 1.0), RTOL, "grad of grad in s")
+
+
+# ------------------------------------------------------------------------------
+# matrix output: C Y + 0.1 Y^3 = X   (Y is p x q)
+# ------------------------------------------------------------------------------
+
+def mat_residual(Y, C, X):
+    return np.dot(C, Y) + 0.1 * Y ** 3 - X
+
+
+def test_matrix_output():
+    rng = onp.random.default_rng(1)
+    p, q = 3, 2
+    C = 2.5 * onp.eye(p) + 0.3 * rng.standard_normal((p, p))
+    X = rng.standard_normal((p, q))
+    layer = implicit_layer(mat_residual, lambda C, X: newton_solve(mat_residual, onp.zeros((p, q)), C, X))
+    Y = layer(C, X)
+    assert Y.shape == (p, q)
+    for argnum, x in enumerate((C, X)):
+        at = (lambda v: layer(v, X)) if argnum == 0 else (lambda v: layer(C, v))
+        assert_close(jacobian(at)(x), fd_jacobian(at, x), RTOL, f"jacobian in input {argnum}")
+        V = rng.standard_normal(x.shape)
+        assert_close(make_jvp(at)(x)(V)[1], fd_directional(at, x, V), RTOL, f"jvp in input {argnum}")
+    loss = lambda X: np.sum(np.cos(layer(C, X)) * X)
+    V = rng.standard_normal(X.shape)
+    assert_close(make_jvp(grad(loss))(X)(V)[1], fd_directional(grad(loss), X, V), RTOL,
+                 "forward-over-reverse, matrix output")
+
+
+# ------------------------------------------------------------------------------
+# tuple output of mixed shapes: (y vector, s 0-d, M matrix)
+# ------------------------------------------------------------------------------
+
+def tuple_residual(z, A, b):
+    y, s, M = z
+    return (np.dot(A, y) + 0.2 * np.sin(y) - b,
+            s - np.sum(y ** 2),
+            M - np.outer(y, b) * s)
+
+
+def tuple_solver(A, b):
+    y = newton_solve(lambda y, A, b: np.dot(A, y) + 0.2 * np.sin(y) - b, onp.zeros(b.shape), A, b)
+    s = onp.sum(y ** 2)
+    return y, onp.array(s), onp.outer(y, b) * s
+
+
+def test_tuple_output_all_modes():
+    rng = onp.random.default_rng(2)
+    n = 3
+    A = 2 * onp.eye(n) + 0.3 * rng.standard_normal((n, n))
+    b = rng.standard_normal(n)
+    layer = implicit_layer(tuple_residual, tuple_solver)
+    y, s, M = layer(A, b)
+    assert onp.shape(y) == (n,) and onp.shape(s) == () and onp.shape(M) == (n, n)
+    gy, gs, gM = rng.standard_normal(n), float(rng.standard_normal()), rng.standard_normal((n, n))
+
+    def loss(A, b):
+        y, s, M = layer(A, b)
+        return np.sum(gy * y) + gs * s + np.sum(gM * M) + np.sum(y ** 2) * s
+
+    for argnum, x in enumerate((A, b)):
+        at = (lambda v: loss(v, b)) if argnum == 0 else (lambda v: loss(A, v))
+        assert_close(grad(at)(x), fd_grad(at, x), RTOL, f"grad, tuple output, input {argnum}")
+    # make_vjp / make_jvp on the tuple itself
+    v = rng.standard_normal(n)
+    fd_v = fd_directional(lambda b: layer(A, b), b, v)
+    jvp = make_jvp(lambda b: layer(A, b))(b)(v)[1]
+    assert_close(jvp, fd_v, RTOL, "jvp of a tuple output")
+    b_bar = make_vjp(lambda b: layer(A, b))(b)[0]((gy, gs, gM))
+    assert abs(vdot(b_bar, v) - vdot((gy, gs, gM), fd_v)) <= RTOL * abs(vdot((gy, gs, gM), fd_v))
+    # second order through the tuple
+    H = hessian(lambda b: loss(A, b))(b)
+    assert_close(H, fd_jacobian(grad(lambda b: loss(A, b)), b), RTOL, "hessian, tuple output")
+
+
+# ------------------------------------------------------------------------------
+# the forward solver is never traced
+# ------------------------------------------------------------------------------
+
+def test_forward_solver_only_sees_raw_numbers():
+    seen = []
+
+    def strict_solver(x, a):
+        for v in (x, a):
+            assert type(v) is onp.ndarray or type(v) is float, f"solver got {type(v)}"
+        seen.append((type(x), type(a)))
+        return newton_solve(lambda y, x, a: y + a * np.tanh(y) - x, onp.zeros(x.shape), x, a)
+
+    def strict_residual(y, x, a):
+        return y + a * np.tanh(y) - x
+
+    layer = implicit_layer(strict_residual, strict_solver)
+    x, a = onp.array([0.3, -1.2, 2.0]), 0.5
+    loss = lambda x, a: np.sum(layer(x, a) ** 3)
+    assert_close(grad(loss)(x, a), fd_grad(lambda x: loss(x, a), x), RTOL, "grad with a strict solver")
+    assert_close(grad(loss, 1)(x, a), fd_directional(lambda a: loss(x, a), a, 1.0), RTOL,
+                 "grad in a float with a strict solver")
+    hessian(loss)(x, a)
+    grad(grad(loss, 1), 1)(x, a)
+    make_jvp(grad(loss))(x, a)(onp.ones(3))
+    jacobian(lambda a: layer(x, a))(a)
+    assert len(seen) > 6
+    assert all(t in ((onp.ndarray, float),) for t in seen), seen
+
+
+def test_record_points_and_forward_point():
+    layer = implicit_layer(cubic_residual, cubic_solver)
+    with record_points() as points:
+        grad(lambda x: layer(x) * layer(2 * x))(0.5)
+    assert len(points) == 2
+    assert all(isinstance(p, ForwardPoint) and p.layer is layer for p in points)
+    assert_close(onp.array([p.inputs[0] for p in points]), onp.array([0.5, 1.0]), 1e-15, "inputs")
+    assert points[0].m == points[0].r == 1
+    assert abs(float(points[0].y) ** 3 + float(points[0].y) - 0.5) < 1e-14
+
+
+# ------------------------------------------------------------------------------
+# random well-conditioned linear residuals A vec(y) = B tanh(vec(x)), random structures
+# ------------------------------------------------------------------------------
+
+def _split(total, rng):
+    """Random structure for ``total`` unknowns: one array or a tuple of arrays."""
+    kind = int(rng.integers(4))
+    if total == 1:
+        return ([()], False) if kind < 2 else ([(), (0,)], True) if kind == 2 else ([(1, 1)], False)
+    if kind == 0:
+        return [(total,)], False
+    if kind == 1 and total % 2 == 0:
+        return [(2, total // 2)], False
+    cut = int(rng.integers(1, total))
+    return ([(cut,), (total - cut,)] if kind == 2 else [(), (total - 1, 1)]), True
+
+
+@settings(deadline=None, max_examples=25, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 6), x_shape=st.sampled_from([(), (3,), (2, 2)]), seed=st.integers(0, 2 ** 31),
+       flat_residual=st.booleans())
+def test_random_linear_residuals_match_closed_form(m, x_shape, seed, flat_residual):
+    rng = onp.random.default_rng(seed)
+    shapes, is_tuple = _split(m, rng)
+    Q1, _ = onp.linalg.qr(rng.standard_normal((m, m)))
+    Q2, _ = onp.linalg.qr(rng.standard_normal((m, m)))
+    A = Q1 @ onp.diag(rng.uniform(1.0, 3.0, m)) @ Q2         # condition number <= 3
+    k = int(onp.prod(x_shape))
+    Bmat = rng.standard_normal((m, k))
+    sizes = onp.cumsum([0] + [int(onp.prod(s)) for s in shapes])
+
+    def unflat(v):
+        parts = tuple(np.reshape(v[sizes[i]:sizes[i + 1]], s) for i, s in enumerate(shapes))
+        return parts if is_tuple else parts[0]
+
+    def flat(y):
+        parts = y if is_tuple else (y,)
+        return np.concatenate([np.reshape(p, (-1,)) for p in parts])
+
+    def residual(y, x):
+        r = np.dot(A, flat(y)) - np.dot(Bmat, np.tanh(np.reshape(x, (-1,))))
+        return r if flat_residual else unflat(r)
+
+    def solver(x):
+        return unflat(onp.linalg.solve(A, Bmat @ onp.tanh(onp.reshape(x, -1))))
+
+    layer = implicit_layer(residual, solver)
+    x = rng.standard_normal(x_shape)
+    # closed form: d vec(y) / d vec(x) = A^{-1} B diag(1 - tanh(x)^2)
+    closed = onp.linalg.solve(A, Bmat) * (1 - onp.tanh(onp.reshape(x, -1)) ** 2)
+    flat_layer = lambda x: flat(layer(x))
+    J = onp.reshape(jacobian(flat_layer)(x), (m, k))
+    assert_close(J, closed, RTOL, "jacobian vs closed form")
+    assert_close(J, onp.reshape(fd_jacobian(lambda x: onp.asarray(flat(layer(x))), x), (m, k)), RTOL,
+                 "jacobian vs FD")
+    v = rng.standard_normal(x_shape)
+    assert_close(onp.reshape(make_jvp(flat_layer)(x)(v)[1], -1), closed @ onp.reshape(v, -1), RTOL, "jvp")
+
+
+# ------------------------------------------------------------------------------
+# batches
+# ------------------------------------------------------------------------------
+
+B_INST, D = 4, 3
+
+
+def batched_residual(y, A, W, c):
+    """Instance b: (A_b + W) y_b + 0.1 y_b^3 = c_b; A, c batched (axis 0), W shared."""
+    return np.einsum("bij,bj->bi", A + W, y) + 0.1 * y ** 3 - c
+
+
+def batched_solver(A, W, c):
+    return onp.stack([newton_solve(lambda y, M, ci: np.dot(M, y) + 0.1 * y ** 3 - ci,
+                                   onp.zeros(D), A[i] + W, c[i]) for i in range(len(c))])
+
+
+@pytest.fixture(scope="module")
+def batch_data():
+    rng = onp.random.default_rng(3)
+    A = 0.3 * rng.standard_normal((B_INST, D, D))
+    W = 2.5 * onp.eye(D) + 0.2 * rng.standard_normal((D, D))
+    c = rng.standard_normal((B_INST, D))
+    return A, W, c, rng
+
+
+def test_batch_axis0_gradients_and_shared_input(batch_data):
+    A, W, c, rng = batch_data
+    layer = implicit_layer(batched_residual, batched_solver, batch_axis=0)
+    G = rng.standard_normal((B_INST, D))
+    loss = lambda A, W, c: np.sum(G * layer(A, W, c)) + np.sum(layer(A, W, c) ** 4)
+    for argnum, x in enumerate((A, W, c)):
+        at = lambda v: loss(*((A, W, c)[:argnum] + (v,) + (A, W, c)[argnum + 1:]))
+        assert_grad_matches_fd(at, x, grad(at)(x), rng, 2, RTOL, f"batched grad in input {argnum}")
+    # the shared W gets the sum of the per-instance gradients of an unbatched layer
+    single = implicit_layer(lambda y, A, W, c: np.dot(A + W, y) + 0.1 * y ** 3 - c,
+                            lambda A, W, c: batched_solver(A[None], W, c[None])[0])
+    per_instance = sum(grad(lambda W: np.sum(G[i] * single(A[i], W, c[i]))
+                            + np.sum(single(A[i], W, c[i]) ** 4))(W) for i in range(B_INST))
+    assert_close(grad(loss, 1)(A, W, c), per_instance, 1e-10, "shared input: summed gradient")
+    # forward mode and second order in batch mode
+    V = rng.standard_normal(c.shape)
+    at_c = lambda c: layer(A, W, c)
+    assert_close(make_jvp(at_c)(c)(V)[1], fd_directional(at_c, c, V), RTOL, "batched jvp")
+    loss_c = lambda c: loss(A, W, c)
+    assert_close(make_jvp(grad(loss_c))(c)(V)[1], fd_directional(grad(loss_c), c, V), RTOL,
+                 "batched forward-over-reverse")
+
+
+def test_batch_blocks_cost_m_vjps_and_B_small_factorizations(batch_data, monkeypatch):
+    A, W, c, _ = batch_data
+    counts = {"J_T products": 0, "J products": 0}
+    factor_shapes = []
+    real_lu_factor = scipy.linalg.lu_factor
+
+    def counting_lu_factor(a, *args, **kw):
+        factor_shapes.append(onp.shape(a))
+        return real_lu_factor(a, *args, **kw)
+
+    monkeypatch.setattr(scipy.linalg, "lu_factor", counting_lu_factor)
+
+    def counting_lu(matvec, rmatvec, b, *, transpose=False, **kw):
+        def mv(v):
+            counts["J_T products" if transpose else "J products"] += 1
+            return matvec(v)
+
+        def rmv(u):
+            counts["J products" if transpose else "J_T products"] += 1
+            return rmatvec(u)
+        return linear_solvers.lu(mv, rmv, b, transpose=transpose, **kw)
+
+    layer = implicit_layer(batched_residual, batched_solver, batch_axis=0, linear_solver=counting_lu)
+    J = jacobian(lambda c: layer(A, W, c))(c)        # B*D cotangents, B*D solves
+    assert counts == {"J_T products": D, "J products": 0}, counts
+    assert factor_shapes == [(D, D)] * B_INST, factor_shapes
+    # J is block diagonal: instance i depends on c_i only
+    for i in range(B_INST):
+        for j in range(B_INST):
+            if i != j:
+                assert onp.all(J[i, :, j, :] == 0)
+    assert_close(J, fd_jacobian(lambda c: layer(A, W, c), c), RTOL, "batched jacobian vs FD")
+
+
+def test_nonzero_batch_axis_with_tuple_output(batch_data):
+    """batch_axis=-1: y is (D, B) and s is (B,); batch_axis=1: y is (D, B), (2, B)."""
+    A, W, c, rng = batch_data
+    cT = c.T.copy()
+
+    def residual_last(z, A, W, cT):
+        y, s = z
+        return (np.einsum("bij,jb->ib", A + W, y) + 0.1 * y ** 3 - cT, s - np.sum(y ** 2, axis=0))
+
+    def solver_last(A, W, cT):
+        y = batched_solver(A, W, cT.T).T
+        return y, onp.sum(y ** 2, axis=0)
+
+    def residual_one(z, A, W, cT):
+        y, t = z
+        return (np.einsum("bij,jb->ib", A + W, y) + 0.1 * y ** 3 - cT,
+                t - np.stack([y[0] * y[1], np.sum(y, axis=0)]))
+
+    def solver_one(A, W, cT):
+        y = batched_solver(A, W, cT.T).T
+        return y, onp.stack([y[0] * y[1], y.sum(0)])
+
+    for batch_axis, residual, solver in ((-1, residual_last, solver_last), (1, residual_one, solver_one)):
+        layer = implicit_layer(residual, solver, batch_axis=batch_axis)
+        y, second = layer(A, W, cT)
+        assert y.shape == (D, B_INST) and second.shape[-1] == B_INST
+        G1, G2 = rng.standard_normal(y.shape), rng.standard_normal(second.shape)
+
+        def loss(A, W, cT):
+            y, second = layer(A, W, cT)
+            return np.sum(G1 * y) + np.sum(G2 * second ** 2)
+
+        for argnum, x in enumerate((A, W, cT)):
+            at = lambda v: loss(*((A, W, cT)[:argnum] + (v,) + (A, W, cT)[argnum + 1:]))
+            assert_grad_matches_fd(at, x, grad(at)(x), rng, 1, RTOL,
+                                   f"batch_axis={batch_axis}, input {argnum}")
+        V = rng.standard_normal(cT.shape)
+        assert_close(make_jvp(lambda cT: layer(A, W, cT))(cT)(V)[1],
+                     fd_directional(lambda cT: layer(A, W, cT), cT, V), RTOL,
+                     f"batch_axis={batch_axis}: jvp of a tuple")
+        loss_c = lambda cT: loss(A, W, cT)
+        assert_grad_matches_fd(grad(loss_c), cT, hessian(loss_c)(cT), rng, 1, RTOL,
+                               f"batch_axis={batch_axis}: hessian")
+
+
+def test_elementwise_grad_of_batched_layer_matches_per_instance_derivative():
+    """y_b^3 + y_b = x_b for a batch of 0-d instances: dy_b/dx_b = 1/(3 y_b^2 + 1)."""
+    layer = implicit_layer(cubic_residual,
+                           lambda x: onp.array([cubic_solver(v) for v in x]), batch_axis=0)
+    x = onp.linspace(-2, 3, 7)
+    y = layer(x)
+    assert_close(elementwise_grad(layer)(x), 1 / (3 * y ** 2 + 1), RTOL, "batched scalar instances")
+
+
+@settings(deadline=None, max_examples=15, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n_inst=st.integers(1, 4), m=st.integers(1, 4), batch_axis=st.sampled_from([0, 1, -1]),
+       seed=st.integers(0, 2 ** 31))
+def test_random_batched_linear_residuals(n_inst, m, batch_axis, seed):
+    """Instance b: A_b y_b = tanh(x_b), batch axis anywhere: the Jacobian is block
+    diagonal with blocks A_b^{-1} diag(1 - tanh(x_b)^2); m J^T products and B
+    factorizations of m x m blocks build it."""
+    rng = onp.random.default_rng(seed)
+    A = onp.stack([onp.linalg.qr(rng.standard_normal((m, m)))[0] @ onp.diag(rng.uniform(1, 3, m))
+                   for _ in range(n_inst)])
+    to_batch_first = lambda v: np.moveaxis(v, batch_axis, 0)
+    from_batch_first = lambda v: np.moveaxis(v, 0, batch_axis)
+
+    def residual(y, A, x):
+        return from_batch_first(np.einsum("bij,bj->bi", A, to_batch_first(y)) - np.tanh(to_batch_first(x)))
+
+    def solver(A, x):
+        return onp.moveaxis(onp.linalg.solve(A, onp.tanh(onp.moveaxis(x, batch_axis, 0))[..., None])[..., 0],
+                            0, batch_axis)
+
+    counts = {"J_T": 0}
+
+    def counting_lu(matvec, rmatvec, b, *, transpose=False, **kw):
+        def mv(v):
+            counts["J_T"] += transpose
+            return matvec(v)
+
+        def rmv(u):
+            counts["J_T"] += not transpose
+            return rmatvec(u)
+        return linear_solvers.lu(mv, rmv, b, transpose=transpose, **kw)
+
+    layer = implicit_layer(residual, solver, batch_axis=batch_axis, linear_solver=counting_lu)
+    x = rng.standard_normal((n_inst, m) if batch_axis == 0 else (m, n_inst))
+    with mock.patch.object(scipy.linalg, "lu_factor", wraps=scipy.linalg.lu_factor) as lu_factor:
+        J = jacobian(lambda x: layer(A, x))(x)
+    assert counts["J_T"] == m and lu_factor.call_count == n_inst
+    # to (B, m, B, m) layout and compare with the block-diagonal closed form
+    J = onp.moveaxis(onp.moveaxis(J, batch_axis % 2, 0), 2 + batch_axis % 2, 2)
+    xb = onp.moveaxis(x, batch_axis, 0)
+    expected = onp.zeros((n_inst, m, n_inst, m))
+    for b in range(n_inst):
+        expected[b, :, b, :] = onp.linalg.solve(A[b], onp.diag(1 - onp.tanh(xb[b]) ** 2))
+    assert_close(J, expected, 1e-10, "batched jacobian vs closed form")
