@@ -1,0 +1,689 @@
+r"""Normalized cuts as an implicit layer (the paper's section 5.2).
+
+For a symmetric non-negative affinity ``W`` with degrees ``d = W 1``,
+``D = diag(d)`` and Laplacian ``L = D - W``, the layer returns the
+second-smallest generalized eigenpair ``(v, lam)`` of ``(L, D)``:
+
+.. math::
+
+    F(v, \lambda; W) = \begin{pmatrix} (L - \lambda D)\, v \\
+                         -\tfrac12 (v^\top D v - 1) \end{pmatrix} = 0 .
+
+Normalization (a convention, documented)
+    The default ``normalization="degree"`` fixes ``v^T D v = 1`` (what
+    ``scipy.linalg.eigh(L, D)`` returns).  Written as ``-(1/2)(v^T D v - 1)``
+    the bordered Jacobian
+
+    .. math::  J = \begin{pmatrix} L - \lambda D & -D v \\ -(D v)^\top & 0 \end{pmatrix}
+
+    is symmetric (indefinite), so MINRES applies to the backward pass.  The
+    paper's ``v^T v = 1`` is ``normalization="unit"``; its residual row
+    ``-(1/2)(v^T v - 1)`` makes ``J`` non-symmetric (last row ``-v^T``), so the
+    matrix-free backward pass uses GMRES there.  ``lam`` is the same in both
+    conventions; ``v`` differs by the positive factor ``sqrt(v^T D v)``.
+
+Sign convention (a convention, documented)
+    ``v`` and ``-v`` both solve ``F = 0``.  The layer returns the one with
+    ``r^T v > 0`` for a fixed reference vector ``r``: by default a fixed
+    pseudo-random Gaussian vector (``numpy.random.default_rng(20240527)``,
+    length ``N``), or the user's ``sign_reference`` (e.g. a vertical ramp for
+    sky/ground images).  A random ``r`` is stable under small perturbations of
+    ``W`` unless ``v`` is (nearly) orthogonal to it; the diagnostic
+    ``sign_margin = |r^T v| / (|r| |v|)`` measures how far the point is from
+    that failure case, where the sign would flip under a tiny perturbation (the
+    layer is discontinuous there).  For a random ``r`` the margin is typically
+    ``~1/sqrt(N)``.  Functions of ``v v^T`` (or of ``|v|``) do not depend on
+    the convention and are what the gradient checks use.
+
+Well-posedness
+    The derivative exists when ``lam_2`` is a simple eigenvalue:
+    ``lam_1 = 0 < lam_2 < lam_3``.  Invalid graphs raise
+    :class:`InvalidGraphError` (negative or asymmetric weights, isolated
+    nodes, bad edge lists); a disconnected graph raises
+    :class:`DisconnectedGraphError` (then ``lam_2 = 0`` is repeated); a
+    (numerically) repeated second eigenvalue raises :class:`EigenGapError`.
+    NaN or Inf inputs raise :class:`nimplicit.errors.NonFiniteError`.  The
+    layer's ``diagnostics`` report the gaps ``(lam_3 - lam_2)/lam_3`` and
+    ``lam_2 - lam_1`` and the sign margin.
+
+Forms
+    - dense ``W`` of shape ``(N, N)``: forward ``scipy.linalg.eigh(L, D)``,
+      backward by LU of the bordered system (``m = N + 1`` unknowns);
+    - batched dense ``W`` of shape ``(B, N, N)``: ``batch_axis=0``, ``B``
+      independent bordered systems;
+    - sparse: a fixed edge list ``edges (E, 2)`` and differentiable weights
+      ``w (E,)``; ``L v = A diag(w) A^T v`` and ``D v = (|A| w) * v`` with the
+      fixed signed incidence matrix ``A`` (``N x E``), applied through an
+      autograd primitive whose VJP is the transpose (any order).  Forward:
+      shift-invert Lanczos (``scipy.sparse.linalg.eigsh`` with ``M = D``,
+      ``sigma < 0``) with a residual check; backward (default
+      ``linear_solver="krylov"``): matrix-free MINRES (GMRES for
+      ``normalization="unit"``) on the core's autograd products of the residual,
+      preconditioned by ``diag(D^{-1}, 1)`` and iteratively refined until the
+      true relative residual is below ``rtol`` -- SciPy's MINRES stops on a
+      backward-error estimate that, for the ill-conditioned bordered system of
+      a nearly disconnected graph, leaves ``|J x - b| / |b|`` far above its
+      ``rtol``, which the core's plain ``'minres'`` then rejects.
+      ``linear_solver="splu"`` is a sparse LU of the assembled bordered matrix.
+      Neither forms an ``N x N`` inverse.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple, Union
+
+import autograd.numpy as np
+import numpy as onp
+import scipy.linalg
+import scipy.sparse as sp
+import scipy.sparse.csgraph as csgraph
+import scipy.sparse.linalg as spla
+from autograd.extend import defjvp, defvjp, primitive
+
+from nimplicit import implicit_layer
+from nimplicit.errors import (NimplicitError, NotConvergedError, ShapeError,
+                              SingularJacobianError, finite_or_raise)
+
+__all__ = ["ncut_layer", "make_ncut_layer", "SparseNCut", "grid_graph_edges", "ncut_spectrum",
+           "InvalidGraphError", "DisconnectedGraphError", "EigenGapError", "DEFAULT_SIGN_SEED"]
+
+#: seed of the default sign-reference vector ``r`` (see the module docstring)
+DEFAULT_SIGN_SEED = 20240527
+#: relative asymmetry ``max|W - W^T| / max|W|`` above which ``W`` is rejected
+SYMMETRY_TOL = 1e-10
+#: diagnostics flag a gap below this (derivatives are amplified by ~1/gap)
+GAP_WARN = 1e-4
+#: diagnostics flag ``sign_margin * sqrt(N)`` below this
+SIGN_MARGIN_WARN = 1e-3
+
+
+class InvalidGraphError(NimplicitError, ValueError):
+    """The affinity is not a valid NCut graph: negative or asymmetric weights,
+    an isolated node (zero degree, so ``D`` is singular), or a bad edge list."""
+
+
+class EigenGapError(SingularJacobianError):
+    """The second-smallest generalized eigenvalue is not simple (``lam_3 ~ lam_2``
+    or ``lam_2 ~ lam_1``): the eigenvector is not a function of ``W`` there and
+    the bordered Jacobian is singular."""
+
+
+class DisconnectedGraphError(EigenGapError):
+    """The graph has several connected components: ``lam_1 = lam_2 = 0``."""
+
+
+# ------------------------------------------------------------------------------
+# input validation (raw numbers)
+# ------------------------------------------------------------------------------
+
+def _check_connected(adjacency: sp.spmatrix, where: str) -> None:
+    n_comp, labels = csgraph.connected_components(adjacency, directed=False)
+    if n_comp > 1:
+        sizes = onp.bincount(labels)
+        raise DisconnectedGraphError(
+            f"the graph{where} has {n_comp} connected components (sizes "
+            f"{sorted(sizes.tolist(), reverse=True)[:6]}): the eigenvalue 0 of (L, D) has "
+            f"multiplicity {n_comp}, so the second eigenvector is not unique. Connect the "
+            f"components (e.g. add a small constant affinity) or segment each one separately.")
+
+
+def _check_degrees(d: onp.ndarray, where: str) -> None:
+    isolated = onp.flatnonzero(d <= 0)
+    if isolated.size:
+        raise InvalidGraphError(
+            f"the graph{where} has {isolated.size} isolated node(s) with zero degree (the first: "
+            f"{isolated[:5].tolist()}), so D = diag(W 1) is singular and the generalized "
+            f"eigenproblem (L, D) is undefined. Remove those nodes or give them a positive affinity.")
+
+
+def _validate_dense(W: onp.ndarray, where: str = "") -> None:
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise ShapeError(f"the affinity{where} must be a square (N, N) matrix, got shape {W.shape}")
+    if W.shape[0] < 3:
+        raise ShapeError(f"the affinity{where} has N = {W.shape[0]} nodes; the layer needs N >= 3 "
+                         f"(lam_3 must exist to check that lam_2 is simple)")
+    scale = onp.abs(W).max()
+    if (W < 0).any():
+        i, j = onp.argwhere(W < 0)[0]
+        raise InvalidGraphError(
+            f"the affinity{where} has {int((W < 0).sum())} negative entries (e.g. W[{i}, {j}] = "
+            f"{W[i, j]:.3g}); NCut needs W >= 0. Use a non-negative affinity such as exp(-dist^2).")
+    asym = onp.abs(W - W.T).max()
+    if asym > SYMMETRY_TOL * max(scale, 1e-300):
+        i, j = onp.unravel_index(onp.argmax(onp.abs(W - W.T)), W.shape)
+        raise InvalidGraphError(
+            f"the affinity{where} is not symmetric: max|W - W^T| = {asym:.3g} (at [{i}, {j}]) "
+            f"relative to max|W| = {scale:.3g} exceeds {SYMMETRY_TOL:g}. Pass (W + W.T) / 2.")
+    _check_degrees(W.sum(axis=1), where)
+    off = sp.csr_matrix(W - onp.diag(onp.diag(W)))
+    _check_connected(off, where)
+
+
+# ------------------------------------------------------------------------------
+# spectra and the forward solvers (raw numbers)
+# ------------------------------------------------------------------------------
+
+def _sign_reference(n: int, sign_reference: Optional[onp.ndarray]) -> onp.ndarray:
+    if sign_reference is None:
+        return onp.random.default_rng(DEFAULT_SIGN_SEED).standard_normal(n)
+    r = onp.asarray(sign_reference, dtype=float)
+    if r.shape != (n,):
+        raise ShapeError(f"sign_reference must have shape ({n},), got {r.shape}")
+    if not onp.any(r):
+        raise ValueError("sign_reference must not be the zero vector")
+    return r
+
+
+def _gap_check(lams: onp.ndarray, gap_tol: float, where: str) -> None:
+    lam1, lam2, lam3 = lams[:3]
+    scale = max(abs(lam3), 1e-300)
+    if (lam3 - lam2) <= gap_tol * scale or (lam2 - lam1) <= gap_tol * scale:
+        raise EigenGapError(
+            f"the second generalized eigenvalue of (L, D){where} is not simple: lam_1, lam_2, "
+            f"lam_3 = {lam1:.6g}, {lam2:.6g}, {lam3:.6g} (relative gaps "
+            f"{(lam2 - lam1) / scale:.3g} and {(lam3 - lam2) / scale:.3g} <= gap_tol={gap_tol:g}). "
+            f"The eigenvector is not a differentiable function of W at a repeated eigenvalue; "
+            f"perturb the affinity to separate the eigenvalues, or use a different graph.")
+
+
+def _fix_sign_and_scale(v: onp.ndarray, d: onp.ndarray, r: onp.ndarray,
+                        normalization: str) -> onp.ndarray:
+    v = v / onp.sqrt(onp.dot(d * v, v))        # v^T D v = 1
+    if normalization == "unit":
+        v = v / onp.linalg.norm(v)
+    return -v if onp.dot(r, v) < 0 else v
+
+
+def _dense_spectrum(W: onp.ndarray, where: str = "") -> Tuple[onp.ndarray, onp.ndarray]:
+    """Three smallest generalized eigenpairs of ``(L, D)`` for a validated dense ``W``."""
+    d = W.sum(axis=1)
+    L = onp.diag(d) - W
+    lams, vecs = scipy.linalg.eigh(L, onp.diag(d), subset_by_index=[0, 2])
+    return lams, vecs
+
+
+def _incidence(edges: onp.ndarray, n_nodes: int) -> sp.csr_matrix:
+    e = len(edges)
+    rows = onp.concatenate([edges[:, 0], edges[:, 1]])
+    cols = onp.concatenate([onp.arange(e), onp.arange(e)])
+    vals = onp.concatenate([onp.ones(e), -onp.ones(e)])
+    return sp.csr_matrix((vals, (rows, cols)), shape=(n_nodes, e))
+
+
+def _sparse_spectrum(weights: onp.ndarray, incidence: sp.csr_matrix, abs_incidence: sp.csr_matrix,
+                     *, eig_tol: float = 1e-10, where: str = "") -> Tuple[onp.ndarray, onp.ndarray]:
+    """Three smallest generalized eigenpairs of ``(L, D)`` by shift-invert Lanczos.
+
+    ``L - sigma D`` with ``sigma = -1e-6`` is positive definite for a connected
+    graph (the eigenvalues of ``(L, D)`` lie in ``[0, 2]`` whatever the scale of ``W``); ARPACK's shift-invert mode finds the eigenvalues of
+    ``(L, D)`` nearest ``sigma`` (the smallest, since all are >= 0).
+    """
+    d = abs_incidence @ weights
+    L = (incidence @ sp.diags(weights) @ incidence.T).tocsc()
+    D = sp.diags(d).tocsc()
+    n = len(d)
+    sigma = -1e-6
+    v0 = onp.random.default_rng(0).standard_normal(n) + 1.0
+    try:
+        lams, vecs = spla.eigsh(L, k=3, M=D, sigma=sigma, which="LM", v0=v0, tol=0.0,
+                                maxiter=max(1000, 10 * n))
+    except spla.ArpackNoConvergence as exc:
+        raise NotConvergedError(
+            f"shift-invert Lanczos (eigsh) did not converge for the graph{where}: {exc}. "
+            f"Check that the graph is connected and not badly scaled.") from None
+    order = onp.argsort(lams)
+    lams, vecs = lams[order], vecs[:, order]
+    # the convergence check: the eigen-equation's residual, relative to |L| and |v|_D
+    lnorm = 2.0 * d.max()
+    for k in range(3):
+        vk = vecs[:, k]
+        res = onp.abs(L @ vk - lams[k] * d * vk).max() / (lnorm * onp.abs(vk).max())
+        if not res <= eig_tol:
+            raise NotConvergedError(
+                f"eigsh returned an inaccurate eigenpair {k + 1} for the graph{where}: relative "
+                f"residual max|L v - lam D v| / (|L| max|v|) = {res:.3g} > {eig_tol:g}. The "
+                f"eigenvalues may be clustered; check the eigen-gap or loosen eig_tol.")
+    return lams, vecs
+
+
+# ------------------------------------------------------------------------------
+# sparse products as an autograd primitive (fixed matrix, differentiable vector)
+# ------------------------------------------------------------------------------
+
+class _FixedSparse:
+    """A fixed scipy sparse matrix ``M`` with its transpose, for :func:`_sparse_apply`."""
+
+    def __init__(self, M: sp.spmatrix, transpose: Optional["_FixedSparse"] = None):
+        self.M = sp.csr_matrix(M)
+        self._T = transpose
+
+    @property
+    def T(self) -> "_FixedSparse":
+        if self._T is None:
+            self._T = _FixedSparse(self.M.T, transpose=self)
+        return self._T
+
+    def apply(self, x: onp.ndarray) -> onp.ndarray:
+        return onp.asarray(self.M @ x) if x.ndim == 1 else onp.asarray(self.M @ x.T).T
+
+
+@primitive
+def _sparse_apply(op: _FixedSparse, x):
+    """``M x`` (``x`` of shape ``(k,)``) or ``x M^T`` row-wise (``x`` of shape ``(B, k)``)."""
+    return op.apply(onp.asarray(x, dtype=float))
+
+
+# linear in x: the VJP is the transpose, the JVP the map itself; both call the
+# primitive again, so derivatives of any order exist
+defvjp(_sparse_apply, None, lambda ans, op, x: lambda g: _sparse_apply(op.T, g))
+defjvp(_sparse_apply, None, lambda g, ans, op, x: _sparse_apply(op, g))
+
+
+# ------------------------------------------------------------------------------
+# residuals (autograd.numpy)
+# ------------------------------------------------------------------------------
+
+def _constraint(v, Dv, normalization: str):
+    if normalization == "degree":
+        return -0.5 * (np.sum(v * Dv, axis=-1) - 1.0)
+    return -0.5 * (np.sum(v * v, axis=-1) - 1.0)
+
+
+def _dense_residual(normalization: str) -> Callable:
+    def residual(y, W):
+        v, lam = y
+        S = 0.5 * (W + np.swapaxes(W, -1, -2))    # the layer is a function of sym(W)
+        d = np.sum(S, axis=-1)
+        Dv = d * v
+        Lv = Dv - np.matmul(S, v[..., None])[..., 0]
+        return Lv - lam[..., None] * Dv, _constraint(v, Dv, normalization)
+    return residual
+
+
+def _sparse_residual(A: _FixedSparse, absA: _FixedSparse, normalization: str) -> Callable:
+    def residual(y, weights):
+        v, lam = y
+        d = _sparse_apply(absA, weights)
+        Dv = d * v
+        Lv = _sparse_apply(A, weights * _sparse_apply(A.T, v))
+        return Lv - lam * Dv, _constraint(v, Dv, normalization)
+    return residual
+
+
+# ------------------------------------------------------------------------------
+# diagnostics
+# ------------------------------------------------------------------------------
+
+def _gap_diagnostics(lams_per_instance, margins) -> dict:
+    lams = onp.atleast_2d(onp.asarray(lams_per_instance, dtype=float))
+    scale = onp.maximum(onp.abs(lams[:, 2]), 1e-300)
+    upper = (lams[:, 2] - lams[:, 1]) / scale
+    lower = lams[:, 1] - lams[:, 0]
+    margins = onp.atleast_1d(onp.asarray(margins, dtype=float))
+    u, lo, mg = float(upper.min()), float(lower.min()), float(margins.min())
+    return {
+        "eigen_gap_upper": (u, u > GAP_WARN,
+                            f"min over instances of (lam_3 - lam_2)/lam_3; below {GAP_WARN:g} "
+                            f"the derivative of v is amplified by ~1/gap"),
+        "eigen_gap_lower": (lo, lo > GAP_WARN * float(scale.min()),
+                            "min over instances of lam_2 - lam_1 (lam_1 = 0 for a connected graph); "
+                            "tiny means a nearly disconnected graph"),
+        "sign_margin": (mg, mg > SIGN_MARGIN_WARN,
+                        "min over instances of |r^T v| sqrt(N) / (|r| |v|); near 0 the sign "
+                        "convention r^T v > 0 can flip under a small perturbation"),
+    }
+
+
+def _margin(r: onp.ndarray, v: onp.ndarray) -> float:
+    return abs(float(r @ v)) * onp.sqrt(len(v)) / (onp.linalg.norm(r) * onp.linalg.norm(v))
+
+
+# ------------------------------------------------------------------------------
+# the sparse bordered system, for linear_solver="splu"
+# ------------------------------------------------------------------------------
+
+def _bordered_splu_solver(A: sp.csr_matrix, absA: sp.csr_matrix, normalization: str) -> Callable:
+    """A structured linear solver: sparse LU of the explicitly assembled bordered Jacobian.
+
+    ``J = [[L - lam D, -D v], [c, 0]]`` with ``c = -(D v)^T`` (degree) or
+    ``-v^T`` (unit), exactly ``dF/dy`` of :func:`_sparse_residual`; factored
+    once per forward point (``cache``), used for ``J`` and ``J^T``.
+    """
+    def solve(matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None, point=None, **_):
+        if point is None or onp.ndim(b) != 1:
+            raise ShapeError("linear_solver='splu' needs the forward point and one instance")
+        key = "ncut_splu"
+        if cache is None or key not in cache:
+            (v, lam), (w,) = point.y, point.inputs
+            v, lam, w = onp.asarray(v, float), float(lam), onp.asarray(w, float)
+            d = absA @ w
+            L = A @ sp.diags(w) @ A.T
+            Dv = (d * v)[:, None]
+            last = -(Dv.T if normalization == "degree" else v[None, :])
+            J = sp.bmat([[L - lam * sp.diags(d), -Dv], [last, None]], format="csc")
+            factor = spla.splu(J)
+            if cache is not None:
+                cache[key] = factor
+        else:
+            factor = cache[key]
+        x = factor.solve(onp.asarray(b, float), trans="T" if transpose else "N")
+        if not onp.all(onp.isfinite(x)):
+            raise SingularJacobianError("the bordered NCut Jacobian is singular (sparse LU); the "
+                                        "second eigenvalue is probably not simple")
+        return x
+    return solve
+
+
+def _krylov_solver(absA: sp.csr_matrix, normalization: str) -> Callable:
+    """Matrix-free MINRES (``"degree"``: symmetric ``J``) or GMRES (``"unit"``) on
+    the bordered system, preconditioned by ``diag(D^{-1}, 1)``, with iterative
+    refinement.
+
+    The operator is the core's ``matvec`` (an autograd VJP/JVP of the residual);
+    no matrix is formed.  SciPy's MINRES stops on a backward-error estimate
+    ``|r| / (|A| |x| + |b|)``, which for the ill-conditioned bordered system of a
+    nearly disconnected graph leaves a relative residual ``|r|/|b|`` several
+    orders of magnitude larger; a few refinement rounds ``x += A^{-1}(b - A x)``
+    bring the true relative residual below ``rtol`` (checked, else
+    :class:`~nimplicit.errors.LinearSolveError`).
+    """
+    from nimplicit.errors import LinearSolveError
+
+    def solve(matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None, point=None,
+              rtol: float = 1e-10, inner_rtol: float = 1e-15, maxiter: Optional[int] = None,
+              max_refinements: int = 6, restart: int = 100, **_):
+        if point is None or onp.ndim(b) != 1:
+            raise ShapeError("the NCut Krylov solver needs the forward point and one instance")
+        b = onp.asarray(b, float)
+        bnorm = onp.linalg.norm(b)
+        if bnorm == 0:
+            return onp.zeros_like(b)
+        n = b.size
+        d = absA @ onp.asarray(point.inputs[0], float)
+        scale = onp.concatenate([1.0 / d, [1.0]])
+        op = spla.LinearOperator((n, n), matvec=lambda x: onp.asarray(matvec(x), float), dtype=float)
+        prec = spla.LinearOperator((n, n), matvec=lambda x: scale * x, dtype=float)
+        maxiter = maxiter or 10 * n
+        x = onp.zeros(n)
+        r = b.copy()
+        iters = 0
+        for _round in range(max_refinements):
+            count = [0]
+
+            def tick(*_):
+                count[0] += 1
+            if normalization == "degree":
+                dx, info = spla.minres(op, r, M=prec, rtol=inner_rtol, maxiter=maxiter, callback=tick)
+            else:
+                dx, info = spla.gmres(op, r, M=prec, rtol=inner_rtol * 1e3, atol=0.0,
+                                      restart=min(restart, n), maxiter=maxiter, callback=tick,
+                                      callback_type="pr_norm")
+            iters += count[0]
+            x = x + dx
+            r = b - op.matvec(x)
+            res = onp.linalg.norm(r) / bnorm
+            if res <= rtol:
+                return x
+        method = "minres" if normalization == "degree" else "gmres"
+        raise LinearSolveError(
+            f"the NCut {method} backward solve did not reach |J x - b|/|b| <= {rtol:g}: {res:.3g} "
+            f"after {iters} iterations and {max_refinements} refinement rounds. The eigen-gap is "
+            f"probably tiny (see the layer's diagnostics); use linear_solver='splu'.")
+    return solve
+
+
+# ------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------
+
+_NORMALIZATIONS = ("degree", "unit")
+
+
+def _check_normalization(normalization: str) -> None:
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+
+
+def make_ncut_layer(*, batched: bool = False, normalization: str = "degree",
+                    sign_reference: Optional[onp.ndarray] = None, gap_tol: float = 1e-8,
+                    linear_solver: str = "lu", **layer_options):
+    r"""The dense NCut layer ``W -> (v, lam)`` as an :class:`nimplicit.ImplicitLayer`.
+
+    Parameters
+    ----------
+    batched : bool
+        ``W`` of shape ``(B, N, N)`` (``batch_axis=0``; ``v`` is ``(B, N)``,
+        ``lam`` is ``(B,)``) instead of ``(N, N)``.
+    normalization : {"degree", "unit"}
+        ``v^T D v = 1`` (symmetric bordered Jacobian) or the paper's ``v^T v = 1``.
+    sign_reference : array (N,), optional
+        ``r`` of the sign convention ``r^T v > 0`` (default: the fixed Gaussian vector).
+    gap_tol : float
+        :class:`EigenGapError` when ``(lam_3 - lam_2)`` or ``(lam_2 - lam_1)`` is
+        ``<= gap_tol * lam_3``.
+    linear_solver : str or callable
+        Backward solver of the bordered system (default ``'lu'``).
+    **layer_options
+        Passed to :func:`nimplicit.implicit_layer` (``residual_tol``,
+        ``linear_solver_options``, ...).
+    """
+    _check_normalization(normalization)
+
+    def instance(W, where):
+        _validate_dense(W, where)
+        lams, vecs = _dense_spectrum(W, where)
+        _gap_check(lams, gap_tol, where)
+        r = _sign_reference(len(W), sign_reference)
+        return lams, _fix_sign_and_scale(vecs[:, 1], W.sum(axis=1), r, normalization)
+
+    def solver(W):
+        W = onp.asarray(W, dtype=float)
+        if not batched:
+            lams, v = instance(W, "")
+            return v, onp.asarray(lams[1])
+        if W.ndim != 3:
+            raise ShapeError(f"the batched NCut layer needs W of shape (B, N, N), got {W.shape}")
+        out = [instance(Wb, f" (batch instance {b})") for b, Wb in enumerate(W)]
+        return onp.stack([v for _, v in out]), onp.array([lams[1] for lams, _ in out])
+
+    def diagnostics(point):
+        W = onp.asarray(point.inputs[0], dtype=float)
+        Ws = W if batched else W[None]
+        v = onp.asarray(point.y[0]).reshape(len(Ws), -1)
+        lams = [_dense_spectrum(Wb)[0] for Wb in Ws]
+        margins = [_margin(_sign_reference(Wb.shape[0], sign_reference), vb) for Wb, vb in zip(Ws, v)]
+        return _gap_diagnostics(lams, margins)
+
+    return implicit_layer(_dense_residual(normalization), solver, linear_solver=linear_solver,
+                          batch_axis=0 if batched else None, diagnostics=diagnostics,
+                          **layer_options)
+
+
+class SparseNCut:
+    r"""The NCut layer on a fixed sparse graph: ``weights (E,) -> (v, lam)``.
+
+    Parameters
+    ----------
+    edges : int array (E, 2)
+        Undirected edges ``(i, j)``, ``i != j``, each listed once (a repeated
+        edge adds its weights); the structure is fixed, the weights are the
+        differentiable input.
+    n_nodes : int
+        ``N``; every node must have an edge of positive weight.
+    normalization, sign_reference, gap_tol
+        As in :func:`make_ncut_layer`.
+    linear_solver : str or callable, optional
+        Backward solver of the bordered system.  Default ``'krylov'``:
+        matrix-free MINRES (``normalization="degree"``, symmetric ``J``) or
+        GMRES (``"unit"``) on autograd products of the residual, preconditioned
+        by ``diag(D^{-1}, 1)`` and iteratively refined to a true relative
+        residual ``<= rtol`` (``linear_solver_options={'rtol': 1e-10}``).
+        ``'splu'``: sparse LU of the explicitly assembled bordered matrix (fast,
+        exact).  Any name of :mod:`nimplicit.linear_solvers` (``'minres'``,
+        ``'gmres'``, ...) or a callable is passed to the core unchanged.
+    eig_tol : float
+        Convergence check of the forward eigensolver (relative eigen-residual).
+    **layer_options
+        Passed to :func:`nimplicit.implicit_layer`.
+
+    Examples
+    --------
+    >>> edges = grid_graph_edges(64, 64, radius=1)
+    >>> layer = SparseNCut(edges, 64 * 64)
+    >>> v, lam = layer(weights)          # weights: (E,) non-negative
+    """
+
+    def __init__(self, edges, n_nodes: int, *, normalization: str = "degree",
+                 sign_reference: Optional[onp.ndarray] = None, gap_tol: float = 1e-8,
+                 linear_solver: Optional[Union[str, Callable]] = None, eig_tol: float = 1e-10,
+                 **layer_options):
+        _check_normalization(normalization)
+        edges = onp.asarray(edges)
+        if edges.ndim != 2 or edges.shape[1] != 2 or edges.shape[0] == 0:
+            raise ShapeError(f"edges must be a non-empty integer array of shape (E, 2), got {edges.shape}")
+        if edges.dtype.kind not in "iu":
+            raise InvalidGraphError(f"edges must hold integer node indices, got dtype {edges.dtype}")
+        n_nodes = int(n_nodes)
+        if n_nodes < 3:
+            raise ShapeError(f"the graph needs N >= 3 nodes, got {n_nodes}")
+        if edges.min() < 0 or edges.max() >= n_nodes:
+            raise InvalidGraphError(f"edge indices must lie in [0, {n_nodes}), got range "
+                                    f"[{edges.min()}, {edges.max()}]")
+        loops = onp.flatnonzero(edges[:, 0] == edges[:, 1])
+        if loops.size:
+            raise InvalidGraphError(f"the edge list has {loops.size} self-loop(s) (e.g. edge "
+                                    f"{int(loops[0])}); they do not change L but would change D: "
+                                    f"remove them")
+        self.edges = edges.astype(onp.int64)
+        self.n_nodes = n_nodes
+        self.normalization = normalization
+        self.gap_tol = gap_tol
+        self.eig_tol = eig_tol
+        self.sign_reference = _sign_reference(n_nodes, sign_reference)
+        self.incidence = _incidence(self.edges, n_nodes)
+        self.abs_incidence = abs(self.incidence).tocsr()
+        A, absA = _FixedSparse(self.incidence), _FixedSparse(self.abs_incidence)
+        self._abs_op = absA
+        if linear_solver is None or linear_solver == "krylov":
+            linear_solver = _krylov_solver(self.abs_incidence, normalization)
+        elif linear_solver == "splu":
+            linear_solver = _bordered_splu_solver(self.incidence, self.abs_incidence, normalization)
+        self.layer = implicit_layer(_sparse_residual(A, absA, normalization), self._solve,
+                                    linear_solver=linear_solver, diagnostics=self._diagnostics,
+                                    **layer_options)
+
+    def validate(self, weights: onp.ndarray) -> None:
+        """Raise a typed error unless ``weights`` define a valid connected graph."""
+        w = onp.asarray(weights, dtype=float)
+        if w.shape != (len(self.edges),):
+            raise ShapeError(f"weights must have shape ({len(self.edges)},) (one per edge), got {w.shape}")
+        finite_or_raise(w, "the edge weights")
+        if (w < 0).any():
+            k = int(onp.flatnonzero(w < 0)[0])
+            raise InvalidGraphError(
+                f"{int((w < 0).sum())} edge weight(s) are negative (e.g. weights[{k}] = {w[k]:.3g} "
+                f"on edge {self.edges[k].tolist()}); NCut needs non-negative affinities.")
+        _check_degrees(self.abs_incidence @ w, "")
+        pos = w > 0
+        adj = sp.csr_matrix((onp.ones(pos.sum()), (self.edges[pos, 0], self.edges[pos, 1])),
+                            shape=(self.n_nodes, self.n_nodes))
+        _check_connected(adj, "")
+
+    def degrees(self, weights):
+        """``d = |A| w``, the node degrees (differentiable in ``weights``, any order)."""
+        return _sparse_apply(self._abs_op, weights)
+
+    def spectrum(self, weights) -> Tuple[onp.ndarray, onp.ndarray]:
+        """The three smallest generalized eigenpairs ``(lams (3,), vecs (N, 3))`` of ``(L, D)``."""
+        w = onp.asarray(weights, dtype=float)
+        self.validate(w)
+        return _sparse_spectrum(w, self.incidence, self.abs_incidence, eig_tol=self.eig_tol)
+
+    def _solve(self, weights):
+        w = onp.asarray(weights, dtype=float)
+        lams, vecs = self.spectrum(w)
+        _gap_check(lams, self.gap_tol, "")
+        v = _fix_sign_and_scale(vecs[:, 1], self.abs_incidence @ w, self.sign_reference,
+                                self.normalization)
+        return v, onp.asarray(lams[1])
+
+    def _diagnostics(self, point) -> dict:
+        lams, _ = self.spectrum(point.inputs[0])
+        return _gap_diagnostics(lams, [_margin(self.sign_reference, onp.asarray(point.y[0]))])
+
+    def __call__(self, weights):
+        return self.layer(weights)
+
+
+def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: str = "degree",
+               sign_reference: Optional[onp.ndarray] = None, gap_tol: float = 1e-8,
+               linear_solver: Optional[Union[str, Callable]] = None, **layer_options):
+    r"""Second-smallest generalized eigenpair ``(v, lam)`` of ``(D - W, D)``, differentiable in ``W``.
+
+    Solves ``(L - lam D) v = 0`` with ``v^T D v = 1`` (``normalization="degree"``,
+    default) or ``v^T v = 1`` (``"unit"``, the paper's eq. 37) and the sign
+    convention ``r^T v > 0`` (see the module docstring).
+
+    Parameters
+    ----------
+    W : array (N, N), (B, N, N), or (E,) with ``edges``
+        Symmetric non-negative affinity (the layer is a function of
+        ``(W + W^T)/2``, so its gradient is symmetric), a batch of them, or the
+        weights of a sparse graph.
+    edges : int array (E, 2), optional
+        Fixed edge list of a sparse graph (then ``W`` holds its weights and
+        ``n_nodes`` is required); for repeated calls build a :class:`SparseNCut`
+        once instead.
+    normalization, sign_reference, gap_tol, linear_solver, **layer_options
+        See :func:`make_ncut_layer` and :class:`SparseNCut`.
+
+    Returns
+    -------
+    v : array (N,) or (B, N)
+    lam : array () or (B,)
+
+    Examples
+    --------
+    >>> import autograd.numpy as np
+    >>> from autograd import grad
+    >>> lam2 = lambda W: ncut_layer(W)[1]
+    >>> dlam_dW = grad(lam2)(W)              # symmetric (N, N)
+    """
+    if edges is not None:
+        if n_nodes is None:
+            raise ValueError("the sparse form needs n_nodes together with edges")
+        return SparseNCut(edges, n_nodes, normalization=normalization,
+                          sign_reference=sign_reference, gap_tol=gap_tol,
+                          linear_solver=linear_solver, **layer_options)(W)
+    ndim = onp.ndim(W)
+    if ndim not in (2, 3):
+        raise ShapeError(f"W must have shape (N, N) or (B, N, N) (or pass edges= for weights), "
+                         f"got {onp.shape(W)}")
+    layer = make_ncut_layer(batched=ndim == 3, normalization=normalization,
+                            sign_reference=sign_reference, gap_tol=gap_tol,
+                            linear_solver=linear_solver or "lu", **layer_options)
+    return layer(W)
+
+
+def ncut_spectrum(W) -> Tuple[onp.ndarray, onp.ndarray]:
+    """The three smallest generalized eigenpairs of ``(D - W, D)`` for a dense ``W``
+    (validated; raw numbers, not differentiable) -- for diagnostics and baselines."""
+    W = onp.asarray(W, dtype=float)
+    _validate_dense(W)
+    return _dense_spectrum(W)
+
+
+def grid_graph_edges(height: int, width: int, radius: float = 1.0) -> onp.ndarray:
+    """Edges ``(E, 2)`` between pixels of a ``height x width`` grid (raster order,
+    node ``i * width + j``) at Euclidean distance ``<= radius``, each once (``i < j``)."""
+    r = int(onp.floor(radius))
+    offsets = [(di, dj) for di in range(0, r + 1) for dj in range(-r, r + 1)
+               if (di > 0 or dj > 0) and di * di + dj * dj <= radius * radius + 1e-12]
+    idx = onp.arange(height * width).reshape(height, width)
+    out = []
+    for di, dj in offsets:
+        rows = slice(0, height - di)                     # di >= 0 by construction
+        cols = slice(max(0, -dj), width - max(0, dj))
+        src = idx[rows, cols]
+        dst = idx[di:di + src.shape[0], cols.start + dj:cols.start + dj + src.shape[1]]
+        out.append(onp.stack([src.ravel(), dst.ravel()], axis=1))
+    return onp.concatenate(out).astype(onp.int64)

@@ -1,0 +1,443 @@
+"""The normalized-cuts layer: forward against eigh, gradients of lambda and of
+sign-invariant functions of v against finite differences of the actual forward
+output (dense, batched, sparse; first and second order), the typed errors of
+ill-posed graphs, and the eigen-gap diagnostics."""
+from __future__ import annotations
+
+import autograd.numpy as np
+import numpy as onp
+import pytest
+import scipy.linalg
+from autograd import grad, make_jvp
+from conftest import assert_close, fd_directional
+from hypothesis import HealthCheck, assume, given, settings
+
+from nimplicit.errors import (LinearSolveError, NonFiniteError, ShapeError,
+                              SingularJacobianError)
+from reference_layers.ncut import (DEFAULT_SIGN_SEED, DisconnectedGraphError, EigenGapError,
+                                   InvalidGraphError, SparseNCut, _sparse_apply, _FixedSparse,
+                                   grid_graph_edges, make_ncut_layer, ncut_layer, ncut_spectrum)
+from verification.diagnose import diagnose
+from verification.strategies.ncut import (ILL_POSED_KINDS, block_affinity, block_affinity_batch,
+                                          dense_graphs, eigen_gaps, ill_posed_affinity,
+                                          image_graph)
+
+FD_STEP = 1e-4
+
+
+def sym_direction(rng, W):
+    """A random symmetric direction, scaled by W so that W + t E stays positive."""
+    E = rng.standard_normal(W.shape)
+    return 0.5 * (E + onp.swapaxes(E, -1, -2)) * W
+
+
+def invariants(layer, C, c):
+    """``W -> lam + v^T C v + sum c v^2``: independent of v's sign convention."""
+    def f(W):
+        v, lam = layer(W)
+        return np.sum(lam) + np.sum(np.matmul(v, C) * v) + np.sum(c * v * v)
+    return f
+
+
+def dense_to_weights(W, edges):
+    return W[edges[:, 0], edges[:, 1]]
+
+
+def weights_to_dense(weights, edges, n):
+    W = onp.zeros((n, n))
+    W[edges[:, 0], edges[:, 1]] = weights
+    W[edges[:, 1], edges[:, 0]] = weights
+    return W
+
+
+# ------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("normalization", ["degree", "unit"])
+def test_dense_forward_matches_eigh_and_conventions(normalization):
+    rng = onp.random.default_rng(0)
+    W = block_affinity(rng, 9, gap=0.4, noise=0.1)
+    v, lam = ncut_layer(W, normalization=normalization)
+    d = W.sum(axis=1)
+    lams, vecs = scipy.linalg.eigh(onp.diag(d) - W, onp.diag(d))
+    assert abs(lam - lams[1]) <= 1e-13
+    assert onp.allclose((onp.diag(d) - W) @ v, lam * d * v, atol=1e-12)
+    norm = v @ (d * v) if normalization == "degree" else v @ v
+    assert abs(norm - 1.0) <= 1e-13
+    r = onp.random.default_rng(DEFAULT_SIGN_SEED).standard_normal(9)
+    assert r @ v > 0
+    cos = abs(v @ onp.diag(d) @ vecs[:, 1]) / onp.sqrt(v @ (d * v))
+    assert abs(cos - 1.0) <= 1e-12
+
+
+def test_planted_gap_strategy_controls_the_spectrum():
+    rng = onp.random.default_rng(1)
+    for gap in (0.2, 0.5, 0.8):
+        W = block_affinity(rng, 10, gap=gap, noise=0.0)
+        upper, lower = eigen_gaps(W)
+        assert abs(upper - gap) <= 1e-12 and abs(lower - (1 - gap)) <= 1e-12
+
+
+def test_sign_convention_user_reference_and_stability():
+    rng = onp.random.default_rng(2)
+    W = block_affinity(rng, 8, gap=0.5)
+    ref = onp.arange(8.0) - 3.5
+    v, _ = ncut_layer(W, sign_reference=ref)
+    assert ref @ v > 0
+    v_minus, _ = ncut_layer(W, sign_reference=-ref)
+    assert onp.allclose(v_minus, -v)
+    # a small perturbation keeps the sign: the layer is a continuous function
+    v2, _ = ncut_layer(W + 1e-6 * sym_direction(rng, W), sign_reference=ref)
+    assert onp.abs(v2 - v).max() < 1e-4
+
+
+def test_batched_forward_matches_instances():
+    W = block_affinity_batch(onp.random.default_rng(3), batch=4, n=7)
+    v, lam = ncut_layer(W)
+    assert v.shape == (4, 7) and lam.shape == (4,)
+    for b in range(4):
+        vb, lb = ncut_layer(W[b])
+        assert onp.allclose(vb, v[b], atol=1e-14) and abs(lb - lam[b]) <= 1e-14
+
+
+@pytest.mark.parametrize("normalization", ["degree", "unit"])
+def test_sparse_forward_matches_dense(normalization):
+    edges, weights, n = image_graph(onp.random.default_rng(4), 5, 6)
+    v_s, lam_s = SparseNCut(edges, n, normalization=normalization)(weights)
+    v_d, lam_d = ncut_layer(weights_to_dense(weights, edges, n), normalization=normalization)
+    assert abs(lam_s - lam_d) <= 1e-12 * abs(lam_d) + 1e-15
+    assert onp.abs(v_s - v_d).max() <= 1e-10 * onp.abs(v_d).max()
+
+
+def test_grid_graph_edges_matches_brute_force():
+    h, w, radius = 4, 5, 1.5
+    edges = grid_graph_edges(h, w, radius)
+    expected = {(a, b) for a in range(h * w) for b in range(a + 1, h * w)
+                if (a // w - b // w) ** 2 + (a % w - b % w) ** 2 <= radius ** 2}
+    assert sorted(map(tuple, edges.tolist())) == sorted(expected)
+
+
+# ------------------------------------------------------------------------------
+# gradients against finite differences of the forward solver
+# ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("normalization", ["degree", "unit"])
+def test_dense_gradients_match_finite_differences(normalization):
+    rng = onp.random.default_rng(5)
+    n = 8
+    W = block_affinity(rng, n, gap=0.5)
+    C, c = rng.standard_normal((n, n)), rng.standard_normal(n)
+    f = invariants(make_ncut_layer(normalization=normalization), C, c)
+    E = sym_direction(rng, W)
+    fd = fd_directional(f, W, E, FD_STEP)
+    g = grad(f)(W)
+    assert onp.allclose(g, g.T, atol=1e-14)          # a function of sym(W)
+    assert_close(onp.sum(g * E), fd, 1e-8, "reverse mode")
+    assert_close(make_jvp(f)(W)(E)[1], fd, 1e-8, "forward mode")
+    # lambda alone
+    lam_fn = lambda W: make_ncut_layer(normalization=normalization)(W)[1]
+    assert_close(onp.sum(grad(lam_fn)(W) * E), fd_directional(lam_fn, W, E, FD_STEP), 1e-8, "lambda")
+
+
+def test_dense_second_order_matches_finite_differences():
+    rng = onp.random.default_rng(6)
+    n = 6
+    W = block_affinity(rng, n, gap=0.5)
+    f = invariants(make_ncut_layer(), rng.standard_normal((n, n)), rng.standard_normal(n))
+    U, E = sym_direction(rng, W), sym_direction(rng, W)
+    directional = lambda W: np.sum(grad(f)(W) * U)
+    assert_close(onp.sum(grad(directional)(W) * E), fd_directional(directional, W, E, FD_STEP),
+                 1e-7, "Hessian-vector product")
+
+
+def test_batched_gradients_match_finite_differences():
+    rng = onp.random.default_rng(7)
+    W = block_affinity_batch(rng, batch=3, n=6)
+    f = invariants(make_ncut_layer(batched=True), rng.standard_normal((6, 6)), rng.standard_normal(6))
+    E = sym_direction(rng, W)
+    assert_close(onp.sum(grad(f)(W) * E), fd_directional(f, W, E, FD_STEP), 1e-8, "batched")
+
+
+@pytest.mark.parametrize("solver,normalization,rtol", [
+    ("krylov", "degree", 1e-7), ("krylov", "unit", 1e-7), ("splu", "degree", 1e-8),
+    ("splu", "unit", 1e-8)])
+def test_sparse_gradients_match_finite_differences(solver, normalization, rtol):
+    rng = onp.random.default_rng(8)
+    edges, weights, n = image_graph(rng, 5, 6)
+    layer = SparseNCut(edges, n, normalization=normalization, linear_solver=solver)
+    f = invariants(layer, rng.standard_normal((n, n)), rng.standard_normal(n))
+    E = rng.standard_normal(weights.shape) * weights
+    fd = fd_directional(f, weights, E, FD_STEP)
+    assert_close(onp.dot(grad(f)(weights), E), fd, rtol, "reverse mode")
+    assert_close(make_jvp(f)(weights)(E)[1], fd, rtol, "forward mode")
+
+
+@pytest.mark.parametrize("solver", ["krylov", "splu"])
+def test_sparse_second_order_matches_finite_differences(solver):
+    rng = onp.random.default_rng(9)
+    edges, weights, n = image_graph(rng, 4, 5)
+    layer = SparseNCut(edges, n, linear_solver=solver)
+    f = invariants(layer, rng.standard_normal((n, n)), rng.standard_normal(n))
+    U, E = rng.standard_normal(weights.shape), rng.standard_normal(weights.shape) * weights
+    directional = lambda w: np.dot(grad(f)(w), U)
+    assert_close(onp.dot(grad(directional)(weights), E),
+                 fd_directional(directional, weights, E, FD_STEP), 1e-6, "Hessian-vector product")
+
+
+def test_bordered_jacobian_symmetric_only_for_degree_normalization():
+    """The D-normalization written as -(1/2)(v'Dv - 1) makes J symmetric, so the
+    core's plain MINRES (which probes symmetry) accepts it; the paper's v'v = 1
+    does not."""
+    rng = onp.random.default_rng(21)
+    edges, weights, n = image_graph(rng, 3, 4, contrast=0.3, floor=0.5)
+    c = rng.standard_normal(n)
+    f = lambda layer: (lambda w: np.sum(c * layer(w)[0] ** 2))
+    ref = grad(f(SparseNCut(edges, n, linear_solver="splu")))(weights)
+    plain = SparseNCut(edges, n, linear_solver="minres", linear_solver_options={"rtol": 1e-13})
+    assert_close(grad(f(plain))(weights), ref, 1e-8, "core minres")
+    unit = SparseNCut(edges, n, normalization="unit", linear_solver="minres")
+    with pytest.raises(LinearSolveError, match="symmetric"):
+        grad(f(unit))(weights)
+
+
+def test_sparse_gradient_equals_dense_gradient_on_the_same_graph():
+    rng = onp.random.default_rng(10)
+    edges, weights, n = image_graph(rng, 4, 4)
+    C = rng.standard_normal((n, n))
+    g_sparse = grad(invariants(SparseNCut(edges, n, linear_solver="splu"), C, 0.0))(weights)
+    g_dense = grad(invariants(make_ncut_layer(), C, 0.0))(weights_to_dense(weights, edges, n))
+    # w_e enters W_ij and W_ji
+    expected = g_dense[edges[:, 0], edges[:, 1]] + g_dense[edges[:, 1], edges[:, 0]]
+    assert_close(g_sparse, expected, 1e-9, "sparse vs dense gradient")
+
+
+def test_sparse_product_primitive_second_order():
+    rng = onp.random.default_rng(11)
+    M = _FixedSparse(scipy.sparse.random(5, 7, density=0.5, random_state=1))
+    x, u = rng.standard_normal(7), rng.standard_normal(5)
+    f = lambda x: np.sum(_sparse_apply(M, x) ** 3 * u)
+    E = rng.standard_normal(7)
+    hv = lambda x: np.dot(grad(f)(x), E)
+    assert_close(grad(f)(x), onp.array([fd_directional(f, x, e) for e in onp.eye(7)]), 1e-9, "grad")
+    assert_close(onp.dot(grad(hv)(x), E), fd_directional(hv, x, E), 1e-9, "second order")
+
+
+def test_larger_image_graph_gradient():
+    """32 x 32 pixels (N = 1024): shift-invert Lanczos + matrix-free MINRES."""
+    rng = onp.random.default_rng(12)
+    edges, weights, n = image_graph(rng, 32, 32, contrast=1.0, floor=0.02)
+    layer = SparseNCut(edges, n)
+    c = rng.standard_normal(n)
+    f = lambda w: (lambda vl: vl[1] + np.sum(c * vl[0] ** 2) / np.sum(vl[0] ** 2))(layer(w))
+    E = rng.standard_normal(weights.shape) * weights
+    assert_close(onp.dot(grad(f)(weights), E), fd_directional(f, weights, E, FD_STEP), 1e-6, "N=1024")
+
+
+@pytest.mark.slow
+def test_4096_pixel_graph_gradient():
+    rng = onp.random.default_rng(13)
+    edges, weights, n = image_graph(rng, 64, 64, contrast=1.0, floor=0.02)
+    for solver in ("krylov", "splu"):
+        layer = SparseNCut(edges, n, linear_solver=solver)
+        c = rng.standard_normal(n)
+        f = lambda w: (lambda vl: vl[1] + np.sum(c * vl[0] ** 2) / np.sum(vl[0] ** 2))(layer(w))
+        E = rng.standard_normal(weights.shape) * weights
+        assert_close(onp.dot(grad(f)(weights), E), fd_directional(f, weights, E, FD_STEP), 1e-6,
+                     f"N=4096 {solver}")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(W=dense_graphs())
+def test_property_dense_gradient_of_lambda(W):
+    """lambda and v^T C v against finite differences with their error estimate
+    (``check_grad``: |AD - FD| <= FD error estimate + 1e-12 norm-wise)."""
+    from verification.check import check_grad
+    upper, lower = eigen_gaps(W)
+    assume(upper > 0.05 and lower > 0.05)
+    C = onp.random.default_rng(0).standard_normal(W.shape)
+
+    def fn(X):
+        v, lam = ncut_layer(0.5 * (X + X.T))
+        return lam, np.sum(np.dot(v, C) * v)
+    report = check_grad(fn, W, order=1)
+    assert report.passed, str(report)
+
+
+# ------------------------------------------------------------------------------
+# ill-posed input: typed errors, never a silent NaN
+# ------------------------------------------------------------------------------
+
+EXPECTED_ERRORS = {"three-components": EigenGapError, "disconnected": DisconnectedGraphError,
+                   "negative": InvalidGraphError, "isolated": InvalidGraphError,
+                   "asymmetric": InvalidGraphError, "nan": NonFiniteError}
+
+
+@pytest.mark.parametrize("kind", ILL_POSED_KINDS)
+def test_ill_posed_dense_raises_typed_error(kind):
+    W = ill_posed_affinity(kind, onp.random.default_rng(14), 9)
+    with pytest.raises(EXPECTED_ERRORS[kind]):
+        ncut_layer(W)
+    with pytest.raises(EXPECTED_ERRORS[kind]):
+        grad(lambda W: ncut_layer(W)[1])(W)
+
+
+def test_repeated_eigenvalue_is_a_singular_jacobian_error():
+    W = ill_posed_affinity("three-components", onp.random.default_rng(0), 9)
+    with pytest.raises(SingularJacobianError, match="not simple"):
+        ncut_layer(W)
+    three = onp.kron(onp.eye(3), onp.ones((3, 3)))         # three disconnected cliques
+    with pytest.raises(DisconnectedGraphError, match="3 connected components"):
+        ncut_layer(three)
+
+
+def test_batched_error_names_the_instance():
+    W = block_affinity_batch(onp.random.default_rng(15), batch=3, n=6)
+    W[1, 0, 1] = W[1, 1, 0] = -1.0
+    with pytest.raises(InvalidGraphError, match="batch instance 1"):
+        ncut_layer(W)
+
+
+def test_bad_shapes():
+    with pytest.raises(ShapeError):
+        ncut_layer(onp.ones((3, 4)))
+    with pytest.raises(ShapeError):
+        ncut_layer(onp.ones((2, 2)))
+    with pytest.raises(ShapeError):
+        ncut_layer(onp.ones(5))
+
+
+def test_sparse_ill_posed_inputs():
+    rng = onp.random.default_rng(16)
+    edges, weights, n = image_graph(rng, 4, 4)
+    layer = SparseNCut(edges, n)
+    bad = weights.copy()
+    bad[3] = -0.1
+    with pytest.raises(InvalidGraphError, match="negative"):
+        layer(bad)
+    nan = weights.copy()
+    nan[0] = onp.nan
+    with pytest.raises(NonFiniteError):
+        layer(nan)
+    isolated = weights.copy()
+    isolated[(edges == 0).any(axis=1)] = 0.0
+    with pytest.raises(InvalidGraphError, match="isolated"):
+        layer(isolated)
+    cut = weights.copy()
+    cut[(edges // 4)[:, 0] != (edges // 4)[:, 1]] = 0.0     # remove every vertical edge
+    with pytest.raises(DisconnectedGraphError, match="4 connected components"):
+        layer(cut)
+    with pytest.raises(ShapeError):
+        layer(weights[:-1])
+    with pytest.raises(InvalidGraphError, match="self-loop"):
+        SparseNCut(onp.array([[0, 1], [1, 1], [1, 2]]), 3)
+    with pytest.raises(InvalidGraphError, match="must lie in"):
+        SparseNCut(onp.array([[0, 1], [1, 5]]), 3)
+
+
+def test_sparse_repeated_eigenvalue():
+    """A uniform square grid has lam_2 = lam_3 (horizontal and vertical modes)."""
+    edges = grid_graph_edges(5, 5, 1.0)
+    with pytest.raises(EigenGapError):
+        SparseNCut(edges, 25)(onp.ones(len(edges)))
+
+
+def test_krylov_failure_is_reported_not_silent():
+    rng = onp.random.default_rng(17)
+    edges, weights, n = image_graph(rng, 4, 5)
+    layer = SparseNCut(edges, n, linear_solver_options={"maxiter": 2, "max_refinements": 1})
+    with pytest.raises(LinearSolveError, match="did not reach"):
+        grad(lambda w: np.sum(onp.arange(n) * layer(w)[0] ** 2))(weights)
+
+
+# ------------------------------------------------------------------------------
+# diagnostics
+# ------------------------------------------------------------------------------
+
+def test_diagnose_reports_the_eigen_gap():
+    rng = onp.random.default_rng(18)
+    W = block_affinity(rng, 8, gap=0.5, noise=0.0)
+    report = diagnose(lambda W: ncut_layer(W), W)
+    measures = report.points[0].measures
+    assert abs(measures["eigen_gap_upper"][0] - 0.5) < 1e-10 and measures["eigen_gap_upper"][1]
+    assert abs(measures["eigen_gap_lower"][0] - 0.5) < 1e-10 and measures["eigen_gap_lower"][1]
+    assert report.ok
+    # a nearly repeated lam_2 (planted gap 1e-6 > gap_tol): evaluated but flagged
+    tight = block_affinity(rng, 8, gap=1e-6, noise=0.0)
+    report = diagnose(lambda W: ncut_layer(W), tight)
+    assert not report.points[0].measures["eigen_gap_upper"][1]
+    assert not report.ok and any("eigen_gap_upper" in f for f in report.flags)
+
+
+def test_diagnose_sparse_and_errors():
+    edges, weights, n = image_graph(onp.random.default_rng(19), 4, 5)
+    layer = SparseNCut(edges, n)
+    report = diagnose(layer, weights)
+    assert set(report.points[0].measures) == {"eigen_gap_upper", "eigen_gap_lower", "sign_margin"}
+    bad = ill_posed_affinity("three-components", onp.random.default_rng(0), 9)
+    report = diagnose(lambda W: ncut_layer(W), bad)
+    assert isinstance(report.error, EigenGapError) and not report.ok
+
+
+def test_ncut_spectrum_helper():
+    W = block_affinity(onp.random.default_rng(20), 6, gap=0.3, noise=0.0)
+    lams, vecs = ncut_spectrum(W)
+    assert onp.allclose(lams, [0.0, 0.7, 1.0], atol=1e-12) and vecs.shape == (6, 3)
+
+
+# ------------------------------------------------------------------------------
+# the registry entries (what the CLI checks)
+# ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ncut-dense", "ncut-dense-unit", "ncut-batched", "ncut-sparse",
+                                  "ncut-sparse-splu"])
+def test_registry_entries_pass_check_grad(name):
+    from verification.check import check_grad
+    from verification.registry import get
+    entry = get(name)
+    inputs = entry.generate(onp.random.default_rng(0), **entry.size)
+    report = check_grad(entry.fn, *inputs, order=entry.order, argnums=entry.argnums,
+                        rtol=entry.rtol, atol=entry.atol)
+    assert report.passed, str(report)
+
+
+@pytest.mark.filterwarnings("ignore:Output seems independent of input")
+def test_registry_check_detects_a_wrong_gradient():
+    """The entry's check can fail: the same forward solver with a residual whose
+    dependence on W is hidden from autograd (zero implicit gradient) is caught."""
+    from autograd.tracer import getval
+    from nimplicit import implicit_layer
+    from verification.check import check_grad
+    from verification.registry import get
+    import reference_layers.ncut as ncut_module
+    entry = get("ncut-dense")
+    good = make_ncut_layer()
+    residual = ncut_module._dense_residual("degree")
+    broken = implicit_layer(lambda y, W: residual(y, getval(W)), good.solver, linear_solver="lu")
+    X, C, c = entry.generate(onp.random.default_rng(0), **entry.size)
+    fn = lambda X: broken(0.5 * (X + X.T))[1]
+    assert not check_grad(fn, X, order=1).passed
+    assert check_grad(lambda X: good(0.5 * (X + X.T))[1], X, order=1).passed
+
+
+def test_segmentation_example_end_to_end_gradient():
+    """The experiment's chain (MLP features -> Gaussian affinity -> NCut layer ->
+    sign-invariant alignment loss) differentiated in the MLP's last-layer
+    weights, against finite differences."""
+    from examples.ncut_segmentation import (PixelGraph, alignment_loss, feature_map,
+                                            init_params, make_scene)
+    rng = onp.random.default_rng(22)
+    image, mask = make_scene(rng, 8)
+    graph = PixelGraph(8, 1.5, sigma_x=2.0)
+    params = init_params(rng)
+    patches = graph.patches(image[None])[0]
+
+    def loss(W2):
+        p = [params[0], {**params[1], "W": W2}, params[2]]
+        w = graph.learned_weights(feature_map(p, patches), 1e-3)
+        v, _ = graph.layer(w)
+        return alignment_loss(v, graph.layer.degrees(w), mask.ravel().astype(float))
+    W2 = params[1]["W"]
+    E = rng.standard_normal(W2.shape)
+    assert_close(onp.sum(grad(loss)(W2) * E), fd_directional(loss, W2, E, FD_STEP), 1e-6,
+                 "example loss")
