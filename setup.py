@@ -14,7 +14,8 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6", "scikit-image>=0.21"],
         "examples": ["scikit-learn>=1.1", "matplotlib>=3.5", "tqdm>=4", "scikit-image>=0.21"],
         "bench": ["jax[cpu]", "jaxopt", "cvxpylayers", "qpth", "pygmtools", "PyMCubes",
-                  "scikit-image>=0.21", "torch==2.13.0"],
+                  "scikit-image>=0.21", "tqdm>=4", "matplotlib>=3.5",
+                  "torch==2.13.0"],
     },
     entry_points={"console_scripts": ["nimplicit-gradcheck=verification.cli:main"]},
 )

@@ -261,7 +261,9 @@ def _max_abs(value) -> float:
     out = 0.0
     for p in parts:
         a = onp.asarray(p)
-        if a.size and a.dtype.kind in "fciub":
+        if a.size and a.dtype.kind in "fiub":
+            out = max(out, float(a.max()), -float(a.min()))   # no |a| temporary
+        elif a.size and a.dtype.kind == "c":
             out = max(out, float(onp.abs(a).max()))
     return out
 
@@ -335,7 +337,9 @@ class ImplicitLayer:
     def _check_residual(self, point: ForwardPoint):
         res = point.res_flat.reshape(-1, point.r) if point.res_flat.ndim > 1 else point.res_flat[None]
         norms = onp.abs(res).max(axis=1) if point.r else onp.zeros(len(res))
-        scale = 1.0 + _max_abs(point.y) + max((_max_abs(x) for x in point.inputs), default=0.0)
+        scale = 1.0 + _max_abs(point.y)
+        if (norms > self.residual_tol * scale).any():   # the inputs only ever raise the scale
+            scale += max((_max_abs(x) for x in point.inputs), default=0.0)
         tol = self.residual_tol * scale
         bad = onp.flatnonzero(norms > tol)
         if bad.size:

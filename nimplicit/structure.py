@@ -58,9 +58,11 @@ class Structure:
         """``(m,)`` vector (or ``(B, m)``) holding the entries of ``value``."""
         parts = value if self.is_tuple else (value,)
         if self.batch_axis is None:
-            pieces = [np.reshape(p, (-1,)) for p in parts]
+            # no-op reshapes are skipped: each would be one more autograd node per product
+            pieces = [p if np.ndim(p) == 1 else np.reshape(p, (-1,)) for p in parts]
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        pieces = [np.reshape(np.moveaxis(p, self.batch_axis, 0), (self.batch_size, -1)) for p in parts]
+        pieces = [p if (np.ndim(p) == 2 and self.batch_axis % 2 == 0) else
+                  np.reshape(np.moveaxis(p, self.batch_axis, 0), (self.batch_size, -1)) for p in parts]
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
 
     def unflatten(self, flat):
@@ -70,9 +72,10 @@ class Structure:
             lo, hi = self.offsets[k], self.offsets[k + 1]
             if self.batch_axis is None:
                 piece = flat if len(self.shapes) == 1 else flat[lo:hi]
-                parts.append(np.reshape(piece, tuple(shape)))
+                parts.append(piece if len(shape) == 1 else np.reshape(piece, tuple(shape)))
             else:
                 piece = flat if len(self.shapes) == 1 else flat[:, lo:hi]
-                piece = np.reshape(piece, (self.batch_size,) + tuple(shape))
+                if len(shape) != 1:
+                    piece = np.reshape(piece, (self.batch_size,) + tuple(shape))
                 parts.append(np.moveaxis(piece, 0, self.batch_axis % (len(shape) + 1)))
         return tuple(parts) if self.is_tuple else parts[0]
