@@ -1,0 +1,165 @@
+"""Graph matching: time per problem of our SM, SMAC (forward and backward) and
+affinity builder, next to pygmtools' numpy sm, rrwm and build_aff_mat.
+
+Instances: the synthetic keypoint protocol (``synthetic_pair``) with ``n``
+nodes, all ordered pairs as edges (``n (n - 1)``), so ``M`` is ``n^2 x n^2``
+and dense.  Our builder is :func:`reference_layers.graph_matching.gaussian_affinity`
+(numba, Gaussian kernel on 3 edge features, node affinities given);
+pygmtools' ``build_aff_mat`` gets the same node features (16-d), edge
+features and connectivity with its default (inner-product) kernels.  The
+solvers all get the same ``M`` (reordered to pygmtools' column-major
+vectorization).
+
+Timing: the minimum over repeats after a warm-up (the least-disturbed run: the
+machine this was written on is shared; medians are saved in the JSON too).
+"backward" is one VJP of a random cotangent after a fresh forward (each
+forward point has its own factorizations).  Note what each solver computes:
+our SM/SMAC stop at a Ritz residual ``|M y - lam y| <= 1e-10 lam`` (the
+implicit gradient needs an accurate eigenvector; "SM(1e-7)" is the same layer
+with ``eig_tol=1e-7``, pygmtools' accuracy); pygmtools' sm stops when successive power iterates
+differ by less than 1e-5 (at most 50 iterations); rrwm runs its own
+reweighted random walk with Sinkhorn steps.
+
+Run:  PYTHONPATH=. python benchmarks/graph_matching.py [--quick] [--sizes 10 20 50]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# One BLAS thread unless the caller chose otherwise: on a small shared machine
+# OpenBLAS's threads oversubscribe the cores and a 100 x 100 eigh can take 100x longer.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as onp
+from autograd import make_vjp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks._common import (Column, format_table, machine_info, ratio, time_call,  # noqa: E402
+                                time_phases, write_json)
+from reference_layers import graph_matching as gm  # noqa: E402
+from verification.strategies.graph_matching import mixing_matrix, synthetic_pair  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(__file__), "output")
+
+
+def make_problem(rng, n):
+    inst = synthetic_pair(rng, n=n, outliers=0, noise=0.05, mixing=mixing_matrix(rng, 16))
+    W = inst["mixing"][:, :4] * 0.5
+    Kp = onp.asarray(gm.node_affinity(inst["F1"], inst["F2"], W))
+    w = onp.array([4.0, 2.0, 2.0])
+    M = onp.asarray(gm.gaussian_affinity(Kp, inst["P1"], inst["P2"], w, inst["E1"], inst["E2"]))
+    return inst, Kp, w, M
+
+
+def column_major(M, n, m):
+    """``M`` reindexed from our row-major ``i m + a`` to pygmtools' ``a n + i``."""
+    perm = (onp.arange(m)[None, :] * n + onp.arange(n)[:, None]).ravel()
+    K = onp.empty_like(M)
+    K[onp.ix_(perm, perm)] = M
+    return K
+
+
+def time_layer(layer, M, repeats, rng):
+    g = rng.standard_normal(M.shape[0])
+
+    def run(laps):
+        vjp, y = make_vjp(layer)(M)
+        laps.lap("forward")
+        vjp(g)
+        laps.lap("backward")
+    return time_phases(run, repeats=repeats, warmup=1)
+
+
+def _put(row, key, timing):
+    row[key] = timing.min
+    row[key + "_median"] = timing.median
+
+
+def bench_size(n, repeats, pygm, rng):
+    inst, Kp, w, M = make_problem(rng, n)
+    row = {"n": n, "nm": n * n}
+    builder = lambda w: gm.gaussian_affinity(Kp, inst["P1"], inst["P2"], w, inst["E1"], inst["E2"])
+    _put(row, "build", time_call(lambda: builder(w), repeats=repeats))
+    G = rng.standard_normal(M.shape)
+    _put(row, "build_vjp_w", time_call(lambda: make_vjp(builder)(w)[0](G), repeats=repeats))
+    for name, layer in (("sm", gm.spectral_matching_layer), ("smac", gm.smac_layer)):
+        phases = time_layer(layer, M, repeats, rng)
+        _put(row, f"{name}_fwd", phases["forward"])
+        _put(row, f"{name}_bwd", phases["backward"])
+    # the same layer stopped at pygmtools' accuracy (eigen-residual ~1e-7): like for like
+    # (the core's residual check is relative to max|M|, while lam ~ nm mean(M): loosen it too)
+    fast = lambda M: gm.spectral_matching_layer(M, eig_tol=1e-7, residual_tol=1e-3)
+    phases = time_layer(fast, M, repeats, rng)
+    _put(row, "sm7_fwd", phases["forward"])
+    _put(row, "sm7_bwd", phases["backward"])
+    y = gm.spectral_matching_layer(M)
+    row["sm_residual"] = float(onp.abs(M @ y - (y @ M @ y) * y).max() / (y @ M @ y))
+    if pygm is not None:
+        K = column_major(M, n, n)[None]
+        nn_ = onp.array([n])
+        _put(row, "pygm_sm", time_call(lambda: pygm.sm(K, nn_, nn_), repeats=repeats))
+        v = pygm.sm(K, nn_, nn_)[0].ravel()               # X[i, a] -> row-major y[i m + a]
+        v = v / onp.linalg.norm(v)
+        row["pygm_sm_residual"] = float(onp.abs(M @ v - (v @ M @ v) * v).max() / (v @ M @ v))
+        _put(row, "pygm_rrwm", time_call(lambda: pygm.rrwm(K, nn_, nn_),
+                                         repeats=max(1, repeats // 2)))
+        F1, F2 = inst["F1"][None], inst["F2"][None]
+        conn = inst["E1"][None]
+        P1, P2 = inst["P1"][None], inst["P2"][None]
+        _put(row, "pygm_build", time_call(
+            lambda: pygm.utils.build_aff_mat(F1, P1, conn, F2, P2, conn),
+            repeats=max(1, repeats // 2)))
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="n = 10, 20 only, fewer repeats")
+    ap.add_argument("--sizes", type=int, nargs="*", default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args(argv)
+    sizes = args.sizes or ([10, 20] if args.quick else [10, 20, 50])
+    repeats = args.repeats or (3 if args.quick else 7)
+    try:
+        import pygmtools as pygm
+        pygm.set_backend("numpy")
+    except ImportError:
+        pygm = None
+        print("(pygmtools not installed: our timings only; pip install pygmtools)")
+    rng = onp.random.default_rng(0)
+    rows = [bench_size(n, repeats, pygm, rng) for n in sizes]
+    ms = "{:.2f}"
+    x = "{:.2f}x"
+    cols = [Column("n", "n"), Column("nm", "nm"),
+            Column("SM fwd ms", lambda r: 1e3 * r["sm_fwd"], ms),
+            Column("SM bwd ms", lambda r: 1e3 * r["sm_bwd"], ms),
+            Column("bwd/fwd", lambda r: ratio(r["sm_bwd"], r["sm_fwd"]), x),
+            Column("SM(1e-7) fwd ms", lambda r: 1e3 * r["sm7_fwd"], ms),
+            Column("SMAC fwd ms", lambda r: 1e3 * r["smac_fwd"], ms),
+            Column("SMAC bwd ms", lambda r: 1e3 * r["smac_bwd"], ms),
+            Column("build ms", lambda r: 1e3 * r["build"], ms),
+            Column("build vjp ms", lambda r: 1e3 * r["build_vjp_w"], ms)]
+    if pygm is not None:
+        cols += [Column("pygm sm ms", lambda r: 1e3 * r["pygm_sm"], ms),
+                 Column("pygm rrwm ms", lambda r: 1e3 * r["pygm_rrwm"], ms),
+                 Column("pygm build ms", lambda r: 1e3 * r["pygm_build"], ms),
+                 Column("SM/pygm sm", lambda r: ratio(r["sm_fwd"], r["pygm_sm"]), x),
+                 Column("SM(1e-7)/pygm sm", lambda r: ratio(r["sm7_fwd"], r["pygm_sm"]), x),
+                 Column("pygm build/ours", lambda r: ratio(r["pygm_build"], r["build"]), x)]
+    print(format_table(rows, cols))
+    print("relative eigen-residual |My - lam y|_inf / lam:  ours "
+          + ", ".join(f"n={r['n']}: {r['sm_residual']:.1e}" for r in rows)
+          + ("" if pygm is None else "\n                                          pygm sm "
+             + ", ".join(f"n={r['n']}: {r['pygm_sm_residual']:.1e}" for r in rows)))
+    os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, "graph_matching.json")
+    write_json(path, {"machine": machine_info(), "rows": rows})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

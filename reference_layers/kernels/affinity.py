@@ -1,0 +1,253 @@
+r"""Numba kernels that build a graph-matching affinity matrix and its VJPs.
+
+Conventions (shared with :mod:`reference_layers.graph_matching`)
+----------------------------------------------------------------
+Graph 1 has ``n`` nodes and directed edges ``E1`` (``e1 x 2``, rows
+``(i, j)``), graph 2 has ``m`` nodes and edges ``E2`` (``e2 x 2``, rows
+``(a, b)``).  An assignment ``X`` (``n x m``) is vectorized row-major,
+``y[i*m + a] = X[i, a]``, so that ``vec(A X B') = (A kron B) vec(X)``.  The
+affinity matrix (``nm x nm``) is
+
+.. math::
+    M = \operatorname{diag}(\operatorname{vec} K_p)
+        + (G_1 \otimes G_2)\, \operatorname{diag}(\operatorname{vec} K_e)\,
+          (H_1 \otimes H_2)^T,
+
+with ``G`` / ``H`` the edge-to-start-node / edge-to-end-node incidence
+matrices: entry-wise ``M[i m + a, j m + b] += K_e[e, f]`` for ``e = (i, j)``
+and ``f = (a, b)``, plus ``M[i m + a, i m + a] += K_p[i, a]``.
+
+The Gaussian edge kernel is
+``K_e[e, f] = exp(-sum_t w_t (P1[e, t] - P2[f, t])^2)`` on edge features ``P``.
+
+The scatter kernels run in parallel over the start nodes of graph 1: edges are
+grouped by start node (``order``/``ptr``, a CSR index built by the caller), so
+each thread writes only its own rows of ``M`` and there are no write races.
+Kernels are compiled on first call (``cache=True``), never at import.
+"""
+from __future__ import annotations
+
+import types
+
+import numpy as np
+from numba import njit, prange
+
+
+def group_by_start(edges: np.ndarray, n_nodes: int):
+    """CSR grouping of the edges by start node: ``order`` and ``ptr`` with the
+    edges starting at node ``i`` being ``order[ptr[i]:ptr[i+1]]``."""
+    starts = edges[:, 0]
+    order = np.argsort(starts, kind="stable").astype(np.int64)
+    counts = np.bincount(starts, minlength=n_nodes)
+    ptr = np.zeros(n_nodes + 1, dtype=np.int64)
+    np.cumsum(counts, out=ptr[1:])
+    return order, ptr
+
+
+def _py_gaussian_affinity_matrix(Kp, P1, P2, w, E1, E2, order, ptr):  # pragma: no cover - numba
+    """Dense ``M`` from node affinities ``Kp`` and the Gaussian edge kernel."""
+    n, m = Kp.shape
+    N = n * m
+    e2 = E2.shape[0]
+    k = P1.shape[1]
+    M = np.zeros((N, N))
+    for i in prange(n):
+        for a in range(m):
+            M[i * m + a, i * m + a] += Kp[i, a]
+        for q in range(ptr[i], ptr[i + 1]):
+            e = order[q]
+            j = E1[e, 1]
+            for f in range(e2):
+                s = 0.0
+                for t in range(k):
+                    d = P1[e, t] - P2[f, t]
+                    s += w[t] * d * d
+                M[i * m + E2[f, 0], j * m + E2[f, 1]] += np.exp(-s)
+    return M
+
+
+def _py_gaussian_affinity_vjp_w(G, P1, P2, w, E1, E2, m):  # pragma: no cover - numba
+    """Cotangent of ``w`` for the cotangent ``G`` of ``M`` (``m`` nodes in graph 2):
+    ``w_bar_t = -sum_{e,f} G[i m + a, j m + b] K_e[e,f] (P1[e,t] - P2[f,t])^2``."""
+    e1, k = P1.shape
+    e2 = P2.shape[0]
+    rows = np.zeros((e1, k))
+    for e in prange(e1):
+        i, j = E1[e, 0], E1[e, 1]
+        for f in range(e2):
+            g = G[i * m + E2[f, 0], j * m + E2[f, 1]]
+            if g == 0.0:
+                continue
+            s = 0.0
+            for t in range(k):
+                d = P1[e, t] - P2[f, t]
+                s += w[t] * d * d
+            c = -g * np.exp(-s)
+            for t in range(k):
+                d = P1[e, t] - P2[f, t]
+                rows[e, t] += c * d * d
+    out = np.zeros(k)
+    for e in range(e1):
+        for t in range(k):
+            out[t] += rows[e, t]
+    return out
+
+
+def _py_gaussian_affinity_vjp_p1(G, P1, P2, w, E1, E2, m):  # pragma: no cover - numba
+    """Cotangent of ``P1``: ``-2 sum_f G K_e w_t (P1[e,t] - P2[f,t])``."""
+    e1, k = P1.shape
+    e2 = P2.shape[0]
+    out = np.zeros((e1, k))
+    for e in prange(e1):
+        i, j = E1[e, 0], E1[e, 1]
+        for f in range(e2):
+            g = G[i * m + E2[f, 0], j * m + E2[f, 1]]
+            if g == 0.0:
+                continue
+            s = 0.0
+            for t in range(k):
+                d = P1[e, t] - P2[f, t]
+                s += w[t] * d * d
+            c = -2.0 * g * np.exp(-s)
+            for t in range(k):
+                out[e, t] += c * w[t] * (P1[e, t] - P2[f, t])
+    return out
+
+
+def _py_gaussian_affinity_vjp_p2(G, P1, P2, w, E1, E2, m):  # pragma: no cover - numba
+    """Cotangent of ``P2``: ``+2 sum_e G K_e w_t (P1[e,t] - P2[f,t])``."""
+    e1, k = P1.shape
+    e2 = P2.shape[0]
+    out = np.zeros((e2, k))
+    for f in prange(e2):
+        a, b = E2[f, 0], E2[f, 1]
+        for e in range(e1):
+            g = G[E1[e, 0] * m + a, E1[e, 1] * m + b]
+            if g == 0.0:
+                continue
+            s = 0.0
+            for t in range(k):
+                d = P1[e, t] - P2[f, t]
+                s += w[t] * d * d
+            c = 2.0 * g * np.exp(-s)
+            for t in range(k):
+                out[f, t] += c * w[t] * (P1[e, t] - P2[f, t])
+    return out
+
+
+def _py_gaussian_affinity_jvp(P1, P2, w, dP1, dP2, dw, E1, E2, order, ptr, n, m):  # noqa
+    """Tangent of the edge part of ``M`` for tangents ``(dP1, dP2, dw)``:
+    ``dK_e = -K_e sum_t [dw_t d_t^2 + 2 w_t d_t (dP1[e,t] - dP2[f,t])]``,
+    ``d = P1[e] - P2[f]``,
+    scattered like ``K_e`` (the node part's tangent is ``diag(vec dK_p)``, added by the caller)."""
+    N = n * m
+    e2 = E2.shape[0]
+    k = P1.shape[1]
+    dM = np.zeros((N, N))
+    for i in prange(n):
+        for q in range(ptr[i], ptr[i + 1]):
+            e = order[q]
+            j = E1[e, 1]
+            for f in range(e2):
+                s = 0.0
+                ds = 0.0
+                for t in range(k):
+                    d = P1[e, t] - P2[f, t]
+                    s += w[t] * d * d
+                    ds += dw[t] * d * d + 2.0 * w[t] * d * (dP1[e, t] - dP2[f, t])
+                dM[i * m + E2[f, 0], j * m + E2[f, 1]] -= np.exp(-s) * ds
+    return dM
+
+
+def _py_scatter_affinity(Kp, Ke, E1, E2, order, ptr):  # pragma: no cover - numba
+    """Dense ``M`` from node affinities ``Kp`` (``n x m``) and any edge
+    affinities ``Ke`` (``e1 x e2``); linear in both."""
+    n, m = Kp.shape
+    N = n * m
+    e2 = E2.shape[0]
+    M = np.zeros((N, N))
+    for i in prange(n):
+        for a in range(m):
+            M[i * m + a, i * m + a] += Kp[i, a]
+        for q in range(ptr[i], ptr[i + 1]):
+            e = order[q]
+            j = E1[e, 1]
+            for f in range(e2):
+                M[i * m + E2[f, 0], j * m + E2[f, 1]] += Ke[e, f]
+    return M
+
+
+def _py_gather_affinity(G, E1, E2, n, m):  # pragma: no cover - numba
+    """Adjoint of :func:`scatter_affinity`: ``(Kp_bar, Ke_bar)`` for the
+    cotangent ``G`` of ``M``."""
+    e1 = E1.shape[0]
+    e2 = E2.shape[0]
+    Kp_bar = np.empty((n, m))
+    for i in range(n):
+        for a in range(m):
+            Kp_bar[i, a] = G[i * m + a, i * m + a]
+    Ke_bar = np.empty((e1, e2))
+    for e in prange(e1):
+        i, j = E1[e, 0], E1[e, 1]
+        for f in range(e2):
+            Ke_bar[e, f] = G[i * m + E2[f, 0], j * m + E2[f, 1]]
+    return Kp_bar, Ke_bar
+
+
+@njit(cache=True)
+def symmetry_stats(M):  # pragma: no cover - numba
+    """``(max|M|, max|M - M'|, min M)`` in one tiled pass over the upper triangle."""
+    N = M.shape[0]
+    tile = 64
+    big = 0.0
+    asym = 0.0
+    low = np.inf
+    for I in range(0, N, tile):
+        for J in range(I, N, tile):
+            for i in range(I, min(I + tile, N)):
+                j0 = max(J, i)
+                for j in range(j0, min(J + tile, N)):
+                    a = M[i, j]
+                    b = M[j, i]
+                    d = abs(a - b)
+                    if d > asym:
+                        asym = d
+                    if abs(a) > big:
+                        big = abs(a)
+                    if abs(b) > big:
+                        big = abs(b)
+                    if a < low:
+                        low = a
+                    if b < low:
+                        low = b
+    return big, asym, low
+
+
+# Each kernel in two compilations: serial (small problems, where a parallel region's
+# start-up dominates, badly so on a loaded machine) and parallel (prange over rows).
+# The copies get their own qualified names so that numba's on-disk cache keeps the two
+# compilations apart.
+def _named_copy(f, suffix):
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__,
+                           f.__closure__)
+    g.__qualname__ = f.__qualname__ + suffix
+    g.__doc__ = f.__doc__
+    return g
+
+
+KERNELS = ("gaussian_affinity_matrix", "gaussian_affinity_vjp_w", "gaussian_affinity_vjp_p1",
+           "gaussian_affinity_vjp_p2", "gaussian_affinity_jvp", "scatter_affinity",
+           "gather_affinity")
+for _name in KERNELS:
+    _py = globals()[f"_py_{_name}"]
+    globals()[f"{_name}_serial"] = njit(cache=True)(_named_copy(_py, "_serial"))
+    globals()[f"{_name}_parallel"] = njit(cache=True, parallel=True)(_named_copy(_py, "_parallel"))
+
+
+#: pair count (e1 * e2) above which the parallel compilations are used
+PARALLEL_MIN_PAIRS = 200_000
+
+
+def pick(name: str, pairs: int):
+    """The serial or the parallel compilation of kernel ``name`` for ``pairs`` edge pairs."""
+    return globals()[f"{name}_{'parallel' if pairs >= PARALLEL_MIN_PAIRS else 'serial'}"]

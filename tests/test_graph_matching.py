@@ -1,0 +1,427 @@
+"""Graph-matching layers (reference_layers.graph_matching): SM, SMAC, power
+iteration, Sinkhorn (unrolled and implicit), voting, Hungarian and the numba
+affinity builders.
+
+Every derivative is compared with central finite differences of the forward
+solver's actual output.  Affinities are parameterized so that finite
+differences stay inside the layers' domain (symmetric, non-negative):
+``M(X) = exp((X + X') / 2)`` entrywise.
+"""
+import autograd.numpy as np
+import numpy as onp
+import pytest
+from autograd import grad, hessian, make_jvp, make_vjp
+from hypothesis import HealthCheck, given, settings
+
+from conftest import assert_close, fd_directional, vdot
+from nimplicit import record_points
+from nimplicit.errors import NimplicitError, ResidualError, UnsupportedError
+from reference_layers import graph_matching as gm
+from verification.strategies.graph_matching import (affinity_strategy, matching_instance,
+                                                     positive_affinity, random_affinity_input)
+
+RTOL = 1e-6
+
+
+def sym_exp(X):
+    return np.exp(0.5 * (X + np.swapaxes(X, -1, -2)))
+
+
+def check_directional(f, x, rng, rtol=RTOL, h=1e-3, n_dirs=2):
+    """Reverse and forward mode of scalar-or-array ``f`` at ``x`` against FD along
+    random directions."""
+    vjp, out = make_vjp(f)(x)
+    for _ in range(n_dirs):
+        v = rng.standard_normal(onp.shape(x))
+        g = rng.standard_normal(onp.shape(out))
+        fd = fd_directional(f, x, v, h)
+        assert_close(vdot(vjp(g), v), vdot(g, fd), rtol, "vjp")
+        assert_close(make_jvp(f)(x)(v)[1], fd, rtol, "jvp")
+
+
+# ------------------------------------------------------------------------------
+# affinity builders
+# ------------------------------------------------------------------------------
+
+def _builder_case(rng, n=5, m=4, k=3):
+    E1, E2 = gm.full_edges(n), gm.full_edges(m)
+    P1 = gm.edge_features(rng.standard_normal((n, 2)), E1)
+    P2 = gm.edge_features(rng.standard_normal((m, 2)), E2)
+    Kp = rng.uniform(0.1, 1.0, (n, m))
+    w = rng.uniform(0.2, 1.5, k)
+    return Kp, P1, P2, w, E1, E2
+
+
+def test_gaussian_affinity_matches_kronecker_formula_and_is_symmetric():
+    rng = onp.random.default_rng(0)
+    Kp, P1, P2, w, E1, E2 = _builder_case(rng)
+    M = gm.gaussian_affinity(Kp, P1, P2, w, E1, E2)
+    ref = gm.gaussian_affinity_reference(Kp, P1, P2, w, E1, E2)
+    assert M.shape == (20, 20)
+    onp.testing.assert_allclose(M, ref, rtol=1e-14, atol=1e-15)
+    onp.testing.assert_allclose(M, M.T, atol=1e-15)   # both edge directions: symmetric
+    # one entry by hand: M[i m + a, j m + b] = exp(-sum w (p_e - p_f)^2), e = (i, j), f = (a, b)
+    e, f = 3, 5
+    (i, j), (a, b) = E1[e], E2[f]
+    assert M[i * 4 + a, j * 4 + b] == pytest.approx(onp.exp(-onp.sum(w * (P1[e] - P2[f]) ** 2)))
+
+
+@pytest.mark.parametrize("argnum", [0, 1, 2, 3])
+def test_gaussian_affinity_numba_vjp_against_fd(argnum):
+    rng = onp.random.default_rng(1)
+    args = list(_builder_case(rng))
+    G = rng.standard_normal((20, 20))
+
+    def f(x):
+        a = list(args)
+        a[argnum] = x
+        return np.sum(G * gm.gaussian_affinity(*a))
+    x = args[argnum]
+    v = rng.standard_normal(onp.shape(x))
+    fd = fd_directional(f, x, v)
+    assert_close(vdot(grad(f)(x), v), fd, RTOL, f"VJP, argument {argnum}")
+    assert_close(make_jvp(f)(x)(v)[1], fd, RTOL, f"JVP, argument {argnum}")
+
+
+def _parallel_vs_serial(monkeypatch, kernels_checked):
+    from reference_layers.kernels import affinity as kern
+    rng = onp.random.default_rng(20)
+    Kp, P1, P2, w, E1, E2 = _builder_case(rng, n=6, m=5)
+    G = rng.standard_normal((30, 30))
+    f = lambda w, P1, P2: np.sum(G * gm.gaussian_affinity(Kp, P1, P2, w, E1, E2))
+    serial = (gm.gaussian_affinity(Kp, P1, P2, w, E1, E2), grad(f, kernels_checked)(w, P1, P2))
+    monkeypatch.setattr(kern, "PARALLEL_MIN_PAIRS", 0)
+    parallel = (gm.gaussian_affinity(Kp, P1, P2, w, E1, E2), grad(f, kernels_checked)(w, P1, P2))
+    onp.testing.assert_allclose(parallel[0], serial[0], rtol=1e-14)
+    onp.testing.assert_allclose(parallel[1], serial[1], rtol=1e-12)
+
+
+def test_parallel_builder_kernels_match_serial(monkeypatch):
+    _parallel_vs_serial(monkeypatch, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argnum", [1, 2])
+def test_parallel_builder_vjp_kernels_match_serial(monkeypatch, argnum):
+    _parallel_vs_serial(monkeypatch, argnum)
+
+
+def test_gaussian_affinity_batched_and_first_order_only():
+    rng = onp.random.default_rng(2)
+    cases = [_builder_case(rng) for _ in range(3)]
+    Kp = onp.stack([c[0] for c in cases])
+    P1, P2 = onp.stack([c[1] for c in cases]), onp.stack([c[2] for c in cases])
+    w, E1, E2 = cases[0][3], cases[0][4], cases[0][5]
+    M = gm.gaussian_affinity(Kp, P1, P2, w, E1, E2)
+    for b in range(3):
+        onp.testing.assert_allclose(M[b], gm.gaussian_affinity(Kp[b], P1[b], P2[b], w, E1, E2))
+    G = rng.standard_normal(M.shape)
+    gw = grad(lambda w: np.sum(G * gm.gaussian_affinity(Kp, P1, P2, w, E1, E2)))(w)
+    one = lambda w, b: np.sum(G[b] * gm.gaussian_affinity(Kp[b], P1[b], P2[b], w, E1, E2))
+    expect = sum(grad(one)(w, b) for b in range(3))
+    onp.testing.assert_allclose(gw, expect, rtol=1e-12)
+    with pytest.raises(UnsupportedError, match="first order"):
+        hessian(lambda w: np.sum(G[0] * gm.gaussian_affinity(Kp[0], P1[0], P2[0], w, E1, E2)))(w)
+
+
+def test_assemble_affinity_is_linear_with_adjoint_vjp_any_order():
+    rng = onp.random.default_rng(3)
+    Kp, P1, P2, w, E1, E2 = _builder_case(rng)
+    Ke = rng.uniform(size=(len(E1), len(E2)))
+    M = gm.assemble_affinity(Kp, Ke, E1, E2)
+    # M is linear in (Kp, Ke): the gather is the exact adjoint
+    G = rng.standard_normal(M.shape)
+    dKp, dKe = rng.standard_normal(Kp.shape), rng.standard_normal(Ke.shape)
+    lhs = onp.sum(G * gm.assemble_affinity(dKp, dKe, E1, E2))
+    gKp = grad(lambda a: np.sum(G * gm.assemble_affinity(a, Ke, E1, E2)))(Kp)
+    gKe = grad(lambda a: np.sum(G * gm.assemble_affinity(Kp, a, E1, E2)))(Ke)
+    assert lhs == pytest.approx(vdot(gKp, dKp) + vdot(gKe, dKe), rel=1e-12)
+    # a quadratic function of M has the Hessian of the linear map: second order through
+    # the scatter/gather pair, against FD of the gradient
+    f = lambda a: np.sum(gm.assemble_affinity(a, Ke, E1, E2) ** 2)
+    v = rng.standard_normal(Kp.shape)
+    hv = make_jvp(grad(f))(Kp)(v)[1]
+    assert_close(hv, fd_directional(grad(f), Kp, v), RTOL, "Hessian-vector product")
+    # the Kronecker formula for a generic Ke
+    n, m = Kp.shape
+    G1, H1 = onp.eye(n)[E1[:, 0]].T, onp.eye(n)[E1[:, 1]].T
+    G2, H2 = onp.eye(m)[E2[:, 0]].T, onp.eye(m)[E2[:, 1]].T
+    ref = onp.diag(Kp.ravel()) + onp.kron(G1, G2) @ onp.diag(Ke.ravel()) @ onp.kron(H1, H2).T
+    onp.testing.assert_allclose(M, ref, atol=1e-14)
+
+
+def test_node_affinity_and_edge_features():
+    rng = onp.random.default_rng(4)
+    F1, F2 = rng.standard_normal((3, 5)), rng.standard_normal((4, 5))
+    W = rng.standard_normal((5, 2))
+    Kp = gm.node_affinity(F1, F2, W)
+    expect = onp.exp(-((F1 @ W)[:, None, :] - (F2 @ W)[None, :, :]) ** 2).prod(-1)
+    onp.testing.assert_allclose(Kp, expect, rtol=1e-12)
+    pts = onp.array([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    P = gm.edge_features(pts, onp.array([[0, 1], [1, 0], [0, 2]]))
+    onp.testing.assert_allclose(P[:, 0], onp.array([2.0, 2.0, 1.0]) / (5.0 / 3.0))
+    onp.testing.assert_allclose(P[:, 1:], [[1, 0], [-1, 0], [0, 1]], atol=1e-15)
+
+
+# ------------------------------------------------------------------------------
+# spectral matching
+# ------------------------------------------------------------------------------
+
+def test_sm_forward_is_the_signed_leading_eigenvector():
+    rng = onp.random.default_rng(5)
+    M = positive_affinity(rng, 12)
+    y, lam = gm.spectral_matching_layer(M, return_eigenvalue=True)
+    w, V = onp.linalg.eigh(M)
+    assert lam == pytest.approx(w[-1], rel=1e-12)
+    assert onp.linalg.norm(y) == pytest.approx(1.0)
+    assert y.sum() > 0
+    onp.testing.assert_allclose(y, V[:, -1] * onp.sign(V[:, -1].sum()), atol=1e-10)
+    y_k = gm.spectral_matching_layer(M, eig_method="krylov")
+    onp.testing.assert_allclose(y_k, y, atol=1e-9)
+    y_loose, lam_loose = gm.spectral_matching_layer(M, eig_method="krylov", eig_tol=1e-7,
+                                                    return_eigenvalue=True)
+    assert onp.abs(M @ y_loose - lam_loose * y_loose).max() <= 1e-7 * lam_loose
+    # a looser eigen-solve than the layer's residual check allows is caught by the core
+    with pytest.raises(ResidualError):
+        gm.spectral_matching_layer(M, eig_method="krylov", eig_tol=1e-4)
+
+
+@pytest.mark.parametrize("options", [
+    {},                                              # dense eigh + bordered LU
+    {"eig_method": "krylov", "kkt_dense_max": 0},   # Lanczos + projected CG
+    {"linear_solver": "minres"},                     # core MINRES: the bordered J is symmetric
+    {"linear_solver": "lu"},                         # core LU formed by VJPs
+])
+def test_sm_derivatives_against_fd(options):
+    rng = onp.random.default_rng(6)
+    X = random_affinity_input(rng, 9)
+    def f(X):   # (y, lam) as one vector
+        y, lam = gm.spectral_matching_layer(sym_exp(X), return_eigenvalue=True, **options)
+        return np.concatenate([y, np.reshape(lam, (1,))])
+    check_directional(f, X, rng)
+
+
+def test_sm_second_order_against_fd_of_gradient():
+    rng = onp.random.default_rng(7)
+    X = random_affinity_input(rng, 6)
+    c = rng.standard_normal(6)
+    f = lambda X: np.dot(c, gm.spectral_matching_layer(sym_exp(X))) ** 2
+    v = rng.standard_normal(X.shape)
+    hv = make_jvp(grad(f))(X)(v)[1]
+    assert_close(hv, fd_directional(grad(f), X, v), 1e-5, "SM Hessian-vector product")
+
+
+def test_sm_batched_equals_per_instance():
+    rng = onp.random.default_rng(8)
+    X = onp.stack([random_affinity_input(rng, 8) for _ in range(3)])
+    G = rng.standard_normal((3, 8))
+    f = lambda X: np.sum(G * gm.spectral_matching_layer(sym_exp(X)))
+    g = grad(f)(X)
+    for b in range(3):
+        fb = lambda Xb: np.dot(G[b], gm.spectral_matching_layer(sym_exp(Xb)))
+        onp.testing.assert_allclose(g[b], grad(fb)(X[b]), rtol=1e-9, atol=1e-12)
+    v = rng.standard_normal(X.shape)
+    assert_close(vdot(g, v), fd_directional(f, X, v), RTOL, "batched SM")
+
+
+def test_sm_large_uses_krylov_and_matches_fd():
+    rng = onp.random.default_rng(9)
+    n = 12   # nm = 144 > EIG_DENSE_MAX and KKT_DENSE_MAX: Lanczos + projected CG
+    inst = matching_instance(rng, n)
+    M = inst["M"]
+    assert M.shape[0] > gm.EIG_DENSE_MAX
+    S = rng.uniform(size=M.shape)
+    D = (S + S.T) * M                # a direction that keeps M symmetric and non-negative
+    g = rng.standard_normal(M.shape[0])
+    f = lambda M: np.dot(g, gm.spectral_matching_layer(M))
+    assert_close(vdot(grad(f)(M), D), fd_directional(f, M, D, 1e-4), RTOL, "large SM")
+
+
+# ------------------------------------------------------------------------------
+# SMAC
+# ------------------------------------------------------------------------------
+
+def test_one_to_one_constraints_full_rank_and_feasible():
+    for n, m in [(4, 4), (3, 5)]:
+        C, d = gm.one_to_one_constraints(n, m)
+        assert C.shape == (n + m - 1, n * m)
+        assert onp.linalg.matrix_rank(C) == n + m - 1
+        X = onp.full((n, m), 1.0 / m)
+        onp.testing.assert_allclose(C @ X.ravel(), d)
+
+
+def test_smac_forward_solves_the_constrained_ratio_problem():
+    rng = onp.random.default_rng(10)
+    n = 4
+    M = positive_affinity(rng, n * n)
+    x = gm.smac_layer(M)
+    X = x.reshape(n, n)
+    onp.testing.assert_allclose(X.sum(1), 1.0, atol=1e-12)
+    onp.testing.assert_allclose(X.sum(0), 1.0, atol=1e-12)
+    # x maximizes the ratio over C x = d: compare with the best over a null-space basis
+    C, d = gm.one_to_one_constraints(n, n)
+    x0 = onp.linalg.lstsq(C, d, rcond=None)[0]
+    Z = onp.linalg.svd(C)[2][C.shape[0]:].T
+    ratio = lambda z: (x0 + Z @ z) @ M @ (x0 + Z @ z) / ((x0 + Z @ z) @ (x0 + Z @ z))
+    best = ratio(onp.linalg.lstsq(Z, x - x0, rcond=None)[0])
+    assert best == pytest.approx(x @ M @ x / (x @ x), rel=1e-10)
+    for _ in range(200):
+        assert ratio(Z.T @ (x - x0) + 0.1 * rng.standard_normal(Z.shape[1])) <= best + 1e-12
+    # eigen-route and the Krylov route agree
+    onp.testing.assert_allclose(gm.smac_layer(M, eig_method="krylov"), x, atol=1e-8)
+
+
+@pytest.mark.parametrize("options", [{}, {"eig_method": "krylov", "kkt_dense_max": 0},
+                                     {"linear_solver": "minres"}])
+def test_smac_derivatives_against_fd(options):
+    rng = onp.random.default_rng(11)
+    X = random_affinity_input(rng, 9)
+    f = lambda X: gm.smac_layer(sym_exp(X), **options)
+    check_directional(f, X, rng)
+
+
+def test_smac_gradient_in_constraints_against_fd():
+    rng = onp.random.default_rng(12)
+    N, p = 8, 3
+    M = positive_affinity(rng, N)
+    C = rng.uniform(0.5, 1.5, (p, N))
+    d = rng.uniform(0.5, 1.5, p)
+    g = rng.standard_normal(N)
+    fC = lambda C: np.dot(g, gm.smac_layer(M, C, d))
+    fd_ = lambda d: np.dot(g, gm.smac_layer(M, C, d))
+    assert onp.abs(C @ gm.smac_layer(M, C, d) - d).max() < 1e-12
+    for f, x in ((fC, C), (fd_, d)):
+        v = rng.standard_normal(onp.shape(x))
+        assert_close(vdot(grad(f)(x), v), fd_directional(f, x, v), RTOL, "SMAC in C, d")
+
+
+# ------------------------------------------------------------------------------
+# power iteration, Sinkhorn, voting, Hungarian
+# ------------------------------------------------------------------------------
+
+def test_power_iteration_converges_to_sm_and_is_differentiable():
+    rng = onp.random.default_rng(13)
+    X = random_affinity_input(rng, 8)
+    M = sym_exp(X)
+    onp.testing.assert_allclose(gm.power_iteration_layer(M, iterations=200),
+                                gm.spectral_matching_layer(M), atol=1e-10)
+    f = lambda X: gm.power_iteration_layer(sym_exp(X), iterations=5)
+    check_directional(f, X, rng)
+    Mb = onp.stack([M, M * 2])
+    onp.testing.assert_allclose(gm.power_iteration_layer(Mb, 5)[1], gm.power_iteration_layer(M, 5))
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (3, 5), (2, 3, 4)])
+def test_sinkhorn_implicit_equals_unrolled_and_has_marginals(shape):
+    rng = onp.random.default_rng(14)
+    S = rng.standard_normal(shape)
+    P = gm.sinkhorn_layer(S, tau=0.7)
+    n, m = shape[-2:]
+    onp.testing.assert_allclose(P.sum(-1), 1.0, atol=1e-10)
+    onp.testing.assert_allclose(P.sum(-2), n / m, atol=1e-10)
+    onp.testing.assert_allclose(gm.sinkhorn(S, iterations=500, tau=0.7), P, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (3, 5), (2, 3, 3)])
+def test_sinkhorn_implicit_derivatives_against_fd(shape):
+    rng = onp.random.default_rng(15)
+    S = rng.standard_normal(shape)
+    check_directional(lambda S: gm.sinkhorn_layer(S, tau=0.8), S, rng)
+
+
+def test_sinkhorn_unrolled_gradient_approaches_implicit():
+    rng = onp.random.default_rng(16)
+    S = rng.standard_normal((4, 4))
+    G = rng.standard_normal((4, 4))
+    g_imp = grad(lambda S: np.sum(G * gm.sinkhorn_layer(S)))(S)
+    g_unr = grad(lambda S: np.sum(G * gm.sinkhorn(S, iterations=300)))(S)
+    onp.testing.assert_allclose(g_unr, g_imp, atol=1e-8)
+
+
+def test_voting_and_hungarian():
+    X = onp.array([[0.1, 0.9, 0.0], [0.8, 0.7, 0.1], [0.0, 0.2, 0.3]])
+    V = gm.voting_layer(X, temperature=0.1)
+    onp.testing.assert_allclose(V.sum(1), 1.0)
+    assert V[0].argmax() == 1
+    P = gm.hungarian(X)
+    onp.testing.assert_array_equal(P, [[0, 1, 0], [1, 0, 0], [0, 0, 1]])
+    assert gm.matching_accuracy(P, onp.eye(3)) == pytest.approx(1 / 3)
+    assert gm.hungarian(onp.stack([X, X.T])).shape == (2, 3, 3)
+
+
+# ------------------------------------------------------------------------------
+# ill-posed input: typed errors and diagnostics
+# ------------------------------------------------------------------------------
+
+def test_sm_rejects_invalid_affinities():
+    rng = onp.random.default_rng(17)
+    M = positive_affinity(rng, 6)
+    A = M.copy()
+    A[0, 1] += 0.5
+    with pytest.raises(gm.AffinityError, match="not symmetric"):
+        gm.spectral_matching_layer(A)
+    with pytest.raises(gm.AffinityError, match="negative"):
+        gm.spectral_matching_layer(M - 2 * M.max())
+    with pytest.raises(gm.AffinityError, match="all zero"):
+        gm.spectral_matching_layer(onp.zeros((6, 6)))
+    with pytest.raises(gm.AffinityError, match="square"):
+        gm.spectral_matching_layer(onp.ones((6, 5)))
+    with pytest.raises(NimplicitError, match="non-finite"):
+        gm.spectral_matching_layer(M * onp.nan)
+
+
+def test_sm_repeated_leading_eigenvalue_raises():
+    block = onp.array([[1.0, 2.0], [2.0, 1.0]])
+    M = onp.kron(onp.eye(2), block)          # two identical components: lam_1 = lam_2 = 3
+    with pytest.raises(gm.DegenerateEigenvalueError, match="not simple"):
+        gm.spectral_matching_layer(M)
+    with pytest.raises(gm.DegenerateEigenvalueError, match="not simple"):
+        gm.spectral_matching_layer(onp.stack([M + 1.0, M]))   # batch: instance 1 is degenerate
+
+
+def test_smac_constraint_errors():
+    rng = onp.random.default_rng(18)
+    M = positive_affinity(rng, 9)
+    C, d = gm.one_to_one_constraints(3, 3)
+    full = onp.concatenate([C, onp.kron(onp.ones((1, 3)), onp.eye(3))[-1:]])  # redundant row back
+    with pytest.raises(gm.ConstraintRankError, match="linearly dependent"):
+        gm.smac_layer(M, full, onp.concatenate([d, [1.0]]))
+    with pytest.raises(gm.InfeasibleConstraintsError, match="inconsistent"):
+        gm.smac_layer(M, full, onp.concatenate([d, [2.0]]))
+    # a single constraint orthogonal to the leading eigenvector: C y = 0, no maximizer on C y = d
+    y = gm.spectral_matching_layer(M)
+    c = rng.standard_normal(9)
+    c -= (c @ y) * y
+    with pytest.raises(gm.InfeasibleConstraintsError, match="not attained"):
+        gm.smac_layer(M, c[None, :], onp.ones(1))
+    with pytest.raises(Exception, match="not a square"):
+        gm.smac_layer(positive_affinity(rng, 6))
+
+
+def test_layers_declare_the_eigen_gap_diagnostic():
+    rng = onp.random.default_rng(19)
+    M = positive_affinity(rng, 9)
+    with record_points() as points:
+        gm.spectral_matching_layer(M)
+        gm.smac_layer(M)
+    gaps = [p.layer.diagnostics(p)["eigen_gap"] for p in points]
+    w = onp.linalg.eigvalsh(M)
+    assert gaps[0][0] == pytest.approx((w[-1] - w[-2]) / w[-1], rel=1e-10)
+    assert gaps[0][1] and gaps[1][1]
+    from verification.diagnose import diagnose
+    report = diagnose(lambda M: gm.spectral_matching_layer(M), M)
+    assert report.ok
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(affinity_strategy(max_batch=2, max_size=10))
+def test_sm_property_residual_and_gradient(M):
+    rng = onp.random.default_rng(0)
+    y, lam = gm.spectral_matching_layer(M, return_eigenvalue=True)
+    My = onp.einsum("...ij,...j->...i", M, y)
+    assert onp.abs(My - lam[..., None] * y).max() <= 1e-8 * onp.abs(M).max()
+    S = rng.uniform(size=M.shape)
+    D = (S + onp.swapaxes(S, -1, -2)) * M
+    g = rng.standard_normal(y.shape)
+    f = lambda M: np.sum(g * gm.spectral_matching_layer(M))
+    assert_close(vdot(grad(f)(M), D), fd_directional(f, M, D, 1e-4), 1e-5, "property SM")
