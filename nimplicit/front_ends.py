@@ -230,7 +230,7 @@ def constrained_argmin_layer(objective: Callable, eq: Optional[Callable] = None,
                      f"the KKT Jacobian is singular and the implicit gradient is not unique; "
                      f"using the minimum-norm solution, one choice among many.")
         solve = linear_solvers.lstsq if cache.get("kkt_degenerate") else base
-        return solve(matvec, rmatvec, b, cache=cache, **opts)
+        return solve(matvec, rmatvec, b, cache=cache, point=point, **opts)
 
     return implicit_layer(residual, solver, linear_solver=kkt_linear_solver, **options)
 

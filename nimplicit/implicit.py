@@ -402,7 +402,8 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
         See ``linear_solver='auto'``.
     linear_solver_options : dict
         Keyword options for the linear solver (``rtol``, ``maxiter``,
-        ``max_condition``, ``rcond``, ...).
+        ``max_condition``, ``rcond``, ``preconditioner``, ``refinements``, ...;
+        see :mod:`nimplicit.linear_solvers`).
     diagnostics : callable, optional
         ``diagnostics(point) -> dict`` of layer-specific well-posedness measures
         at a :class:`ForwardPoint` (e.g. a strict-complementarity margin or an

@@ -2,6 +2,8 @@
 against finite differences of the forward solver's output or a closed form;
 and one factorization per forward point.
 """
+import re
+
 import autograd.numpy as np
 import numpy as onp
 import pytest
@@ -11,7 +13,7 @@ from autograd import grad, hessian, jacobian, make_jvp, make_vjp
 from conftest import (assert_close, assert_grad_matches_fd, fd_directional, fd_grad,
                       fd_jacobian, newton_solve)
 from nimplicit import argmin_layer, implicit_layer, linear_solvers
-from nimplicit.errors import LinearSolveError, UnsupportedError
+from nimplicit.errors import LinearSolveError, ShapeError, UnsupportedError
 
 RTOL = 1e-6
 
@@ -342,3 +344,135 @@ def test_auto_picks_lu_when_small_and_gmres_when_large(deq_data):
 def test_unknown_solver_name_is_refused():
     with pytest.raises(ValueError, match="unknown linear_solver"):
         implicit_layer(lambda y, x: y - x, lambda x: x, linear_solver="qr")
+
+
+# ------------------------------------------------------------------------------
+# preconditioning and iterative refinement of the Krylov solvers
+# ------------------------------------------------------------------------------
+
+def _counting_matvec(A):
+    """``v -> A v`` (also on (B, n) arrays, row by row) and its call counter."""
+    calls = [0]
+
+    def matvec(v):
+        calls[0] += 1
+        return v @ A.T
+    return matvec, calls
+
+
+def _badly_scaled(kind, n=100, seed=3):
+    """``A = S K S`` with ``S = diag(logspace(0, 3))`` and a well-conditioned
+    ``K`` (SPD, or symmetric indefinite with alternating signs): cond(A) ~ 1e6,
+    while the Jacobi-preconditioned ``|diag A|^{-1/2} A |diag A|^{-1/2}`` is
+    as well conditioned as ``K``."""
+    rng = onp.random.default_rng(seed)
+    C = rng.standard_normal((n, n))
+    C = 0.15 * (C + C.T) / onp.sqrt(n)
+    signs = onp.ones(n) if kind == "spd" else onp.where(onp.arange(n) % 2, 1.0, -1.0)
+    S = onp.diag(onp.logspace(0, 3, n))
+    return S @ (onp.diag(signs) + C) @ S, rng.standard_normal(n)
+
+
+@pytest.mark.parametrize("name,kind", [("cg", "spd"), ("minres", "indefinite"),
+                                       ("gmres", "indefinite"), ("bicgstab", "spd")])
+def test_jacobi_preconditioner_on_badly_scaled_system(name, kind):
+    A, b = _badly_scaled(kind)
+    solve = getattr(linear_solvers, name)
+    n = len(b)
+    matvec, plain_calls = _counting_matvec(A)
+    with pytest.raises(LinearSolveError, match="did not converge"):
+        solve(matvec, matvec, b, rtol=1e-10, maxiter=5 * n)
+    assert plain_calls[0] >= 5 * n
+    matvec, calls = _counting_matvec(A)
+    x = solve(matvec, matvec, b, rtol=1e-10, maxiter=5 * n, preconditioner=1 / onp.abs(onp.diag(A)))
+    assert onp.linalg.norm(A @ x - b) <= 1e-10 * onp.linalg.norm(b)
+    assert calls[0] <= n, f"{name}: {calls[0]} products with the preconditioner"
+    # the same preconditioner as a callable, on a batch of two right-hand sides
+    B = onp.stack([b, -2 * b])
+    matvec, _ = _counting_matvec(A)
+    X = solve(matvec, matvec, B, rtol=1e-10, preconditioner=lambda V: V / onp.abs(onp.diag(A)))
+    assert onp.linalg.norm(X @ A.T - B) <= 1e-10 * onp.linalg.norm(B)
+
+
+def _minres_backward_error_gap(n=60, seed=3):
+    """Symmetric indefinite ``A`` with eigenvalues ``+-logspace(-3, 0)`` and ``b``
+    mostly along the smallest ones: ``|A| |x| >> |b|``, so SciPy's MINRES, which
+    stops on ``|r| / (|A| |x| + |b|) <= rtol``, leaves ``|r| / |b| >> rtol``."""
+    rng = onp.random.default_rng(seed)
+    Q, _ = onp.linalg.qr(rng.standard_normal((n, n)))
+    lam = onp.logspace(-3, 0, n) * onp.where(onp.arange(n) % 3 == 0, -1.0, 1.0)
+    A = Q @ onp.diag(lam) @ Q.T
+    A = 0.5 * (A + A.T)
+    return A, Q[:, :3] @ onp.ones(3) + 1e-2 * Q[:, 3:] @ rng.standard_normal(n - 3)
+
+
+def test_refinement_reaches_the_true_residual():
+    A, b = _minres_backward_error_gap()
+    matvec, _ = _counting_matvec(A)
+    with pytest.raises(LinearSolveError, match=r"residual \|A x - b\|/\|b\| = [0-9.e-]+ did not reach "
+                                               r"rtol=1e-10 after \d+ iterations in 1 Krylov"):
+        linear_solvers.minres(matvec, matvec, b, rtol=1e-10, refinements=0)
+    x = linear_solvers.minres(matvec, matvec, b, rtol=1e-10, refinements=3)
+    assert onp.linalg.norm(A @ x - b) <= 1e-10 * onp.linalg.norm(b)
+    assert_close(x, onp.linalg.solve(A, b), 1e-6, "refined minres vs dense solve")
+
+
+@pytest.mark.parametrize("name", ["cg", "minres", "gmres", "bicgstab"])
+def test_unreachable_tolerance_raises_with_iterations_and_residual(name):
+    """rtol = 1e-30 is below double precision: refinement stalls, and the error
+    says how far it got instead of returning a wrong-precision answer."""
+    A, b = _badly_scaled("spd", n=20)
+    matvec, _ = _counting_matvec(A)
+    with pytest.raises(LinearSolveError) as info:
+        getattr(linear_solvers, name)(matvec, matvec, b, rtol=1e-30,
+                                      preconditioner=1 / onp.diag(A), refinements=2)
+    msg = str(info.value)
+    assert f"{name} did not converge" in msg and "did not reach rtol=1e-30" in msg
+    assert re.search(r"\|A x - b\|/\|b\| = \d\.\d+e-\d+", msg), msg
+    assert re.search(r"after \d+ iterations in [1-3] Krylov solve", msg), msg
+
+
+def test_preconditioner_errors():
+    A, b = _badly_scaled("spd", n=10)
+    matvec, _ = _counting_matvec(A)
+    with pytest.raises(ShapeError, match="shape"):
+        linear_solvers.cg(matvec, matvec, b, preconditioner=onp.ones(9))
+    with pytest.raises(LinearSolveError, match="positive definite"):
+        linear_solvers.minres(matvec, matvec, b, preconditioner=-onp.ones(10))
+    with pytest.raises(LinearSolveError, match="preconditioner"):
+        linear_solvers.minres(matvec, matvec, b, preconditioner=lambda v: -v)
+    with pytest.raises(UnsupportedError, match="point"):
+        linear_solvers.gmres(matvec, matvec, b, preconditioner=linear_solvers.per_point(lambda p: 1.0))
+    with pytest.raises(UnsupportedError, match="preconditioner"):
+        linear_solvers.lsmr(matvec, matvec, b, preconditioner=onp.ones(10))
+
+
+def test_per_point_preconditioner_in_a_layer():
+    """F = A y + 0.1 d tanh(y) - x with the badly scaled SPD ``A`` and d = diag A:
+    J = A + 0.1 diag(d sech^2 y).  The Jacobi preconditioner depends on y, so it
+    is a per_point factory, evaluated once per forward point; gradients match
+    finite differences; the plain CG fails within the same maxiter."""
+    A, x = _badly_scaled("spd", n=60)
+    d = onp.diag(A).copy()
+    residual = lambda y, x: np.dot(A, y) + 0.1 * d * np.tanh(y) - x
+    solver = lambda x: newton_solve(residual, onp.linalg.solve(A, x), x)
+    made = []
+
+    def jacobi(point):
+        made.append(point)
+        return 1.0 / (d + 0.1 * d / onp.cosh(point.y) ** 2)
+
+    options = {"maxiter": 120, "rtol": 1e-11}
+    layer = implicit_layer(residual, solver, linear_solver="cg", linear_solver_options={
+        **options, "preconditioner": linear_solvers.per_point(jacobi)})
+    rng = onp.random.default_rng(4)
+    G = rng.standard_normal(len(x))
+    loss = lambda x: np.sum(G * layer(x)) + np.sum(layer(x) ** 2)
+    assert_grad_matches_fd(loss, x, grad(loss)(x), rng, 2, RTOL, "preconditioned cg: grad")
+    n_points = len(made)
+    J = jacobian(layer)(x)                     # one forward point, 60 cotangents
+    assert len(made) == n_points + 1
+    assert_close(J @ G, fd_directional(layer, x, G), RTOL, "preconditioned cg: jacobian")
+    plain = implicit_layer(residual, solver, linear_solver="cg", linear_solver_options=options)
+    with pytest.raises(LinearSolveError, match="maxiter=120"):
+        grad(lambda x: np.sum(G * plain(x)))(x)

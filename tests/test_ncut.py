@@ -345,7 +345,7 @@ def test_sparse_repeated_eigenvalue():
 def test_krylov_failure_is_reported_not_silent():
     rng = onp.random.default_rng(17)
     edges, weights, n = image_graph(rng, 4, 5)
-    layer = SparseNCut(edges, n, linear_solver_options={"maxiter": 2, "max_refinements": 1})
+    layer = SparseNCut(edges, n, linear_solver_options={"maxiter": 2, "refinements": 1})
     with pytest.raises(LinearSolveError, match="did not reach"):
         grad(lambda w: np.sum(onp.arange(n) * layer(w)[0] ** 2))(weights)
 
