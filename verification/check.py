@@ -1,0 +1,550 @@
+r"""``check_grad``: autograd derivatives of any function against finite differences.
+
+For a function ``fn(*inputs) -> array or tuple of arrays`` and each
+differentiable input ``x_i`` (others held fixed), with ``J_i = d out / d x_i``
+the Jacobian of the flattened output:
+
+reverse mode (``"rev"``, VJPs)
+    the dot-product test ``<J_i^T u, v> = <u, J_i v>`` along seeded random
+    cotangents ``u`` and directions ``v``; for small inputs the whole Jacobian,
+    its rows ``J_i^T e_k`` (or ``J_i^T u`` for large outputs) compared entry by
+    entry with the finite-difference Jacobian.
+forward mode (``"fwd"``, JVPs)
+    ``J_i v`` entry by entry; for small inputs every column ``J_i e_j``.
+second order (``order=2``)
+    with the scalar reduction ``s(x) = <w, out(x)>`` (``w`` a seeded random
+    linear functional) and ``h(x) = grad s(x)`` (the gradient in every
+    differentiable input, concatenated), the Hessian blocks ``d h / d x_i`` are
+    checked like a first-order Jacobian: ``"rev"`` uses reverse over reverse
+    (``grad`` of ``grad``), ``"fwd"`` forward over reverse, and the reference is
+    the finite difference of the autograd gradient ``h``.
+
+Directions are scaled per entry, ``v_j = entry_scales(x)_j z_j`` with
+``z ~ N(0, 1)``, so badly scaled inputs are probed at their own size.  Each
+finite difference is a Richardson-extrapolated central difference that comes
+with an error estimate ``e`` (:mod:`verification.finite_differences`); an
+entry passes when
+
+.. math::
+    |AD - FD| \le e + \frac{2\,\mathrm{noise}\,\|f\|_\infty}{t}
+                 + \mathrm{ad\_rtol} \max(|FD|, |AD|) + \mathrm{atol} + \mathrm{rtol}\,|FD|,
+
+so the default tolerance comes from the finite-difference error estimate: ``e``
+plus the effect of output noise of relative size ``noise`` (64 eps by default;
+a forward solver is accurate to a few ulps times its conditioning) on a
+difference with base step ``t``; ``ad_rtol`` = 1e-12 is the rounding
+allowance of the AD side, taken norm-wise over one comparison group; ``rtol``
+and ``atol`` are explicit and default to 0.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from numbers import Number
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import autograd.numpy as anp
+import numpy as onp
+from autograd import grad as ag_grad
+from autograd import make_jvp, make_vjp
+from nimplicit.errors import NimplicitError
+
+from . import finite_differences as fdiff
+
+AD_RTOL = 1e-12
+NOISE = 64 * float(onp.finfo(float).eps)
+# Output noise is not aligned with a random cotangent u: its effect on <u, e> is
+# bounded by NOISE_SIGMAS standard deviations, |u|_2 |e|_inf, not by |u|_1 |e|_inf.
+NOISE_SIGMAS = 3.0
+FULL_JACOBIAN_MAX = 8
+FULL_ROWS_MAX = 64
+MODES = ("rev", "fwd")
+
+
+class GradientMismatch(NimplicitError, AssertionError):
+    """Autograd derivatives disagree with finite differences beyond the tolerance.
+
+    The :class:`GradCheckReport` is attached as ``.report``.
+    """
+
+    def __init__(self, report: "GradCheckReport"):
+        self.report = report
+        super().__init__("gradient check failed:\n" + report.summary(failures_only=True))
+
+
+# ------------------------------------------------------------------------------
+# the report
+# ------------------------------------------------------------------------------
+
+MODE_LABELS = {(1, "rev"): "VJP", (1, "fwd"): "JVP",
+               (2, "rev"): "HVP rev-over-rev", (2, "fwd"): "HVP fwd-over-rev"}
+
+
+@dataclass
+class CheckResult:
+    """One comparison group: one input, one mode, one order.
+
+    Attributes
+    ----------
+    input : index of the input in ``fn``'s argument list.
+    mode : ``"rev"`` (VJP / reverse over reverse) or ``"fwd"`` (JVP / forward over reverse).
+    order : 1 or 2.
+    kind : ``"dot"`` (the scalar ``<u, J v>``), ``"jvp"`` (``J v`` entry by entry),
+        ``"vjp"`` (``J^T u`` entry by entry), ``"jacobian"`` (every entry of ``J``).
+    n_compared : number of compared numbers.
+    max_abs_error : ``max |AD - FD|``.
+    max_rel_error : ``max |AD - FD| / max |FD|`` (norm-wise over the group).
+    worst_index : index of the entry with the largest ``|AD - FD| / tolerance``.
+    worst_where : that index in words (direction, output entry, input entry).
+    worst_ad, worst_fd, worst_fd_error, worst_tolerance : its values.
+    fd_error : the largest finite-difference error bound in the group,
+        relative to ``max(|FD|, |AD|)``.
+    passed : every entry within its tolerance.
+    resolvable : ``max(|FD|, |AD|)`` exceeds the FD error bound; when False the
+        derivative is zero at the resolution of finite differences (e.g. the
+        Hessian of a piecewise-linear map) and ``max_rel_error`` compares noise
+        with noise: read ``max_abs_error`` and ``passed`` instead.
+    """
+    input: int
+    mode: str
+    order: int
+    kind: str
+    n_compared: int
+    max_abs_error: float
+    max_rel_error: float
+    worst_index: Tuple[int, ...]
+    worst_where: str
+    worst_ad: float
+    worst_fd: float
+    worst_fd_error: float
+    worst_tolerance: float
+    fd_error: float
+    passed: bool
+    resolvable: bool = True
+
+    @property
+    def label(self) -> str:
+        return MODE_LABELS[(self.order, self.mode)]
+
+
+@dataclass
+class GradCheckReport:
+    """Result of :func:`check_grad`: one :class:`CheckResult` per input, mode and order."""
+    results: List[CheckResult] = field(default_factory=list)
+    n_evals: int = 0
+    seconds: float = 0.0
+    seed: int = 0
+    rtol: float = 0.0
+    atol: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def select(self, mode: Optional[str] = None, order: Optional[int] = None,
+               input: Optional[int] = None) -> List[CheckResult]:
+        return [r for r in self.results if (mode is None or r.mode == mode)
+                and (order is None or r.order == order) and (input is None or r.input == input)]
+
+    def worst_rel(self, mode: Optional[str] = None, order: Optional[int] = None) -> float:
+        """Largest ``max_rel_error`` over the selected, resolvable results
+        (0.0 when every selected derivative is zero at FD resolution, NaN if
+        nothing is selected)."""
+        sel = self.select(mode, order)
+        if not sel:
+            return float("nan")
+        return max((r.max_rel_error for r in sel if r.resolvable), default=0.0)
+
+    def failures(self) -> List[CheckResult]:
+        return [r for r in self.results if not r.passed]
+
+    def raise_if_failed(self) -> "GradCheckReport":
+        if not self.passed:
+            raise GradientMismatch(self)
+        return self
+
+    def summary(self, failures_only: bool = False) -> str:
+        rows = [r for r in self.results if not (failures_only and r.passed)]
+        head = (f"{'input':>5} {'check':<17} {'kind':<8} {'n':>5} {'max abs err':>11} "
+                f"{'max rel err':>11} {'FD err':>9}  worst entry: AD vs FD (FD error, tolerance)")
+        lines = [head]
+        for r in rows:
+            lines.append(
+                f"{r.input:>5} {r.label:<17} {r.kind:<8} {r.n_compared:>5} {r.max_abs_error:>11.3e} "
+                f"{r.max_rel_error:>11.3e} {r.fd_error:>9.1e}  {r.worst_where}: {r.worst_ad:.12g} vs "
+                f"{r.worst_fd:.12g} ({r.worst_fd_error:.2g}, {r.worst_tolerance:.2g}) "
+                f"{'ok' if r.passed else 'FAIL'}{'' if r.resolvable else ' (zero at FD resolution)'}")
+        verdict = "PASS" if self.passed else f"FAIL ({len(self.failures())} of {len(self.results)})"
+        lines.append(f"{verdict}: {self.n_evals} function evaluations for finite differences, "
+                     f"{self.seconds:.2f} s, seed {self.seed}")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"passed": self.passed, "n_evals": self.n_evals, "seconds": self.seconds,
+                "seed": self.seed, "rtol": self.rtol, "atol": self.atol,
+                "results": [dict(asdict(r), label=r.label, worst_index=list(r.worst_index))
+                            for r in self.results]}
+
+
+# ------------------------------------------------------------------------------
+# structure of inputs and outputs
+# ------------------------------------------------------------------------------
+
+class OutputLayout:
+    """Flattens an output (array or tuple of arrays) to one vector, traceably."""
+
+    def __init__(self, value, names: Optional[Sequence[str]] = None):
+        self.is_tuple = isinstance(value, (tuple, list))
+        parts = list(value) if self.is_tuple else [value]
+        self.shapes = [onp.shape(p) for p in parts]
+        self.sizes = [int(onp.prod(s, dtype=int)) for s in self.shapes]
+        self.offsets = onp.concatenate([[0], onp.cumsum(self.sizes)]).astype(int)
+        self.size = int(self.offsets[-1])
+        self.names = list(names) if names is not None else \
+            [f"out[{k}]" if self.is_tuple else "out" for k in range(len(parts))]
+
+    def flatten(self, value):
+        # a traced tuple output is an autograd SequenceBox: index it, do not convert it
+        parts = [value[k] for k in range(len(self.shapes))] if self.is_tuple else [value]
+        shapes = [tuple(anp.shape(p)) for p in parts]
+        if shapes != [tuple(s) for s in self.shapes]:
+            raise ValueError(f"fn returned outputs of shapes {shapes}, earlier {self.shapes}")
+        pieces = [anp.reshape(p, (-1,)) for p in parts]
+        return pieces[0] if len(pieces) == 1 else anp.concatenate(pieces)
+
+    def describe(self, flat_index: int) -> str:
+        k = int(onp.searchsorted(self.offsets, flat_index, side="right") - 1)
+        local = flat_index - self.offsets[k]
+        shape = self.shapes[k]
+        idx = onp.unravel_index(local, shape) if shape else ()
+        return f"{self.names[k]}[{', '.join(str(int(i)) for i in idx)}]"
+
+
+def _describe_input(i: int, shape, flat_index: int) -> str:
+    idx = onp.unravel_index(flat_index, shape) if shape else ()
+    return f"x{i}[{', '.join(str(int(j)) for j in idx)}]"
+
+
+def differentiable_argnums(inputs: Sequence[Any]) -> List[int]:
+    """Indices of the inputs that are real floating point (Python floats included)."""
+    nums = []
+    for k, x in enumerate(inputs):
+        if isinstance(x, bool):
+            continue
+        if isinstance(x, float) or (isinstance(x, onp.ndarray) and x.dtype.kind == "f") or \
+                isinstance(x, onp.floating):
+            nums.append(k)
+    return nums
+
+
+def _is_scalar(x) -> bool:
+    return isinstance(x, Number) and not isinstance(x, onp.ndarray)
+
+
+def _as_input(x_template, value):
+    """``value`` (an array) converted to the kind of ``x_template`` (float or array)."""
+    if _is_scalar(x_template):
+        return float(onp.asarray(value))
+    return onp.asarray(value, dtype=float).reshape(onp.shape(x_template))
+
+
+# ------------------------------------------------------------------------------
+# comparisons
+# ------------------------------------------------------------------------------
+
+@dataclass
+class _Settings:
+    modes: Tuple[str, ...]
+    rtol: float
+    atol: float
+    ad_rtol: float
+    noise: float
+    n_directions: int
+    full_max: int
+    fd_step: Optional[float]
+    fd_levels: int
+
+
+class _Group:
+    """Accumulates the compared vectors of one (input, mode, order).
+
+    Each row holds AD values, FD values and the FD error bound (estimate plus
+    output-noise allowance); :meth:`finish` adds the AD rounding allowance
+    ``ad_rtol * max(|FD|, |AD|)`` (norm-wise over the group) and the explicit
+    ``atol + rtol |FD|``.
+    """
+
+    def __init__(self, input: int, mode: str, order: int, kind: str):
+        self.input, self.mode, self.order, self.kind = input, mode, order, kind
+        self.rows: list = []
+
+    def add(self, prefix: Tuple[int, ...], ad, fd, err, describe: Callable, extra=0.0):
+        ad = onp.atleast_1d(onp.asarray(ad, dtype=float)).ravel()
+        fd = onp.atleast_1d(onp.asarray(fd, dtype=float)).ravel()
+        err = onp.broadcast_to(onp.asarray(err, dtype=float) + extra, fd.shape)
+        if ad.shape != fd.shape:
+            raise ValueError(f"AD and FD values of different sizes {ad.shape} vs {fd.shape}")
+        self.rows.append((prefix, ad, fd, err, describe))
+
+    def finish(self, cfg: _Settings) -> CheckResult:
+        scale = max((float(onp.max(onp.maximum(onp.abs(fd), onp.where(onp.isfinite(ad),
+                                                                      onp.abs(ad), 0.0))))
+                     for _, ad, fd, _, _ in self.rows), default=0.0)
+        best_ratio, best = -1.0, None
+        max_abs, max_err, n = 0.0, 0.0, 0
+        for prefix, ad, fd, err, describe in self.rows:
+            diff = onp.where(onp.isfinite(ad), onp.abs(ad - fd), onp.inf)
+            tol = err + cfg.ad_rtol * scale + cfg.atol + cfg.rtol * onp.abs(fd)
+            with onp.errstate(divide="ignore", invalid="ignore"):
+                ratio = onp.where(diff == 0, 0.0, diff / tol)
+            k = int(onp.argmax(ratio))
+            if ratio[k] > best_ratio:
+                best_ratio, best = float(ratio[k]), (prefix, k, ad[k], fd[k], err[k], tol[k], describe)
+            max_abs = max(max_abs, float(diff.max()))
+            max_err = max(max_err, float(err.max()))
+            n += ad.size
+        prefix, k, ad_k, fd_k, err_k, tol_k, describe = best
+        tiny = onp.finfo(float).tiny
+        return CheckResult(
+            input=self.input, mode=self.mode, order=self.order, kind=self.kind, n_compared=n,
+            max_abs_error=max_abs, max_rel_error=max_abs / max(scale, tiny) if max_abs else 0.0,
+            worst_index=tuple(int(p) for p in prefix) + (k,), worst_where=describe(prefix, k),
+            worst_ad=float(ad_k), worst_fd=float(fd_k), worst_fd_error=float(err_k),
+            worst_tolerance=float(tol_k), fd_error=max_err / max(scale, tiny),
+            passed=bool(best_ratio <= 1.0), resolvable=bool(scale > max_err))
+
+
+# ------------------------------------------------------------------------------
+# the checker
+# ------------------------------------------------------------------------------
+
+class _Target:
+    """``fn`` seen as a function of one input ``x_i`` returning a flat vector."""
+
+    def __init__(self, flat_fn: Callable, inputs: Sequence[Any], i: int):
+        self.flat_fn, self.inputs, self.i = flat_fn, list(inputs), i
+
+    def __call__(self, xi):
+        args = list(self.inputs)
+        args[self.i] = xi
+        return self.flat_fn(*args)
+
+    def raw(self, xi):
+        return onp.asarray(self(xi), dtype=float)
+
+
+def _directions(rng, x, k: int) -> onp.ndarray:
+    """``k`` random directions scaled per entry, shape ``(k,) + x.shape``."""
+    scales = fdiff.entry_scales(onp.asarray(x, dtype=float))
+    return rng.standard_normal((k,) + scales.shape) * scales
+
+
+def _unit(shape, j: int) -> onp.ndarray:
+    e = onp.zeros(int(onp.prod(shape, dtype=int)))
+    e[j] = 1.0
+    return e.reshape(shape)
+
+
+def _noise_error(cfg: _Settings, f_max: float, x, v) -> float:
+    r"""Finite-difference error caused by noise of relative size ``noise`` in the
+    output: ``2 noise |f|_inf / t`` with ``t`` the (power-of-two) base step along
+    ``v``; the factor 2 bounds the Richardson weights (``4/3 + 1/3``)."""
+    scales = fdiff.entry_scales(onp.asarray(x, dtype=float))
+    along = 1.0 / float(onp.max(onp.abs(onp.asarray(v, dtype=float)) / scales))
+    t = (cfg.fd_step or fdiff.CENTRAL_BASE_STEP) * along
+    t = math.ldexp(0.5, math.frexp(t)[1])
+    return 2.0 * cfg.noise * f_max / t
+
+
+def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODES, order: int = 1,
+               rtol: Optional[float] = None, atol: Optional[float] = None, n_directions: int = 2,
+               seed: int = 0, argnums: Optional[Sequence[int]] = None, noise: Optional[float] = None,
+               full_jacobian_max: int = FULL_JACOBIAN_MAX, fd_step: Optional[float] = None,
+               fd_levels: int = 2, ad_rtol: float = AD_RTOL, raise_on_fail: bool = False,
+               fd_cache: Optional[dict] = None) -> GradCheckReport:
+    r"""Check the autograd derivatives of ``fn`` against finite differences.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(*inputs)`` returning an array or a tuple of arrays, differentiable
+        by autograd in the inputs listed in ``argnums``.
+    *inputs : float, 0-d or n-d arrays (non-float inputs are passed through).
+    modes : subset of ``("rev", "fwd")``: VJPs (reverse) and JVPs (forward); at
+        order 2 reverse over reverse and forward over reverse.
+    order : 1 (first derivatives) or 2 (first and second derivatives).
+    rtol, atol : optional extra tolerance ``atol + rtol |FD|`` added to the
+        finite-difference error bound (default 0: the tolerance is the bound).
+    n_directions : random directions (and cotangents) per input, for inputs
+        with more than ``full_jacobian_max`` entries.
+    seed : seeds every random direction, cotangent and reduction.
+    argnums : inputs to differentiate (default: every float input).
+    noise : relative accuracy of ``fn``'s output (default ``NOISE`` = 64 eps):
+        a forward solver's output is accurate to a few ulps times the
+        condition of its problem, not to one ulp as the finite-difference
+        rounding estimate assumes, and at order 2 the differenced function is
+        itself an implicit gradient.  Adds ``2 noise |f|_inf / t`` to the bound
+        of every compared entry (``3 |u|_2`` times that to a contraction with a
+        random cotangent ``u``).
+    full_jacobian_max : inputs with at most this many entries get their whole
+        Jacobian (Hessian block at order 2) compared, entry by entry.
+    fd_step, fd_levels : base step and Richardson levels of the finite differences.
+    ad_rtol : rounding allowance of the autograd side, relative to the largest
+        compared value of the group.
+    raise_on_fail : raise :class:`GradientMismatch` (holding the report) on failure.
+    fd_cache : a dict shared between checks of functions with the *same forward
+        values* (e.g. corrupted copies of one layer): first-order finite
+        differences are then computed once.
+
+    Returns
+    -------
+    GradCheckReport
+        Per input, mode and order: max abs and relative error, the worst
+        entry's index with its AD and FD values, the FD error estimate, pass/fail.
+    """
+    modes = tuple(modes)
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    if int(n_directions) < 1:
+        raise ValueError(f"n_directions must be >= 1, got {n_directions!r}")
+    cfg = _Settings(modes=modes, rtol=0.0 if rtol is None else float(rtol),
+                    atol=0.0 if atol is None else float(atol), ad_rtol=float(ad_rtol),
+                    noise=NOISE if noise is None else float(noise), n_directions=int(n_directions),
+                    full_max=int(full_jacobian_max), fd_step=fd_step, fd_levels=int(fd_levels))
+    inputs = list(inputs)
+    argnums = differentiable_argnums(inputs) if argnums is None else list(argnums)
+    if not argnums:
+        raise ValueError("fn has no float input to differentiate: pass argnums=")
+    for k in argnums:
+        if not _is_scalar(inputs[k]):
+            inputs[k] = onp.asarray(inputs[k], dtype=float)
+    start = time.perf_counter()
+    rng = onp.random.default_rng(seed)
+    layout = OutputLayout(fn(*inputs))
+    if layout.size == 0:
+        raise ValueError("fn returned no output entries: nothing to check")
+    flat_fn = lambda *args: layout.flatten(fn(*args))
+    report = GradCheckReport(seed=seed, rtol=cfg.rtol, atol=cfg.atol)
+    cache = fd_cache if fd_cache is not None else {}
+
+    for i in argnums:
+        _check_input(report, cfg, _Target(flat_fn, inputs, i), inputs[i], i, layout, 1, rng,
+                     cache, ("order1", i))
+    if order == 2:
+        w = rng.standard_normal(layout.size)
+
+        def reduction(sel, args):
+            full = list(args)
+            for k, v in zip(argnums, sel):
+                full[k] = v
+            return anp.dot(w, flat_fn(*full))
+
+        def flat_gradient(*args):
+            g = ag_grad(reduction)(tuple(args[k] for k in argnums), args)
+            return anp.concatenate([anp.reshape(gk, (-1,)) for gk in g])
+
+        glayout = OutputLayout(tuple(onp.zeros(onp.shape(inputs[k])) for k in argnums),
+                               [f"d/dx{k}" for k in argnums])
+        for i in argnums:
+            _check_input(report, cfg, _Target(flat_gradient, inputs, i), inputs[i], i, glayout, 2,
+                         rng, {}, ("order2", i))
+    report.seconds = time.perf_counter() - start
+    if raise_on_fail:
+        report.raise_if_failed()
+    return report
+
+
+def _fd(report: GradCheckReport, cache: dict, key, compute):
+    """The finite difference ``compute()``, from ``cache`` when already there."""
+    if key not in cache:
+        res = compute()
+        cache[key] = res
+        report.n_evals += res.n_evals
+    return cache[key]
+
+
+def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i: int,
+                 layout: OutputLayout, order: int, rng, cache: dict, key) -> None:
+    shape = onp.shape(x)
+    n = int(onp.prod(shape, dtype=int))
+    M = layout.size
+    if n == 0:
+        return                       # an empty input has no derivative to check
+    fd_kw = dict(step=cfg.fd_step, levels=cfg.fd_levels)
+    x_arr = onp.asarray(x, dtype=float)
+    f_max = _fd(report, cache, key + ("f_max",),
+                lambda: _Count(float(onp.max(onp.abs(target.raw(x)), initial=0.0)), 1)).value
+    if n <= cfg.full_max:
+        # the whole Jacobian J (M x n) by finite differences, column by column
+        jac = _fd(report, cache, key + ("jacobian",),
+                  lambda: fdiff.jacobian(target.raw, x, **fd_kw))
+        J_fd = onp.asarray(jac.value, dtype=float).reshape(M, n)
+        noise = onp.array([_noise_error(cfg, f_max, x_arr, _unit(shape, j)) for j in range(n)])
+        J_fd_err = onp.asarray(jac.error, dtype=float).reshape(M, n)
+        J_err = J_fd_err + noise[None, :]
+        n_u = 0 if M <= FULL_ROWS_MAX else max(cfg.n_directions, 1)
+        U = rng.standard_normal((n_u, M))
+        if "fwd" in cfg.modes:
+            group = _Group(i, "fwd", order, "jacobian")
+            for j in range(n):
+                ad = make_jvp(target)(x)(_as_input(x, _unit(shape, j)))[1]
+                group.add((j,), ad, J_fd[:, j], J_err[:, j],
+                          lambda p, k: f"d {layout.describe(k)} / d {_describe_input(i, shape, p[0])}")
+            report.results.append(group.finish(cfg))
+        if "rev" in cfg.modes:
+            vjp = make_vjp(target)(x)[0]
+            if n_u == 0:
+                group = _Group(i, "rev", order, "jacobian")
+                for k in range(M):
+                    ad = vjp(_unit((M,), k))
+                    group.add((k,), ad, J_fd[k], J_err[k],
+                              lambda p, j: f"d {layout.describe(p[0])} / d {_describe_input(i, shape, j)}")
+            else:
+                group = _Group(i, "rev", order, "vjp")
+                for d, u in enumerate(U):
+                    group.add((d,), vjp(u), u @ J_fd,
+                              onp.abs(u) @ J_fd_err + NOISE_SIGMAS * onp.linalg.norm(u) * noise,
+                              lambda p, j: f"cotangent {p[0]}, {_describe_input(i, shape, j)}")
+            report.results.append(group.finish(cfg))
+        return
+
+    V = _directions(rng, x_arr, cfg.n_directions)
+    U = rng.standard_normal((cfg.n_directions, M))
+    fds = [_fd(report, cache, key + ("dir", d),
+               lambda v=v: fdiff.directional_derivative(target.raw, x_arr, v, **fd_kw))
+           for d, v in enumerate(V)]
+    noises = [_noise_error(cfg, f_max, x_arr, v) for v in V]
+    if "fwd" in cfg.modes:
+        group = _Group(i, "fwd", order, "jvp")
+        for d, (v, res, noise) in enumerate(zip(V, fds, noises)):
+            group.add((d,), make_jvp(target)(x)(v)[1], res.value,
+                      onp.asarray(res.error, dtype=float).ravel() + noise,
+                      lambda p, k: f"direction {p[0]}, {layout.describe(k)}")
+        report.results.append(group.finish(cfg))
+    if "rev" in cfg.modes:
+        vjp = make_vjp(target)(x)[0]
+        group = _Group(i, "rev", order, "dot")
+        for d, (u, v, res, noise) in enumerate(zip(U, V, fds, noises)):
+            ad = float(onp.vdot(onp.asarray(vjp(u), dtype=float).ravel(), v.ravel()))
+            fd_value = onp.asarray(res.value, dtype=float).ravel()
+            fd_err = onp.abs(u) @ onp.asarray(res.error, dtype=float).ravel()
+            # the dot product sums |u_k (J v)_k|: its rounding allowance is taken on that sum
+            group.add((d,), ad, u @ fd_value, fd_err + NOISE_SIGMAS * onp.linalg.norm(u) * noise,
+                      lambda p, k: f"<u_{p[0]}, J v_{p[0]}>",
+                      extra=cfg.ad_rtol * float(onp.abs(u) @ onp.abs(fd_value)))
+        report.results.append(group.finish(cfg))
+
+
+@dataclass
+class _Count:
+    """A cached value that cost ``n_evals`` evaluations (same protocol as FDResult)."""
+    value: Any
+    n_evals: int

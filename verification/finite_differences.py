@@ -1,0 +1,878 @@
+"""Finite-difference derivatives with error estimates, for gradient checking.
+
+Everything here is plain NumPy: the function under test is treated as a black
+box that maps an array (or a Python float) to an array, a float, or a tuple of
+arrays.  Each estimate comes with an elementwise error estimate, so a gradient
+checker can compare an analytic derivative ``g`` against a finite-difference
+estimate ``d`` with ``|g - d| <= d_err + tolerance`` rather than with an
+arbitrary tolerance.
+
+Two methods are provided:
+
+``"central"`` (default)
+    Central differences ``D(t) = (f(x + t v) - f(x - t v)) / (2 t)`` on the
+    halved steps ``t, t/2, t/4, ...`` combined by Richardson extrapolation,
+    which removes the ``t**2``, ``t**4``, ... terms of the error expansion.
+``"complex"`` (opt-in)
+    The complex step ``Im f(x + i t v) / t``, which involves no subtraction and
+    is accurate to rounding for functions that are analytic and implemented
+    with complex-safe operations (no ``abs``, ``.real``, comparisons, casts).
+
+Steps are relative to the per-entry sizes ``max(|x_i|, floor)`` of ``x``
+(:func:`entry_scales`), so entries of very different magnitudes are each
+perturbed in proportion to their own size by :func:`jacobian` (zeros, and
+by default all entries below 1, get an absolute step).  With the default
+step, a few more steps are tried when the first one is questionable (see
+:func:`directional_derivative`), and estimates made with different steps
+are cross-checked.
+
+Outputs keep the structure of ``f``'s output: if ``f`` returns a tuple of
+arrays, ``FDResult.value`` and ``FDResult.error`` are tuples of arrays of the
+corresponding shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Number
+from typing import Any, Callable, Literal, Union
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_FLOOR",
+    "FDResult",
+    "directional_derivative",
+    "entry_scales",
+    "jacobian",
+]
+
+_EPS = float(np.finfo(np.float64).eps)
+
+#: Default lower bound used by :func:`entry_scales`: entries smaller than this
+#: in magnitude (in particular zeros) are treated as having this size, i.e.
+#: get an absolute rather than a relative step.  Nonzero entries below it also
+#: get a second opinion from a step proportional to themselves.
+DEFAULT_FLOOR = 1.0
+
+#: Default relative base step of the central method, ``eps**(1/3)``: it
+#: balances the ``t**2`` truncation error of a single central difference
+#: against the ``eps / t`` rounding error.
+CENTRAL_BASE_STEP = _EPS ** (1.0 / 3.0)
+
+#: Default relative step of the complex-step method.  There is no
+#: cancellation, so the step only has to make the ``t**2`` truncation error
+#: negligible while staying far from underflow.
+COMPLEX_BASE_STEP = 2.0**-60
+
+# Safety factors of the error estimate (see ``directional_derivative``).
+_TRUNCATION_SAFETY = 2.0
+_ROUNDING_SAFETY = 4.0
+
+# Automatic step reduction (central method, default step only): an output
+# whose error estimate exceeds this relative level and is dominated by
+# truncation triggers a retry with a smaller step, at most ``_MAX_ADAPT`` times.
+_ADAPT_RTOL = 1e-8
+_MAX_ADAPT = 6
+# Extra steps tried to settle estimates that no other step confirms.
+_MAX_BISECT = 3
+
+Output = Union[np.ndarray, tuple]
+Method = Literal["central", "complex"]
+
+
+@dataclass(frozen=True)
+class FDResult:
+    """A finite-difference estimate together with its error estimate.
+
+    Attributes
+    ----------
+    value : ndarray or tuple of ndarray
+        The derivative estimate.  Has the structure of the output of ``f``:
+        a tuple of arrays if ``f`` returns a tuple (or list) of arrays, an
+        array (possibly 0-d) otherwise.
+    error : ndarray or tuple of ndarray
+        Elementwise error estimate of ``value`` (same structure and shapes,
+        entries ``>= 0``), meant as an upper bound on ``|value - truth|``.
+        See :func:`directional_derivative` for what it does and does not
+        guarantee.
+    n_evals : int
+        Number of evaluations of ``f`` used.
+    """
+
+    value: Output
+    error: Output
+    n_evals: int
+
+
+# ---------------------------------------------------------------------------
+# Scales and steps
+# ---------------------------------------------------------------------------
+
+
+def entry_scales(x: Any, floor: float = DEFAULT_FLOOR) -> np.ndarray:
+    """Per-entry typical size of ``x``.
+
+    Computes ``s_i = max(|x_i|, floor)``.  The floor keeps entries that are
+    zero (or negligibly small) from getting a zero scale, hence a zero step
+    (or a zero direction component when directions are scaled by it).
+    Above the floor, entries are taken at face value.
+
+    Parameters
+    ----------
+    x : array_like or float
+        Point at which derivatives are taken.
+    floor : float, optional
+        Positive lower bound of the scales (default :data:`DEFAULT_FLOOR`).
+
+    Returns
+    -------
+    ndarray
+        Float array of the same shape as ``x`` with entries ``>= floor``.
+    """
+    if not floor > 0 or not math.isfinite(floor):
+        raise ValueError(f"floor must be positive and finite, got {floor!r}")
+    return np.maximum(np.abs(np.asarray(x)).astype(np.float64), float(floor))
+
+
+def _scale_along(v: np.ndarray, scales: np.ndarray) -> float:
+    """Return ``s = 1 / max_i(|v_i| / scales_i)``.
+
+    With ``t = base * s`` no entry moves by more than ``base * scales_i``
+    along ``x + t v``; for ``v = e_i`` this is ``s = scales_i``.
+    """
+    ratio = float(np.max(np.abs(v) / scales))
+    return 1.0 / ratio
+
+
+def _pow2_floor(t: float) -> float:
+    """Largest power of two ``<= t``.
+
+    Power-of-two steps make ``t * v`` and all the halved steps exact, and for
+    coordinate directions usually make ``x +- t e_i`` exact as well.
+    """
+    return math.ldexp(0.5, math.frexp(t)[1])
+
+
+# ---------------------------------------------------------------------------
+# Evaluation of f: flattening, structure checks, non-finite detection
+# ---------------------------------------------------------------------------
+
+
+class _NonFiniteError(ValueError):
+    """f returned NaN or Inf at one of the sample points."""
+
+
+class _Evaluator:
+    """Calls ``f`` and flattens its output into one 1-d array.
+
+    Records the output structure on the first call and checks that later
+    calls return the same structure, and counts the evaluations.
+    """
+
+    def __init__(self, f: Callable[[Any], Any], scalar_input: bool, context: str = ""):
+        self.f = f
+        self.scalar_input = scalar_input
+        self.context = context
+        self.n_evals = 0
+        self.is_tuple: bool | None = None
+        self.shapes: list[tuple[int, ...]] | None = None
+        self.eps = _EPS
+
+    def __call__(self, point: np.ndarray, t: float, label: str = "x + t*v") -> np.ndarray:
+        # np.array also turns the numpy scalars that 0-d arithmetic returns back into 0-d arrays.
+        arg = point.item() if self.scalar_input else np.array(point)
+        out = self.f(arg)
+        self.n_evals += 1
+        is_tuple = isinstance(out, (tuple, list))
+        parts = [np.asarray(o) for o in out] if is_tuple else [np.asarray(out)]
+        for p in parts:
+            if not (np.issubdtype(p.dtype, np.number) or p.dtype == np.bool_):
+                raise TypeError(f"f must return numeric arrays, got dtype {p.dtype}")
+        shapes = [p.shape for p in parts]
+        if self.shapes is None:
+            self.is_tuple, self.shapes = is_tuple, shapes
+            # A low-precision output (float32, ...) rounds at its own epsilon.
+            for p in parts:
+                if np.issubdtype(p.dtype, np.inexact):
+                    self.eps = max(self.eps, float(np.finfo(p.dtype).eps))
+        elif is_tuple != self.is_tuple or shapes != self.shapes:
+            raise ValueError(
+                "f returned outputs of inconsistent structure/shapes: "
+                f"{shapes} (tuple={is_tuple}) vs {self.shapes} (tuple={self.is_tuple})"
+            )
+        flat = (
+            np.concatenate([p.ravel() for p in parts])
+            if parts
+            else np.zeros(0)
+        )
+        if not np.iscomplexobj(flat):
+            flat = flat.astype(np.float64)
+        if not np.all(np.isfinite(flat)):
+            raise _NonFiniteError(
+                f"f returned non-finite values (NaN or Inf) at {label} with t = {t!r}"
+                f"{self.context}; the finite-difference stencil left the domain of f "
+                "or f overflowed (pass a smaller `step` or `floor`, or another point)"
+            )
+        return flat
+
+    def unflatten(self, flat: np.ndarray, trailing: tuple[int, ...] = ()) -> Output:
+        """Split a flat array (of shape ``(n_out,) + trailing``) into ``f``'s structure."""
+        assert self.shapes is not None
+        pieces = []
+        start = 0
+        for shape in self.shapes:
+            size = int(np.prod(shape, dtype=np.int64))
+            pieces.append(flat[start : start + size].reshape(shape + trailing))
+            start += size
+        return tuple(pieces) if self.is_tuple else pieces[0]
+
+
+def _prepare_x(x: Any) -> tuple[np.ndarray, bool]:
+    """Return ``x`` as a float64 (or complex128) array and whether it was a Python scalar."""
+    scalar_input = isinstance(x, Number)
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
+        raise TypeError(f"x must be numeric, got dtype {arr.dtype}")
+    arr = arr.astype(np.complex128 if np.iscomplexobj(arr) else np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("x contains non-finite entries")
+    return arr, scalar_input
+
+
+# ---------------------------------------------------------------------------
+# Central differences + Richardson extrapolation
+# ---------------------------------------------------------------------------
+
+
+def _richardson_tableau(d: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """Richardson tableau for central differences on steps ``t / 2**i``.
+
+    ``T[i][k] = T[i][k-1] + (T[i][k-1] - T[i-1][k-1]) / (4**k - 1)`` removes
+    the ``t**(2k)`` term; ``T[i][0] = d[i]``.
+    """
+    table: list[list[np.ndarray]] = []
+    for i, di in enumerate(d):
+        row = [di]
+        for k in range(1, i + 1):
+            row.append(row[k - 1] + (row[k - 1] - table[i - 1][k - 1]) / (4.0**k - 1.0))
+        table.append(row)
+    return table
+
+
+def _richardson_weights(levels: int) -> np.ndarray:
+    """Weights ``w`` with ``T[L-1][L-1] = sum_i w_i d_i`` (linear in the ``d_i``)."""
+    unit = [np.eye(levels)[i] for i in range(levels)]
+    return _richardson_tableau(unit)[-1][-1]
+
+
+@dataclass
+class _Estimate:
+    """Elementwise estimate over the flattened outputs of ``f``."""
+
+    value: np.ndarray
+    truncation: np.ndarray
+    rounding: np.ndarray
+    # gain = sum_i |w_i| / t_i: an absolute noise n in every f value causes
+    # an error of at most gain * n in ``value``.
+    gain: np.ndarray
+    t: np.ndarray  # base step behind each element
+    # Outputs whose two samples were bitwise equal at every level: they do
+    # not (visibly) depend on the direction.
+    static: np.ndarray
+    # Unresolved disagreement with estimates made with other steps.
+    spread: np.ndarray | float = 0.0
+
+    @property
+    def error(self) -> np.ndarray:
+        return self.truncation + self.rounding + self.spread
+
+    def merge(self, other: "_Estimate", mask: np.ndarray) -> "_Estimate":
+        """Take ``other``'s entries where ``mask`` holds."""
+        names = ("value", "truncation", "rounding", "gain", "t", "static", "spread")
+        return _Estimate(**{n: np.where(mask, getattr(other, n), getattr(self, n)) for n in names})
+
+
+def _central_estimate(
+    call: _Evaluator,
+    x: np.ndarray,
+    v: np.ndarray,
+    scales: np.ndarray,
+    t0: float,
+    levels: int,
+    noise: float,
+) -> _Estimate:
+    """Richardson-extrapolated central difference with base step ``t0``."""
+    diffs: list[np.ndarray] = []
+    level_noise: list[np.ndarray] = []  # bound on the rounding error of each D(t_i)
+    all_zero = None
+    moved = True  # did every entry on the support of v actually move?
+    nz = v != 0
+    for i in range(levels):
+        t = t0 / 2.0**i
+        tv = t * v
+        xp, xm = x + tv, x - tv
+        fp = call(xp, t)
+        fm = call(xm, -t)
+        d = (fp - fm) / (2.0 * t)
+        diffs.append(d)
+        zero = fp == fm
+        all_zero = zero if all_zero is None else all_zero & zero
+        moved = moved and bool(np.all(xp[nz] != x[nz]) and np.all(xm[nz] != x[nz]))
+
+        # Rounding of the computed f values: each is assumed accurate to about
+        # eps relative to its own magnitude.
+        f_noise = call.eps * (np.abs(fp) + np.abs(fm)) / (2.0 * t)
+        # The points x +- t v are rounded, so the perturbation actually applied
+        # differs from +-t v by delta (known exactly).  Its effect on f is
+        # grad f . delta, bounded with two proxies for |grad f|: the estimate
+        # itself along v, and |f| / scale_j ("f changes by O(f) when x_j moves
+        # by its typical size").  For coordinate directions with power-of-two
+        # steps delta is almost always 0.
+        delta = np.abs((xp - x) - tv) + np.abs((x - xm) - tv)
+        if np.any(delta):
+            rel = float(np.max(delta[nz] / np.abs(tv[nz]))) / 2.0
+            absrep = float(np.sum(delta / scales)) / (2.0 * t)
+            f_mag = np.maximum(np.abs(fp), np.abs(fm))
+            arg_noise = np.abs(d) * rel + f_mag * absrep
+        else:
+            arg_noise = 0.0
+        level_noise.append(f_noise + arg_noise)
+
+    table = _richardson_tableau(diffs)
+    value = table[-1][-1]
+    truncation = _TRUNCATION_SAFETY * np.abs(table[-1][-1] - table[-1][-2])
+    weights = np.abs(_richardson_weights(levels))
+    gain = float(sum(w / (t0 / 2.0**i) for i, w in enumerate(weights)))
+    # Rounding inside f of intermediates proportional to x (e.g. a*x + b*y)
+    # perturbs f by about eps * sum_k |x_k df/dx_k|.  Along v the only slope
+    # known is the estimate itself, hence the proxy
+    # |value| * min_k |x_k| / |v_k|  (= |x_i df/dx_i| for v = e_i).
+    cond = np.abs(value) * float(np.min(np.abs(x[nz]) / np.abs(v[nz])))
+    rounding = _ROUNDING_SAFETY * (
+        sum(w * n for w, n in zip(weights, level_noise))
+        + call.eps * np.abs(value)
+        + gain * (call.eps * cond + noise)
+    )
+    shape = np.shape(value)
+    # Equal samples only show that f does not depend on the direction if the
+    # points really differed from x in every perturbed entry.
+    static = all_zero & moved
+    return _Estimate(value, truncation, rounding, np.full(shape, gain), np.full(shape, t0), static)
+
+
+def _consistent(a: _Estimate, b: _Estimate) -> np.ndarray:
+    """Elementwise: do the error bars of ``a`` and ``b`` overlap?"""
+    return np.abs(a.value - b.value) <= a.error + b.error
+
+
+def _select(cands: list[_Estimate]) -> tuple[_Estimate, np.ndarray]:
+    """Combine estimates of the same derivative made with different steps.
+
+    Elementwise, an estimate is *corroborated* if its error bar overlaps
+    that of another one.  The corroborated estimate with the smallest error
+    is chosen, and its error is widened to cover the corroborated estimates
+    it contradicts.  If no estimate is corroborated, the smallest-error one
+    is chosen and widened to cover all of them, so that a disagreement that
+    cannot be resolved shows up in the error instead of being hidden.
+
+    Returns the combination and the mask of corroborated elements.
+    """
+    if len(cands) == 1:
+        return cands[0], np.ones(np.shape(cands[0].value), dtype=bool)
+    m = len(cands)
+    agree = np.array([[_consistent(a, b) for b in cands] for a in cands])  # (m, m, ...)
+    off_diag = ~np.eye(m, dtype=bool).reshape((m, m) + (1,) * (agree.ndim - 2))
+    corroborated = np.any(agree & off_diag, axis=1)  # (m, ...)
+    any_corroborated = np.any(corroborated, axis=0)
+    pool = np.where(any_corroborated, corroborated, True)
+    errors = np.stack([c.error for c in cands])
+    values = np.stack([c.value for c in cands])
+    chosen = np.argmin(np.where(pool, errors, np.inf), axis=0)[None]
+
+    def pick(name: str) -> np.ndarray:
+        stacked = np.stack([np.broadcast_to(getattr(c, name), values.shape[1:]) for c in cands])
+        return np.take_along_axis(stacked, chosen, axis=0)[0]
+
+    names = ("value", "truncation", "rounding", "gain", "t", "static")
+    best = _Estimate(**{n: pick(n) for n in names})
+    contradicted = pool & ~np.take_along_axis(agree, chosen[None], axis=1)[:, 0]
+    overshoot = np.abs(values - best.value) + errors - best.error
+    best.spread = pick("spread") + np.max(np.where(contradicted, overshoot, 0.0), axis=0)
+    return best, any_corroborated
+
+
+def _central(
+    call: _Evaluator,
+    x: np.ndarray,
+    v: np.ndarray,
+    scales: np.ndarray,
+    step: float | None,
+    levels: int,
+    noise: float,
+) -> _Estimate:
+    s = _scale_along(v, scales)
+
+    def estimate(t: float) -> _Estimate:
+        return _central_estimate(call, x, v, scales, t, levels, noise)
+
+    if step is not None:
+        return estimate(_pow2_floor(step * s))
+
+    # Step from the raw entry sizes |x_i| (no floor), if none of them is 0.
+    nz = v != 0
+    raw = np.abs(x[nz])
+    t_raw = 0.0
+    if np.all(raw > 0):
+        t_raw = _pow2_floor(CENTRAL_BASE_STEP / float(np.max(np.abs(v[nz]) / raw)))
+    # Primary step: proportional to entry_scales (floored sizes), as documented.
+    t_main = _pow2_floor(CENTRAL_BASE_STEP * s)
+    cands: dict[float, _Estimate | None] = {}
+    try:
+        cands[t_main] = estimate(t_main)
+    except _NonFiniteError:
+        # The stencil left the domain of f, e.g. log at an entry of 1e-8
+        # whose scale was raised to the floor: fall back to the raw sizes.
+        if not 0.0 < t_raw < t_main:
+            raise
+        cands[t_main] = None
+        cands[t_raw] = estimate(t_raw)  # non-finite again: ValueError
+
+    def try_step(t_new: float) -> _Estimate | None:
+        if t_new in cands:
+            return None
+        try:
+            cands[t_new] = estimate(t_new)
+        except _NonFiniteError:
+            cands[t_new] = None  # a secondary step left the domain of f
+        return cands[t_new]
+
+    def select() -> tuple[_Estimate, np.ndarray]:
+        return _select([c for c in cands.values() if c is not None])
+
+    # Second opinion for nonzero entries below the floor: their own size may
+    # be the scale on which f varies (or a residue: then the floored step
+    # is the right one).  The cross-check below decides.
+    if 0.0 < t_raw < t_main:
+        try_step(t_raw)
+    # Steps derived from the actual entry sizes rather than from the floor.
+    measured = {t_raw} if t_raw < t_main else {t_main}
+    if call.eps > _EPS:
+        # Lower-precision outputs (float32, ...): eps**(1/3) of the output
+        # dtype balances truncation and rounding; try it as well.
+        base_low = call.eps ** (1.0 / 3.0)
+        t_low = _pow2_floor(base_low * s)
+        try_step(t_low)
+        if 0.0 < t_raw < t_main:
+            t_low = _pow2_floor(base_low * t_raw / CENTRAL_BASE_STEP)
+            try_step(t_low)
+        measured.add(t_low)
+    best, corroborated = select()
+    for _ in range(_MAX_BISECT):
+        # An estimate that no other one confirms: try a step between its own
+        # and the nearest other step, which sides with one of them.
+        todo = ~corroborated
+        if not np.any(todo):
+            break
+        k = np.unravel_index(np.argmax(np.where(todo, best.error, -1.0)), todo.shape)
+        t_k = float(best.t[k])
+        others = [t for t in cands if t != t_k]
+        if not others:
+            break
+        t_near = min(others, key=lambda t: abs(math.log(t / t_k)))
+        if try_step(_pow2_floor(math.sqrt(t_k * t_near))) is None:
+            break
+        best, corroborated = select()
+
+    # Equal samples (a static estimate) on a stencil derived from the actual
+    # entry sizes bound the derivative by the resolution of f at that step.
+    # A larger, floor-based step could claim a smaller bound only by
+    # assuming f smooth on its own scale, and a static floor-based estimate
+    # is equally weak evidence against a measured nonzero one: in both cases
+    # the best measured estimate wins if it is the less confident one.
+    measured_cands = [cands[t_c] for t_c in sorted(measured) if cands.get(t_c) is not None]
+    if measured_cands:
+        m_best = measured_cands[0]
+        for c in measured_cands[1:]:
+            m_best = m_best.merge(c, c.error < m_best.error)
+        unmeasured = ~np.isin(best.t, sorted(measured))
+        override = (best.static | m_best.static) & unmeasured & (m_best.error > best.error)
+        best = best.merge(m_best, override)
+
+    # Outputs whose samples were bitwise identical at every level do not
+    # (visibly) depend on the direction; they are left alone.
+    frozen = best.static
+    tiny = np.finfo(float).tiny
+    for _ in range(_MAX_ADAPT):
+        error = best.error
+        target = _ADAPT_RTOL * np.abs(best.value)
+        # Only truncation-dominated outputs are acted upon: the truncation
+        # estimate is observed, while the rounding one is a model that can
+        # miss cancellation inside f, so smaller steps are never chosen on the
+        # strength of the rounding model alone being small.
+        need = (error > target) & (best.truncation > best.rounding) & ~frozen
+        if not np.any(need):
+            break
+        with np.errstate(divide="ignore", over="ignore"):
+            badness = np.where(need, error / np.maximum(target, tiny), 0.0)
+        k = np.unravel_index(np.argmax(badness), badness.shape)
+        trunc, rnd = float(best.truncation[k]), float(best.rounding[k])
+        tgt = max(float(target[k]), tiny)
+        # Shrink until truncation ~ target / 8, but not beyond the step that
+        # balances truncation against rounding.  The truncation estimate
+        # behaves like t**(2 (levels - 1)) asymptotically, but not when the
+        # step is far too large (oscillating or nearly singular f); assuming
+        # t**2 shrinks more aggressively.
+        factor = max((tgt / (8.0 * trunc)) ** 0.5, (rnd / (2.0 * trunc)) ** (1.0 / 3.0))
+        factor = min(0.25, max(factor, 2.0**-30))
+        cand = try_step(_pow2_floor(float(best.t[k]) * factor))
+        if cand is None:
+            break
+        # Keep the smaller step where it is better, and also where the two
+        # estimates contradict each other's error bars: the larger step was
+        # truncation dominated, so it is the one not to be trusted.
+        better = ((cand.error < error) | (~_consistent(cand, best) & need)) & ~frozen
+        if not np.any(better):
+            break
+        best = best.merge(cand, better)
+    return best
+
+
+# ---------------------------------------------------------------------------
+# Complex step
+# ---------------------------------------------------------------------------
+
+
+def _complex_step(
+    call: _Evaluator,
+    x: np.ndarray,
+    v: np.ndarray,
+    scales: np.ndarray,
+    step: float | None,
+    levels: int,
+) -> _Estimate:
+    if np.iscomplexobj(x) or np.iscomplexobj(v):
+        raise ValueError("method='complex' needs real x and v")
+    base = COMPLEX_BASE_STEP if step is None else step
+    # Keep clear of subnormal steps for entries with absurdly small scales.
+    t0 = _pow2_floor(max(base * _scale_along(v, scales), 1e-280))
+    estimates = []
+    for i in range(levels):
+        t = t0 / 2.0**i
+        try:
+            out = call(x + (1j * t) * v, t, label="x + i*t*v")
+        except TypeError as exc:
+            raise ValueError(
+                "method='complex' requires f to accept complex input "
+                f"(f raised TypeError: {exc}); use method='central'"
+            ) from exc
+        if not np.iscomplexobj(out):
+            raise ValueError(
+                "method='complex' requires a complex-safe f, but f returned a real "
+                "output for a complex input (it discards the imaginary part, e.g. "
+                "via .real, abs, astype(float) or float()); use method='central'"
+            )
+        estimates.append(out.imag / t)
+    value = estimates[-1]
+    spread = (
+        np.max([np.abs(e - value) for e in estimates[:-1]], axis=0)
+        if levels > 1
+        else np.zeros_like(value)
+    )
+    shape = value.shape
+    return _Estimate(
+        value=value,
+        truncation=_TRUNCATION_SAFETY * spread,
+        rounding=_ROUNDING_SAFETY * call.eps * np.abs(value),
+        gain=np.zeros(shape),  # no subtraction, so no noise amplification
+        t=np.full(shape, t0 / 2.0 ** (levels - 1)),
+        static=np.zeros(shape, dtype=bool),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
+def _check_options(levels: int, method: str, step: float | None, noise: float) -> None:
+    if method not in ("central", "complex"):
+        raise ValueError(f"method must be 'central' or 'complex', got {method!r}")
+    min_levels = 2 if method == "central" else 1
+    if int(levels) != levels or levels < min_levels:
+        raise ValueError(f"levels must be an integer >= {min_levels} for method={method!r}")
+    if step is not None and not (step > 0 and math.isfinite(step)):
+        raise ValueError(f"step must be positive and finite, got {step!r}")
+    if not (noise >= 0 and math.isfinite(noise)):
+        raise ValueError(f"noise must be non-negative and finite, got {noise!r}")
+
+
+def _directional_flat(
+    call: _Evaluator,
+    x: np.ndarray,
+    v: np.ndarray,
+    scales: np.ndarray,
+    step: float | None,
+    levels: int,
+    method: str,
+    noise: float,
+) -> _Estimate:
+    if not np.any(v):
+        out = call(x, 0.0, label="x")
+        zero = np.zeros_like(out.real)
+        return _Estimate(zero, zero, zero, zero, zero, np.ones(zero.shape, dtype=bool))
+    if method == "complex":
+        return _complex_step(call, x, v, scales, step, levels)
+    return _central(call, x, v, scales, step, levels, noise)
+
+
+def directional_derivative(
+    f: Callable[[Any], Any],
+    x: Any,
+    v: Any,
+    *,
+    step: float | None = None,
+    levels: int = 2,
+    method: Method = "central",
+    floor: float = DEFAULT_FLOOR,
+    noise: float = 0.0,
+) -> FDResult:
+    r"""Estimate the directional derivative ``J_f(x) @ v`` with an error estimate.
+
+    With ``g(t) = f(x + t v)`` the result estimates ``g'(0)``.
+
+    ``method="central"``: with ``D(t) = (g(t) - g(-t)) / (2 t)`` on the
+    halved steps ``t_i = t_0 / 2**i`` (``i = 0 .. L-1``, ``L = levels``), the
+    Richardson tableau
+
+    .. math::
+        T_{i,0} = D(t_i), \qquad
+        T_{i,k} = T_{i,k-1} + \frac{T_{i,k-1} - T_{i-1,k-1}}{4^k - 1}
+
+    eliminates the :math:`t^2, \ldots, t^{2(L-1)}` error terms; the result is
+    :math:`T_{L-1,L-1}` (truncation error :math:`O(t_0^{2L})`), at a cost of
+    ``2 L`` evaluations per step tried (see Notes: one step when the
+    entries on the support of ``v`` are 0 or ``>= floor`` and ``f`` is
+    smooth, usually two when some are nonzero and below ``floor``).
+
+    ``method="complex"`` (opt-in): :math:`\operatorname{Im} g(i t_i) / t_i`
+    at the smallest of ``L`` halved steps; there is no subtraction, so it is
+    exact to rounding, but only if ``f`` is analytic, real for real input
+    and complex-safe (no ``abs``, ``.real``, ``float()``, comparisons on the
+    argument).  A real output for complex input raises ``ValueError``.
+
+    Parameters
+    ----------
+    f : callable
+        ``f(x)`` returning a float, an array of any shape, or a tuple/list of
+        arrays.  It receives a Python scalar if ``x`` is a Python scalar,
+        otherwise a fresh float64 array of ``x``'s shape.
+    x : array_like or float
+        The point: Python float, 0-d or n-d array (converted to float64).
+    v : array_like or float
+        The direction, same shape as ``x``.
+    step : float, optional
+        Relative base step; ``t_0 = step * s`` rounded down to a power of two,
+        where ``s = 1 / max_i(|v_i| / entry_scales(x, floor)_i)`` is the scale
+        of ``x`` along ``v``: no entry moves by more than
+        ``step * entry_scales(x, floor)_i``, and for ``v = e_i``,
+        ``step * entry_scales(x, floor)_i / 2 < t_0 <= step *
+        entry_scales(x, floor)_i``.  Default ``eps**(1/3)`` (central) or
+        ``2**-60`` (complex).  Passing ``step`` uses that single step, with
+        none of the cross-checks and adaptation described in the Notes.
+    levels : int, optional
+        Number of steps / extrapolation levels: ``>= 2`` for ``"central"``,
+        ``>= 1`` for ``"complex"``.  Default 2.
+    method : {"central", "complex"}, optional
+        Default ``"central"``.
+    floor : float, optional
+        Floor of :func:`entry_scales`, default :data:`DEFAULT_FLOOR`
+        (``1.0``: entries below 1 in magnitude, zeros included, get an
+        absolute step, plus a relative one as a second opinion if nonzero).
+    noise : float, optional
+        Absolute rounding-noise level of ``f``'s outputs to add to the
+        built-in model (central only); use it when ``f`` computes its
+        outputs as small differences of large intermediates.  Default 0.
+
+    Returns
+    -------
+    FDResult
+        ``value`` and ``error`` have the structure of ``f``'s output: a
+        tuple of arrays if ``f`` returns a tuple or list, else one array
+        (0-d for a scalar output).  ``n_evals`` counts calls of ``f``.
+
+    Raises
+    ------
+    ValueError
+        If ``f`` returns NaN or Inf at a sample point (the message gives
+        ``t`` in ``x + t*v``), if ``method="complex"`` and ``f`` is not
+        complex-safe, or on invalid arguments.
+
+    Notes
+    -----
+    **Steps.**  Powers of two make ``t_i v`` exact and, for coordinate
+    directions, almost always make ``x +- t_i e_j`` exact too.  With an
+    explicit ``step`` only ``t_0`` above is used.  With the default step
+    (central method), ``t_0`` is the primary step, and:
+
+    * if the entries on the support of ``v`` are nonzero and some are below
+      ``floor``, the *raw* step computed from ``|x_i|`` instead of
+      ``entry_scales`` is tried too: a small entry may be the scale on which
+      ``f`` varies, or a residue of 0 for which the floor is right;
+    * if ``f`` returns NaN or Inf on the primary stencil, the raw step is
+      used instead if there is one (e.g. ``log`` at ``x = 1e-8``), else
+      ``ValueError`` is raised, as it is when the raw stencil fails too.
+      Any other step that leaves the domain of ``f`` is dropped;
+    * for float32 (or other low-precision) outputs, the steps with
+      ``eps_out**(1/3)`` as base are tried too;
+    * estimates from different steps are cross-checked elementwise: one is
+      *corroborated* if its error bar overlaps another one's.  The
+      corroborated estimate with the smallest error is returned, its error
+      widened to cover any corroborated estimate it contradicts.  An
+      uncorroborated result triggers up to 3 extra steps, each the geometric
+      mean of its step and the nearest other one; if still uncorroborated,
+      its error is widened to cover all estimates;
+    * an output whose samples are bitwise equal on a stencil derived from
+      the entry sizes (not the floor) keeps that stencil's (larger) bound: a
+      larger step could claim a smaller one only by assuming ``f`` smooth on
+      its own scale;
+    * outputs whose error exceeds ``1e-8 |value|`` and is dominated by the
+      truncation part get smaller steps (aiming at that level, not past the
+      step balancing truncation and rounding), up to 6 times, keeping the
+      smaller step where it has the smaller error or where the two
+      contradict each other.  Steps are never enlarged on the strength of the
+      rounding model alone.
+
+    **Error estimate (central).**  For one step,
+    ``error = truncation + rounding`` with
+
+    * ``truncation = 2 |T[L-1][L-1] - T[L-1][L-2]|``, the difference between
+      the two highest extrapolation levels (asymptotically the error of the
+      lower-order one, so an overestimate of the error of the result);
+    * ``rounding = 4 (sum_i |w_i| r_i + G (eps C + noise) + eps |value|)``,
+      where ``value = sum_i w_i D(t_i)`` defines the Richardson weights,
+      ``G = sum_i |w_i| / t_i``, and
+      ``r_i = eps (|g(t_i)| + |g(-t_i)|) / (2 t_i)`` uses the values of ``f``
+      actually computed (``eps`` of the output dtype).  ``C`` accounts for
+      rounding of intermediates proportional to ``x`` inside ``f``:
+      ``|value| min_j |x_j| / |v_j|`` here, ``sum_k |x_k J_ik|`` in
+      :func:`jacobian`.  ``r_i`` also carries a term for the rounding of the
+      points ``x +- t_i v`` (zero when they are exact).
+
+    The cross-checks above can only widen the error of the estimate returned.
+
+    **What it guarantees.**  It is an estimate, not a rigorous bound.  It
+    bounds ``|value - truth|`` when (a) ``f`` is smooth on the scale of the
+    step, so that the Richardson differences are in their asymptotic
+    regime, and (b) ``f``'s outputs are computed with an error of a few
+    ``eps`` times their own magnitude or ``C`` (no cancellation of large
+    intermediates inside ``f``; otherwise pass ``noise``).  On smooth
+    functions it is typically 10 to 1000 times the actual error (the tests
+    check this).  For an output that is large but hardly depends on the
+    direction, it is the output's rounding noise over the step, which can
+    exceed the derivative itself.  A direction ``v`` mixing entries of very
+    different sizes gets a single step that is small for the large entries;
+    use :func:`jacobian` (one scaled step per entry) for badly scaled ``x``.
+
+    **Error estimate (complex).**  ``2 max_i |E_i - E_last| + 4 eps |value|``
+    with ``E_i = Im g(i t_i) / t_i``.
+    """
+    _check_options(levels, method, step, noise)
+    x_arr, scalar_input = _prepare_x(x)
+    v_arr = np.asarray(v)
+    if np.iscomplexobj(v_arr):
+        raise ValueError("v must be real")
+    v_arr = v_arr.astype(np.float64)
+    if v_arr.shape != x_arr.shape:
+        raise ValueError(f"v has shape {v_arr.shape}, expected x's shape {x_arr.shape}")
+    if not np.all(np.isfinite(v_arr)):
+        raise ValueError("v contains non-finite entries")
+    scales = entry_scales(x_arr, floor)
+    call = _Evaluator(f, scalar_input)
+    est = _directional_flat(call, x_arr, v_arr, scales, step, int(levels), method, noise)
+    return FDResult(call.unflatten(est.value), call.unflatten(est.error), call.n_evals)
+
+
+def jacobian(
+    f: Callable[[Any], Any],
+    x: Any,
+    *,
+    step: float | None = None,
+    levels: int = 2,
+    method: Method = "central",
+    floor: float = DEFAULT_FLOOR,
+    noise: float = 0.0,
+) -> FDResult:
+    """Estimate the Jacobian of ``f`` at ``x`` column by column.
+
+    Column ``j`` is the directional derivative along the unit coordinate
+    ``e_j`` (see :func:`directional_derivative` for the formulas, the
+    cross-checks and the error estimate), so its primary step is
+    ``t_0 = step * entry_scales(x, floor)[j]`` rounded down to a power of
+    two: each entry is perturbed relative to its own size, whatever the
+    sizes of the others.  With the default ``floor = 1``, an entry of
+    ``1e8`` gets ``t_0 = 2**9``, a zero ``2**-18 ~ 3.8e-6``, and an entry of
+    ``1e-8`` the same ``2**-18`` plus a second opinion from the raw step
+    ``2**-44 ~ 5.7e-14`` (which alone is used if the first leaves the
+    domain of ``f``).  The rounding term of the error uses the row sums
+    ``C_i = sum_k |x_k J_ik|`` of the estimated Jacobian.
+
+    Parameters
+    ----------
+    f, x, step, levels, method, floor, noise
+        As in :func:`directional_derivative`.
+
+    Returns
+    -------
+    FDResult
+        For each output array ``out`` of ``f``, ``value`` has shape
+        ``out.shape + x.shape`` with ``value[o + j] = d out[o] / d x[j]``
+        (a tuple of such arrays if ``f`` returns a tuple).  Reshaping to
+        ``(out.size, x.size)`` gives the Jacobian matrix of the flattened
+        map.  ``error`` has the same structure.  ``n_evals`` is the total:
+        ``2 * levels * x.size`` for the central method when no entry is
+        nonzero and below ``floor`` and no cross-check or adaptation is
+        needed.
+
+    Raises
+    ------
+    ValueError
+        As in :func:`directional_derivative`; the message also names the
+        coordinate ``j`` whose stencil produced non-finite values.
+    """
+    _check_options(levels, method, step, noise)
+    x_arr, scalar_input = _prepare_x(x)
+    scales = entry_scales(x_arr, floor)
+    call = _Evaluator(f, scalar_input)
+    n = x_arr.size
+    columns: list[_Estimate] = []
+    for j in range(n):
+        index = np.unravel_index(j, x_arr.shape)
+        call.context = f", v = e_{tuple(map(int, index))} (coordinate {j} of x)"
+        v = np.zeros(x_arr.shape)
+        v[index] = 1.0
+        columns.append(_directional_flat(call, x_arr, v, scales, step, int(levels), method, noise))
+    call.context = ""
+    if n == 0:
+        out = call(x_arr, 0.0, label="x")
+        value = error = np.zeros((out.size, 0))
+    else:
+        value = np.stack([c.value for c in columns], axis=-1)
+        error = np.stack([c.error for c in columns], axis=-1)
+        # Now that whole rows of J are known, refine the conditioning term
+        # (see directional_derivative): each column only accounted for
+        # |x_j J_ij| of C_i = sum_k |x_k J_ik|.  Outputs whose samples did not
+        # change along e_j are skipped: intermediates that do not involve x_j
+        # round identically in both samples and cancel.
+        xj = np.abs(x_arr.reshape(-1))
+        cond = np.abs(value) @ xj
+        gain = np.stack([c.gain for c in columns], axis=-1)
+        static = np.stack([c.static for c in columns], axis=-1)
+        extra = np.where(static, 0.0, np.maximum(cond[:, None] - np.abs(value) * xj, 0.0))
+        error = error + _ROUNDING_SAFETY * call.eps * gain * extra
+    return FDResult(
+        call.unflatten(value, x_arr.shape),
+        call.unflatten(error, x_arr.shape),
+        call.n_evals,
+    )
