@@ -44,14 +44,16 @@ def anderson(T: Callable[[onp.ndarray], onp.ndarray], y0: onp.ndarray, *, memory
     ``dF = [f_{i+1} - f_i]``, ``dG = [T(y_{i+1}) - T(y_i)]``:
     ``gamma = argmin |f_k - dF gamma|^2 + regularization |gamma|^2`` and
     ``y_{k+1} = T(y_k) - dG gamma`` (with ``mixing`` < 1 a damped step).
-    Stops when ``|f_k|_inf <= tol * (1 + |y_k|_inf)``; else raises
-    :class:`NotConvergedError`.
+    Stops when ``|f_k|_inf <= tol * (1 + |y_k|_inf)``; raises
+    :class:`NotConvergedError` after ``max_iter`` steps and :class:`SolverError`
+    when the iterates diverge (non-finite, or ``1e8`` times larger than ``y0``).
     """
     shape = onp.shape(y0)
     y = onp.array(y0, dtype=float).ravel()
     Tf = lambda v: onp.asarray(T(v.reshape(shape)), dtype=float).ravel()
     gy = Tf(y)
     f = gy - y
+    start_size = onp.abs(y).max() if y.size else 0.0
     dF, dG = [], []
     best = onp.inf
     for it in range(max_iter):
@@ -60,7 +62,13 @@ def anderson(T: Callable[[onp.ndarray], onp.ndarray], y0: onp.ndarray, *, memory
             raise SolverError(f"the fixed-point iteration diverged (non-finite iterate at step {it}); "
                               f"T may not be contractive here: pass a better y0 or solver=")
         best = min(best, err)
-        if err <= tol * (1 + onp.abs(y).max()):
+        size = onp.abs(y).max()
+        if size > 1e8 * (1 + start_size):
+            # a relative test would call |T(y) - y| ~ 1 at |y| ~ 1e12 converged
+            raise SolverError(f"the fixed-point iterates grew from max|y0| = {start_size:.3g} to "
+                              f"{size:.3g} in {it} steps: T seems to have no fixed point near y0; "
+                              f"pass a better y0 or solver=")
+        if err <= tol * (1 + size):
             return y.reshape(shape)
         if dF:
             Fm, Gm = onp.stack(dF, 1), onp.stack(dG, 1)

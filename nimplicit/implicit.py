@@ -278,12 +278,13 @@ class ImplicitLayer:
                  batch_axis: Optional[int] = None, residual_tol: float = 1e-6,
                  check_residual: bool = True, dense_max: int = DENSE_MAX,
                  linear_solver_options: Optional[dict] = None, diagnostics=None,
-                 **solver_options_unused):
+                 name: Optional[str] = None, **solver_options_unused):
         if solver_options_unused:
             raise TypeError(f"implicit_layer got unknown options {sorted(solver_options_unused)}")
         self.residual = residual
         self.solver = solver
         self.diagnostics = diagnostics
+        self.name = name or getattr(residual, "__qualname__", "implicit_layer")
         self.batch_axis = batch_axis
         self.residual_tol = residual_tol
         self.check_residual = check_residual
@@ -367,7 +368,8 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
                    batch_axis: Optional[int] = None, residual_tol: float = 1e-6,
                    check_residual: bool = True, dense_max: int = DENSE_MAX,
                    linear_solver_options: Optional[dict] = None,
-                   diagnostics: Optional[Callable] = None) -> ImplicitLayer:
+                   diagnostics: Optional[Callable] = None,
+                   name: Optional[str] = None) -> ImplicitLayer:
     r"""A layer ``x -> y*`` defined implicitly by ``F(y*, x) = 0``.
 
     Parameters
@@ -408,6 +410,8 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
         ``diagnostics(point) -> dict`` of layer-specific well-posedness measures
         at a :class:`ForwardPoint` (e.g. a strict-complementarity margin or an
         eigen-gap): ``{name: (value, ok, why)}``; read by checkers.
+    name : str, optional
+        How checkers and error reports name the layer (default: the residual's name).
 
     Returns
     -------
@@ -425,4 +429,5 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
     return ImplicitLayer(residual, solver, linear_solver=linear_solver, ridge=ridge,
                          batch_axis=batch_axis, residual_tol=residual_tol,
                          check_residual=check_residual, dense_max=dense_max,
-                         linear_solver_options=linear_solver_options, diagnostics=diagnostics)
+                         linear_solver_options=linear_solver_options, diagnostics=diagnostics,
+                         name=name)

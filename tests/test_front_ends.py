@@ -235,3 +235,11 @@ def test_infeasible_problem_raises_solver_error():
                                      y0=onp.zeros(3))
     with pytest.raises(SolverError, match="SLSQP"):
         layer(onp.zeros(3))
+
+
+def test_fixed_point_without_fixed_point_raises_instead_of_converging_at_infinity():
+    # |T(y) - y| stays ~1 while |y| grows: a purely relative test would accept it
+    layer = fixed_point_layer(lambda y, x: y + 1 + 0.1 * np.sin(y) + 0 * x,
+                              y0=lambda x: onp.zeros(2), max_iter=100000)
+    with pytest.raises(SolverError, match="no fixed point"):
+        layer(onp.ones(2))
