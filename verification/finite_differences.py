@@ -183,7 +183,11 @@ class _Evaluator:
     def __call__(self, point: np.ndarray, t: float, label: str = "x + t*v") -> np.ndarray:
         # np.array also turns the numpy scalars that 0-d arithmetic returns back into 0-d arrays.
         arg = point.item() if self.scalar_input else np.array(point)
-        out = self.f(arg)
+        # Stencils may leave the domain of f; non-finite results are checked
+        # below, so NumPy's floating-point warnings would only be noise (or
+        # errors, under warnings-as-errors filters).
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            out = self.f(arg)
         self.n_evals += 1
         is_tuple = isinstance(out, (tuple, list))
         parts = [np.asarray(o) for o in out] if is_tuple else [np.asarray(out)]
@@ -456,18 +460,17 @@ def _central(
     # is the right one).  The cross-check below decides.
     if 0.0 < t_raw < t_main:
         try_step(t_raw)
-    # Steps derived from the actual entry sizes rather than from the floor.
-    measured = {t_raw} if t_raw < t_main else {t_main}
+    # Steps derived from the actual entry sizes rather than from the floor
+    # (none if an entry on the support of v is 0).
+    measured = set() if t_raw == 0.0 else {t_raw}
     if call.eps > _EPS:
         # Lower-precision outputs (float32, ...): eps**(1/3) of the output
         # dtype balances truncation and rounding; try it as well.
-        base_low = call.eps ** (1.0 / 3.0)
-        t_low = _pow2_floor(base_low * s)
-        try_step(t_low)
-        if 0.0 < t_raw < t_main:
-            t_low = _pow2_floor(base_low * t_raw / CENTRAL_BASE_STEP)
-            try_step(t_low)
-        measured.add(t_low)
+        ratio = call.eps ** (1.0 / 3.0) / CENTRAL_BASE_STEP
+        try_step(_pow2_floor(ratio * t_main))
+        if measured:
+            try_step(_pow2_floor(ratio * t_raw))
+            measured.add(_pow2_floor(ratio * t_raw))
     best, corroborated = select()
     for _ in range(_MAX_BISECT):
         # An estimate that no other one confirms: try a step between its own
@@ -496,7 +499,7 @@ def _central(
         m_best = measured_cands[0]
         for c in measured_cands[1:]:
             m_best = m_best.merge(c, c.error < m_best.error)
-        unmeasured = ~np.isin(best.t, sorted(measured))
+        unmeasured = best.t > max(measured)  # smaller steps came from shrinking
         override = (best.static | m_best.static) & unmeasured & (m_best.error > best.error)
         best = best.merge(m_best, override)
 
@@ -733,10 +736,12 @@ def directional_derivative(
       uncorroborated result triggers up to 3 extra steps, each the geometric
       mean of its step and the nearest other one; if still uncorroborated,
       its error is widened to cover all estimates;
-    * an output whose samples are bitwise equal on a stencil derived from
-      the entry sizes (not the floor) keeps that stencil's (larger) bound: a
-      larger step could claim a smaller one only by assuming ``f`` smooth on
-      its own scale;
+    * where the result comes from a floor-based step larger than the raw
+      one, and either it or the best raw-step estimate is *static* (bitwise
+      equal samples: the derivative is below the resolution of ``f``), the
+      raw-step estimate is returned if it is the less confident one: equal
+      samples on a large stencil only mean something if ``f`` is smooth on
+      that scale;
     * outputs whose error exceeds ``1e-8 |value|`` and is dominated by the
       truncation part get smaller steps (aiming at that level, not past the
       step balancing truncation and rounding), up to 6 times, keeping the
