@@ -1,0 +1,132 @@
+"""Marching cubes and the level-set layer against scikit-image and PyMCubes.
+
+For a sphere's signed distance on ``n^3`` grids (``n`` = 32 ... 256), wall
+time of
+
+forward
+    ``kernel``: :func:`reference_layers.kernels.marching_cubes.marching_cubes`;
+    ``layer``: :func:`reference_layers.iso_surface_layer` on raw numbers (the
+    kernel plus the implicit node's forward: residual check per vertex);
+    scikit-image ``lewiner`` and ``lorensen`` (Cython) and PyMCubes (C++),
+    when installed (``pip install scikit-image PyMCubes``);
+backward
+    a VJP of ``sum(verts)`` with respect to ``phi`` in ``mode="edge"`` and
+    ``mode="normal"``: ``traced`` is the forward under autograd's tracing
+    (``make_vjp``), ``vjp`` the backward pass alone (one batched VJP of the
+    residual to form the ``V`` blocks, the closed-form solves, the VJP into
+    the gathered grid values and their scatter onto the grid).
+
+All implementations of one size are timed interleaved (median of
+``--repeats`` rounds) so that their ratios are fair on a busy machine.
+
+    PYTHONPATH=. python benchmarks/marching_cubes.py [--quick] [--sizes 32,64,128,256]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as onp
+from autograd import make_vjp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._common import (Column, format_table, machine_info, ratio,  # noqa: E402
+                                time_interleaved, write_json)
+from reference_layers.kernels.marching_cubes import marching_cubes  # noqa: E402
+from reference_layers.level_set import iso_surface_layer  # noqa: E402
+
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
+
+
+def sphere(n: int, radius: float = 0.7) -> onp.ndarray:
+    x = onp.linspace(-1.0, 1.0, n)
+    return onp.sqrt(x[:, None, None] ** 2 + x[None, :, None] ** 2 + x[None, None, :] ** 2) - radius
+
+
+def _peers():
+    peers = {}
+    try:
+        from skimage.measure import marching_cubes as sk_mc
+        peers["skimage lewiner"] = lambda phi: sk_mc(phi, 0.0, method="lewiner")
+        peers["skimage lorensen"] = lambda phi: sk_mc(phi, 0.0, method="lorensen")
+    except ImportError:
+        print("scikit-image not installed: skipped", file=sys.stderr)
+    try:
+        import mcubes
+        peers["pymcubes"] = lambda phi: mcubes.marching_cubes(phi, 0.0)
+    except ImportError:
+        print("PyMCubes not installed: skipped", file=sys.stderr)
+    return peers
+
+
+def _forward_run(fn, phi):
+    def run(laps):
+        fn(phi)
+        laps.lap("forward")
+    return run
+
+
+def _backward_run(mode, phi):
+    def run(laps):
+        vjp, verts = make_vjp(lambda p: iso_surface_layer(p, 0.0, mode=mode)[0])(phi)
+        laps.lap("traced")
+        vjp(onp.ones_like(verts))
+        laps.lap("vjp")
+    return run
+
+
+def bench(sizes, repeats: int, clock: str = "wall"):
+    peers = _peers()
+    rows = []
+    for n in sizes:
+        phi = sphere(n)
+        n_verts = len(marching_cubes(phi).verts)
+        runs = {"kernel": _forward_run(marching_cubes, phi),
+                "layer": _forward_run(lambda p: iso_surface_layer(p), phi)}
+        runs.update({name: _forward_run(fn, phi) for name, fn in peers.items()})
+        runs["edge"] = _backward_run("edge", phi)
+        runs["normal"] = _backward_run("normal", phi)
+        times = time_interleaved(runs, repeats=repeats, warmup=1, budget_s=20.0, clock=clock)
+        row = {"n": n, "V": n_verts}
+        for name in ["kernel", "layer"] + list(peers):
+            row[name] = times[name]["forward"].median
+        for mode in ("edge", "normal"):
+            row[f"{mode} traced"] = times[mode]["traced"].median
+            row[f"{mode} vjp"] = times[mode]["vjp"].median
+        rows.append(row)
+        print(f"n={n}: done", file=sys.stderr)
+    return rows, list(peers)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="32,64,128,256")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="sizes 32,64, 3 repeats")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or process CPU time (all threads) on a busy machine")
+    args = parser.parse_args(argv)
+    sizes = [32, 64] if args.quick else [int(s) for s in args.sizes.split(",")]
+    repeats = 3 if args.quick else args.repeats
+    rows, peers = bench(sizes, repeats, args.clock)
+    ms = lambda key: Column(key, lambda r: None if r.get(key) is None else 1e3 * r[key], "{:.1f}")
+    columns = [Column("n", "n"), Column("V", "V"), ms("kernel"), ms("layer")]
+    columns += [ms(p) for p in peers]
+    if "skimage lewiner" in peers:
+        columns.append(Column("lewiner/kernel", lambda r: ratio(r["skimage lewiner"], r["kernel"]),
+                              "{:.2f}x"))
+    columns += [ms("edge traced"), ms("edge vjp"),
+                Column("edge vjp/kernel", lambda r: ratio(r["edge vjp"], r["kernel"]), "{:.2f}x"),
+                ms("normal traced"), ms("normal vjp"),
+                Column("normal vjp/kernel", lambda r: ratio(r["normal vjp"], r["kernel"]),
+                       "{:.2f}x")]
+    print(f"{args.clock}-clock milliseconds (median of {repeats}), sphere SDF, level 0")
+    print(format_table(rows, columns))
+    os.makedirs(OUT_DIR, exist_ok=True)
+    write_json(os.path.join(OUT_DIR, f"marching_cubes_{args.clock}.json"),
+               {"machine": machine_info(), "clock": args.clock, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
