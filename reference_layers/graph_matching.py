@@ -91,7 +91,8 @@ from autograd.tracer import getval, isbox
 
 from nimplicit import fixed_point_layer, implicit_layer, linear_solvers
 from nimplicit.errors import (LinearSolveError, NimplicitError, NotConvergedError, ShapeError,
-                              SingularJacobianError, SolverError, UnsupportedError)
+                              SingularJacobianError, SolverError, UnsupportedError,
+                              finite_or_raise)
 
 __all__ = [
     "spectral_matching_layer", "smac_layer", "power_iteration_layer",
@@ -141,6 +142,7 @@ def _check_affinity(M: onp.ndarray, *, batched: bool, allow_negative: bool = Fal
         want = "(B, nm, nm)" if batched else "(nm, nm)"
         raise AffinityError(f"the affinity must be a square matrix of shape {want}, got shape "
                             f"{M.shape}")
+    finite_or_raise(M, "the affinity matrix")   # symmetry_stats would skip NaNs
     from .kernels.affinity import symmetry_stats
     for b, Mb in enumerate(M.reshape((-1,) + M.shape[-2:])):
         where = f" (batch instance {b})" if batched else ""
@@ -440,7 +442,8 @@ def spectral_matching_layer(M, *, return_eigenvalue: bool = False, eig_method: s
         _sm_residual, _sm_solver(eig_method, gap_tol, eig_dense_max, eig_tol),
         linear_solver=_linear_solver("sm", linear_solver, kkt_dense_max),
         batch_axis=0 if Mv.ndim == 3 else None, residual_tol=residual_tol,
-        linear_solver_options=linear_solver_options, diagnostics=_sm_diagnostics)
+        linear_solver_options=linear_solver_options, diagnostics=_sm_diagnostics,
+        name="spectral-matching")
     y, lam = layer(M)
     return (y, lam) if return_eigenvalue else y
 
@@ -476,6 +479,7 @@ def homogeneous_constraints(C, d, pivot: int):
 
 
 def _check_constraints(C: onp.ndarray, d: onp.ndarray, N: int) -> None:
+    finite_or_raise((C, d), "the constraints (C, d)")
     if C.ndim != 2 or C.shape[1] != N or d.shape != (C.shape[0],):
         raise ShapeError(f"the constraints must be C of shape (p, {N}) and d of shape (p,), got "
                          f"C {C.shape} and d {d.shape}")
@@ -505,8 +509,15 @@ def _smac_residual(z, M, Ceq):
 
 
 def _projector_ops(Ceq: onp.ndarray):
+    """``v -> P v`` with ``P = I - C_eq'(C_eq C_eq')^{-1} C_eq``, and the Cholesky
+    factor ``G`` of ``C_eq C_eq'``."""
     G = scipy.linalg.cho_factor(Ceq @ Ceq.T)
     return lambda v: v - Ceq.T @ scipy.linalg.cho_solve(G, Ceq @ v), G
+
+
+def _projector_matrix(Ceq: onp.ndarray, G) -> onp.ndarray:
+    """The dense ``P`` of :func:`_projector_ops`."""
+    return onp.eye(Ceq.shape[1]) - Ceq.T @ scipy.linalg.cho_solve(G, Ceq)
 
 
 def _smac_solver(eig_method: str, gap_tol: float, eig_dense_max: int, eig_tol: float):
@@ -515,7 +526,7 @@ def _smac_solver(eig_method: str, gap_tol: float, eig_dense_max: int, eig_tol: f
         N = M.shape[0]
         proj, G = _projector_ops(Ceq)
         if eig_method == "dense" or (eig_method == "auto" and N <= eig_dense_max):
-            P = onp.eye(N) - Ceq.T @ scipy.linalg.cho_solve(G, Ceq)
+            P = _projector_matrix(Ceq, G)
             PMP = P @ M @ P
             y, lam, lam2 = leading_eigenpair(0.5 * (PMP + PMP.T), method="dense")
         else:
@@ -533,9 +544,7 @@ def _smac_solver(eig_method: str, gap_tol: float, eig_dense_max: int, eig_tol: f
 
 def _smac_diagnostics(point):
     M, Ceq = (onp.asarray(x, float) for x in point.inputs)
-    proj, _ = _projector_ops(Ceq)
-    N = M.shape[0]
-    P = onp.stack([proj(e) for e in onp.eye(N)], axis=1)
+    P = _projector_matrix(Ceq, _projector_ops(Ceq)[1])
     w = onp.linalg.eigvalsh(P @ M @ P)
     lam, lam2 = w[-1], max(w[-2], 0.0)
     gap = (lam - lam2) / abs(lam) if lam else 0.0
@@ -603,7 +612,7 @@ def smac_layer(M, C=None, d=None, *, shape: Optional[Tuple[int, int]] = None,
                            _smac_solver(eig_method, gap_tol, eig_dense_max, eig_tol),
                            linear_solver=_linear_solver("smac", linear_solver, kkt_dense_max),
                            residual_tol=residual_tol, linear_solver_options=linear_solver_options,
-                           diagnostics=_smac_diagnostics)
+                           diagnostics=_smac_diagnostics, name="smac")
     y, _lam, _mu = layer(M, Ceq)
     if return_unit or homogeneous:
         return y
@@ -724,7 +733,8 @@ def sinkhorn_layer(S, tau: float = 1.0, row_marginals=None, col_marginals=None, 
             f"potentials {onp.abs(v_new - v).max():.3g}); tau={tau} may be too small for the "
             f"score range: raise tau or max_iter.")
 
-    layer = fixed_point_layer(T, solver=solver, batch_axis=0 if Sv.ndim == 3 else None)
+    layer = fixed_point_layer(T, solver=solver, batch_axis=0 if Sv.ndim == 3 else None,
+                              name="sinkhorn")
     L = S / tau
     v = layer(L)
     return np.exp(L + row_potential(v, L) + v[..., None, :])
@@ -824,6 +834,29 @@ class _Edges:
 
 def _per_instance(x, batched):
     return list(x) if batched else [x]
+
+
+def _require_shape(name: str, value, want: tuple) -> None:
+    # the numba kernels do not bounds-check: a wrong shape would read past the arrays
+    got = onp.shape(getval(value))
+    if got != tuple(want):
+        raise ShapeError(f"{name} must have shape {tuple(want)}, got {got}")
+
+
+def _edges_per_instance(Kp, E1, E2) -> list:
+    """One :class:`_Edges` per instance of the node affinities ``Kp`` (``(n, m)``
+    or ``(B, n, m)``); edge lists without a batch axis are shared by the batch."""
+    Kpv = onp.asarray(getval(Kp))
+    if Kpv.ndim not in (2, 3):
+        raise ShapeError(f"Kp must have shape (n, m) or (B, n, m), got {Kpv.shape}")
+    n, m = Kpv.shape[-2:]
+    count = Kpv.shape[0] if Kpv.ndim == 3 else 1
+    E1s = E1 if Kpv.ndim == 3 and onp.ndim(E1) == 3 else [E1] * count
+    E2s = E2 if Kpv.ndim == 3 and onp.ndim(E2) == 3 else [E2] * count
+    if len(E1s) != count or len(E2s) != count:
+        raise ShapeError(f"batched edge lists must have {count} instances like Kp, got "
+                         f"{len(E1s)} (E1) and {len(E2s)} (E2)")
+    return [_Edges(a, b, n, m) for a, b in zip(E1s, E2s)]
 
 
 @primitive
@@ -934,12 +967,11 @@ def gaussian_affinity(Kp, P1, P2, w, E1, E2):
     ``P2`` and ``w`` are numba kernels (first order;
     :func:`gaussian_affinity_reference` is the any-order autograd version).
     """
-    Kpv = onp.asarray(getval(Kp))
-    batched = Kpv.ndim == 3
-    n, m = Kpv.shape[-2:]
-    E1s = E1 if batched and onp.ndim(E1) == 3 else [E1] * (Kpv.shape[0] if batched else 1)
-    E2s = E2 if batched and onp.ndim(E2) == 3 else [E2] * (Kpv.shape[0] if batched else 1)
-    edges = [_Edges(a, b, n, m) for a, b in zip(E1s, E2s)]
+    edges = _edges_per_instance(Kp, E1, E2)
+    batch, k = onp.shape(getval(Kp))[:-2], onp.shape(getval(P1))[-1:]
+    _require_shape("P1", P1, batch + (len(edges[0].E1),) + k)
+    _require_shape("P2", P2, batch + (len(edges[0].E2),) + k)
+    _require_shape("w", w, k)
     return _gaussian_affinity(Kp, P1, P2, w, edges)
 
 
@@ -1002,14 +1034,6 @@ def assemble_affinity(Kp, Ke, E1, E2):
     e.g. Zanfir and Sminchisescu's bilinear ``K_e = X Λ Y'``; batched with a
     leading axis.  A numba scatter whose adjoint (the gather) is its VJP:
     differentiable in ``Kp`` and ``Ke`` to any order, both modes."""
-    Kpv = onp.asarray(getval(Kp))
-    batched = Kpv.ndim == 3
-    n, m = Kpv.shape[-2:]
-    E1s = E1 if batched and onp.ndim(E1) == 3 else [E1] * (Kpv.shape[0] if batched else 1)
-    E2s = E2 if batched and onp.ndim(E2) == 3 else [E2] * (Kpv.shape[0] if batched else 1)
-    edges = [_Edges(a, b, n, m) for a, b in zip(E1s, E2s)]
-    Kev = onp.asarray(getval(Ke))
-    want = (len(edges[0].E1), len(edges[0].E2))
-    if Kev.shape[-2:] != want:
-        raise ShapeError(f"Ke must have shape (e1, e2) = {want}, got {Kev.shape[-2:]}")
+    edges = _edges_per_instance(Kp, E1, E2)
+    _require_shape("Ke", Ke, onp.shape(getval(Kp))[:-2] + (len(edges[0].E1), len(edges[0].E2)))
     return _scatter(Kp, Ke, edges)

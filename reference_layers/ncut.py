@@ -142,6 +142,7 @@ def _check_degrees(d: onp.ndarray, where: str) -> None:
 def _validate_dense(W: onp.ndarray, where: str = "") -> None:
     if W.ndim != 2 or W.shape[0] != W.shape[1]:
         raise ShapeError(f"the affinity{where} must be a square (N, N) matrix, got shape {W.shape}")
+    finite_or_raise(W, f"the affinity{where}")
     if W.shape[0] < 3:
         raise ShapeError(f"the affinity{where} has N = {W.shape[0]} nodes; the layer needs N >= 3 "
                          f"(lam_3 must exist to check that lam_2 is simple)")
@@ -197,7 +198,7 @@ def _fix_sign_and_scale(v: onp.ndarray, d: onp.ndarray, r: onp.ndarray,
     return -v if onp.dot(r, v) < 0 else v
 
 
-def _dense_spectrum(W: onp.ndarray, where: str = "") -> Tuple[onp.ndarray, onp.ndarray]:
+def _dense_spectrum(W: onp.ndarray) -> Tuple[onp.ndarray, onp.ndarray]:
     """Three smallest generalized eigenpairs of ``(L, D)`` for a validated dense ``W``."""
     d = W.sum(axis=1)
     L = onp.diag(d) - W
@@ -416,7 +417,7 @@ def make_ncut_layer(*, batched: bool = False, normalization: str = "degree",
 
     def instance(W, where):
         _validate_dense(W, where)
-        lams, vecs = _dense_spectrum(W, where)
+        lams, vecs = _dense_spectrum(W)
         _gap_check(lams, gap_tol, where)
         r = _sign_reference(len(W), sign_reference)
         return lams, _fix_sign_and_scale(vecs[:, 1], W.sum(axis=1), r, normalization)
@@ -439,6 +440,7 @@ def make_ncut_layer(*, batched: bool = False, normalization: str = "degree",
         margins = [_margin(_sign_reference(Wb.shape[0], sign_reference), vb) for Wb, vb in zip(Ws, v)]
         return _gap_diagnostics(lams, margins)
 
+    layer_options.setdefault("name", "ncut-batched" if batched else "ncut-dense")
     return implicit_layer(_dense_residual(normalization), solver, linear_solver=linear_solver,
                           batch_axis=0 if batched else None, diagnostics=diagnostics,
                           **layer_options)
@@ -516,6 +518,7 @@ class SparseNCut:
                 **self.krylov_options(), **(layer_options.get("linear_solver_options") or {})}
         elif linear_solver == "splu":
             linear_solver = _bordered_splu_solver(self.incidence, self.abs_incidence, normalization)
+        layer_options.setdefault("name", "ncut-sparse")
         self.layer = implicit_layer(_sparse_residual(A, absA, normalization), self._solve,
                                     linear_solver=linear_solver, diagnostics=self._diagnostics,
                                     **layer_options)

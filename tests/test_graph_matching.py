@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 
 from conftest import assert_close, fd_directional, vdot
 from nimplicit import record_points
-from nimplicit.errors import NimplicitError, ResidualError, UnsupportedError
+from nimplicit.errors import (NimplicitError, NonFiniteError, ResidualError, ShapeError,
+                              UnsupportedError)
 from reference_layers import graph_matching as gm
 from verification.strategies.graph_matching import (affinity_strategy, matching_instance,
                                                      positive_affinity, random_affinity_input)
@@ -122,6 +123,26 @@ def test_gaussian_affinity_batched_and_first_order_only():
     onp.testing.assert_allclose(gw, expect, rtol=1e-12)
     with pytest.raises(UnsupportedError, match="first order"):
         hessian(lambda w: np.sum(G[0] * gm.gaussian_affinity(Kp[0], P1[0], P2[0], w, E1, E2)))(w)
+
+
+def test_affinity_builders_reject_mismatched_shapes():
+    # the numba kernels do not bounds-check: these once read past the arrays (or dropped
+    # batch instances) without an error
+    rng = onp.random.default_rng(5)
+    Kp, P1, P2, w, E1, E2 = _builder_case(rng)
+    Kpb = onp.stack([Kp, Kp])
+    Ke = rng.uniform(size=(len(E1), len(E2)))
+    bad = {
+        "P1": lambda: gm.gaussian_affinity(Kp, P1[:-2], P2, w, E1, E2),
+        "P2": lambda: gm.gaussian_affinity(Kp, P1, P2[:, :-1], w, E1, E2),
+        "w": lambda: gm.gaussian_affinity(Kp, P1, P2, w[:-1], E1, E2),
+        "batched edge lists": lambda: gm.gaussian_affinity(
+            Kpb, onp.stack([P1, P1]), onp.stack([P2, P2]), w, E1[None], E2),
+        "Ke": lambda: gm.assemble_affinity(Kpb, Ke, E1, E2),
+    }
+    for name, call in bad.items():
+        with pytest.raises(ShapeError, match=name):
+            call()
 
 
 def test_assemble_affinity_is_linear_with_adjoint_vjp_any_order():
@@ -396,6 +417,20 @@ def test_smac_constraint_errors():
         gm.smac_layer(M, c[None, :], onp.ones(1))
     with pytest.raises(Exception, match="not a square"):
         gm.smac_layer(positive_affinity(rng, 6))
+
+
+def test_smac_non_finite_input_is_a_typed_error():
+    # checked before the layer runs: an all-NaN M once passed as "all zero", a NaN in C
+    # surfaced as numpy's LinAlgError from the rank check
+    rng = onp.random.default_rng(21)
+    M = positive_affinity(rng, 9)
+    C, d = gm.one_to_one_constraints(3, 3)
+    with pytest.raises(NonFiniteError, match="affinity"):
+        gm.smac_layer(onp.full_like(M, onp.nan))
+    C_nan = C.copy()
+    C_nan[0, 0] = onp.nan
+    with pytest.raises(NonFiniteError, match="constraints"):
+        gm.smac_layer(M, C_nan, d)
 
 
 def test_layers_declare_the_eigen_gap_diagnostic():

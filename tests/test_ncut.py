@@ -383,6 +383,9 @@ def test_ncut_spectrum_helper():
     W = block_affinity(onp.random.default_rng(20), 6, gap=0.3, noise=0.0)
     lams, vecs = ncut_spectrum(W)
     assert onp.allclose(lams, [0.0, 0.7, 1.0], atol=1e-12) and vecs.shape == (6, 3)
+    W[0, 1] = W[1, 0] = onp.nan   # the helper runs outside the layer's input check
+    with pytest.raises(NonFiniteError, match="affinity"):
+        ncut_spectrum(W)
 
 
 # ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import numpy as onp
 import scipy.sparse.linalg as spla
 from nimplicit import record_points
 from nimplicit.errors import NimplicitError
+from nimplicit.linear_solvers import form_jacobian
 
 EPS = float(onp.finfo(float).eps)
 MAX_CONDITION = 1e8
@@ -114,13 +115,9 @@ class Diagnosis:
 
 def dense_jacobian(point) -> onp.ndarray:
     """``J_{F,y}`` at a forward point from ``r`` VJPs: ``(r, m)`` or ``(B, r, m)``."""
-    batch = point.y_flat.shape[:-1]
-    rows = []
-    for k in range(point.r):
-        e = onp.zeros(batch + (point.r,))
-        e[..., k] = 1.0
-        rows.append(onp.asarray(point.J_T(e, point.y_flat, point.inputs), dtype=float))
-    return onp.stack(rows, axis=-2)
+    # the core's own construction (row k = J^T e_k), with b = the residual giving r and the batch
+    return form_jacobian(None, lambda u: point.J_T(u, point.y_flat, point.inputs),
+                         point.res_flat, transpose=False)
 
 
 def _singular_values_dense(point) -> Tuple[onp.ndarray, onp.ndarray]:
@@ -150,7 +147,7 @@ def diagnose_point(point, *, dense_max: int = DENSE_MAX, max_condition: float = 
                    matrix_free: bool = True) -> PointDiagnosis:
     """Diagnostics of one :class:`nimplicit.ForwardPoint` (see :func:`diagnose`)."""
     layer = point.layer
-    name = getattr(layer, "name", None) or getattr(layer.residual, "__qualname__", "layer")
+    name = layer.name   # the core defaults it to the residual's name
     batch = point.y_structure.batch_size
     res = onp.abs(point.res_flat).max() if point.res_flat.size else 0.0
     scale = 1.0 + onp.abs(point.y_flat).max(initial=0.0) + max(

@@ -44,12 +44,24 @@ def group_by_start(edges: np.ndarray, n_nodes: int):
     return order, ptr
 
 
+@njit(cache=True, inline="always")
+def _edge_exponent(P1, P2, w, e, f):  # pragma: no cover - numba
+    """``s = sum_t w_t (P1[e, t] - P2[f, t])^2``, so that ``K_e[e, f] = exp(-s)``.
+
+    Inlined into the kernels at numba-IR level: as a plain call it measured
+    ~2x slower on the matrix build (n = m = 20, full edges)."""
+    s = 0.0
+    for t in range(P1.shape[1]):
+        d = P1[e, t] - P2[f, t]
+        s += w[t] * d * d
+    return s
+
+
 def _py_gaussian_affinity_matrix(Kp, P1, P2, w, E1, E2, order, ptr):  # pragma: no cover - numba
     """Dense ``M`` from node affinities ``Kp`` and the Gaussian edge kernel."""
     n, m = Kp.shape
     N = n * m
     e2 = E2.shape[0]
-    k = P1.shape[1]
     M = np.zeros((N, N))
     for i in prange(n):
         for a in range(m):
@@ -58,11 +70,7 @@ def _py_gaussian_affinity_matrix(Kp, P1, P2, w, E1, E2, order, ptr):  # pragma: 
             e = order[q]
             j = E1[e, 1]
             for f in range(e2):
-                s = 0.0
-                for t in range(k):
-                    d = P1[e, t] - P2[f, t]
-                    s += w[t] * d * d
-                M[i * m + E2[f, 0], j * m + E2[f, 1]] += np.exp(-s)
+                M[i * m + E2[f, 0], j * m + E2[f, 1]] += np.exp(-_edge_exponent(P1, P2, w, e, f))
     return M
 
 
@@ -78,11 +86,7 @@ def _py_gaussian_affinity_vjp_w(G, P1, P2, w, E1, E2, m):  # pragma: no cover - 
             g = G[i * m + E2[f, 0], j * m + E2[f, 1]]
             if g == 0.0:
                 continue
-            s = 0.0
-            for t in range(k):
-                d = P1[e, t] - P2[f, t]
-                s += w[t] * d * d
-            c = -g * np.exp(-s)
+            c = -g * np.exp(-_edge_exponent(P1, P2, w, e, f))
             for t in range(k):
                 d = P1[e, t] - P2[f, t]
                 rows[e, t] += c * d * d
@@ -104,11 +108,7 @@ def _py_gaussian_affinity_vjp_p1(G, P1, P2, w, E1, E2, m):  # pragma: no cover -
             g = G[i * m + E2[f, 0], j * m + E2[f, 1]]
             if g == 0.0:
                 continue
-            s = 0.0
-            for t in range(k):
-                d = P1[e, t] - P2[f, t]
-                s += w[t] * d * d
-            c = -2.0 * g * np.exp(-s)
+            c = -2.0 * g * np.exp(-_edge_exponent(P1, P2, w, e, f))
             for t in range(k):
                 out[e, t] += c * w[t] * (P1[e, t] - P2[f, t])
     return out
@@ -125,11 +125,7 @@ def _py_gaussian_affinity_vjp_p2(G, P1, P2, w, E1, E2, m):  # pragma: no cover -
             g = G[E1[e, 0] * m + a, E1[e, 1] * m + b]
             if g == 0.0:
                 continue
-            s = 0.0
-            for t in range(k):
-                d = P1[e, t] - P2[f, t]
-                s += w[t] * d * d
-            c = 2.0 * g * np.exp(-s)
+            c = 2.0 * g * np.exp(-_edge_exponent(P1, P2, w, e, f))
             for t in range(k):
                 out[f, t] += c * w[t] * (P1[e, t] - P2[f, t])
     return out

@@ -62,7 +62,8 @@ def circle_height(point):
                                                      "the point is at the rim, dy/dx = -x/y is unbounded")}
 
 
-circle = implicit_layer(circle_residual, circle_solver, diagnostics=circle_height)
+circle = implicit_layer(circle_residual, circle_solver, diagnostics=circle_height,
+                        name="sphere-height")   # the name diagnose() reports
 
 
 def circle_generate(rng, n: int = 4, height: float = 0.5):
@@ -74,8 +75,6 @@ def circle_generate(rng, n: int = 4, height: float = 0.5):
     x = direction / onp.linalg.norm(direction) * onp.sqrt(r * r - y * y)
     return x, r
 
-
-circle.name = "sphere-height"   # the name diagnose() reports
 
 register(Entry(
     name="sphere-height", fn=circle, generate=circle_generate, size={"n": 4, "height": 0.5},
@@ -105,8 +104,8 @@ def example1_margin(point):
     return {"y2 (det dF/dy = -2 x y2)": (y2, y2 > 1e-6, "y2 -> 0: dF/dy is singular there")}
 
 
-example1 = implicit_layer(example1_residual, example1_solver, diagnostics=example1_margin)
-example1.name = "paper-example1"
+example1 = implicit_layer(example1_residual, example1_solver, diagnostics=example1_margin,
+                          name="paper-example1")
 
 
 def example1_generate(rng, low: float = 0.7, high: float = 1.5):
@@ -157,10 +156,10 @@ def tanh_contraction(point):
 
 
 deq_tanh = fixed_point_layer(tanh_map, solver=_tanh_newton, linear_solver="lu",
-                             diagnostics=tanh_contraction)
+                             diagnostics=tanh_contraction, name="deq-tanh")
 deq_tanh_gmres = fixed_point_layer(tanh_map, solver=_tanh_newton, linear_solver="gmres",
                                    linear_solver_options={"rtol": 1e-13},
-                                   diagnostics=tanh_contraction)
+                                   diagnostics=tanh_contraction, name="deq-tanh-gmres")
 
 
 def deq_generate(rng, n: int = 5, contraction: float = 0.6):
@@ -176,8 +175,6 @@ def _deq_fn(layer):
         return layer(x, W, b)
     return fn
 
-
-deq_tanh.name, deq_tanh_gmres.name = "deq-tanh", "deq-tanh-gmres"
 
 register(Entry(
     name="deq-tanh", fn=_deq_fn(deq_tanh), generate=deq_generate,
@@ -235,7 +232,7 @@ def robust_pool_curvature(point):
 
 
 robust_pool = argmin_layer(pseudo_huber_objective, solver=robust_pool_solver, linear_solver="lu",
-                           diagnostics=robust_pool_curvature)
+                           diagnostics=robust_pool_curvature, name="robust-pool")
 
 
 def robust_pool_generate(rng, n: int = 8, d: int = 3, alpha: float = 1.0, outliers: int = 2):
@@ -246,8 +243,6 @@ def robust_pool_generate(rng, n: int = 8, d: int = 3, alpha: float = 1.0, outlie
     x[:outliers] += rng.choice([-1.0, 1.0], size=(outliers, d)) * rng.uniform(5, 10, (outliers, d))
     return x, float(alpha)
 
-
-robust_pool.name = "robust-pool"
 
 register(Entry(
     name="robust-pool", fn=robust_pool, generate=robust_pool_generate,
@@ -306,7 +301,7 @@ def simplex_margin(point):
 
 simplex_projection = constrained_argmin_layer(
     _simplex_objective, eq=_simplex_eq, ineq=_simplex_ineq, solver=simplex_solver,
-    diagnostics=simplex_margin)
+    diagnostics=simplex_margin, name="simplex-projection")
 
 
 def simplex_generate(rng, n: int = 6, scale: float = 1.0, margin: float = 0.05):
@@ -318,8 +313,6 @@ def simplex_generate(rng, n: int = 6, scale: float = 1.0, margin: float = 0.05):
             return (x,)
     raise ValueError(f"could not draw a simplex instance with margin {margin}; lower it")
 
-
-simplex_projection.name = "simplex-projection"
 
 register(Entry(
     name="simplex-projection", fn=simplex_projection, generate=simplex_generate,
@@ -350,7 +343,8 @@ def batched_tanh_solver(x, W, *, max_iter: int = 100):
     raise NotConvergedError("the batched tanh Newton iteration did not converge")
 
 
-deq_tanh_batched = implicit_layer(batched_tanh_residual, batched_tanh_solver, batch_axis=0)
+deq_tanh_batched = implicit_layer(batched_tanh_residual, batched_tanh_solver, batch_axis=0,
+                                  name="deq-tanh-batched")
 
 
 def batched_generate(rng, batch: int = 4, n: int = 3, contraction: float = 0.7):
@@ -358,8 +352,6 @@ def batched_generate(rng, batch: int = 4, n: int = 3, contraction: float = 0.7):
     W *= contraction / onp.linalg.norm(W, 2)
     return rng.standard_normal((batch, n)), W
 
-
-deq_tanh_batched.name = "deq-tanh-batched"
 
 register(Entry(
     name="deq-tanh-batched", fn=deq_tanh_batched, generate=batched_generate,
