@@ -219,6 +219,13 @@ def leading_eigenpair(M, *, method: str = "auto", tol: float = 1e-10,
         if not onp.any(v0):
             v0 = onp.ones(N)
         y, lam, lam2 = lanczos_top(lambda v: M @ v, v0, tol=tol)
+        if lam2 == -onp.inf:
+            # The start vector was already an eigenvector, so Lanczos saw one
+            # eigenvalue only; estimate lam_2 as the top of M deflated by y, so
+            # that a repeated leading eigenvalue is caught by the gap check.
+            deflate = lambda v: v - y * (y @ v)
+            r = onp.random.default_rng(0).standard_normal(N)
+            _, lam2, _ = lanczos_top(lambda v: deflate(M @ deflate(v)), deflate(r), tol=1e-8)
     s = y.sum()
     if s < 0 or (s == 0 and y[onp.argmax(onp.abs(y))] < 0):
         y = -y
@@ -229,6 +236,7 @@ def eigen_gap(M: onp.ndarray) -> float:
     """Relative gap ``(lam_1 - lam_2) / |lam_1|`` of a symmetric matrix (or batch:
     the smallest over the batch); zero when the leading eigenvalue is repeated."""
     M = onp.asarray(M, float)
+    finite_or_raise(M, "the affinity M")
     Ms = M.reshape((-1,) + M.shape[-2:])
     gaps = []
     for Mb in Ms:

@@ -460,3 +460,14 @@ def test_sm_property_residual_and_gradient(M):
     g = rng.standard_normal(y.shape)
     f = lambda M: np.sum(g * gm.spectral_matching_layer(M))
     assert_close(vdot(grad(f)(M), D), fd_directional(f, M, D, 1e-4), 1e-5, "property SM")
+
+
+def test_krylov_forward_detects_repeated_leading_eigenvalue_when_start_is_an_eigenvector():
+    # M 1 is an eigenvector of this block-circulant M, so Lanczos stops after one step;
+    # lam_2 must still be estimated (by deflation) and the repeated eigenvalue reported
+    from scipy.linalg import circulant
+    from reference_layers.graph_matching import DegenerateEigenvalueError
+    B = circulant(onp.r_[2.0, 1.0, onp.zeros(57), 1.0])
+    M = onp.kron(onp.eye(2), B)
+    with pytest.raises(DegenerateEigenvalueError, match="not simple"):
+        gm.spectral_matching_layer(M, eig_method="krylov")
