@@ -1,0 +1,231 @@
+"""Tests of the QP layer ``reference_layers.qp`` (the paper's section 5.1).
+
+Instances are planted (``verification.strategies.qp``): the KKT point is known
+and strictly complementary with a chosen margin, so the layer must return it,
+and every gradient (all six inputs) is compared with central finite
+differences of the layer's actual forward output.
+"""
+import warnings
+
+import autograd.numpy as np
+import numpy as onp
+import pytest
+from autograd import grad
+from hypothesis import HealthCheck, given, settings
+
+from nimplicit.errors import (ImplicitGradientWarning, NotConvergedError, ShapeError,
+                              SolverError)
+from reference_layers.qp import (InfeasibleQPError, NonConvexQPError, QPNotConvergedError,
+                                 RankDeficientEqualityError, UnboundedQPError, qp_layer)
+from verification import check_grad
+from verification.diagnose import diagnose
+from verification.strategies.qp import (batched_qp_inputs, batched_qps, ill_posed_qp, planted_qp, qp_inputs,
+                                        weakly_active_qp)
+
+NAMES = ("Q", "q", "G", "h", "A", "b")
+
+
+def _fd_grad(f, args, i, rng, eps=1e-6):
+    """Central difference of scalar ``f`` along a random direction of input ``i``."""
+    d = rng.standard_normal(onp.shape(args[i]))
+    up = list(args)
+    dn = list(args)
+    up[i] = args[i] + eps * d
+    dn[i] = args[i] - eps * d
+    return (f(*up) - f(*dn)) / (2 * eps), d
+
+
+def _loss(c, **kw):
+    return lambda *a: np.sum(c * qp_layer(*a, **kw))
+
+
+# --------------------------------------------------------------------------- forward
+
+@pytest.mark.parametrize("p", [0, 2])
+def test_forward_recovers_planted_solution(p):
+    d = planted_qp(onp.random.default_rng(0), n=6, m=9, p=p)
+    args = [d[k] for k in NAMES[:6 if p else 4]]
+    y, lam, nu = qp_layer(*args, return_duals=True)
+    assert onp.allclose(y, d["y"], atol=1e-8)
+    assert onp.allclose(nu, d["nu"], atol=1e-8)
+    assert onp.allclose(lam, d["lam"], atol=1e-8)
+    assert lam.shape == (p,)
+
+
+def test_lp_vertex():
+    d = planted_qp(onp.random.default_rng(1), n=4, m=7, lp=True)
+    y = qp_layer(d["Q"], d["q"], d["G"], d["h"])
+    assert onp.allclose(y, d["y"], atol=1e-8)
+
+
+def test_batched_forward_matches_single_and_broadcast():
+    rng = onp.random.default_rng(2)
+    Q, q, G, h = batched_qp_inputs(rng, batch=4, n=5, m=7, shared=("Q", "G"))
+    assert Q.ndim == 2 and q.ndim == 2
+    y, lam, nu = qp_layer(Q, q, G, h, return_duals=True)
+    assert y.shape == (4, 5) and nu.shape == (4, 7) and lam.shape == (4, 0)
+    for k in range(4):
+        assert onp.allclose(y[k], qp_layer(Q, q[k], G, h[k]), atol=1e-10)
+
+
+# --------------------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("p", [0, 2])
+def test_all_six_gradients_single_vs_fd(p):
+    rng = onp.random.default_rng(3 + p)
+    args = list(qp_inputs(rng, n=5, m=8, p=p))
+    report = check_grad(lambda *a: qp_layer(*a, return_duals=True), *args, modes=("rev", "fwd"),
+                        noise=1e-9)
+    assert report.passed, report
+
+
+@pytest.mark.parametrize("shared", [(), ("Q", "G", "A")])
+def test_all_six_gradients_batched_vs_fd(shared):
+    rng = onp.random.default_rng(5)
+    args = list(batched_qp_inputs(rng, batch=3, n=4, m=6, p=1, shared=shared))
+    report = check_grad(lambda *a: qp_layer(*a), *args, modes=("rev",), noise=1e-9)
+    assert report.passed, report
+
+
+def test_broadcast_gradient_is_sum_over_batch():
+    rng = onp.random.default_rng(6)
+    Q, q, G, h = batched_qp_inputs(rng, batch=3, n=4, m=6, shared=("G",))
+    c = rng.standard_normal(4)
+    gG = grad(lambda G: np.sum(qp_layer(Q, q, G, h) @ c))(G)
+    per = sum(grad(lambda G: np.sum(qp_layer(Q[k], q[k], G, h[k]) * c))(G) for k in range(3))
+    assert onp.allclose(gG, per, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0, 3])
+def test_fast_and_generic_backward_agree(p):
+    rng = onp.random.default_rng(7)
+    args = list(batched_qp_inputs(rng, batch=5, n=7, m=10, p=p))
+    c = rng.standard_normal(7)
+    argnums = list(range(len(args)))
+    fast = grad(_loss(c, backward="fast"), argnums)(*args)
+    generic = grad(_loss(c, backward="generic"), argnums)(*args)
+    for name, gf, gg in zip(NAMES, fast, generic):
+        rel = onp.abs(gf - gg).max() / onp.abs(gg).max()
+        assert rel < 1e-8, (name, rel)
+        assert onp.all(onp.isfinite(gf))
+    # and against finite differences of the forward output
+    f = _loss(c)
+    for i in argnums:
+        fd, d = _fd_grad(f, args, i, rng)
+        assert abs(onp.sum(fast[i] * d) - fd) <= 1e-6 * (1 + abs(fd)), NAMES[i]
+
+
+def test_second_order_through_fast_backward():
+    args = list(qp_inputs(onp.random.default_rng(8), n=4, m=6))
+    report = check_grad(lambda q, h: qp_layer(args[0], q, args[2], h), args[1], args[3],
+                        modes=("rev",), order=2, noise=1e-9)
+    assert report.passed, report
+
+
+# --------------------------------------------------------------------------- weakly active
+
+@pytest.mark.parametrize("p", [0, 1])
+def test_weakly_active_constraint_min_norm_and_warning(p):
+    args = list(weakly_active_qp(onp.random.default_rng(9), n=5, m=7, p=p))
+    c = onp.random.default_rng(10).standard_normal(5)
+    argnums = list(range(len(args)))
+    results = {}
+    for backward in ("fast", "generic"):
+        with pytest.warns(ImplicitGradientWarning, match="weakly active"):
+            results[backward] = grad(_loss(c, backward=backward), argnums)(*args)
+    for name, gf, gg in zip(NAMES, results["fast"], results["generic"]):
+        assert onp.all(onp.isfinite(gf))
+        assert onp.abs(gf - gg).max() <= 1e-8 * (1 + onp.abs(gg).max()), name
+    diag = diagnose(lambda *a: qp_layer(*a), *args)
+    value, ok, why = diag.points[0].measures["strict_complementarity_margin"]
+    assert not ok and value < 1e-3
+
+
+def test_strict_complementarity_margin_reported():
+    d = planted_qp(onp.random.default_rng(11), n=5, m=8, margin=0.3)
+    diag = diagnose(lambda *a: qp_layer(*a), d["Q"], d["q"], d["G"], d["h"])
+    value, ok, _ = diag.points[0].measures["strict_complementarity_margin"]
+    nu_s = onp.maximum(d["nu"] / (1 + d["nu"].max()), d["s"] / (1 + d["s"].max()))
+    assert ok and abs(value - nu_s.min()) < 1e-6
+
+
+# --------------------------------------------------------------------------- failures
+
+@pytest.mark.parametrize("kind, error", [
+    ("infeasible", InfeasibleQPError), ("unbounded", UnboundedQPError),
+    ("nonconvex", NonConvexQPError), ("rank-deficient", RankDeficientEqualityError),
+    ("not-converged", QPNotConvergedError)])
+def test_failure_modes_raise_typed_errors(kind, error):
+    inputs, options = ill_posed_qp(kind)
+    with pytest.raises(error) as info:
+        qp_layer(*inputs, **options)
+    assert isinstance(info.value, SolverError)
+    assert info.value.instances == [0]
+
+
+def test_failure_names_the_batch_instance():
+    rng = onp.random.default_rng(12)
+    Q, q, G, h = batched_qp_inputs(rng, batch=4, n=4, m=6)
+    (_, _, Gi, hi), _ = ill_posed_qp("infeasible")
+    G = onp.concatenate([G, onp.broadcast_to(Gi[-2:], (4, 2, 4))], axis=1)
+    h = onp.concatenate([h, onp.zeros((4, 2)) + 1.0], axis=1)
+    h[2, -2:] = -1.0
+    with pytest.raises(InfeasibleQPError, match="batch instance 2") as info:
+        qp_layer(Q, q, G, h)
+    assert info.value.instances == [2]
+    assert issubclass(QPNotConvergedError, NotConvergedError)
+
+
+def test_bad_shapes():
+    Q, q, G, h = qp_inputs(onp.random.default_rng(13), n=4, m=5)
+    with pytest.raises(ShapeError, match="G is"):
+        qp_layer(Q, q, G[:, :3], h)
+    with pytest.raises(ShapeError, match="batch size"):
+        qp_layer(onp.stack([Q, Q]), onp.stack([q, q, q]), G, h)
+    with pytest.raises(ShapeError, match="both A and b"):
+        qp_layer(Q, q, G, h, A=onp.ones((1, 4)))
+
+
+def test_warm_start_gives_same_solution():
+    args = qp_inputs(onp.random.default_rng(14), n=5, m=8, p=1)
+    sol = qp_layer(*args, return_duals=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = qp_layer(*args, warm_start=sol)
+    assert onp.allclose(y, sol[0], atol=1e-9)
+
+
+def test_stalled_instances_are_retried_with_a_rescaled_objective(monkeypatch):
+    import reference_layers.qp as qp_module
+    rng = onp.random.default_rng(15)
+    args = batched_qp_inputs(rng, batch=3, n=4, m=6, p=1)
+    expected = qp_layer(*args, return_duals=True)
+    real = qp_module.solve_qp_batch
+    calls = []
+
+    def stalls_once(Q, q, *rest, **kw):
+        res = real(Q, q, *rest, **kw)
+        calls.append(len(q))
+        if len(calls) == 1:     # the first solve "stalls" on instance 1 with a wrong iterate
+            res.status[1] = qp_module.QPStatus.MAX_ITER
+            res.kkt_residual[1] = 1e-3
+            res.y[1] += 1.0
+        return res
+
+    monkeypatch.setattr(qp_module, "solve_qp_batch", stalls_once)
+    got = qp_layer(*args, return_duals=True)
+    assert calls == [3, 1]
+    for g, e in zip(got, expected):
+        assert onp.allclose(g, e, atol=1e-9)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batched_qps())
+def test_property_fast_generic_agree_on_random_well_posed_batches(args):
+    B, n = args[1].shape
+    c = onp.linspace(-1.0, 1.0, n)
+    argnums = list(range(len(args)))
+    fast = grad(_loss(c, backward="fast"), argnums)(*args)
+    generic = grad(_loss(c, backward="generic"), argnums)(*args)
+    for name, gf, gg in zip(NAMES, fast, generic):
+        assert onp.abs(gf - gg).max() <= 1e-8 * (1 + onp.abs(gg).max()), name
