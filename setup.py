@@ -13,7 +13,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6", "scikit-image>=0.21"],
         "examples": ["scikit-learn>=1.1", "matplotlib>=3.5", "tqdm>=4", "scikit-image>=0.21"],
-        "bench": ["jax[cpu]", "jaxopt", "cvxpylayers", "qpth", "pygmtools", "PyMCubes",
+        # qpth pins an old numpy: install it with `pip install --no-deps qpth`
+        "bench": ["jax[cpu]", "jaxopt", "cvxpylayers", "pygmtools", "PyMCubes",
                   "scikit-image>=0.21", "tqdm>=4", "matplotlib>=3.5",
                   "torch==2.13.0"],
     },
