@@ -478,10 +478,14 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
     M = layout.size
     if n == 0:
         return                       # an empty input has no derivative to check
-    fd_kw = dict(step=cfg.fd_step, levels=cfg.fd_levels)
     x_arr = onp.asarray(x, dtype=float)
     f_max = _fd(report, cache, key + ("f_max",),
                 lambda: _Count(float(onp.max(onp.abs(target.raw(x)), initial=0.0)), 1)).value
+    # A declared output noise also enters the finite differences' own error model,
+    # which knows the steps actually taken (they shrink for entries below the floor,
+    # where the base-step noise term below would underestimate the amplification).
+    fd_noise = cfg.noise * f_max if cfg.noise > NOISE else 0.0
+    fd_kw = dict(step=cfg.fd_step, levels=cfg.fd_levels, noise=fd_noise)
     if n <= cfg.full_max:
         # the whole Jacobian J (M x n) by finite differences, column by column
         jac = _fd(report, cache, key + ("jacobian",),
