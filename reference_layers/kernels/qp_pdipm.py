@@ -313,6 +313,27 @@ def _ltsolve(L, x, n):
 
 
 @njit(**_JIT)
+def _schur_solve(L, Ls, Wt, f, g, n, pc):
+    r"""The block elimination shared by the Newton step and the KKT-Jacobian
+    solve, in place: with ``K = L L^T``, the rows ``Wt`` (``W = L^{-1} C^T``) and
+    the factor ``Ls`` of the Schur complement,
+    ``f <- L^{-1} f``, ``g <- (Ls Ls^T)^{-1} (W^T f - g)``, ``f <- L^{-T} (f - W g)``."""
+    _lsolve(L, f, n)
+    for j in range(pc):
+        g[j] = _dot(Wt[j], f, n) - g[j]
+    if pc > 0:
+        _lsolve(Ls, g, pc)
+        _ltsolve(Ls, g, pc)
+    for j in range(pc):
+        c = g[j]
+        if c != 0.0:
+            Wj = Wt[j]
+            for i in range(n):
+                f[i] -= c * Wj[i]
+    _ltsolve(L, f, n)
+
+
+@njit(**_JIT)
 def _symv(K, x, out, n):
     """out <- K x for a full symmetric K."""
     for i in range(n):
@@ -454,19 +475,9 @@ def _newton(Q, A, G, L, Wt, Ls, n, p, m, rho, s, nu, D, R1, R2, R3, R4,
         _gemtv_add(G, t_m, r1, m, n, 1.0)
         _gemtv_add(A, F2, r1, p, n, rho)
         # ---- Schur complement solve of the reduced system
-        _lsolve(L, r1, n)
         for j in range(p):
-            xl[j] = _dot(Wt[j], r1, n) - F2[j]
-        if p > 0:
-            _lsolve(Ls, xl, p)
-            _ltsolve(Ls, xl, p)
-        for j in range(p):
-            c = xl[j]
-            if c != 0.0:
-                Wj = Wt[j]
-                for i in range(n):
-                    r1[i] -= c * Wj[i]
-        _ltsolve(L, r1, n)
+            xl[j] = F2[j]
+        _schur_solve(L, Ls, Wt, r1, xl, n, p)
         for i in range(n):
             xy[i] = r1[i]
         # ---- dnu, ds
@@ -1404,19 +1415,7 @@ def _kkt_solve_kernel(G, A, S_, NU, ACTIVE, DV, RHO, LK, WT, LS, FLAG, R, Z, tra
                         for t in range(n):
                             f[t] += c * Cj[t]
             # ---- Schur complement solve
-            _lsolve(L, f, n)
-            for j in range(pc):
-                g[j] = _dot(Wt[j], f, n) - g[j]
-            if pc > 0:
-                _lsolve(Ls, g, pc)
-                _ltsolve(Ls, g, pc)
-            for j in range(pc):
-                c = g[j]
-                if c != 0.0:
-                    Wj = Wt[j]
-                    for t in range(n):
-                        f[t] -= c * Wj[t]
-            _ltsolve(L, f, n)
+            _schur_solve(L, Ls, Wt, f, g, n, pc)
             # ---- back substitution
             for t in range(n):
                 z[t] = f[t]
