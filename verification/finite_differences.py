@@ -500,7 +500,10 @@ def _central(
         for c in measured_cands[1:]:
             m_best = m_best.merge(c, c.error < m_best.error)
         unmeasured = best.t > max(measured)  # smaller steps came from shrinking
-        override = (best.static | m_best.static) & unmeasured & (m_best.error > best.error)
+        # (Static at both steps is no disagreement: f did not move at either
+        # scale, and a declared noise would only inflate the measured bound.)
+        one_static = (best.static | m_best.static) & ~(best.static & m_best.static)
+        override = one_static & unmeasured & (m_best.error > best.error)
         best = best.merge(m_best, override)
 
     # Outputs whose samples were bitwise identical at every level do not
