@@ -17,7 +17,9 @@ equations, ``m`` unknowns).
   the size of ``b``; differs from it only when A is not square).
 - ``cache`` is a dict that lives as long as one forward point: a solver stores
   its factorization there, so the many solves of one Jacobian (``m`` VJPs, both
-  transposes, higher orders) factor ``J`` once.
+  transposes, higher orders) factor ``J`` once.  The dense solvers keep the
+  formed ``J`` under ``cache["J"]`` and use one found there, so a caller that
+  already holds ``J`` (e.g. a structured layer) passes it in that way.
 - ``point`` is the :class:`~nimplicit.implicit.ForwardPoint` (solution and
   inputs), for solvers whose setup depends on where the layer is evaluated.
 

@@ -474,14 +474,6 @@ class _QPLayer:
         J[bi, offset + ci, :] = 0.0
         return J
 
-    @staticmethod
-    def _dense_lstsq(J, b, transpose, cache):
-        """Minimum-norm solution with the dense blocks ``J`` (B, r, r) by the core's lstsq."""
-        jv = lambda u: onp.einsum("bij,bj->bi", J, u)
-        jtv = lambda w: onp.einsum("bij,bi->bj", J, w)
-        mv, rmv = (jtv, jv) if transpose else (jv, jtv)
-        return linear_solvers.lstsq(mv, rmv, b, transpose=transpose, cache=cache)
-
     # -- backward: generic (autograd J, core LU) -----------------------------
     def _generic_solve(self, matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None,
                        point=None, **opts):
@@ -492,18 +484,18 @@ class _QPLayer:
         if not weak.any():
             return linear_solvers.lu(matvec, rmatvec, b, transpose=transpose, x_size=x_size,
                                      cache=cache, **opts)
-        if "qp_J" not in cache:
+        if "qp_lstsq" not in cache:
             self._warn_weak(weak)
             bb = b.reshape(-1, b.shape[-1])
             mv = (lambda w: matvec(w.reshape(b.shape)).reshape(bb.shape))
             rmv = (lambda u: rmatvec(u.reshape(b.shape)).reshape(bb.shape))
             J = linear_solvers.form_jacobian(mv, rmv, bb, transpose, x_size)
             n = point.y_flat.shape[-1] - weak.shape[1]
-            cache["qp_J"] = self._zero_weak_rows(J, weak, n)
-            cache["qp_lstsq"] = {}
+            # the core's lstsq takes a J already in its cache instead of forming one
+            cache["qp_lstsq"] = {"J": self._zero_weak_rows(J, weak, n)}
             cache["pseudo_inverse"] = True
-        x = self._dense_lstsq(cache["qp_J"], b.reshape(-1, b.shape[-1]), transpose,
-                              cache["qp_lstsq"])
+        x = linear_solvers.lstsq(None, None, b.reshape(-1, b.shape[-1]), transpose=transpose,
+                                 cache=cache["qp_lstsq"])
         return x.reshape(b.shape)
 
     # -- backward: fast (structured factorization of the KKT Jacobian) --------
@@ -552,15 +544,16 @@ class _QPLayer:
                 self._warn_weak(weak)
                 J = self._analytic_jacobian(Q[weak_inst], G[weak_inst], A[weak_inst],
                                             y[weak_inst], nu[weak_inst], s[weak_inst])
-                cache["qp_J"] = self._zero_weak_rows(J, weak[weak_inst], J.shape[1] - G.shape[1])
-                cache["qp_lstsq"] = {}
+                # the core's lstsq takes a J already in its cache instead of forming one
+                cache["qp_lstsq"] = {"J": self._zero_weak_rows(J, weak[weak_inst],
+                                                               J.shape[1] - G.shape[1])}
                 cache["pseudo_inverse"] = True
         bb = b.reshape(-1, b.shape[-1])
         z = kkt_jacobian_solve_factored(cache["qp_factors"], bb, transpose=transpose)
         weak_inst = cache["qp_weak_instances"]
         if weak_inst.size:
-            z[weak_inst] = self._dense_lstsq(cache["qp_J"], bb[weak_inst], transpose,
-                                             cache["qp_lstsq"])
+            z[weak_inst] = linear_solvers.lstsq(None, None, bb[weak_inst], transpose=transpose,
+                                                cache=cache["qp_lstsq"])
         return z.reshape(b.shape)
 
     # -- diagnostics -----------------------------------------------------------
