@@ -84,3 +84,25 @@ def finite_or_raise(value, what: str) -> None:
                 f"(NaN or Inf), the first at index {first}. Check the data fed to "
                 f"the layer, or the solver that produced it."
             )
+
+
+class OptionError(NimplicitError, TypeError, ValueError):
+    """An unknown option, or an option with an invalid value, given to a
+    nimplicit function, layer or linear solver; the message lists the allowed ones."""
+
+
+class DTypeError(NimplicitError, TypeError):
+    """An input of a dtype nimplicit does not differentiate: complex, object,
+    float16, or an integer array given to a differentiated argument."""
+
+
+class CouplingError(NimplicitError):
+    """``batch_axis`` promises independent instances, but the residual couples them:
+    a perturbation of one instance changes the residual of another."""
+
+
+def where(batch_index, batched: bool = True) -> str:
+    """The text ``" (batch instance k)"`` for messages, or ``""`` when not batched."""
+    if not batched or batch_index is None:
+        return ""
+    return f" (batch instance {int(batch_index)})"
