@@ -438,6 +438,12 @@ class ImplicitLayer:
                                        f"(got {linear_solver!r})")
             self.linear_solver_options.setdefault("ridge", self.ridge)
         if linear_solver == "auto":
+            known = set().union(*(linear_solvers.SOLVER_CLASSES[n].options for n in _AUTO))
+            unknown = sorted(set(self.linear_solver_options) - known)
+            if unknown:
+                raise OptionError(f"linear_solver_options has unknown option(s) {unknown}: no "
+                                  f"candidate of linear_solver='auto' ({', '.join(_AUTO)}) takes "
+                                  f"them; known options are {sorted(known)}")
             self._auto = {name: self._auto_candidate(name) for name in _AUTO}
             self.linear_solver = None
         else:

@@ -774,7 +774,9 @@ def _legacy_call(cls, matvec, rmatvec, b, transpose, x_size, cache, point, opts)
     return state.solve(b, transpose=transpose)
 
 
-def _legacy_function(cls):
+def legacy_function(cls):
+    """The deprecated callable form ``solve(matvec, rmatvec, b, *, transpose, x_size, cache,
+    point, **opts)`` of a :class:`LinearSolver` class (its state kept in ``cache``)."""
     def solve(matvec: Optional[MatVec], rmatvec: Optional[MatVec], b: np.ndarray, *,
               transpose: bool = False, x_size: Optional[int] = None, cache: Optional[dict] = None,
               point=None, **opts) -> np.ndarray:
@@ -787,14 +789,14 @@ def _legacy_function(cls):
     return solve
 
 
-lu = _legacy_function(LU)
-cholesky = _legacy_function(Cholesky)
-lstsq = _legacy_function(Lstsq)
-cg = _legacy_function(CG)
-minres = _legacy_function(MINRES)
-gmres = _legacy_function(GMRES)
-bicgstab = _legacy_function(BiCGSTAB)
-lsmr = _legacy_function(LSMR)
+lu = legacy_function(LU)
+cholesky = legacy_function(Cholesky)
+lstsq = legacy_function(Lstsq)
+cg = legacy_function(CG)
+minres = legacy_function(MINRES)
+gmres = legacy_function(GMRES)
+bicgstab = legacy_function(BiCGSTAB)
+lsmr = legacy_function(LSMR)
 
 DENSE = {"lu": lu, "cholesky": cholesky, "lstsq": lstsq}
 MATRIX_FREE = {"cg": cg, "minres": minres, "gmres": gmres, "bicgstab": bicgstab, "lsmr": lsmr}
@@ -870,7 +872,7 @@ def make_solver(spec: Union[str, LinearSolver, type, Callable], options: Optiona
                               f"(deprecated) a callable solve(matvec, rmatvec, b, **opts)") from None
     if callable(spec):
         cls = getattr(spec, "solver_class", None)
-        if cls is not None and SOLVERS.get(cls.name) is spec:
+        if cls is not None:        # the callable form of a protocol class
             return cls(**options)
         return LegacySolver(spec, **options)
     raise OptionError(f"linear_solver must be a name, a LinearSolver or a callable, got "

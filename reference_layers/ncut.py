@@ -72,6 +72,7 @@ Forms
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Tuple, Union
 
 import autograd.numpy as np
@@ -83,7 +84,7 @@ import scipy.sparse.linalg as spla
 from autograd.extend import defjvp, defvjp, primitive
 
 from nimplicit import implicit_layer
-from nimplicit.linear_solvers import per_point
+from nimplicit.linear_solvers import LinearSolver, LinearSolverState, per_point
 from nimplicit.errors import (NimplicitError, NotConvergedError, ShapeError,
                               SingularJacobianError, finite_or_raise)
 
@@ -346,36 +347,65 @@ def _margin(r: onp.ndarray, v: onp.ndarray) -> float:
 # the sparse bordered system, for linear_solver="splu"
 # ------------------------------------------------------------------------------
 
-def _bordered_splu_solver(A: sp.csr_matrix, absA: sp.csr_matrix, normalization: str) -> Callable:
-    """A structured linear solver: sparse LU of the explicitly assembled bordered Jacobian.
+class _BorderedSpluState(LinearSolverState):
+    def __init__(self, factor):
+        self.factor = factor
 
-    ``J = [[L - lam D, -D v], [c, 0]]`` with ``c = -(D v)^T`` (degree) or
-    ``-v^T`` (unit), exactly ``dF/dy`` of :func:`_sparse_residual`; factored
-    once per forward point (``cache``), used for ``J`` and ``J^T``.
-    """
-    def solve(matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None, point=None, **_):
-        if point is None or onp.ndim(b) != 1:
-            raise ShapeError("linear_solver='splu' needs the forward point and one instance")
-        key = "ncut_splu"
-        if cache is None or key not in cache:
-            (v, lam), (w,) = point.y, point.inputs
-            v, lam, w = onp.asarray(v, float), float(lam), onp.asarray(w, float)
-            d = absA @ w
-            L = A @ sp.diags(w) @ A.T
-            Dv = (d * v)[:, None]
-            last = -(Dv.T if normalization == "degree" else v[None, :])
-            J = sp.bmat([[L - lam * sp.diags(d), -Dv], [last, None]], format="csc")
-            factor = spla.splu(J)
-            if cache is not None:
-                cache[key] = factor
-        else:
-            factor = cache[key]
-        x = factor.solve(onp.asarray(b, float), trans="T" if transpose else "N")
+    def solve(self, b, transpose=False):
+        if onp.ndim(b) != 1:
+            raise ShapeError("linear_solver='splu' solves one instance at a time")
+        x = self.factor.solve(onp.asarray(b, float), trans="T" if transpose else "N")
         if not onp.all(onp.isfinite(x)):
             raise SingularJacobianError("the bordered NCut Jacobian is singular (sparse LU); the "
                                         "second eigenvalue is probably not simple")
         return x
-    return solve
+
+
+class BorderedSplu(LinearSolver):
+    """A structured linear solver: sparse LU of the explicitly assembled bordered Jacobian.
+
+    ``J = [[L - lam D, -D v], [c, 0]]`` with ``c = -(D v)^T`` (degree) or
+    ``-v^T`` (unit), exactly ``dF/dy`` of :func:`_sparse_residual`; factored
+    once per forward point in :meth:`init` (from the point's ``(v, lam)`` and
+    edge weights), used for ``J`` and ``J^T``.
+    """
+
+    name = "splu"
+    options: dict = {}
+
+    def __init__(self, incidence: sp.csr_matrix, abs_incidence: sp.csr_matrix,
+                 normalization: str):
+        super().__init__()
+        self.incidence, self.abs_incidence, self.normalization = \
+            incidence, abs_incidence, normalization
+
+    def init(self, operator, aux=None):
+        point = operator.point
+        if point is None or operator.batch_size is not None:
+            raise ShapeError("linear_solver='splu' needs the forward point and one instance")
+        (v, lam), (w,) = point.y, point.inputs
+        v, lam, w = onp.asarray(v, float), float(lam), onp.asarray(w, float)
+        A = self.incidence
+        d = self.abs_incidence @ w
+        L = A @ sp.diags(w) @ A.T
+        Dv = (d * v)[:, None]
+        last = -(Dv.T if self.normalization == "degree" else v[None, :])
+        J = sp.bmat([[L - lam * sp.diags(d), -Dv], [last, None]], format="csc")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sp.SparseEfficiencyWarning)
+            try:
+                factor = spla.splu(J)
+            except RuntimeError as exc:       # "Factor is exactly singular"
+                raise SingularJacobianError(
+                    f"the bordered NCut Jacobian is singular (sparse LU: {exc}); the second "
+                    f"eigenvalue is probably not simple, or the graph is disconnected") from None
+        return _BorderedSpluState(factor)
+
+    def __eq__(self, other):
+        return (type(other) is BorderedSplu and other.normalization == self.normalization
+                and other.incidence is self.incidence)
+
+    __hash__ = object.__hash__
 
 
 # ------------------------------------------------------------------------------
@@ -517,7 +547,7 @@ class SparseNCut:
             layer_options["linear_solver_options"] = {
                 **self.krylov_options(), **(layer_options.get("linear_solver_options") or {})}
         elif linear_solver == "splu":
-            linear_solver = _bordered_splu_solver(self.incidence, self.abs_incidence, normalization)
+            linear_solver = BorderedSplu(self.incidence, self.abs_incidence, normalization)
         layer_options.setdefault("name", "ncut-sparse")
         self.layer = implicit_layer(_sparse_residual(A, absA, normalization), self._solve,
                                     linear_solver=linear_solver, diagnostics=self._diagnostics,
