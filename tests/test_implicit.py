@@ -18,7 +18,7 @@ import scipy.optimize
 from autograd import elementwise_grad, grad, hessian, jacobian, make_jvp, make_vjp
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import (assert_close, assert_grad_matches_fd, fd_directional, fd_grad, fd_jacobian, newton_solve,
+from helpers import (assert_close, assert_grad_matches_fd, fd_directional, fd_grad, fd_jacobian, newton_solve,
                       random_direction, vdot)
 from nimplicit import (ForwardPoint, Solution, implicit_layer, intercept_forward, linear_solvers,
                        record_points)

@@ -9,7 +9,7 @@ import numpy as onp
 import pytest
 import scipy.linalg
 from autograd import grad, make_jvp
-from conftest import assert_close, fd_directional
+from helpers import assert_close, fd_directional
 from hypothesis import HealthCheck, assume, given, settings
 
 from nimplicit.errors import (LinearSolveError, NonFiniteError, ShapeError,
