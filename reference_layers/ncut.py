@@ -95,6 +95,8 @@ __all__ = ["ncut_layer", "make_ncut_layer", "SparseNCut", "grid_graph_edges", "n
 DEFAULT_SIGN_SEED = 20240527
 #: relative asymmetry ``max|W - W^T| / max|W|`` above which ``W`` is rejected
 SYMMETRY_TOL = 1e-10
+#: sparse graphs with at most this many nodes get a dense generalized eigh (ARPACK needs k < N)
+SMALL_SPARSE_N = 8
 #: diagnostics flag a gap below this (derivatives are amplified by ~1/gap)
 GAP_WARN = 1e-4
 #: diagnostics flag ``sign_margin * sqrt(N)`` below this
@@ -227,6 +229,9 @@ def _sparse_spectrum(weights: onp.ndarray, incidence: sp.csr_matrix, abs_inciden
     L = (incidence @ sp.diags(weights) @ incidence.T).tocsc()
     D = sp.diags(d).tocsc()
     n = len(d)
+    if n <= SMALL_SPARSE_N:      # ARPACK needs k < n; a dense eigh is exact and cheap here
+        lams, vecs = scipy.linalg.eigh(L.toarray(), onp.diag(d), subset_by_index=[0, 2])
+        return lams, vecs
     sigma = -1e-6
     v0 = onp.random.default_rng(0).standard_normal(n) + 1.0
     try:
@@ -632,6 +637,9 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
         Symmetric non-negative affinity (the layer is a function of
         ``(W + W^T)/2``, so its gradient is symmetric), a batch of them, or the
         weights of a sparse graph.
+        A ``scipy.sparse`` matrix is read as a sparse graph (the upper triangle
+        of ``(W + W^T)/2``; the result equals the dense one, but a sparse matrix
+        is data, not differentiable: pass its weights with ``edges=`` for that).
     edges : int array (E, 2), optional
         Fixed edge list of a sparse graph (then ``W`` holds its weights and
         ``n_nodes`` is required); for repeated calls build a :class:`SparseNCut`
@@ -657,6 +665,10 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
         return SparseNCut(edges, n_nodes, normalization=normalization,
                           sign_reference=sign_reference, gap_tol=gap_tol,
                           linear_solver=linear_solver, **layer_options)(W)
+    if sp.issparse(W):
+        edges, weights, n = _sparse_to_edges(W)
+        return SparseNCut(edges, n, normalization=normalization, sign_reference=sign_reference,
+                          gap_tol=gap_tol, linear_solver=linear_solver, **layer_options)(weights)
     ndim = onp.ndim(W)
     if ndim not in (2, 3):
         raise ShapeError(f"W must have shape (N, N) or (B, N, N) (or pass edges= for weights), "
@@ -665,6 +677,19 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
                             sign_reference=sign_reference, gap_tol=gap_tol,
                             linear_solver=linear_solver or "lu", **layer_options)
     return layer(W)
+
+
+def _sparse_to_edges(W) -> Tuple[onp.ndarray, onp.ndarray, int]:
+    """The edge form ``(edges, weights, N)`` of a symmetric scipy.sparse ``W``: the
+    upper triangle of ``(W + W^T)/2`` (a sparse ``W`` is data, not differentiable)."""
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise ShapeError(f"a sparse W must be square (N, N), got {W.shape}")
+    if W.dtype.kind not in "fiu":
+        raise ShapeError(f"a sparse W must be real, got dtype {W.dtype}")
+    sym = sp.triu((W + W.T) * 0.5, k=1).tocoo()
+    keep = sym.data != 0
+    edges = onp.stack([sym.row[keep], sym.col[keep]], axis=1).astype(onp.int64)
+    return edges, onp.asarray(sym.data[keep], dtype=float), W.shape[0]
 
 
 def ncut_spectrum(W) -> Tuple[onp.ndarray, onp.ndarray]:

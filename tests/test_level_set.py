@@ -305,3 +305,18 @@ def test_diagnose_reports_the_edge_margin():
     report = diagnose(lambda p: iso_surface_layer(p, 0.0)[0], phi)
     assert not report.ok and "edge_margin" in str(report)
 
+
+
+def test_surface_area_at_zero_area_triangles_is_finite_with_zero_subgradient():
+    """Issue 11 item 10: degenerate triangles (the level on grid values) contribute
+    0 and the minimum-norm subgradient 0, not NaN blamed on "the cotangent"."""
+    verts = onp.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [2, 0, 0], [0.5, 0.5, 1.0]])
+    faces = onp.array([[0, 1, 2], [0, 1, 3], [1, 2, 4]])      # face 1 is collinear: zero area
+    g = grad(lambda v: surface_area(v, faces))(verts)
+    g_without = grad(lambda v: surface_area(v, faces[[0, 2]]))(verts)
+    assert onp.all(onp.isfinite(g))
+    onp.testing.assert_allclose(g, g_without, rtol=0, atol=1e-15)
+    onp.testing.assert_allclose(surface_area(verts, faces), surface_area(verts, faces[[0, 2]]))
+    # away from degeneracy the gradient matches finite differences
+    check = check_grad(lambda v: surface_area(v, faces[[0, 2]]), verts)
+    assert check.passed, check

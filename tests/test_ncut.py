@@ -444,3 +444,54 @@ def test_segmentation_example_end_to_end_gradient():
     E = rng.standard_normal(W2.shape)
     assert_close(onp.sum(grad(loss)(W2) * E), fd_directional(loss, W2, E, FD_STEP), 1e-6,
                  "example loss")
+
+
+# ------------------------------------------------------------------------------
+# issue 11: N = 3 sparse graphs, scipy.sparse W, extreme scales
+# ------------------------------------------------------------------------------
+
+def _dense_W(n=6, seed=0):
+    rng = onp.random.default_rng(seed)
+    W = rng.uniform(0.1, 1.0, (n, n))
+    W = 0.5 * (W + W.T)
+    onp.fill_diagonal(W, 0.0)
+    return W
+
+
+def test_sparse_ncut_with_three_nodes_matches_the_dense_layer():
+    edges = onp.array([[0, 1], [1, 2], [0, 2]])
+    w = onp.array([1.0, 2.0, 3.0])
+    W = onp.zeros((3, 3))
+    W[edges[:, 0], edges[:, 1]] = w
+    W = W + W.T
+    v_s, lam_s = SparseNCut(edges, 3)(w)
+    v_d, lam_d = ncut_layer(W)
+    assert_close(lam_s, lam_d, 1e-12, "lam, N = 3")
+    assert_close(v_s, v_d, 1e-10, "v, N = 3")
+    f = lambda w: SparseNCut(edges, 3)(w)[1]
+    g = grad(f)(w)
+    assert_close(g @ onp.array([0.3, -0.2, 0.5]), fd_directional(f, w, onp.array([0.3, -0.2, 0.5])),
+                 1e-6, "dlam/dw, N = 3")
+
+
+def test_scipy_sparse_W_is_read_as_a_graph():
+    import scipy.sparse as sps
+    W = _dense_W()
+    v_s, lam_s = ncut_layer(sps.csr_matrix(W))
+    v_d, lam_d = ncut_layer(W)
+    assert_close(lam_s, lam_d, 1e-10, "lam of sparse W")
+    assert_close(v_s, v_d, 1e-8, "v of sparse W")
+
+
+@pytest.mark.parametrize("scale", [1e150, 1e-150])
+def test_dense_ncut_at_extreme_scales_is_scale_invariant(scale):
+    """Issue 11 item 5: no degeneracy reported at 1e+-150 (the tests are relative);
+    (v, lam) is invariant to scaling W and dlam/dW scales as 1/scale."""
+    W = _dense_W()
+    v, lam = ncut_layer(W * scale)
+    v1, lam1 = ncut_layer(W)
+    assert_close(lam, lam1, 1e-12, "lam at scale")
+    assert_close(v * onp.sqrt(scale), v1, 1e-8, "v (degree normalization scales with D)")
+    g = grad(lambda W: ncut_layer(W)[1])(W * scale)
+    g1 = grad(lambda W: ncut_layer(W)[1])(W)
+    assert_close(g * scale, g1, 1e-8, "dlam/dW at scale")
