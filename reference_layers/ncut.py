@@ -301,25 +301,41 @@ def _constraint(v, Dv, normalization: str):
     return -0.5 * (np.sum(v * v, axis=-1) - 1.0)
 
 
-def _dense_residual(normalization: str) -> Callable:
-    def residual(y, W):
+class _DenseResidual:
+    """``F((v, lam), W)`` of the dense layer (a class, so that layers pickle)."""
+
+    def __init__(self, normalization: str):
+        self.normalization = normalization
+
+    def __call__(self, y, W):
         v, lam = y
         S = 0.5 * (W + np.swapaxes(W, -1, -2))    # the layer is a function of sym(W)
         d = np.sum(S, axis=-1)
         Dv = d * v
         Lv = Dv - np.matmul(S, v[..., None])[..., 0]
-        return Lv - lam[..., None] * Dv, _constraint(v, Dv, normalization)
-    return residual
+        return Lv - lam[..., None] * Dv, _constraint(v, Dv, self.normalization)
 
 
-def _sparse_residual(A: _FixedSparse, absA: _FixedSparse, normalization: str) -> Callable:
-    def residual(y, weights):
+def _dense_residual(normalization: str) -> Callable:
+    return _DenseResidual(normalization)
+
+
+class _SparseResidual:
+    """``F((v, lam), weights)`` of the sparse layer (a class, so that layers pickle)."""
+
+    def __init__(self, A: "_FixedSparse", absA: "_FixedSparse", normalization: str):
+        self.A, self.absA, self.normalization = A, absA, normalization
+
+    def __call__(self, y, weights):
         v, lam = y
-        d = _sparse_apply(absA, weights)
+        d = _sparse_apply(self.absA, weights)
         Dv = d * v
-        Lv = _sparse_apply(A, weights * _sparse_apply(A.T, v))
-        return Lv - lam * Dv, _constraint(v, Dv, normalization)
-    return residual
+        Lv = _sparse_apply(self.A, weights * _sparse_apply(self.A.T, v))
+        return Lv - lam * Dv, _constraint(v, Dv, self.normalization)
+
+
+def _sparse_residual(A: "_FixedSparse", absA: "_FixedSparse", normalization: str) -> Callable:
+    return _SparseResidual(A, absA, normalization)
 
 
 # ------------------------------------------------------------------------------
@@ -427,6 +443,40 @@ def _check_normalization(normalization: str) -> None:
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
 
 
+class _DenseForward:
+    """The dense forward ``W -> (v, lam)`` and its diagnostics (picklable)."""
+
+    def __init__(self, batched: bool, normalization: str, sign_reference, gap_tol: float):
+        self.batched, self.normalization = batched, normalization
+        self.sign_reference, self.gap_tol = sign_reference, gap_tol
+
+    def _instance(self, W, at):
+        _validate_dense(W, at)
+        lams, vecs = _dense_spectrum(W)
+        _gap_check(lams, self.gap_tol, at)
+        r = _sign_reference(len(W), self.sign_reference)
+        return lams, _fix_sign_and_scale(vecs[:, 1], W.sum(axis=1), r, self.normalization)
+
+    def __call__(self, W):
+        W = onp.asarray(W, dtype=float)
+        if not self.batched:
+            lams, v = self._instance(W, "")
+            return v, onp.asarray(lams[1])
+        if W.ndim != 3:
+            raise ShapeError(f"the batched NCut layer needs W of shape (B, N, N), got {W.shape}")
+        out = [self._instance(Wb, where(b)) for b, Wb in enumerate(W)]
+        return onp.stack([v for _, v in out]), onp.array([lams[1] for lams, _ in out])
+
+    def diagnostics(self, point):
+        W = onp.asarray(point.inputs[0], dtype=float)
+        Ws = W if self.batched else W[None]
+        v = onp.asarray(point.y[0]).reshape(len(Ws), -1)
+        lams = [_dense_spectrum(Wb)[0] for Wb in Ws]
+        margins = [_margin(_sign_reference(Wb.shape[0], self.sign_reference), vb)
+                   for Wb, vb in zip(Ws, v)]
+        return _gap_diagnostics(lams, margins)
+
+
 def make_ncut_layer(*, batch_axis: Optional[int] = None, normalization: str = "degree",
                     sign_reference: Optional[onp.ndarray] = None, gap_tol: float = 1e-8,
                     linear_solver: str = "lu", batched: Optional[bool] = None, **layer_options):
@@ -458,30 +508,8 @@ def make_ncut_layer(*, batch_axis: Optional[int] = None, normalization: str = "d
         raise OptionError(f"make_ncut_layer: batch_axis must be None or 0, got {batch_axis!r}")
     batched = batch_axis == 0
 
-    def instance(W, where):
-        _validate_dense(W, where)
-        lams, vecs = _dense_spectrum(W)
-        _gap_check(lams, gap_tol, where)
-        r = _sign_reference(len(W), sign_reference)
-        return lams, _fix_sign_and_scale(vecs[:, 1], W.sum(axis=1), r, normalization)
-
-    def solver(W):
-        W = onp.asarray(W, dtype=float)
-        if not batched:
-            lams, v = instance(W, "")
-            return v, onp.asarray(lams[1])
-        if W.ndim != 3:
-            raise ShapeError(f"the batched NCut layer needs W of shape (B, N, N), got {W.shape}")
-        out = [instance(Wb, where(b)) for b, Wb in enumerate(W)]
-        return onp.stack([v for _, v in out]), onp.array([lams[1] for lams, _ in out])
-
-    def diagnostics(point):
-        W = onp.asarray(point.inputs[0], dtype=float)
-        Ws = W if batched else W[None]
-        v = onp.asarray(point.y[0]).reshape(len(Ws), -1)
-        lams = [_dense_spectrum(Wb)[0] for Wb in Ws]
-        margins = [_margin(_sign_reference(Wb.shape[0], sign_reference), vb) for Wb, vb in zip(Ws, v)]
-        return _gap_diagnostics(lams, margins)
+    forward = _DenseForward(batched, normalization, sign_reference, gap_tol)
+    solver, diagnostics = forward, forward.diagnostics
 
     layer_options.setdefault("name", "ncut-batched" if batched else "ncut-dense")
     return implicit_layer(_dense_residual(normalization), solver, linear_solver=linear_solver,

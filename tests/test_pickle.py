@@ -81,3 +81,25 @@ def test_forward_point_is_not_picklable_with_a_clear_message():
         layer(W, x)
     with pytest.raises(TypeError, match="not picklable"):
         pickle.dumps(points[0])
+
+
+def test_ncut_layers_pickle_after_a_grad_call():
+    from reference_layers.ncut import SparseNCut, grid_graph_edges, make_ncut_layer
+    rng = onp.random.default_rng(3)
+    W = rng.uniform(0.1, 1.0, (6, 6))
+    W = 0.5 * (W + W.T)
+    onp.fill_diagonal(W, 0.0)
+    dense = make_ncut_layer()
+    g = grad(lambda W: dense(W)[1])(W)
+    size = len(pickle.dumps(dense))
+    clone = pickle.loads(pickle.dumps(dense))
+    assert_close(grad(lambda W: clone(W)[1])(W), g, 1e-14, "unpickled dense NCut")
+    grad(lambda W: dense(W)[1])(W)
+    assert len(pickle.dumps(dense)) == size
+    edges = grid_graph_edges(4, 4)
+    w = onp.linspace(0.5, 1.5, len(edges))
+    for backward in ("generic", "structured"):
+        sparse = SparseNCut(edges, 16, backward=backward)
+        g = grad(lambda w: sparse(w)[1])(w)
+        clone = pickle.loads(pickle.dumps(sparse))
+        assert_close(grad(lambda w: clone(w)[1])(w), g, 1e-12, f"unpickled SparseNCut {backward}")
