@@ -200,6 +200,13 @@ def test_zero_reference_and_zero_peer(qp_file):
     assert not rep.passed and worst.quantity == "VJP input 3 (h)" and worst.rel == pytest.approx(1.0)
     m = oracle._measure("x", np.array([1e-9, 0.0]), np.zeros(2), 1e-6, 1e-12)
     assert not m.passed and m.rel == float("inf")
+    # an exactly-zero reference: judged on the siblings' scale, reported as inf
+    ms = [oracle._measure("VJP a", np.ones(2), np.ones(2), 1e-6, 1e-12), m,
+          oracle._measure("VJP b", np.array([0.1, 0.0]), np.zeros(2), 1e-6, 1e-12)]
+    ms[1].quantity = "VJP z"
+    notes = []
+    oracle._zero_references(ms, "VJP", 1e-6, 1e-12, notes)
+    assert ms[1].passed and ms[1].rel == float("inf") and not ms[2].passed and len(notes) == 2
 
 
 def test_perturbed_implementations_are_detected_per_case(qp_file):

@@ -146,8 +146,13 @@ class JaxAdapter:
     def jvp(self, inputs, tangent):
         full = self._arrays(inputs)
         jnp = self.jax.numpy
-        _, out = self.jax.jvp(self._F(full), tuple(full[i] for i in self.argnums),
-                              tuple(jnp.asarray(np.asarray(v, float)) for v in tangent))
+        try:
+            _, out = self.jax.jvp(self._F(full), tuple(full[i] for i in self.argnums),
+                                  tuple(jnp.asarray(np.asarray(v, float)) for v in tangent))
+        except Exception as exc:     # e.g. a custom_vjp function has no forward mode
+            raise JVPUnavailable(f"jax.jvp does not run through this function "
+                                 f"({type(exc).__name__}: {str(exc)[:160]}); JVPs are checked "
+                                 f"through its VJPs") from exc
         return _to_numpy_out(out)
 
 

@@ -77,6 +77,8 @@ COLUMNS_MAX = 6
 VJP_DIRECTIONS = 2
 #: default comparison tolerance of a file when its entry recommends none
 DEFAULT_COMPARE_RTOL = 1e-6
+#: a reference below this fraction of its group's largest scale is zero to rounding
+ZERO_REL = 1e-10
 
 
 class OracleError(NimplicitError, ValueError):
@@ -770,6 +772,25 @@ def _measure(quantity: str, got, want, rtol: float, atol: float, allowance: floa
     return Measure(quantity, err, scale, allowed, bool(err <= allowed))
 
 
+def _zero_references(measures: List[Measure], prefix: str, rtol: float, atol: float,
+                     notes: List[str]) -> None:
+    """A quantity whose reference is zero to rounding (``max|want| <= ZERO_REL`` times the
+    largest scale of its group: e.g. the gradient in ``G`` of a QP with no active
+    constraint) has no scale of its own: its relative error stays reported (``inf`` for an
+    exact zero) and it is judged against ``rtol`` times the largest scale of its siblings (the
+    other outputs, or the other inputs' VJPs, of the case), so that an iterative peer's
+    ~1e-9 residue passes while a value of the siblings' size fails."""
+    group = [m for m in measures if m.quantity.startswith(prefix)]
+    sibling = max((m.scale for m in group), default=0.0)
+    for m in group:
+        if m.scale <= ZERO_REL * sibling and m.error > m.allowed:
+            m.allowed = atol + rtol * sibling
+            m.passed = bool(np.isfinite(m.error) and m.error <= m.allowed)
+            notes.append(f"{m.quantity}: the reference is 0 to rounding (max {m.scale:.1e}), the "
+                         f"peer's error is {m.error:.2e}; judged against rtol x {sibling:.2e} (largest {prefix} "
+                         f"scale of the case): {'ok' if m.passed else 'FAIL'}")
+
+
 def _input_name(conventions: dict, i: int) -> str:
     spec = conventions.get("inputs")
     if isinstance(spec, list) and i < len(spec) and isinstance(spec[i], dict) and "name" in spec[i]:
@@ -792,9 +813,11 @@ def compare(path: str, fn: Callable, vjp: Optional[Callable] = None, jvp: Option
 
     Every output component, every differentiated input's VJP and every JVP
     component is judged on its own: ``max|got - want| <= atol + rtol
-    max|want|`` with ``want`` that quantity's reference; a zero reference
-    admits only ``atol`` (relative error ``inf``), and a zero ``got`` where
-    ``want`` is not zero has relative error 1.  ``rtol`` defaults to the file's
+    max|want|`` with ``want`` that quantity's reference; a zero ``got`` where
+    ``want`` is not zero has relative error 1 and fails.  A reference that is
+    exactly zero has no scale: a non-zero peer value is reported with relative
+    error ``inf`` (and a note) and judged against ``rtol`` times the largest
+    scale of the same kind in the case (see :func:`_zero_references`).  ``rtol`` defaults to the file's
     ``recommended_rtol``.  Inputs in ``conventions["symmetric_inputs"]`` are
     compared through the symmetric part of the peer's VJP.
 
@@ -920,6 +943,8 @@ def compare(path: str, fn: Callable, vjp: Optional[Callable] = None, jvp: Option
                                          rtol, atol, allowance))
             notes.append(f"JVPs by finite differences of fn (requested or no vjp), noise "
                          f"{rel_noise:.1e} relative in the allowance")
+        for prefix in ("output", "VJP", "JVP"):
+            _zero_references(measures, prefix, rtol, atol, notes)
         results.append(CaseComparison(case=c, seed=case["seed"], measures=measures,
                                       jvp_source=source, notes=notes))
     return OracleReport(layer=header["layer"], cases=results, rtol=rtol, atol=atol,
