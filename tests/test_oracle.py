@@ -314,3 +314,14 @@ def test_not_an_oracle_file(tmp_path):
     np.savez(path, a=np.ones(2))
     with pytest.raises(oracle.OracleError):
         oracle.load(str(path))
+
+
+def test_export_is_robust_to_a_plain_tuple_of_boxes(tmp_path):
+    def plain(x):                      # a plain Python tuple: autograd alone sees no dependence
+        return (anp.sin(x), anp.sum(x ** 2))
+    path = str(tmp_path / "plain.npz")
+    h = oracle.export_function(plain, [(np.linspace(0.1, 1.0, 4),)], path, name="plain-tuple")
+    _, arrays = oracle.load(path)
+    assert h["cases"][0]["output_is_tuple"] and h["cases"][0]["check"]["passed"]
+    assert np.abs(arrays["case0/vjp0/input0"]).max() > 0.1
+    assert np.abs(arrays["case0/jvp0/output1"]).max() > 0.1
