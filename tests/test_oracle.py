@@ -325,3 +325,11 @@ def test_export_is_robust_to_a_plain_tuple_of_boxes(tmp_path):
     assert h["cases"][0]["output_is_tuple"] and h["cases"][0]["check"]["passed"]
     assert np.abs(arrays["case0/vjp0/input0"]).max() > 0.1
     assert np.abs(arrays["case0/jvp0/output1"]).max() > 0.1
+
+
+def test_undeclared_conventions_are_described_from_shapes(tmp_path):
+    path = str(tmp_path / "bare.npz")
+    h = oracle.export_function(lambda x, s: anp.sin(x) * s, [(np.ones(3), 2.0)], path, name="bare")
+    conv = h["conventions"]
+    assert conv["inputs"][1] == {"name": "x1", "shape": "float", "differentiated": True}
+    assert conv["outputs"] == [{"name": "out0", "shape": [3]}] and "undeclared" in conv

@@ -459,10 +459,29 @@ def _write(fn: Callable, instances, path: str, header: dict, *, argnums, n_direc
             f"derivative is wrong (or its output is a plain tuple of boxes the wrapper could not "
             f"trace), or its forward is noisier than declared: check it with check_grad.", checks)
     header["argnums"] = argnums_all
+    _fill_conventions(conventions, header["cases"][0], argnums_all)
     arrays["header"] = np.array(json.dumps(header))
     with open(path, "wb") as fh:
         np.savez_compressed(fh, **arrays)
     return header
+
+
+def _fill_conventions(conventions: dict, case: dict, argnums: Sequence[int]) -> None:
+    """Describe the inputs and outputs from their shapes when the entry declares none, so
+    that every file says at least what it holds (and says that it was not declared)."""
+    auto = []
+    if "inputs" not in conventions:
+        conventions["inputs"] = [{"name": f"x{i}", "shape": s["shape"] if s["kind"] == "array"
+                                  else "float", "differentiated": i in argnums}
+                                 for i, s in enumerate(case["inputs"])]
+        auto.append("inputs")
+    if "outputs" not in conventions:
+        conventions["outputs"] = [{"name": f"out{k}", "shape": shape}
+                                  for k, shape in enumerate(case["outputs"])]
+        auto.append("outputs")
+    if auto:
+        conventions["undeclared"] = (f"{' and '.join(auto)} described from the shapes only: the "
+                                     f"layer declares no conventions for them")
 
 
 def _base_header(name: str, description: str, conventions: dict, seed, size, n_directions: int,

@@ -44,19 +44,19 @@ _RTOL_REASON = ("an interior point method run to eps 1e-12 reaches ~1e-6 on quan
 
 
 def _conventions(p: bool, batched: bool = False, shared: tuple = ()) -> dict:
-    b = "(B, ...) " if batched else ""
-    names = [("Q", "(n, n)"), ("q", "(n,)"), ("G", "(m, n)"), ("h", "(m,)")]
+    def shape(dims: str, batch: bool = batched) -> str:
+        return f"(B, {dims})" if batch else (f"({dims})" if "," in dims else f"({dims},)")
+    names = [("Q", "n, n"), ("q", "n"), ("G", "m, n"), ("h", "m")]
     if p:
-        names += [("A", "(p, n)"), ("b", "(p,)")]
-    inputs = [{"name": nm, "shape": (sh if nm in shared or not batched else "(B, " + sh[1:])}
-              for nm, sh in names]
+        names += [("A", "p, n"), ("b", "p")]
+    inputs = [{"name": nm, "shape": shape(dims, batched and nm not in shared)} for nm, dims in names]
     conv = {
         "problem": "y = argmin 1/2 y'Qy + q'y  s.t.  G y <= h" + ("  and  A y = b" if p else ""),
         "inputs": inputs,
-        "outputs": [{"name": "y", "shape": b + "(n,)"},
-                    {"name": "lam", "shape": b + "(p,)" + ("" if p else ": shape (0,) (empty) "
-                                                            "without equalities")},
-                    {"name": "nu", "shape": b + "(m,)", "sign": ">= 0"}],
+        "outputs": [{"name": "y", "shape": shape("n")},
+                    {"name": "lam", "shape": shape("p") if p else
+                     shape("0") + ": empty, there are no equalities"},
+                    {"name": "nu", "shape": shape("m"), "sign": ">= 0"}],
         "duals": "Lagrangian 1/2 y'Qy + q'y + lam'(A y - b) + nu'(G y - h): stationarity "
                  "Q y + q + A'lam + G'nu = 0, nu >= 0, nu_i (G y - h)_i = 0",
         "symmetric_inputs": [0],
