@@ -231,6 +231,8 @@ def test_vjp_only_peer_gets_jvps_from_the_adjoint_identity(qp_file):
     rep = oracle.compare(path, lambda *a: good(*a), vjp=good.vjp)
     assert rep.passed, rep
     assert all(c.jvp_source == "adjoint identity" for c in rep.cases)
+    q = [m.quantity for m in rep.cases[0].measures]
+    assert {"JVP output 0 (y) (via VJP)", "JVP output 2 (nu) (via VJP)"} <= set(q)
     off = lambda inputs, cot: tuple(g * (1 + 1e-4) for g in good.vjp(inputs, cot))
     assert not oracle.compare(path, lambda *a: good(*a), vjp=off).passed
 
