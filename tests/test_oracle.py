@@ -299,6 +299,10 @@ def test_export_function_for_a_users_layer(tmp_path):
     wrapped = oracle.AutogradWrapper(layer, [0, 1])
     assert oracle.compare(path, wrapped).passed
     assert all("adjoint identity" in r["method"] for r in oracle.verify_file(path))
+    # a user's layer that happens to share a registered name is not checked against the registry's
+    clash = str(tmp_path / "clash.npz")
+    oracle.export_function(layer, instances, clash, name="qp")
+    assert oracle.compare(clash, wrapped).passed
     assert all(r["passed"] and "n_fd" in r for r in oracle.verify_file(path, layer))
 
 

@@ -7,7 +7,8 @@ One NumPy ``.npz`` archive (no pickled objects) holding
 
 ``header``
     a 0-d unicode array whose text is a JSON object: ``format``
-    (``"nimplicit-oracle"``), ``version`` (2), ``layer``, ``variant``,
+    (``"nimplicit-oracle"``), ``version`` (2), ``layer``, ``source``
+    (``"registry"`` or ``"function"``: a user's layer), ``variant``,
     ``description``, ``conventions`` (a dict, see below), ``created`` (UTC,
     ISO 8601), ``versions``, ``seed``, ``size`` (generator keywords),
     ``argnums`` (the differentiated inputs), ``n_directions``,
@@ -557,6 +558,7 @@ def export(layer: str, path: str, *, cases: int = 3, seed: int = 0, n_directions
     instances = (entry.generate(np.random.default_rng(s), **sz) for s in seeds)
     header = _base_header(entry.name, entry.description, conventions, seed, sz, n_directions,
                           variant)
+    header["source"] = "registry"
     rtol = entry.rtol if entry.rtol is not None else VERIFY_RTOL
     return _write(fn, instances, path, header, argnums=entry.argnums, n_directions=n_directions,
                   seeds=seeds, rtol=rtol, noise=entry.noise, fd_step=entry.fd_step)
@@ -578,6 +580,7 @@ def export_function(fn: Callable, instances: Sequence[Sequence[Any]], path: str,
     conv = normalize_conventions(conventions)
     instances = list(instances)
     header = _base_header(name, conv.get("description", ""), conv, None, None, n_directions, None)
+    header["source"] = "function"
     return _write(fn, instances, path, header, argnums=argnums, n_directions=n_directions,
                   seeds=list(range(len(instances))), rtol=float(conv.get("verify_rtol", VERIFY_RTOL)),
                   noise=conv.get("noise"), fd_step=None)
@@ -609,7 +612,9 @@ def case_inputs(header, arrays, c: int) -> list:
 
 
 def _reference_forward(header) -> Tuple[Optional[Callable], dict]:
-    """The registry's forward for a file of a registered layer, and its settings."""
+    """The registry's forward for a file exported from the registry, and its settings."""
+    if header.get("source") != "registry":
+        return None, {}
     try:
         entry = get(header["layer"])
     except KeyError:
