@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 
 @dataclass
@@ -38,8 +38,18 @@ class Entry:
     noise : relative accuracy of ``fn``'s output when it is worse than the
         checker's default (``verification.check.NOISE``, 64 eps), e.g. for a
         forward solver that stops at a tolerance; ``None`` for the default.
-    conventions : conventions the outputs follow (e.g. an eigenvector's sign),
-        recorded in exported oracle files.
+    conventions : conventions of the inputs and outputs, recorded in exported
+        oracle files and printed by ``compare``: a dict with (where they apply)
+        ``inputs`` / ``outputs`` (lists of ``{"name", "shape", ...}`` in argument
+        order), ``constraints``, ``duals``, ``symmetric_inputs`` (indices of
+        inputs whose symmetric part alone enters: their tangents and VJPs are
+        exported symmetric), ``batch``, ``sign``, ``normalization``,
+        ``vertex_order``, ``triangulation``, ``recommended_rtol`` and
+        ``recommended_rtol_reason`` (the comparison tolerance an accurate peer
+        meets, and why).  A plain string is accepted as ``{"notes": text}``.
+    variants : alternative forms of ``fn`` (same inputs) exported with
+        ``export(..., variant=name)``, e.g. ``"primal"`` for a QP's ``y`` alone.
+    variant_conventions : per variant, conventions that replace the entry's keys.
     """
     name: str
     fn: Callable[..., Any]
@@ -53,7 +63,9 @@ class Entry:
     description: str = ""
     fd_step: Optional[float] = None
     noise: Optional[float] = None
-    conventions: str = ""
+    conventions: Union[Dict[str, Any], str] = field(default_factory=dict)
+    variants: Dict[str, Callable[..., Any]] = field(default_factory=dict)
+    variant_conventions: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 ENTRIES: Dict[str, Entry] = {}

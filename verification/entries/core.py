@@ -78,6 +78,8 @@ def circle_generate(rng, n: int = 4, height: float = 0.5):
 
 register(Entry(
     name="sphere-height", fn=circle, generate=circle_generate, size={"n": 4, "height": 0.5},
+    conventions={"inputs": [{"name": "x", "shape": "(n,)"}, {"name": "r", "shape": "float"}],
+                 "outputs": [{"name": "y", "shape": "()", "branch": "y > 0"}]},
     description="y > 0 on the sphere |x|^2 + y^2 = r^2 (0-d output, vector and float inputs)"))
 
 
@@ -116,6 +118,8 @@ def example1_generate(rng, low: float = 0.7, high: float = 1.5):
 register(Entry(
     name="paper-example1", fn=example1, generate=example1_generate,
     size={"low": 0.7, "high": 1.5},
+    conventions={"inputs": [{"name": "x", "shape": "float"}],
+                 "outputs": [{"name": "y", "shape": "(2,)", "branch": "y2 > 0"}]},
     description="the paper's Example 1 (eq. 18): x^2 + |y|^2 = 4, x y1 = 1 (float input, vector output)"))
 
 
@@ -179,10 +183,16 @@ def _deq_fn(layer):
 register(Entry(
     name="deq-tanh", fn=_deq_fn(deq_tanh), generate=deq_generate,
     size={"n": 5, "contraction": 0.6},
+    conventions={"inputs": [{"name": "x", "shape": "(n,)"}, {"name": "W", "shape": "(n, n)"},
+                            {"name": "b", "shape": "(n,)"}],
+                 "outputs": [{"name": "y", "shape": "(n,)", "meaning": "y = tanh(W y + x + b)"}]},
     description="tanh equilibrium y = tanh(W y + x + b), dense LU backward solves"))
 register(Entry(
     name="deq-tanh-gmres", fn=_deq_fn(deq_tanh_gmres), generate=deq_generate,
     size={"n": 5, "contraction": 0.6},
+    conventions={"inputs": [{"name": "x", "shape": "(n,)"}, {"name": "W", "shape": "(n, n)"},
+                            {"name": "b", "shape": "(n,)"}],
+                 "outputs": [{"name": "y", "shape": "(n,)", "meaning": "y = tanh(W y + x + b)"}]},
     description="tanh equilibrium y = tanh(W y + x + b), matrix-free GMRES backward solves"))
 
 
@@ -247,6 +257,8 @@ def robust_pool_generate(rng, n: int = 8, d: int = 3, alpha: float = 1.0, outlie
 register(Entry(
     name="robust-pool", fn=robust_pool, generate=robust_pool_generate,
     size={"n": 8, "d": 3, "alpha": 1.0},
+    conventions={"inputs": [{"name": "x", "shape": "(n, d) points"}, {"name": "alpha", "shape": "float"}],
+                 "outputs": [{"name": "y", "shape": "(d,)"}]},
     description="robust pooling: pseudo-Huber argmin per feature (argmin_layer)"))
 
 
@@ -317,6 +329,11 @@ def simplex_generate(rng, n: int = 6, scale: float = 1.0, margin: float = 0.05):
 register(Entry(
     name="simplex-projection", fn=simplex_projection, generate=simplex_generate,
     size={"n": 6, "scale": 1.0, "margin": 0.05},
+    conventions={"inputs": [{"name": "x", "shape": "(n,)"}],
+                 "outputs": [{"name": "y", "shape": "(n,)"}, {"name": "lambda", "shape": "(1,)"},
+                             {"name": "nu", "shape": "(n,)", "sign": ">= 0"}],
+                 "duals": "Lagrangian 1/2|y - x|^2 + lambda (sum y - 1) - nu'y: stationarity "
+                          "y - x + lambda 1 - nu = 0"},
     description="projection onto the simplex as a KKT constrained argmin, output (y, lambda, nu)"))
 
 
@@ -356,4 +373,7 @@ def batched_generate(rng, batch: int = 4, n: int = 3, contraction: float = 0.7):
 register(Entry(
     name="deq-tanh-batched", fn=deq_tanh_batched, generate=batched_generate,
     size={"batch": 4, "n": 3, "contraction": 0.7},
+    conventions={"inputs": [{"name": "x", "shape": "(B, n)"}, {"name": "W", "shape": "(n, n)"}],
+                 "outputs": [{"name": "y", "shape": "(B, n)"}],
+                 "batch": "W shared by the batch: its VJP is the SUM of the per-instance gradients"},
     description="batch of tanh equilibria y_b = tanh(W y_b + x_b), shared W (batch_axis=0)"))
