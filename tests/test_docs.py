@@ -156,3 +156,13 @@ def test_sphinx_builds_without_warnings(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "html" / "index.html").exists()
+
+
+@pytest.mark.parametrize("quiet", [[], ["-q"]], ids=["plain", "-q"])
+def test_per_suite_commands_print_their_summary(quiet):
+    """pytest.ini's addopts must not stack with a command's -q into silence."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", *quiet,
+                           "tests/test_docs.py::test_rst_parser_sees_blocks_and_doctests"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"^=*\s*1 passed", proc.stdout, re.M), proc.stdout
