@@ -380,14 +380,14 @@ EPILOG = ("subcommands:\n"
 def _add_scheduler(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="run the cases on the Dask distributed cluster at ADDRESS "
-                        "(e.g. tcp://10.0.0.5:8786); needs the 'distributed' extra")
+                        "(e.g. tcp://scheduler-host:8786); needs the 'distributed' extra")
 
 
 def _parser() -> argparse.ArgumentParser:
     """The parser of the default command (layer checks and the self-test)."""
     p = argparse.ArgumentParser(
         prog=PROG, usage=USAGE, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Check the VJPs, JVPs and second derivatives of registered implicit layers "
+        description="Check the VJPs, JVPs and second derivatives of registered implicit layers\n"
                     "(or your own, with --target) against finite differences of the forward's output.")
     p.add_argument("--list", action="store_true", help="list the registered layers and exit")
     p.add_argument("--layer", action="append", metavar="NAME", help="check this layer (repeatable)")
@@ -557,7 +557,9 @@ def _list(registry: Dict[str, Entry]) -> int:
     width = max(len(n) for n in registry)
     for name in sorted(registry):
         e = registry[name]
-        print(f"{name:<{width}}  order {e.order}, {e.cases} cases  {e.description}")
+        size = " ".join(f"{k}={v}" for k, v in e.size.items())
+        print(f"{name:<{width}}  order {e.order}, {e.cases} cases  {e.description}"
+              + (f"  [--size {size}]" if size else ""))
     return EXIT_PASS
 
 
