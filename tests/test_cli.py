@@ -149,6 +149,10 @@ def norm_layer(x):                  # needs all of x: splitting it into rows bre
 
 def broken(x):
     raise RuntimeError("the layer itself is broken")
+
+def doubled_circle(*inputs):        # a wrong implementation of sphere-height
+    from verification.entries.core import circle
+    return 2 * np.asarray(circle(*inputs))
 '''
 
 
@@ -374,3 +378,12 @@ def test_export_on_a_local_cluster_matches_the_local_file(local_cluster, tmp_pat
     assert h1 == h2 and sorted(a1) == sorted(a2)
     for key in a1:
         onp.testing.assert_array_equal(a1[key], a2[key])
+
+
+def test_compare_exit_status(cwd_module, tmp_path, capsys):
+    path = tmp_path / "circle.npz"
+    assert main(["export", "sphere-height", str(path), "--cases", "1", "--directions", "1"]) == 0
+    assert main(["compare", str(path), "--target", f"{cwd_module}:doubled_circle"]) == 1
+    assert main(["compare", str(tmp_path / "missing.npz"), "--target", f"{cwd_module}:doubled_circle"]) == 2
+    assert main(["compare", str(path), "--target", "no_such_module_xyz:fn"]) == 2
+    assert "cannot import" in capsys.readouterr().err
