@@ -30,7 +30,9 @@ class CliHelp(Directive):
         from verification.cli import parsers
         name = self.arguments[0] if self.arguments else ""
         text = parsers()["" if name == "main" else name].format_help()
-        return [nodes.literal_block(text, text)]
+        block = nodes.literal_block(text, text)
+        block["language"] = "text"
+        return [block]
 
 
 def setup(app):
