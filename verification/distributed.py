@@ -51,7 +51,7 @@ def run_on_cluster(worker: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: Lis
     worker : a module-level function (it is pickled by reference).
     jobs : picklable dicts, one per case.
     address : the scheduler's address (``"tcp://host:8786"``) or a running
-        ``distributed.Client`` / cluster object.
+        cluster object such as ``distributed.LocalCluster``.
     on_result : called with each result as it arrives (progress).
 
     Returns
