@@ -167,3 +167,10 @@ def test_per_suite_commands_print_their_summary(quiet):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"^=*\s*1 passed", proc.stdout, re.M), proc.stdout
+
+
+def test_readme_stays_short_and_links_existing_pages():
+    text = (ROOT / "README.rst").read_text()
+    assert len(text.splitlines()) <= 200
+    for page in re.findall(r"``(docs/[\w/]+\.rst)``", text):
+        assert (ROOT / page).exists(), page
