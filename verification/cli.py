@@ -448,6 +448,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", metavar="MODULE:GENERATOR",
                    help="with --target: generate(rng) -> one instance")
     p.add_argument("--name", help="with --target: the layer name recorded in the file")
+    p.add_argument("--variant", metavar="NAME",
+                   help="an entry's alternative form, e.g. a primal-only QP file for peers "
+                        "without duals (when the entry declares variants)")
     _add_scheduler(p)
     p.add_argument("--layer", help=argparse.SUPPRESS)     # deprecated: use the LAYER argument
     p.add_argument("--out", help=argparse.SUPPRESS)       # deprecated: use the PATH argument
@@ -479,6 +482,14 @@ def parsers() -> Dict[str, argparse.ArgumentParser]:
 # subcommands
 # ------------------------------------------------------------------------------
 
+def _generator_keywords(entry: Entry) -> Optional[List[str]]:
+    """The keywords ``entry.generate`` accepts after ``rng`` (``None``: any, it takes ``**kw``)."""
+    params = list(inspect.signature(entry.generate).parameters.values())[1:]
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params]
+
+
 def _export_main(argv: Sequence[str]) -> int:
     from . import oracle
     a = _export_parser().parse_args(argv)
@@ -506,12 +517,9 @@ def _export_main(argv: Sequence[str]) -> int:
         path = args[0]
         check_output_path(path, "export PATH")
         fn, gen = _import(a.target), _import(a.instances)
-        kwargs = {"name": a.name or a.target, "n_directions": a.directions}
-        params = inspect.signature(oracle.export_function).parameters
-        for key, value in (("cases", a.cases), ("seed", a.seed)):
-            if key in params:
-                kwargs[key] = value
-        header = oracle.export_function(fn, lambda rng: as_instance(gen(rng)), path, **kwargs)
+        instances = [as_instance(gen(onp.random.default_rng(a.seed + c))) for c in range(a.cases)]
+        header = oracle.export_function(fn, instances, path, name=a.name or a.target,
+                                        n_directions=a.directions)
     else:
         if len(args) != 2:
             raise UsageError(f"export: expected LAYER PATH, got {args}")
@@ -519,18 +527,27 @@ def _export_main(argv: Sequence[str]) -> int:
         registry = load_all()
         if layer not in registry:
             raise UsageError(f"export: unknown layer {layer!r}; registered: {sorted(registry)}")
-        unknown = sorted(set(size) - set(registry[layer].size))
+        allowed = _generator_keywords(registry[layer])
+        unknown = sorted(set(size) - set(allowed)) if allowed is not None else []
         if unknown:
             raise UsageError(f"export: --size keys {unknown} are not keywords of {layer}'s generator; "
-                             f"allowed: {sorted(registry[layer].size)}")
-        if size and "size" not in inspect.signature(oracle.export).parameters:
+                             f"allowed: {allowed}")
+        export_params = inspect.signature(oracle.export).parameters
+        if size and "size" not in export_params:
             raise UsageError("export --size needs verification.oracle.export(size=), which this "
                              "version does not have yet; drop --size")
+        if a.variant is not None and "variant" not in export_params:
+            raise UsageError("export --variant needs verification.oracle.export(variant=), which "
+                             "this version does not have yet; drop --variant")
         check_output_path(path, "export PATH")
         _check_scheduler(a.scheduler)
         kwargs = {"cases": a.cases, "seed": a.seed, "n_directions": a.directions}
         if size:
             kwargs["size"] = size
+        if a.variant is not None:
+            if a.scheduler is not None:
+                raise UsageError("export --variant with --scheduler is not supported; drop one")
+            kwargs["variant"] = a.variant
         if a.scheduler is not None:
             from .distributed import export_on_cluster
             header = export_on_cluster(layer, path, a.scheduler, **kwargs)
