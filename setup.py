@@ -17,6 +17,8 @@ setup(
         "bench": ["jax[cpu]", "jaxopt", "cvxpylayers", "pygmtools", "PyMCubes",
                   "scikit-image>=0.21", "tqdm>=4", "matplotlib>=3.5",
                   "torch==2.13.0"],
+        "docs": ["sphinx>=7", "numpydoc>=1.6"],
+        "distributed": ["dask[distributed]>=2024.1"],
     },
     entry_points={"console_scripts": ["nimplicit-gradcheck=verification.cli:main"]},
 )

@@ -2,30 +2,47 @@
 
 ::
 
-    nimplicit-gradcheck                       # all layers, default cases, table, exit 0 iff all pass
+    nimplicit-gradcheck                       # all layers, default cases, table
     nimplicit-gradcheck --list
     nimplicit-gradcheck --layer deq-tanh --cases 10 --order 2 --json out.json --workers 2
-    nimplicit-gradcheck --target mymod:layer --instances mymod:generate
-    nimplicit-gradcheck --self-test --cases 200 --workers 2
-    nimplicit-gradcheck export --layer deq-tanh --out deq.npz
+    nimplicit-gradcheck --target mymod:layer --instances mymod:generate --noise 1e-8
+    nimplicit-gradcheck --self-test --cases 200 --scheduler tcp://127.0.0.1:8786
+    nimplicit-gradcheck export deq-tanh deq.npz --cases 3 --directions 2 --size n=8
+    nimplicit-gradcheck export --target mymod:layer --instances mymod:generate mine.npz
     nimplicit-gradcheck compare deq.npz --target mymod:wrapped_layer
+
+Exit status: 0 every case passed, 1 a gradient check failed, 2 a usage error
+(bad arguments, unwritable output path, unimportable target; all detected
+before any case runs) or a runtime error (a case raised).  141 when standard
+output was closed early (``--list | head -1``), without a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
 import time
+import traceback
 import types
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 import numpy as onp
 
 from .registry import Entry, load_all
+
+SCHEMA_VERSION = 1
+"""Version of the ``--json`` output's layout (documented in ``docs/cli.rst``)."""
+EXIT_PASS, EXIT_FAIL, EXIT_ERROR, EXIT_PIPE = 0, 1, 2, 141
+PROG = "nimplicit-gradcheck"
+
+
+class UsageError(Exception):
+    """Bad arguments, found before any case runs (exit status 2)."""
 
 
 # ------------------------------------------------------------------------------
@@ -33,66 +50,97 @@ from .registry import Entry, load_all
 # ------------------------------------------------------------------------------
 
 class Progress:
-    """tqdm when installed, else a plain ``[k/N]`` line on stderr."""
+    """Progress of a sweep on ``stream`` (stderr).
 
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.total, self.done, self.desc, self.bar = total, 0, desc, None
-        self.enabled = enabled and total > 1
-        if self.enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
-            except ImportError:
-                self.bar = None
+    On a terminal one line is rewritten in place with carriage returns; on
+    anything else (a log file, a pipe) one line is written per finished layer,
+    so logs never hold ``\r``.
+    """
 
-    def update(self, n: int = 1, label: str = "") -> None:
-        self.done += n
+    def __init__(self, layers: Sequence[str], desc: str, enabled: bool,
+                 stream: Optional[TextIO] = None):
+        self.stream = sys.stderr if stream is None else stream
+        self.desc, self.total, self.done = desc, len(layers), 0
+        self.left: Dict[str, int] = {}
+        for name in layers:
+            self.left[name] = self.left.get(name, 0) + 1
+        self.cases = dict(self.left)
+        self.enabled = enabled and self.total > 0
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def update(self, layer: str) -> None:
+        self.done += 1
+        self.left[layer] -= 1
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.update(n)
-        else:
-            sys.stderr.write(f"\r{self.desc} [{self.done}/{self.total}] {label:<30}")
-            sys.stderr.flush()
+        if self.tty:
+            self.stream.write(f"\r{self.desc} [{self.done}/{self.total}] {layer:<30}")
+        elif self.left[layer] == 0:
+            self.stream.write(f"{self.desc}: {layer} done, {self.cases[layer]} case(s) "
+                              f"[{self.done}/{self.total}]\n")
+        self.stream.flush()
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        else:
-            sys.stderr.write("\r" + " " * 60 + "\r")
-            sys.stderr.flush()
+        if self.enabled and self.tty:
+            self.stream.write("\r" + " " * 60 + "\r")
+            self.stream.flush()
 
 
 # ------------------------------------------------------------------------------
 # entries, including a user's own layer
 # ------------------------------------------------------------------------------
 
-def _import(spec: str):
+def _cwd_on_path(cwd: Optional[str] = None) -> None:
+    """Resolve ``--target`` modules from the working directory, as ``python -m`` does."""
+    cwd = os.path.abspath(cwd or os.getcwd())
+    if cwd not in [os.path.abspath(p or ".") for p in sys.path]:
+        sys.path.insert(0, cwd)
+
+
+def _import(spec: str, cwd: Optional[str] = None):
     module, _, attr = spec.partition(":")
     if not module or not attr:
-        raise SystemExit(f"expected module:function, got {spec!r}")
-    obj = importlib.import_module(module)
+        raise UsageError(f"expected MODULE:FUNCTION, got {spec!r}")
+    _cwd_on_path(cwd)
+    try:
+        obj = importlib.import_module(module)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module!r} for {spec!r} ({exc}); run from the directory "
+                         "that holds it or put it on PYTHONPATH") from None
     for part in attr.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(f"module {module!r} has no attribute {attr!r} ({spec!r})") from None
     return obj
 
 
-def _user_entry(target: str, instances: str) -> Entry:
-    fn, generator = _import(target), _import(instances)
+def as_instance(inst: Any) -> tuple:
+    """The inputs of one case from what a user's generator returned.
+
+    A tuple or list is the tuple of inputs; anything else (a bare array, a
+    float) is the one input of a one-input layer, never split into rows.  A
+    Python generator yields its first value.
+    """
+    if isinstance(inst, types.GeneratorType):
+        inst = next(inst)
+    if isinstance(inst, (tuple, list)):
+        return tuple(inst)
+    return (inst,)
+
+
+def _user_entry(target: str, instances: str, cwd: Optional[str] = None) -> Entry:
+    fn, generator = _import(target, cwd), _import(instances, cwd)
 
     def generate(rng, **_):
-        inst = generator(rng)
-        if isinstance(inst, types.GeneratorType):
-            inst = next(inst)
-        return tuple(inst)
+        return as_instance(generator(rng))
     return Entry(name=target, fn=fn, generate=generate, description=f"user layer {target}")
 
 
-def _entry(name: str, target: Optional[str], instances: Optional[str]) -> Entry:
+def _entry(name: str, target: Optional[str], instances: Optional[str],
+           cwd: Optional[str] = None) -> Entry:
     if target is not None:
-        return _user_entry(target, instances)
+        return _user_entry(target, instances, cwd)
     return load_all()[name]
 
 
@@ -105,7 +153,7 @@ def run_case(job: Dict[str, Any]) -> Dict[str, Any]:
     from .check import check_grad
     from .diagnose import diagnose
 
-    entry = _entry(job["layer"], job.get("target"), job.get("instances"))
+    entry = _entry(job["layer"], job.get("target"), job.get("instances"), job.get("cwd"))
     out: Dict[str, Any] = {"layer": job["layer"], "seed": job["seed"], "passed": False,
                            "vjp": None, "jvp": None, "order2": None, "cond": None,
                            "error": None, "report": None}
@@ -119,7 +167,7 @@ def run_case(job: Dict[str, Any]) -> Dict[str, Any]:
         atol = job["atol"] if job["atol"] is not None else entry.atol
         rep = check_grad(entry.fn, *inputs, modes=job["modes"], order=order, rtol=rtol, atol=atol,
                          seed=job["seed"], argnums=entry.argnums, fd_step=entry.fd_step,
-                         noise=entry.noise)
+                         noise=job["noise"] if job.get("noise") is not None else entry.noise)
         diag = diagnose(entry.fn, *inputs)
         out.update(passed=rep.passed, report=rep.to_dict(), cond=diag.worst_condition,
                    diagnosis=diag.to_dict(),
@@ -149,17 +197,23 @@ def run_selftest_case(job: Dict[str, Any]) -> Dict[str, Any]:
     return res.to_dict()
 
 
-def _run_jobs(worker, jobs: List[Dict[str, Any]], workers: int, progress: Progress) -> List[Dict]:
+def _run_jobs(worker: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dict[str, Any]],
+              workers: int, progress: Progress, scheduler: Optional[str] = None) -> List[Dict]:
+    """Run ``worker`` on every job: in this process, a local process pool, or
+    on the Dask cluster at ``scheduler``; results in the order of ``jobs``."""
     results = []
-    if workers <= 1 or len(jobs) <= 1:
+    if scheduler is not None:
+        from .distributed import run_on_cluster
+        results = run_on_cluster(worker, jobs, scheduler, on_result=lambda r: progress.update(r["layer"]))
+    elif workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             results.append(worker(job))
-            progress.update(1, job["layer"])
+            progress.update(job["layer"])
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             for res in pool.map(worker, jobs, chunksize=1):
                 results.append(res)
-                progress.update(1, res["layer"])
+                progress.update(res["layer"])
     progress.close()
     return results
 
@@ -254,134 +308,312 @@ def merge_selftest(parts: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------
-# command lines
+# argument types and early validation
 # ------------------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not onp.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _size_item(text: str):
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for cast in (int, float):
+        try:
+            return key, cast(raw)
+        except ValueError:
+            pass
+    return key, raw
+
+
+def check_output_path(path: str, option: str) -> None:
+    """Raise :class:`UsageError` unless ``path`` can be written (checked before any case runs)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a directory; give a file name")
+    if not os.path.isdir(directory):
+        raise UsageError(f"{option} {path!r}: directory {directory!r} does not exist")
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path!r} is not writable")
+
+
+def _check_scheduler(address: Optional[str]) -> None:
+    if address is None:
+        return
+    from .distributed import require_distributed
+    require_distributed()
+
+
+# ------------------------------------------------------------------------------
+# parsers
+# ------------------------------------------------------------------------------
+
+USAGE = (f"{PROG} [options]                 check layers (the default)\n"
+         f"       {PROG} export LAYER PATH [options]   write oracle vectors\n"
+         f"       {PROG} export --target MOD:FN --instances MOD:GEN PATH\n"
+         f"       {PROG} compare FILE --target MOD:FN  check an implementation against a file")
+
+EPILOG = ("subcommands:\n"
+          "  export   write verified oracle vectors (.npz); see 'nimplicit-gradcheck export -h'\n"
+          "  compare  check another implementation against an oracle file; "
+          "see 'nimplicit-gradcheck compare -h'\n\n"
+          "exit status: 0 all passed, 1 a gradient check failed, 2 usage or runtime error")
+
+
+def _add_scheduler(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the cases on the Dask distributed cluster at ADDRESS "
+                        "(e.g. tcp://scheduler-host:8786); needs the 'distributed' extra")
+
+
 def _parser() -> argparse.ArgumentParser:
+    """The parser of the default command (layer checks and the self-test)."""
     p = argparse.ArgumentParser(
-        prog="nimplicit-gradcheck",
-        description="Check the VJPs, JVPs and second derivatives of registered implicit layers "
-                    "against finite differences (exit status 0 only when all pass). "
-                    "Subcommands: 'export' (oracle vectors), 'compare' (check against them).")
+        prog=PROG, usage=USAGE, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check the VJPs, JVPs and second derivatives of registered implicit layers\n"
+                    "(or your own, with --target) against finite differences of the forward's output.")
     p.add_argument("--list", action="store_true", help="list the registered layers and exit")
     p.add_argument("--layer", action="append", metavar="NAME", help="check this layer (repeatable)")
-    p.add_argument("--cases", type=int, help="seeded cases per layer (default: the entry's; "
-                                             "200 for --self-test)")
-    p.add_argument("--seed", type=int, default=0, help="first case seed (cases use seed, seed+1, ...)")
+    p.add_argument("--cases", type=_positive_int, metavar="N",
+                   help="seeded cases per layer, at least 1 (default: the entry's; 3 for --target; "
+                        "200 for --self-test)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="first case seed (cases use S, S+1, ...; default 0)")
     p.add_argument("--order", type=int, choices=(1, 2), default=2,
-                   help="highest derivative order checked (capped by each entry's order)")
-    p.add_argument("--modes", default="rev,fwd", help="comma-separated subset of rev,fwd")
-    p.add_argument("--rtol", type=float, help="extra relative tolerance (added to the FD error bound)")
-    p.add_argument("--atol", type=float, help="extra absolute tolerance")
-    p.add_argument("--json", metavar="PATH", help="write every case's results to PATH")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="processes (default: min(2, CPUs))")
-    p.add_argument("--target", metavar="MODULE:FUNCTION", help="check your own layer fn(*inputs)")
+                   help="highest derivative order checked (capped by each entry's order; default 2)")
+    p.add_argument("--modes", default="rev,fwd",
+                   help="comma-separated subset of rev (VJPs), fwd (JVPs); default rev,fwd")
+    p.add_argument("--rtol", type=_nonnegative_float, metavar="R",
+                   help="extra relative tolerance (added to the finite-difference error bound)")
+    p.add_argument("--atol", type=_nonnegative_float, metavar="A", help="extra absolute tolerance")
+    p.add_argument("--noise", type=_nonnegative_float, metavar="EPS",
+                   help="relative accuracy of the forward's output (e.g. 1e-8 for an iterative "
+                        "solver stopped there); passed to check_grad(noise=)")
+    p.add_argument("--json", metavar="PATH",
+                   help="write every case's results to PATH (schema in docs/cli.rst; "
+                        "checked to be writable before any case runs)")
+    p.add_argument("--workers", type=_positive_int, default=min(2, os.cpu_count() or 1), metavar="N",
+                   help="local processes (default: min(2, CPUs))")
+    _add_scheduler(p)
+    p.add_argument("--target", metavar="MODULE:FUNCTION",
+                   help="check your own layer fn(*inputs); MODULE is resolved from the working directory")
     p.add_argument("--instances", metavar="MODULE:GENERATOR",
-                   help="with --target: generate(rng) -> tuple of inputs (one case per call)")
+                   help="with --target: generate(rng) -> one instance: a tuple of inputs, or one "
+                        "array for a one-input layer")
     p.add_argument("--self-test", action="store_true",
                    help="mutation self-test: seeded faulty VJPs/JVPs must all be flagged, "
                         "the correct layers must all pass")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--verbose", action="store_true", help="print the report of every failing case")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (by default: a rewritten line on a terminal, "
+                        "one line per finished layer otherwise)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the report of every failing case, and tracebacks of errors")
     return p
 
 
-def _export_main(argv: Sequence[str]) -> int:
-    from .oracle import export
-    p = argparse.ArgumentParser(prog="nimplicit-gradcheck export",
-                                description="write oracle vectors (.npz with a JSON header)")
-    p.add_argument("--layer", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--cases", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--directions", type=int, default=2, help="cotangents and tangents per case")
-    a = p.parse_args(argv)
-    header = export(a.layer, a.out, cases=a.cases, seed=a.seed, n_directions=a.directions)
-    print(f"wrote {a.out}: layer {header['layer']}, {len(header['cases'])} cases, "
-          f"{a.directions} cotangents/tangents each")
-    return 0
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} export",
+        usage=f"{PROG} export LAYER PATH [options]\n"
+              f"       {PROG} export --target MOD:FN --instances MOD:GEN PATH [options]",
+        description="Write oracle vectors (.npz with a JSON header) of a registered layer or of "
+                    "your own; every case is checked against finite differences first.")
+    p.add_argument("args", nargs="*", metavar="LAYER PATH",
+                   help="registered layer name and output file (only PATH with --target)")
+    p.add_argument("--size", type=_size_item, nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="keywords of the entry's generator, e.g. n=50 m=80 (see --list)")
+    p.add_argument("--cases", type=_positive_int, default=3, metavar="N",
+                   help="seeded cases (default 3)")
+    p.add_argument("--directions", type=_positive_int, default=2, metavar="N",
+                   help="random cotangents and tangents per case (default 2)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="first case seed (default 0)")
+    p.add_argument("--target", metavar="MODULE:FUNCTION", help="export your own layer fn(*inputs)")
+    p.add_argument("--instances", metavar="MODULE:GENERATOR",
+                   help="with --target: generate(rng) -> one instance")
+    p.add_argument("--name", help="with --target: the layer name recorded in the file")
+    p.add_argument("--variant", metavar="NAME",
+                   help="an entry's alternative form, e.g. a primal-only QP file for peers "
+                        "without duals (when the entry declares variants)")
+    _add_scheduler(p)
+    p.add_argument("--layer", help=argparse.SUPPRESS)     # deprecated: use the LAYER argument
+    p.add_argument("--out", help=argparse.SUPPRESS)       # deprecated: use the PATH argument
+    return p
 
 
-def _compare_main(argv: Sequence[str]) -> int:
-    from .oracle import compare
-    p = argparse.ArgumentParser(prog="nimplicit-gradcheck compare",
-                                description="check an implementation against an oracle file")
-    p.add_argument("file")
+def _compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{PROG} compare",
+                                description="Check an implementation against an oracle file "
+                                            "(exit 0 when every case agrees, 1 otherwise).")
+    p.add_argument("file", help="an oracle file written by 'export'")
     p.add_argument("--target", required=True, metavar="MODULE:FUNCTION",
                    help="fn(*inputs) -> outputs, optionally with .vjp / .jvp attributes")
     p.add_argument("--vjp", metavar="MODULE:FUNCTION", help="vjp(inputs, cotangent) -> tuple")
     p.add_argument("--jvp", metavar="MODULE:FUNCTION", help="jvp(inputs, tangent) -> outputs")
-    p.add_argument("--rtol", type=float, default=1e-6)
-    p.add_argument("--atol", type=float, default=1e-12)
-    a = p.parse_args(argv)
-    rep = compare(a.file, _import(a.target), _import(a.vjp) if a.vjp else None,
-                  _import(a.jvp) if a.jvp else None, rtol=a.rtol, atol=a.atol)
-    print(rep.summary())
-    return 0 if rep.passed else 1
+    p.add_argument("--rtol", type=_nonnegative_float, default=1e-6,
+                   help="relative tolerance (default 1e-6)")
+    p.add_argument("--atol", type=_nonnegative_float, default=1e-12,
+                   help="absolute tolerance (default 1e-12)")
+    return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``nimplicit-gradcheck``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
-        return _export_main(argv[1:])
-    if argv and argv[0] == "compare":
-        return _compare_main(argv[1:])
-    a = _parser().parse_args(argv)
-    registry = load_all()
-    if a.list:
-        width = max(len(n) for n in registry)
-        for name in sorted(registry):
-            e = registry[name]
-            print(f"{name:<{width}}  order {e.order}, {e.cases} cases  {e.description}")
-        return 0
-    modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
-    if not modes or any(m not in ("rev", "fwd") for m in modes):
-        print(f"--modes must be a comma-separated subset of rev,fwd; got {a.modes!r}", file=sys.stderr)
-        return 2
+def parsers() -> Dict[str, argparse.ArgumentParser]:
+    """Every parser of the command, by subcommand (``""`` is the default command); for the docs."""
+    return {"": _parser(), "export": _export_parser(), "compare": _compare_parser()}
+
+
+# ------------------------------------------------------------------------------
+# subcommands
+# ------------------------------------------------------------------------------
+
+def _generator_keywords(entry: Entry) -> Optional[List[str]]:
+    """The keywords ``entry.generate`` accepts after ``rng`` (``None``: any, it takes ``**kw``)."""
+    params = list(inspect.signature(entry.generate).parameters.values())[1:]
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params]
+
+
+def _export_main(argv: Sequence[str]) -> int:
+    from . import oracle
+    a = _export_parser().parse_args(argv)
+    args = list(a.args)
+    if a.layer is not None or a.out is not None:
+        warnings.warn("export --layer/--out are deprecated: use 'export LAYER PATH'",
+                      DeprecationWarning, stacklevel=2)
+        print(f"{PROG}: warning: export --layer/--out are deprecated: use 'export LAYER PATH'",
+              file=sys.stderr)
+        args = [x for x in (a.layer, a.out) if x is not None] + args
+    size = dict(a.size or [])
     if (a.target is None) != (a.instances is None):
-        print("--target and --instances go together", file=sys.stderr)
-        return 2
+        raise UsageError("export: --target and --instances go together")
     if a.target is not None:
-        names = [a.target]
-        _user_entry(a.target, a.instances)   # fail early on a bad import
+        if len(args) != 1:
+            raise UsageError(f"export --target: expected one PATH argument, got {args}")
+        if size:
+            raise UsageError("export --target: --size applies to registered layers only")
+        if a.scheduler is not None:
+            raise UsageError("export --target: --scheduler is not supported for your own layer "
+                             "(it may not be importable on the workers); drop --scheduler")
+        if not hasattr(oracle, "export_function"):
+            raise UsageError("export --target needs verification.oracle.export_function, which this "
+                             "version does not have yet; export a registered layer instead")
+        path = args[0]
+        check_output_path(path, "export PATH")
+        fn, gen = _import(a.target), _import(a.instances)
+        instances = [as_instance(gen(onp.random.default_rng(a.seed + c))) for c in range(a.cases)]
+        header = oracle.export_function(fn, instances, path, name=a.name or a.target,
+                                        n_directions=a.directions)
     else:
-        names = a.layer or sorted(registry)
-        unknown = [n for n in names if n not in registry]
+        if len(args) != 2:
+            raise UsageError(f"export: expected LAYER PATH, got {args}")
+        layer, path = args
+        registry = load_all()
+        if layer not in registry:
+            raise UsageError(f"export: unknown layer {layer!r}; registered: {sorted(registry)}")
+        allowed = _generator_keywords(registry[layer])
+        unknown = sorted(set(size) - set(allowed)) if allowed is not None else []
         if unknown:
-            print(f"unknown layer(s) {unknown}; registered: {sorted(registry)}", file=sys.stderr)
-            return 2
-    start = time.perf_counter()
-    show = not a.no_progress
+            raise UsageError(f"export: --size keys {unknown} are not keywords of {layer}'s generator; "
+                             f"allowed: {allowed}")
+        export_params = inspect.signature(oracle.export).parameters
+        if size and "size" not in export_params:
+            raise UsageError("export --size needs verification.oracle.export(size=), which this "
+                             "version does not have yet; drop --size")
+        if a.variant is not None and "variant" not in export_params:
+            raise UsageError("export --variant needs verification.oracle.export(variant=), which "
+                             "this version does not have yet; drop --variant")
+        check_output_path(path, "export PATH")
+        _check_scheduler(a.scheduler)
+        kwargs = {"cases": a.cases, "seed": a.seed, "n_directions": a.directions}
+        if size:
+            kwargs["size"] = size
+        if a.variant is not None:
+            if a.scheduler is not None:
+                raise UsageError("export --variant with --scheduler is not supported; drop one")
+            kwargs["variant"] = a.variant
+        if a.scheduler is not None:
+            from .distributed import export_on_cluster
+            header = export_on_cluster(layer, path, a.scheduler, **kwargs)
+        else:
+            header = oracle.export(layer, path, **kwargs)
+    print(f"wrote {path}: layer {header['layer']}, {len(header['cases'])} cases, "
+          f"{a.directions} cotangents/tangents each")
+    return EXIT_PASS
 
-    if a.self_test:
-        if a.target is not None:
-            print("--self-test runs on registered layers only", file=sys.stderr)
-            return 2
-        cases = a.cases if a.cases is not None else 200
-        jobs = [{"layer": n, "seed": a.seed + c} for n in names for c in range(cases)]
-        parts = _run_jobs(run_selftest_case, jobs, a.workers,
-                          Progress(len(jobs), "self-test", show))
-        rows = merge_selftest(parts)
-        print(format_selftest(rows))
-        ok = all(r["passed"] for r in rows)
-        total = sum(r["caught"] + r["missed"] for r in rows)
-        print(f"{'PASS' if ok else 'FAIL'}: {sum(r['caught'] for r in rows)}/{total} mutants caught, "
-              f"{sum(len(r['false_alarms']) for r in rows)} false alarms in "
-              f"{sum(r['cases'] for r in rows)} correct cases, {time.perf_counter() - start:.1f} s")
-        if a.json:
-            with open(a.json, "w") as fh:
-                json.dump({"self_test": rows}, fh, indent=1, default=float)
-        return 0 if ok else 1
 
+def _compare_main(argv: Sequence[str]) -> int:
+    from .oracle import compare
+    a = _compare_parser().parse_args(argv)
+    if not os.path.isfile(a.file):
+        raise UsageError(f"compare: no such file {a.file!r}")
+    fn = _import(a.target)
+    vjp, jvp = (_import(a.vjp) if a.vjp else None), (_import(a.jvp) if a.jvp else None)
+    rep = compare(a.file, fn, vjp, jvp, rtol=a.rtol, atol=a.atol)
+    print(rep.summary())
+    return EXIT_PASS if rep.passed else EXIT_FAIL
+
+
+def _list(registry: Dict[str, Entry]) -> int:
+    width = max(len(n) for n in registry)
+    for name in sorted(registry):
+        e = registry[name]
+        size = " ".join(f"{k}={v}" for k, v in e.size.items())
+        print(f"{name:<{width}}  order {e.order}, {e.cases} cases  {e.description}"
+              + (f"  [--size {size}]" if size else ""))
+    return EXIT_PASS
+
+
+def _write_json(path: str, payload: Dict[str, Any]) -> None:
+    with open(path, "w") as fh:
+        json.dump({"schema_version": SCHEMA_VERSION, **payload}, fh, indent=1, default=float)
+
+
+def _self_test(a, names: List[str], start: float) -> int:
+    cases = a.cases if a.cases is not None else 200
+    jobs = [{"layer": n, "seed": a.seed + c} for n in names for c in range(cases)]
+    parts = _run_jobs(run_selftest_case, jobs, a.workers,
+                      Progress([j["layer"] for j in jobs], "self-test", not a.no_progress),
+                      a.scheduler)
+    rows = merge_selftest(parts)
+    print(format_selftest(rows))
+    ok = all(r["passed"] for r in rows)
+    errors = any(r["errors"] for r in rows)
+    total = sum(r["caught"] + r["missed"] for r in rows)
+    print(f"{'PASS' if ok else 'ERROR' if errors else 'FAIL'}: {sum(r['caught'] for r in rows)}/{total} "
+          f"mutants caught, {sum(len(r['false_alarms']) for r in rows)} false alarms in "
+          f"{sum(r['cases'] for r in rows)} correct cases, {time.perf_counter() - start:.1f} s")
+    if a.json:
+        _write_json(a.json, {"kind": "self-test", "passed": ok, "self_test": rows})
+    return EXIT_PASS if ok else EXIT_ERROR if errors else EXIT_FAIL
+
+
+def _check(a, names: List[str], modes: tuple, registry: Dict[str, Entry], start: float) -> int:
     jobs = []
     for n in names:
         n_cases = a.cases if a.cases is not None else (3 if a.target else registry[n].cases)
         jobs += [{"layer": n, "seed": a.seed + c, "order": a.order, "modes": modes, "rtol": a.rtol,
-                  "atol": a.atol, "target": a.target, "instances": a.instances,
-                  "verbose": a.verbose} for c in range(n_cases)]
-    results = _run_jobs(run_case, jobs, a.workers, Progress(len(jobs), "gradcheck", show))
+                  "atol": a.atol, "noise": a.noise, "target": a.target, "instances": a.instances,
+                  "cwd": os.getcwd(), "verbose": a.verbose} for c in range(n_cases)]
+    results = _run_jobs(run_case, jobs, a.workers,
+                        Progress([j["layer"] for j in jobs], "gradcheck", not a.no_progress),
+                        a.scheduler)
     rows = summarize(results)
     print(format_table(rows))
     if a.verbose:
@@ -389,12 +621,86 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if r.get("text"):
                 print(f"\n{r['layer']} seed {r['seed']}:\n{r['text']}")
     ok = all(r["passed"] for r in rows)
-    print(f"{'PASS' if ok else 'FAIL'}: {sum(r['cases'] for r in rows)} cases of {len(rows)} "
-          f"layer(s) in {time.perf_counter() - start:.1f} s")
+    errors = any(r["error"] for r in results)
+    print(f"{'PASS' if ok else 'ERROR' if errors else 'FAIL'}: {sum(r['cases'] for r in rows)} cases "
+          f"of {len(rows)} layer(s) in {time.perf_counter() - start:.1f} s")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"passed": ok, "layers": rows, "cases": results}, fh, indent=1, default=float)
-    return 0 if ok else 1
+        _write_json(a.json, {"kind": "check", "passed": ok, "layers": rows, "cases": results})
+    return EXIT_PASS if ok else EXIT_ERROR if errors else EXIT_FAIL
+
+
+def _main(argv: List[str]) -> int:
+    if argv and argv[0] == "export":
+        return _export_main(argv[1:])
+    if argv and argv[0] == "compare":
+        return _compare_main(argv[1:])
+    a = _parser().parse_args(argv)
+    registry = load_all()
+    if a.list:
+        return _list(registry)
+    modes = tuple(m.strip() for m in a.modes.split(",") if m.strip())
+    if not modes or any(m not in ("rev", "fwd") for m in modes):
+        raise UsageError(f"--modes must be a comma-separated subset of rev,fwd; got {a.modes!r}")
+    if (a.target is None) != (a.instances is None):
+        raise UsageError("--target and --instances go together")
+    if a.json:
+        check_output_path(a.json, "--json")
+    if a.target is not None:
+        if a.self_test:
+            raise UsageError("--self-test runs on registered layers only")
+        if a.layer:
+            raise UsageError("--target and --layer exclude each other")
+        names = [a.target]
+        _user_entry(a.target, a.instances)   # fail early on a bad import
+    else:
+        names = a.layer or sorted(registry)
+        unknown = [n for n in names if n not in registry]
+        if unknown:
+            raise UsageError(f"unknown layer(s) {unknown}; registered: {sorted(registry)}")
+    _check_scheduler(a.scheduler)
+    start = time.perf_counter()
+    if a.self_test:
+        return _self_test(a, names, start)
+    return _check(a, names, modes, registry, start)
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``nimplicit-gradcheck``; returns the exit status.
+
+    0 every case passed, 1 a gradient check failed, 2 a usage or runtime
+    error, 141 standard output closed early.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    try:
+        code = _main(argv)
+        sys.stdout.flush()             # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_PIPE
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except SystemExit as exc:          # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:           # a runtime error outside the cases: one line, not a traceback
+        if verbose:
+            traceback.print_exc()
+        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":
