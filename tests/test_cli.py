@@ -153,6 +153,42 @@ def broken(x):
 def doubled_circle(*inputs):        # a wrong implementation of sphere-height
     from verification.entries.core import circle
     return 2 * np.asarray(circle(*inputs))
+
+def plain_circle(x, r):             # sphere-height in plain autograd, no implicit layer
+    return anp.sqrt(r ** 2 - anp.sum(x ** 2))
+
+class VJPOnly:                      # the wrapper protocol without .jvp
+    def __init__(self, fn):
+        from verification.oracle import AutogradWrapper
+        self._w = AutogradWrapper(fn, (0, 1))
+    def __call__(self, *inputs):
+        return self._w(*inputs)
+    def vjp(self, inputs, cotangent):
+        return self._w.vjp(inputs, cotangent)
+
+vjp_only_circle = VJPOnly(plain_circle)
+
+def _wrapped():
+    from verification.oracle import AutogradWrapper
+    return AutogradWrapper(plain_circle, (0, 1))
+
+wrapped_circle = _wrapped()
+
+def torch_circle(x, r):             # sphere-height in PyTorch (for --framework torch)
+    import torch
+    return torch.sqrt(r ** 2 - torch.sum(x ** 2))
+
+from autograd.extend import defjvp, defvjp, primitive
+
+@primitive
+def _bad_square(x):
+    return x ** 2
+
+defvjp(_bad_square, lambda ans, x: lambda g: 3 * g * x)     # wrong: should be 2 g x
+defjvp(_bad_square, lambda g, ans, x: 3 * g * x)
+
+def wrong_gradient(x):              # its autograd gradient disagrees with finite differences
+    return anp.sum(_bad_square(x))
 '''
 
 
@@ -387,3 +423,131 @@ def test_compare_exit_status(cwd_module, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "missing.npz"), "--target", f"{cwd_module}:doubled_circle"]) == 2
     assert main(["compare", str(path), "--target", "no_such_module_xyz:fn"]) == 2
     assert "cannot import" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------
+# export / compare options of helper oracle's API (glue)
+# ------------------------------------------------------------------------------
+
+@pytest.fixture
+def circle_file(tmp_path):
+    path = tmp_path / "circle.npz"
+    assert main(["export", "sphere-height", str(path), "--cases", "2", "--directions", "1"]) == 0
+    return path
+
+
+def test_export_failed_gradient_is_exit_1_and_writes_nothing(cwd_module, tmp_path, capsys):
+    out = tmp_path / "bad.npz"
+    assert main(["export", "--target", f"{cwd_module}:wrong_gradient", "--instances",
+                 f"{cwd_module}:one_array", str(out), "--cases", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "a gradient failed its check" in err and not out.exists()
+
+
+def test_export_unknown_variant_is_exit_2(tmp_path, capsys):
+    assert main(["export", "sphere-height", str(tmp_path / "v.npz"), "--variant", "no_such"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such" in err and "variant" in err and "Traceback" not in err
+
+
+def test_compare_json_and_the_files_recommended_rtol(circle_file, cwd_module, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["compare", str(circle_file), "--target", f"{cwd_module}:wrapped_circle",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    header, _ = oracle.load(str(circle_file))
+    assert data["schema_version"] == cli.SCHEMA_VERSION and data["kind"] == "compare"
+    assert data["passed"] is True and len(data["cases"]) == 2
+    assert data["rtol"] == header["tolerances"]["recommended_rtol"]
+    assert all(m["passed"] for c in data["cases"] for m in c["measures"])
+    # an explicit --rtol overrides the file's
+    assert main(["compare", str(circle_file), "--target", f"{cwd_module}:wrapped_circle",
+                 "--rtol", "0.5", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["rtol"] == 0.5
+    # a wrong implementation is reported in the JSON too
+    assert main(["compare", str(circle_file), "--target", f"{cwd_module}:doubled_circle",
+                 "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["passed"] is False
+    assert main(["compare", str(circle_file), "--target", f"{cwd_module}:wrapped_circle",
+                 "--json", str(tmp_path / "missing" / "r.json")]) == 2
+
+
+def test_compare_jvp_from_and_noise(circle_file, cwd_module, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    for option, source in (("adjoint", "adjoint identity"), ("fd", "FD of fn")):
+        extra = ["--noise", "1e-12"] if option == "fd" else []
+        assert main(["compare", str(circle_file), "--target", f"{cwd_module}:vjp_only_circle",
+                     "--jvp-from", option, "--json", str(out)] + extra) == 0
+        cases = json.loads(out.read_text())["cases"]
+        assert all(c["jvp_source"] == source for c in cases), cases
+        assert any(m["quantity"].startswith("JVP") for c in cases for m in c["measures"])
+    # a target without a VJP: the adjoint identity cannot run (a runtime error, exit 2)
+    assert main(["compare", str(circle_file), "--target", f"{cwd_module}:plain_circle",
+                 "--jvp-from", "adjoint"]) == 2
+    assert "needs the peer's vjp" in capsys.readouterr().err
+    assert main(["compare", str(circle_file), "--target", f"{cwd_module}:doubled_circle",
+                 "--jvp-from", "nonsense"]) == 2
+    assert main(["compare", str(circle_file), "--target", f"{cwd_module}:plain_circle",
+                 "--noise", "1e-8"]) == 2
+    assert "--jvp-from fd" in capsys.readouterr().err
+
+
+def test_compare_verifies_the_file_unless_no_verify(circle_file, cwd_module, monkeypatch, capsys):
+    def failing_check(path, fn=None):
+        raise oracle.OracleVerificationError("planted: stored VJP disagrees")
+    monkeypatch.setattr(oracle, "verify_file", failing_check)
+    argv = ["compare", str(circle_file), "--target", f"{cwd_module}:wrapped_circle"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "planted" in err and "--no-verify" in err
+    assert main(argv + ["--no-verify"]) == 0
+    assert "not re-checked" in capsys.readouterr().out
+
+
+def test_compare_framework_without_the_framework_is_exit_2(circle_file, cwd_module, capsys):
+    for framework in ("torch", "jax"):
+        try:
+            __import__(framework)
+            continue                    # installed here: covered by the test below
+        except ImportError:
+            pass
+        assert main(["compare", str(circle_file), "--target", f"{cwd_module}:torch_circle",
+                     "--framework", framework]) == 2
+        assert "not installed" in capsys.readouterr().err
+    assert main(["compare", str(circle_file), "--target", f"{cwd_module}:torch_circle",
+                 "--framework", "tensorflow"]) == 2
+
+
+BENCH_PYTHON = Path("/work/venv-bench/bin/python")
+
+
+def _python_with_torch():
+    try:
+        import torch  # noqa: F401
+        return sys.executable
+    except ImportError:
+        pass
+    if BENCH_PYTHON.exists() and subprocess.run([str(BENCH_PYTHON), "-c", "import torch, autograd"],
+                                                capture_output=True).returncode == 0:
+        return str(BENCH_PYTHON)
+    return None
+
+
+def test_compare_framework_torch(circle_file, tmp_path):
+    python = _python_with_torch()
+    if python is None:
+        pytest.skip("no Python with torch and autograd here")
+    (tmp_path / "torch_layers.py").write_text(USER_MODULE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "torch.json"
+    base = [python, "-m", "verification.cli", "compare", str(circle_file), "--framework", "torch",
+            "--json", str(out)]
+    good = subprocess.run(base + ["--target", "torch_layers:torch_circle"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert good.returncode == 0, good.stdout + good.stderr
+    data = json.loads(out.read_text())
+    assert data["passed"] and any(m["quantity"].startswith("VJP")
+                                  for c in data["cases"] for m in c["measures"])
+    bad = subprocess.run(base + ["--target", "torch_layers:plain_circle_times_two"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2          # no such function

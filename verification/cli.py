@@ -466,10 +466,25 @@ def _compare_parser() -> argparse.ArgumentParser:
                    help="fn(*inputs) -> outputs, optionally with .vjp / .jvp attributes")
     p.add_argument("--vjp", metavar="MODULE:FUNCTION", help="vjp(inputs, cotangent) -> tuple")
     p.add_argument("--jvp", metavar="MODULE:FUNCTION", help="jvp(inputs, tangent) -> outputs")
-    p.add_argument("--rtol", type=_nonnegative_float, default=1e-6,
-                   help="relative tolerance (default 1e-6)")
-    p.add_argument("--atol", type=_nonnegative_float, default=1e-12,
+    p.add_argument("--framework", choices=("torch", "jax"),
+                   help="the target takes and returns this framework's arrays; VJPs and JVPs "
+                        "come from the framework (needs it installed)")
+    p.add_argument("--jvp-from", choices=("auto", "adjoint", "fd"), default="auto",
+                   help="where JVPs come from when the target has none: 'adjoint' (through the "
+                        "target's VJPs), 'fd' (finite differences of the target); 'auto' "
+                        "(default) uses the adjoint identity when a VJP exists")
+    p.add_argument("--noise", type=_nonnegative_float, metavar="EPS",
+                   help="the target's relative forward accuracy, for --jvp-from fd "
+                        "(default 64 machine epsilons)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not re-check the file's stored values before comparing")
+    p.add_argument("--rtol", type=_nonnegative_float, default=None, metavar="R",
+                   help="relative tolerance (default: the file's recommended_rtol)")
+    p.add_argument("--atol", type=_nonnegative_float, default=1e-12, metavar="A",
                    help="absolute tolerance (default 1e-12)")
+    p.add_argument("--json", metavar="PATH",
+                   help="also write the report as JSON (schema_version, kind 'compare', and "
+                        "OracleReport.to_dict()'s fields)")
     return p
 
 
@@ -491,6 +506,19 @@ def _generator_keywords(entry: Entry) -> Optional[List[str]]:
 
 
 def _export_main(argv: Sequence[str]) -> int:
+    """``export``: exit 1 when a stored gradient fails its check, 2 on a bad size or variant."""
+    from .oracle import OracleVerificationError, SizeOptionError
+    try:
+        return _export(argv)
+    except OracleVerificationError as exc:
+        print(f"{PROG}: export: a gradient failed its check: {exc}",
+              file=sys.stderr)
+        return EXIT_FAIL
+    except SizeOptionError as exc:
+        raise UsageError(f"export: {exc}") from exc
+
+
+def _export(argv: Sequence[str]) -> int:
     from . import oracle
     a = _export_parser().parse_args(argv)
     args = list(a.args)
@@ -559,15 +587,43 @@ def _export_main(argv: Sequence[str]) -> int:
 
 
 def _compare_main(argv: Sequence[str]) -> int:
-    from .oracle import compare
+    from .oracle import OracleVerificationError, compare
     a = _compare_parser().parse_args(argv)
     if not os.path.isfile(a.file):
         raise UsageError(f"compare: no such file {a.file!r}")
+    if a.json:
+        check_output_path(a.json, "compare --json")
+    if a.noise is not None and a.jvp_from != "fd":
+        raise UsageError("compare: --noise is the forward accuracy used by --jvp-from fd; "
+                         "add --jvp-from fd or drop --noise")
     fn = _import(a.target)
     vjp, jvp = (_import(a.vjp) if a.vjp else None), (_import(a.jvp) if a.jvp else None)
-    rep = compare(a.file, fn, vjp, jvp, rtol=a.rtol, atol=a.atol)
+    if a.framework is not None and (vjp is not None or jvp is not None):
+        raise UsageError("compare: --framework computes VJPs and JVPs itself; drop --vjp/--jvp")
+    if a.framework is not None:
+        _check_framework(a.framework)
+    try:
+        rep = compare(a.file, fn, vjp, jvp, rtol=a.rtol, atol=a.atol, framework=a.framework,
+                      jvp_from=a.jvp_from, verify=not a.no_verify, noise=a.noise)
+    except OracleVerificationError as exc:
+        print(f"{PROG}: the oracle file {a.file} failed its own check (use --no-verify to "
+              f"compare anyway): {exc}", file=sys.stderr)
+        return EXIT_FAIL
     print(rep.summary())
+    if a.json:
+        _write_json(a.json, {"schema_version": SCHEMA_VERSION, "kind": "compare",
+                             "file": a.file, "target": a.target, **rep.to_dict()})
     return EXIT_PASS if rep.passed else EXIT_FAIL
+
+
+def _check_framework(name: str) -> None:
+    """Usage error (exit 2) when ``--framework`` names a framework that is not installed."""
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        raise UsageError(f"compare --framework {name}: {name} is not installed here ({exc}); "
+                         f"install it (e.g. pip install {name}) or run with the Python that has "
+                         f"it") from exc
 
 
 def _list(registry: Dict[str, Entry]) -> int:
