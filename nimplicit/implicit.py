@@ -96,9 +96,15 @@ _INTERCEPTORS: contextvars.ContextVar = contextvars.ContextVar("nimplicit_interc
 def record_points() -> Iterator[List["ForwardPoint"]]:
     """Collect the :class:`ForwardPoint` of every implicit layer evaluated in the block.
 
+    >>> import numpy as onp
+    >>> sqrt_layer = implicit_layer(lambda y, x: y ** 2 - x, lambda x: onp.sqrt(x))
     >>> with record_points() as points:
-    ...     fn(*inputs)          # any function that calls implicit layers
-    >>> points[0].y, points[0].inputs, points[0].aux, points[0].layer
+    ...     y = sqrt_layer(4.0)          # any code that calls implicit layers
+    >>> len(points), float(points[0].y), points[0].inputs
+    (1, 2.0, (4.0,))
+
+    Each point also holds ``aux`` and ``status`` (the forward's
+    :class:`Solution` byproducts) and the ``layer``.
 
     The recording is local to the current thread / context (``contextvars``);
     the points live as long as the returned list.

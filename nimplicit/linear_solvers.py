@@ -55,6 +55,7 @@ they go away in the next release.
 """
 from __future__ import annotations
 
+import inspect
 import enum
 import warnings
 from typing import Any, Callable, Optional, Union
@@ -486,8 +487,21 @@ class per_point:
     Krylov solvers evaluate it once per forward point, in :meth:`LinearSolver.init`,
     so every VJP, JVP and higher-order solve at the point shares it.
 
-    >>> opts = {"preconditioner": per_point(lambda point: 1.0 / diag_of_J(point))}
-    >>> layer = implicit_layer(F, solver, linear_solver="minres", linear_solver_options=opts)
+    >>> import numpy as onp
+    >>> import autograd.numpy as anp
+    >>> from autograd import grad
+    >>> from nimplicit import implicit_layer
+    >>> def newton(x):                   # y^3 + y = x elementwise
+    ...     y = onp.cbrt(x)
+    ...     for _ in range(50):
+    ...         y = y - (y ** 3 + y - x) / (3 * y ** 2 + 1)
+    ...     return y
+    >>> # J_F,y = diag(3 y^2 + 1): its inverse diagonal is an exact preconditioner
+    >>> opts = {"preconditioner": per_point(lambda point: 1.0 / (3 * point.y ** 2 + 1))}
+    >>> layer = implicit_layer(lambda y, x: y ** 3 + y - x, newton, linear_solver="minres",
+    ...                        linear_solver_options=opts)
+    >>> grad(lambda x: anp.sum(layer(x)))(onp.array([2.0, 10.0]))      # 1 / (3 y^2 + 1)
+    array([0.25      , 0.07692308])
     """
 
     def __init__(self, factory: Callable[..., object]):
@@ -845,7 +859,8 @@ def legacy_function(cls):
     solve.__name__ = solve.__qualname__ = cls.name
     solve.__doc__ = (f"Deprecated callable form of :class:`{cls.__name__}` "
                      f"(``solve(matvec, rmatvec, b, *, transpose, x_size, cache, point, **opts)``, "
-                     f"``matvec = A``, ``A = J^T`` when ``transpose``).\n\n{cls.__doc__}")
+                     f"``matvec = A``, ``A = J^T`` when ``transpose``).\n\n"
+                     f"{inspect.cleandoc(cls.__doc__ or '')}")
     solve.solver_class = cls
     return solve
 

@@ -405,10 +405,13 @@ def iso_surface_layer(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0)
         not differentiable, always raw integers (usable as indices).
 
     Differentiate ``verts`` or a loss of the mesh, e.g.
-    ``make_vjp(lambda p: iso_surface_layer(p)[0])``: the returned pair is a
-    plain tuple, which autograd's ``make_vjp`` / ``make_jvp`` applied to this
-    function itself do not see through (they warn "Output seems independent
-    of input" and return zeros).
+    ``make_vjp(lambda p: iso_surface_layer(p)[0])``.  The returned pair (and
+    the ``full_output`` triple) is a plain tuple on purpose: an autograd tuple
+    would make ``faces`` a box on unpacking, unusable as indices.  So
+    ``make_vjp`` / ``make_jvp`` applied to this function itself do not see
+    through it (they warn "Output seems independent of input" and return
+    zeros); wrap the outputs you differentiate yourself, e.g.
+    ``autograd.builtins.tuple((verts, loss))``.
 
     An empty surface (``level`` outside the range of ``phi``) gives ``(0, 3)``
     arrays; the gradient of any loss of them is zero.
@@ -436,4 +439,6 @@ def iso_surface_layer(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0)
                           "meaningful with backward='generic'")
     verts, faces, mc = _iso_surface(phi, level, spacing, mode, backward, linear_solver,
                                     linear_solver_options)
+    # a plain tuple on purpose: an autograd tuple would turn faces into a box
+    # on unpacking, and faces must stay raw integers usable as indices
     return (verts, faces, mc) if full_output else (verts, faces)

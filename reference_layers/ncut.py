@@ -82,6 +82,8 @@ import scipy.sparse as sp
 import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
 from autograd.extend import defjvp, defvjp, primitive
+from autograd.builtins import tuple as ag_tuple
+from autograd.tracer import isbox
 
 from nimplicit import implicit_layer
 from nimplicit.linear_solvers import LinearSolver, LinearSolverState, per_point
@@ -530,26 +532,39 @@ class SparseNCut:
         ``N``; every node must have an edge of positive weight.
     normalization, sign_reference, gap_tol
         As in :func:`make_ncut_layer`.
-    linear_solver : str or callable, optional
-        Backward solver of the bordered system.  Default ``'krylov'``: the
-        core's ``'minres'`` (``normalization="degree"``, symmetric ``J``) or
+    backward : {"generic", "structured"}, optional
+        ``"generic"`` (default): the core's Krylov solver on the bordered
+        system, ``'minres'`` (``normalization="degree"``, symmetric ``J``) or
         ``'gmres'`` (``"unit"``) with the options :meth:`krylov_options`
         (preconditioner ``diag(D^{-1}, 1)``, ``rtol=1e-12`` on the true
-        relative residual, refinements); entries of ``linear_solver_options``
-        override them.  ``'splu'``: sparse LU of the explicitly assembled
-        bordered matrix (fast, exact).  Any name of
-        :mod:`nimplicit.linear_solvers` (``'minres'``, ``'gmres'``, ...) or a
-        callable is passed to the core unchanged (without the preconditioner).
-    eig_tol : float
-        Convergence check of the forward eigensolver (relative eigen-residual).
+        relative residual, refinements; entries of ``linear_solver_options``
+        override them).  ``"structured"``: sparse LU of the assembled bordered
+        matrix (:class:`BorderedSplu`; fast, exact).  ``"fast"`` is a
+        deprecated alias of "structured"; ``linear_solver='splu'`` /
+        ``'krylov'`` are the deprecated spellings of the two.
+    linear_solver : str, LinearSolver or callable, optional
+        Only with ``backward="generic"``: any solver of
+        :mod:`nimplicit.linear_solvers`, passed to the core unchanged (without
+        the preconditioner).
+    solver_options : dict, optional
+        ``{"eig_tol": 1e-10}``: convergence check of the forward eigensolver
+        (relative eigen-residual); ``eig_tol=`` is the deprecated spelling.
+    dense_max : int
+        Graphs with at most this many nodes use a dense ``eigh`` forward.
+    full_output : bool
+        ``True`` (default): ``(v, lam)``; ``False``: ``v`` only.
     **layer_options
         Passed to :func:`nimplicit.implicit_layer`.
 
     Examples
     --------
-    >>> edges = grid_graph_edges(64, 64, radius=1)
-    >>> layer = SparseNCut(edges, 64 * 64)
-    >>> v, lam = layer(weights)          # weights: (E,) non-negative
+    >>> import numpy as onp
+    >>> edges = grid_graph_edges(8, 8, radius=1)
+    >>> weights = onp.random.default_rng(0).uniform(0.5, 1.0, len(edges))   # (E,) > 0
+    >>> layer = SparseNCut(edges, 8 * 8)
+    >>> v, lam = layer(weights)
+    >>> v.shape, bool(0 < lam < 1)
+    ((64,), True)
     """
 
     def __init__(self, edges, n_nodes: int, *, normalization: str = "degree",
@@ -735,20 +750,23 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
 
     Examples
     --------
-    >>> import autograd.numpy as np
+    >>> import numpy as onp
     >>> from autograd import grad
-    >>> lam2 = lambda W: ncut_layer(W)[1]
-    >>> dlam_dW = grad(lam2)(W)              # symmetric (N, N)
+    >>> W = onp.random.default_rng(0).uniform(0.1, 1.0, (5, 5))
+    >>> W = 0.5 * (W + W.T)                  # symmetric, non-negative
+    >>> dlam_dW = grad(lambda W: ncut_layer(W)[1])(W)
+    >>> dlam_dW.shape, bool(onp.allclose(dlam_dW, dlam_dW.T))
+    ((5, 5), True)
     """
-    if edges is not None:
-        if n_nodes is None:
-            raise ValueError("the sparse form needs n_nodes together with edges")
-        return SparseNCut(edges, n_nodes, **sparse_kw)(W)
     full = True if full_output is None else bool(full_output)
     sparse_kw = dict(normalization=normalization, sign_reference=sign_reference, gap_tol=gap_tol,
                      backward=backward, linear_solver=linear_solver, solver_options=solver_options,
                      full_output=full, **({} if dense_max is None else {"dense_max": dense_max}),
                      **layer_options)
+    if edges is not None:
+        if n_nodes is None:
+            raise OptionError("ncut_layer: the sparse form needs n_nodes together with edges")
+        return SparseNCut(edges, n_nodes, **sparse_kw)(W)
     if sp.issparse(W):
         edges, weights, n = _sparse_to_edges(W)
         return SparseNCut(edges, n, **sparse_kw)(weights)
@@ -768,9 +786,10 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
 
 
 def _outputs(v, lam, full_output: bool):
-    if full_output:
-        return v, lam      # already an autograd-boxed tuple under tracing
-    return v
+    """``(v, lam)`` (an autograd tuple when traced, so ``make_vjp`` of the layer sees it) or ``v``."""
+    if not full_output:
+        return v
+    return ag_tuple((v, lam)) if isbox(v) or isbox(lam) else (v, lam)
 
 
 def _sparse_to_edges(W) -> Tuple[onp.ndarray, onp.ndarray, int]:

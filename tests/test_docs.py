@@ -35,10 +35,6 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # Docstring examples of modules this helper does not own that do not run as
 # written; each is excluded by name with the reason, and reported to the lead.
 DOCSTRING_SKIPS: Dict[str, str] = {
-    "nimplicit.implicit.record_points": "uses an undefined fn and inputs; give a self-contained layer",
-    "nimplicit.linear_solvers.per_point": "implicit_layer, F and solver are not defined in the example",
-    "reference_layers.ncut.SparseNCut": "`weights` is not defined in the example",
-    "reference_layers.ncut.ncut_layer": "`W` is not defined in the example",
     "reference_layers.qp.qp_layer": "outputs are in comments, not shown (array([0.5, 0.5]), array([1.]))",
 }
 

@@ -524,3 +524,30 @@ def test_keyword_convention_and_deprecated_aliases():
         SparseNCut(edges, 9, solver_options={"tol": 1})
     with pytest.raises(OptionError, match="only meaningful with backward='generic'"):
         SparseNCut(edges, 9, backward="structured", linear_solver="gmres")
+
+
+def test_full_output_is_boxed_so_make_vjp_of_the_layer_sees_it():
+    """make_vjp of ncut_layer itself (dense and edges= forms) with the cotangent on
+    lam alone: non-zero, and <g, t> equals the FD estimate of dlam along t."""
+    from autograd import make_vjp
+    from verification.finite_differences import directional_derivative
+    rng = onp.random.default_rng(5)
+    W = rng.uniform(0.1, 1.0, (6, 6))
+    W = 0.5 * (W + W.T)
+    onp.fill_diagonal(W, 0.0)          # no self-loops: the edge list below has none
+    t = rng.standard_normal(W.shape)
+    t = 0.5 * (t + t.T)
+    onp.fill_diagonal(t, 0.0)
+    vjp, (v, lam) = make_vjp(lambda X: ncut_layer(X))(W)
+    g = vjp((onp.zeros_like(v), 1.0))
+    fd = directional_derivative(lambda X: ncut_layer(X)[1], W, t)
+    assert onp.abs(g).max() > 0
+    onp.testing.assert_allclose(onp.sum(g * t), fd.value, atol=float(fd.error) + 1e-10)
+    edges = onp.array([(i, j) for i in range(6) for j in range(i + 1, 6)])
+    w = W[edges[:, 0], edges[:, 1]]
+    vjp_s, (v_s, lam_s) = make_vjp(lambda x: ncut_layer(x, edges=edges, n_nodes=6))(w)
+    onp.testing.assert_allclose(lam_s, lam, rtol=1e-10)
+    ge = vjp_s((onp.zeros_like(v_s), 1.0))
+    te = t[edges[:, 0], edges[:, 1]]
+    fde = directional_derivative(lambda x: ncut_layer(x, edges=edges, n_nodes=6)[1], w, te)
+    onp.testing.assert_allclose(onp.sum(ge * te), fde.value, atol=float(fde.error) + 1e-10)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import autograd.numpy as np
 import numpy as onp
 from autograd.builtins import tuple as ag_tuple
-from reference_layers.level_set import iso_surface, iso_surface_layer, surrogate_gradient
+from reference_layers.level_set import iso_surface_layer, surrogate_gradient
 from reference_layers.mesh_losses import chamfer_distance, enclosed_volume, surface_area
 
 from ..registry import Entry, register
@@ -41,7 +41,7 @@ def canonical_order(edge_vertices: onp.ndarray) -> onp.ndarray:
 
 
 def _edge_fn(phi, level):
-    verts, _, mc = iso_surface(phi, level, mode="edge")
+    verts, _, mc = iso_surface_layer(phi, level, mode="edge", full_output=True)
     return verts[canonical_order(mc.edge_vertices)]
 
 
@@ -50,13 +50,13 @@ def _edge_generate(rng, n: int = 7):
 
 
 def _normal_fn(phi, level, normals):
-    verts, _, mc = iso_surface(phi, level, mode="normal")
+    verts, _, mc = iso_surface_layer(phi, level, mode="normal", full_output=True)
     return np.sum(normals * verts[canonical_order(mc.edge_vertices)], axis=1)
 
 
 def _normal_generate(rng, n: int = 7):
     phi, level = random_field(rng, n=n)
-    _, _, mc = iso_surface(phi, level)
+    _, _, mc = iso_surface_layer(phi, level, full_output=True)
     g = surrogate_gradient(phi, mc)
     return phi, level, (g / onp.linalg.norm(g, axis=1, keepdims=True))[canonical_order(mc.edge_vertices)]
 

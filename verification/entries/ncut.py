@@ -34,7 +34,7 @@ from ..strategies.ncut import block_affinity, block_affinity_batch, image_graph
 
 _dense = make_ncut_layer()
 _dense_unit = make_ncut_layer(normalization="unit")
-_batched = make_ncut_layer(batched=True)
+_batched = make_ncut_layer(batch_axis=0)
 
 
 def _invariants(v, lam, C, c):
@@ -64,7 +64,7 @@ def _batched_generate(rng, batch: int = 3, n: int = 6, gap: float = 0.5, noise: 
 _HEIGHT, _WIDTH = 4, 5
 _EDGES, _, _N = image_graph(onp.random.default_rng(0), _HEIGHT, _WIDTH)
 _sparse = SparseNCut(_EDGES, _N)
-_sparse_splu = SparseNCut(_EDGES, _N, linear_solver="splu")
+_sparse_splu = SparseNCut(_EDGES, _N, backward="structured")
 
 
 def _sparse_fn(layer):
