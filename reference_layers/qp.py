@@ -66,7 +66,7 @@ from typing import Optional, Sequence, Tuple, Union
 import autograd.numpy as np
 import numpy as onp
 
-from nimplicit import implicit_layer, linear_solvers
+from nimplicit import implicit_layer, kkt, linear_solvers
 from nimplicit.errors import (NotConvergedError, ShapeError, SingularJacobianError,
                               SolverError, warn)
 
@@ -251,25 +251,42 @@ def _split_solution(point_y, has_eq: bool, B: Optional[int]):
     return y, onp.zeros((y.shape[0], 0)), nu
 
 
-def _relative(v: onp.ndarray) -> onp.ndarray:
-    """``max(v, 0) / (1 + max_i v_i)`` per instance (last axis)."""
-    v = onp.maximum(onp.asarray(v, float), 0.0)
-    if v.shape[-1] == 0:
-        return v
-    return v / (1.0 + v.max(axis=-1, keepdims=True))
+def _margins(Q, q, G, h, A, y, lam, nu):
+    r"""Scale-free margins ``(nu_bar, s_bar, s)`` per constraint (``(B, m)`` each), see
+    :mod:`nimplicit.kkt`: ``nu_bar_i = ||G_i|| nu_i / S`` with
+    ``S = ||Q y|| + ||q|| + ||A^T lam|| + sum_j ||G_j|| nu_j`` and
+    ``s_bar_i = s_i / (||G_i|| ||y|| + |h_i|)``, ``s = h - G y``."""
+    Qs = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
+    s = h - onp.einsum("bij,bj->bi", G, y)
+    row = onp.linalg.norm(G, axis=-1)
+    terms = (onp.linalg.norm(onp.einsum("bij,bj->bi", Qs, y), axis=-1)
+             + onp.linalg.norm(q, axis=-1)
+             + onp.linalg.norm(onp.einsum("bji,bj->bi", A, lam), axis=-1))
+    slack_terms = row * onp.linalg.norm(y, axis=-1)[:, None] + onp.abs(h)
+    nu_bar, s_bar = kkt.normalized_margins(nu, s, row, terms, slack_terms)
+    return nu_bar, s_bar, s
 
 
-def complementarity_margin(nu: onp.ndarray, s: onp.ndarray) -> onp.ndarray:
-    r"""Relative strict-complementarity margin per constraint.
+def complementarity_margin(Q, q, G, h, y, nu, A=None, lam=None) -> onp.ndarray:
+    r"""Scale-free strict-complementarity margin ``max(nu_bar_i, s_bar_i)`` per constraint.
 
-    .. math:: \mu_i = \max\Big(\frac{\nu_i}{1 + \|\nu\|_\infty},\;
-                               \frac{s_i}{1 + \|s\|_\infty}\Big)
-
-    for ``nu`` and the slack ``s = h - G y`` of shape ``(..., m)`` (norms per
-    instance).  Strict complementarity holds when every ``mu_i`` is clearly
-    positive; ``mu_i ~ 0`` is a weakly active constraint.
+    ``nu_bar_i = ||G_i|| nu_i / S`` (``S = ||Q y|| + ||q|| + ||A^T lam|| +
+    sum_j ||G_j|| nu_j``) and ``s_bar_i = (h_i - G_i y) / (||G_i|| ||y|| + |h_i|)``:
+    unchanged by scaling the objective or any constraint row (see
+    :mod:`nimplicit.kkt`).  Arrays unbatched or with a leading batch axis (the
+    result then has shape ``(B, m)``); a margin ``~ 0`` is a weakly active constraint.
     """
-    return onp.maximum(_relative(nu), _relative(s))
+    batched = onp.ndim(y) == 2
+    Bb = onp.shape(y)[0] if batched else 1
+    Qb, qb, Gb, hb, yb, nub = (_batched(x, Bb, nd) for x, nd in
+                               zip((Q, q, G, h, y, nu), (2, 1, 2, 1, 1, 1)))
+    if A is None:
+        Ab, lamb = onp.zeros((Bb, 0, qb.shape[1])), onp.zeros((Bb, 0))
+    else:
+        Ab, lamb = _batched(A, Bb, 2), _batched(lam, Bb, 1)
+    nu_bar, s_bar, _ = _margins(Qb, qb, Gb, hb, Ab, yb, lamb, nub)
+    out = onp.maximum(nu_bar, s_bar)
+    return out if batched else out[0]
 
 
 # ------------------------------------------------------------------------------
@@ -300,7 +317,7 @@ class _QPLayer:
             residual_tol=residual_tol, diagnostics=self._diagnostics)
 
     # -- forward ------------------------------------------------------------
-    def _warm(self, Q, G, h):
+    def _warm(self, Q, G, h, scales):
         if self.warm_start is None:
             return None
         ws = tuple(onp.asarray(v, float) for v in self.warm_start)
@@ -311,19 +328,26 @@ class _QPLayer:
             y, lam, nu = ws
         else:
             raise ValueError("warm_start must be (y, nu) or (y, lam, nu), as returned with "
-                             "return_duals=True")
+                             "full_output=True")
         Bb = Q.shape[0]
         y = _batched(y, Bb, 1)
         nu = _batched(nu, Bb, 1)
         lam = onp.zeros((Bb, 0)) if lam is None or lam.size == 0 else _batched(lam, Bb, 1)
         s = h - onp.einsum("bij,bj->bi", G, y)
-        return y, lam, nu, s
+        c, g_rows, a_rows = scales
+        if lam.shape[1] != a_rows.shape[1]:
+            lam = onp.zeros_like(a_rows)
+        return y, lam * a_rows / c[:, None], nu * g_rows / c[:, None], s / g_rows
 
     def _forward(self, *inputs):
         Q, q, G, h, A, b = _raw_batch(inputs, self.B)
-        res = solve_qp_batch(Q, q, G, h, A, b, max_iter=self.max_iter, tol=self.tol,
-                             warm_start=self._warm(Q, G, h), **self.solver_options)
-        res = self._retry(res, Q, q, G, h, A, b)
+        # the interior point runs on the equilibrated problem (objective and every
+        # constraint row of unit size): its stopping test is then scale-free
+        scales = _equilibration(Q, q, G, A)
+        Qn, qn, Gn, hn, An, bn = _equilibrate(Q, q, G, h, A, b, scales)
+        res = solve_qp_batch(Qn, qn, Gn, hn, An, bn, max_iter=self.max_iter, tol=self.tol,
+                             warm_start=self._warm(Q, G, h, scales), **self.solver_options)
+        res = self._retry(res, Qn, qn, Gn, hn, An, bn)
         status = res.status.copy()
         # a stall at the problem's accuracy floor, below accept_residual, is a solution
         status[(status == QPStatus.MAX_ITER) & (res.kkt_residual <= self.accept_residual)] = 0
@@ -340,57 +364,84 @@ class _QPLayer:
                          f"accept_residual={self.accept_residual:g})")
             raise _STATUS_ERRORS[code](f"qp_layer: {where}: {QP_STATUS_MESSAGES[code]}{extra}",
                                        [int(i) for i in bad])
-        nu = self._snap_inactive(res.nu, h - onp.einsum("bij,bj->bi", G, res.y))
-        y, lam, nu = self._polish(Q, q, G, h, A, b, res.y, res.lam, nu)
+        c, g_rows, a_rows = scales
+        y = res.y
+        lam = res.lam * c[:, None] / a_rows
+        nu = onp.maximum(res.nu, 0.0) * c[:, None] / g_rows
+        y, lam, nu = self._polish(Q, q, G, h, A, b, y, lam, nu)
         out = (y, lam, nu) if self.has_eq else (y, nu)
         return tuple(v[0] for v in out) if self.B is None else out
 
+    #: active-set corrections tried by the polish before it gives up on an instance
+    POLISH_STEPS = 8
+    #: a normalised multiplier or slack above ``-POLISH_SIGN_TOL`` counts as >= 0
+    #: (rounding of the exact solve of the reduced KKT system)
+    POLISH_SIGN_TOL = 1e-12
+
     def _polish(self, Q, q, G, h, A, b, y, lam, nu):
-        r"""Active-set polish: with the strictly active set ``a`` of the interior
-        point's solution, solve the equality-constrained KKT system
+        r"""Active-set polish: starting from the strictly active set of the interior
+        point's solution (``nu_bar_i > s_bar_i``, scale-free margins of
+        :mod:`nimplicit.kkt`), solve the equality-constrained KKT system
 
         .. math::
             \begin{bmatrix} Q & A^T & G_a^T \\ A & 0 & 0 \\ G_a & 0 & 0 \end{bmatrix}
             \begin{bmatrix} y \\ \lambda \\ \nu_a \end{bmatrix} =
             \begin{bmatrix} -q \\ b \\ h_a \end{bmatrix}
 
-        per instance, and keep the result where it is a KKT point with the same
-        active set (``nu_a >= 0``, inactive slacks ``>= 0``) and a smaller KKT
-        residual.  The interior point stops at ``tol ~ 1e-10``; the polished point
-        is exact to rounding, so finite differences of the layer (and the
-        gradients' reference values) are limited by rounding, not by ``tol``.
-        Instances with a weakly active constraint are left as they are.
+        per instance; drop rows with ``nu_bar_i < 0`` and add rows with
+        ``s_bar_i < 0`` (to rounding, :attr:`POLISH_SIGN_TOL`) and repeat, at most
+        :attr:`POLISH_STEPS` times.  The result is kept when it is a KKT point
+        (signs hold) with a KKT residual no larger than the interior point's.  The
+        polished point is exact to rounding, so the margins (and ``weak_tol``)
+        are judged at rounding accuracy, and finite differences of the layer are
+        limited by rounding, not by ``tol``.  On the instances where it fails,
+        ``nu_i`` of strictly inactive constraints (the interior point's
+        ``~mu / s_i``) is set to exactly 0.
         """
-        if not self.polish:
-            return y, lam, nu
         y, lam, nu = y.copy(), lam.copy(), nu.copy()
-        s = h - onp.einsum("bij,bj->bi", G, y)
-        active, _ = self._strict_sets(nu, s)
-        weak = self._weak(nu, s)
-        n, p = y.shape[1], A.shape[1]
+        nu_bar, s_bar, _ = _margins(Q, q, G, h, A, y, lam, nu)
+        guess = nu_bar > s_bar
+        _, inactive = kkt.strict_sets(nu_bar, s_bar, self.weak_tol)
         for k in range(len(y)):
-            if weak[k].any():
-                continue
-            a = onp.flatnonzero(active[k])
-            C = onp.concatenate([A[k], G[k][a]])
-            K = onp.block([[0.5 * (Q[k] + Q[k].T), C.T], [C, onp.zeros((len(C), len(C)))]])
-            rhs = onp.concatenate([-q[k], b[k], h[k][a]])
+            sol = self._polish_one(Q[k], q[k], G[k], h[k], A[k], b[k], guess[k]) \
+                if self.polish else None
+            if sol is not None:
+                size = lambda z: max(onp.abs(r).max(initial=0.0) for r in
+                                     kkt_residual(z, Q[k], q[k], G[k], h[k], A[k], b[k]))
+                if size(sol) <= size((y[k], lam[k], nu[k])):
+                    y[k], lam[k], nu[k] = sol
+                    continue
+            nu[k][inactive[k]] = 0.0
+        return y, lam, nu
+
+    def _polish_one(self, Q, q, G, h, A, b, active):
+        """One instance of :meth:`_polish`; ``None`` when it does not find a KKT point."""
+        n, p, m = len(q), len(b), len(h)
+        Qs = 0.5 * (Q + Q.T)
+        active = active.copy()
+        for _ in range(self.POLISH_STEPS):
+            a = onp.flatnonzero(active)
+            if len(a) + p > n:
+                return None
+            C = onp.concatenate([A, G[a]])
+            K = onp.block([[Qs, C.T], [C, onp.zeros((len(C), len(C)))]])
+            rhs = onp.concatenate([-q, b, h[a]])
             try:
                 z = onp.linalg.solve(K, rhs)
             except onp.linalg.LinAlgError:
-                continue
-            y_new, lam_new, nu_a = z[:n], z[n:n + p], z[n + p:]
-            nu_new = onp.zeros_like(nu[k])
-            nu_new[a] = nu_a
-            s_new = h[k] - G[k] @ y_new
-            if not (onp.all(onp.isfinite(z)) and onp.all(nu_a >= 0) and 
-                    onp.all(s_new >= -1e-12 * (1 + onp.abs(h[k]).max()))):
-                continue
-            size = lambda sol: max(onp.abs(r).max(initial=0.0) for r in
-                                   kkt_residual(sol, Q[k], q[k], G[k], h[k], A[k], b[k]))
-            if size((y_new, lam_new, nu_new)) <= size((y[k], lam[k], nu[k])):
-                y[k], lam[k], nu[k] = y_new, lam_new, nu_new
-        return y, lam, nu
+                return None
+            if not onp.all(onp.isfinite(z)):
+                return None
+            y, lam = z[:n], z[n:n + p]
+            nu = onp.zeros(m)
+            nu[a] = z[n + p:]
+            nu_bar, s_bar = _signed_margins(Qs, q, G, h, A, y, lam, nu)
+            drop = active & (nu_bar < -self.POLISH_SIGN_TOL)
+            add = ~active & (s_bar < -self.POLISH_SIGN_TOL)
+            if not (drop.any() or add.any()):
+                return y, lam, onp.maximum(nu, 0.0)
+            active = (active & ~drop) | add
+        return None
 
     #: objective scalings tried, in turn, on instances that did not converge
     RETRY_SCALES = (10.0, 0.1)
@@ -429,76 +480,75 @@ class _QPLayer:
 
     # -- the point's data ---------------------------------------------------
     def _at(self, point):
+        """``(Q, G, A, y, nu, s, weak, active, inactive)`` at a forward point, ``(B, .)``."""
         Q, q, G, h, A, b = _raw_batch(point.inputs, self.B)
         y, lam, nu = _split_solution(point.y, self.has_eq, self.B)
-        s = h - onp.einsum("bij,bj->bi", G, y)
-        return Q, G, A, y, nu, s
-
-    def _strict_sets(self, nu, s):
-        """``(active, inactive)`` masks of the strictly complementary constraints."""
-        nu_rel, s_rel = _relative(nu), _relative(s)
-        strict = onp.maximum(nu_rel, s_rel) > self.weak_tol
-        return strict & (nu_rel > s_rel), strict & (nu_rel <= s_rel)
-
-    def _snap_inactive(self, nu, s):
-        """The interior point's ``nu_i ~ mu / s_i`` on strictly inactive constraints set to 0.
-
-        Exact complementarity there: the Jacobian of eq. 27 at the returned point then
-        has the exact row ``[0, 0, -s_i e_i]`` of the solution's active set, instead of
-        one perturbed by the interior point's ``mu`` (worth ~cond(J) * 1e-10 in the gradient).
-        """
-        _, inactive = self._strict_sets(nu, s)
-        if not inactive.any():
-            return nu
-        nu = nu.copy()
-        nu[inactive] = 0.0
-        return nu
-
-    def _weak(self, nu, s):
-        """``(B, m)`` mask of weakly active constraints."""
-        return complementarity_margin(nu, s) <= self.weak_tol
+        nu_bar, s_bar, s = _margins(Q, q, G, h, A, y, lam, nu)
+        weak = kkt.weak_mask(nu_bar, s_bar, self.weak_tol)
+        active, inactive = kkt.strict_sets(nu_bar, s_bar, self.weak_tol)
+        return Q, G, A, y, nu, s, weak, active, inactive, onp.maximum(nu_bar, s_bar)
 
     def _warn_weak(self, weak):
-        inst = onp.flatnonzero(weak.any(axis=1))
-        where = f"batch instance(s) {inst.tolist()[:10]}" if self.B is not None else "the QP"
-        warn(f"qp_layer: {int(weak.sum())} weakly active constraint(s) in {where} (nu_i and "
-             f"the slack h_i - G_i y both ~ 0; relative margin <= weak_tol={self.weak_tol:g}): "
-             f"the solution is not differentiable there. Using the minimum-norm convention "
-             f"(those rows of the KKT Jacobian set to zero, least-squares solve).")
-
-    @staticmethod
-    def _zero_weak_rows(J, weak, offset):
-        """Zero the complementarity rows ``offset + i`` of the weakly active constraints."""
-        J = J.copy()
-        bi, ci = onp.nonzero(weak)
-        J[bi, offset + ci, :] = 0.0
-        return J
+        kkt.warn_weak("qp_layer", weak, self.weak_tol, batched=self.B is not None)
 
     # -- backward: generic (autograd J, core LU) -----------------------------
     def _generic_solve(self, matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None,
                        point=None, **opts):
         if "qp_weak" not in cache:
-            _, _, _, _, nu, s = self._at(point)
-            cache["qp_weak"] = self._weak(nu, s)
+            at = self._at(point)
+            cache["qp_weak"], cache["qp_active"] = at[6], at[7]
         weak = cache["qp_weak"]
         if not weak.any():
-            return linear_solvers.lu(matvec, rmatvec, b, transpose=transpose, x_size=x_size,
-                                     cache=cache, **opts)
+            if "qp_equilibrated" not in cache:
+                bb = b.reshape(-1, b.shape[-1])
+                mv = (lambda w: matvec(w.reshape(b.shape)).reshape(bb.shape))
+                rmv = (lambda u: rmatvec(u.reshape(b.shape)).reshape(bb.shape))
+                J = self._exact_active_jacobian(
+                    linear_solvers.form_jacobian(mv, rmv, bb, transpose, x_size),
+                    cache["qp_active"])
+                Dr, Dc = _ruiz(J)
+                # the core's LU of diag(Dr) J diag(Dc): its condition test is then
+                # independent of the objective's and the constraint rows' scales
+                cache["qp_equilibrated"] = ({"J": Dr[..., :, None] * J * Dc[..., None, :]},
+                                            Dr, Dc)
+            inner, Dr, Dc = cache["qp_equilibrated"]
+            bb = b.reshape(-1, b.shape[-1])
+            if transpose:   # J^T x = b  <=>  (Dr J Dc)^T (x / Dr) = Dc b
+                x = Dr * linear_solvers.lu(None, None, Dc * bb, transpose=True, cache=inner,
+                                           **opts)
+            else:           # J x = b  <=>  (Dr J Dc) (x / Dc) = Dr b
+                x = Dc * linear_solvers.lu(None, None, Dr * bb, transpose=False, cache=inner,
+                                           **opts)
+            return x.reshape(b.shape)
         if "qp_lstsq" not in cache:
             self._warn_weak(weak)
             bb = b.reshape(-1, b.shape[-1])
             mv = (lambda w: matvec(w.reshape(b.shape)).reshape(bb.shape))
             rmv = (lambda u: rmatvec(u.reshape(b.shape)).reshape(bb.shape))
-            J = linear_solvers.form_jacobian(mv, rmv, bb, transpose, x_size)
+            J = self._exact_active_jacobian(
+                linear_solvers.form_jacobian(mv, rmv, bb, transpose, x_size), cache["qp_active"])
             n = point.y_flat.shape[-1] - weak.shape[1]
             # the core's lstsq takes a J already in its cache instead of forming one
-            cache["qp_lstsq"] = {"J": self._zero_weak_rows(J, weak, n)}
+            cache["qp_lstsq"] = {"J": kkt.zero_weak_rows(J, weak, n)}
             cache["pseudo_inverse"] = True
         x = linear_solvers.lstsq(None, None, b.reshape(-1, b.shape[-1]), transpose=transpose,
                                  cache=cache["qp_lstsq"])
         return x.reshape(b.shape)
 
-    # -- backward: fast (structured factorization of the KKT Jacobian) --------
+    @staticmethod
+    def _exact_active_jacobian(J, active):
+        """``J`` (``(B, N, N)``) with the diagonal entry ``-s_i`` of every strictly active
+        constraint's complementarity row set to 0: the Jacobian of the solution's active set
+        (``s_i`` is rounding there, and ``s_i / nu_i`` would perturb the gradient by up to
+        ``~1e-16 / nu_bar_i``; inactive rows already have ``nu_i = 0`` exactly)."""
+        J = onp.array(J, dtype=float, copy=True)
+        m = active.shape[1]
+        off = J.shape[-1] - m
+        bi, ci = onp.nonzero(active)
+        J[bi, off + ci, off + ci] = 0.0
+        return J
+
+    # -- backward: structured factorization of the KKT Jacobian --------------
     def _analytic_jacobian(self, Q, G, A, y, nu, s):
         """Dense ``J = dF/d(y, lam, nu)`` per instance (for the few weakly active instances)."""
         Bk, m, n = G.shape
@@ -516,17 +566,17 @@ class _QPLayer:
     def _fast_solve(self, matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None,
                     point=None, **opts):
         if "qp_factors" not in cache:
-            Q, G, A, y, nu, s = self._at(point)
-            weak = self._weak(nu, s)
+            Q, G, A, y, nu, s, weak, active, inactive, _ = self._at(point)
             # weakly active constraints are not passed to the factorization as such:
             # those instances are solved by least squares below
             s_f, nu_f = s.copy(), nu.copy()
             s_f[weak], nu_f[weak] = 1.0, 1.0
             # the active set's exact Jacobian: slack 0 on strictly active constraints
-            # (h_i - G_i y is ~1e-12, not 0, at the interior point's final iterate)
-            active, inactive = self._strict_sets(nu, s)
+            # (h_i - G_i y is at rounding, not 0), multiplier 0 on strictly inactive ones
             s_f[active], nu_f[inactive] = 0.0, 0.0
-            factors = kkt_jacobian_factor(Q, G, A, s_f, nu_f)
+            # degeneracy was decided by the scale-free margins: the kernel's absolute
+            # test is switched off (degen_tol=0 flags only exact zeros)
+            factors = kkt_jacobian_factor(Q, G, A, s_f, nu_f, degen_tol=0.0)
             flag = factors.flag.copy()
             singular = onp.flatnonzero(flag != KKTJacobianFlag.OK)
             if singular.size:
@@ -545,8 +595,8 @@ class _QPLayer:
                 J = self._analytic_jacobian(Q[weak_inst], G[weak_inst], A[weak_inst],
                                             y[weak_inst], nu[weak_inst], s[weak_inst])
                 # the core's lstsq takes a J already in its cache instead of forming one
-                cache["qp_lstsq"] = {"J": self._zero_weak_rows(J, weak[weak_inst],
-                                                               J.shape[1] - G.shape[1])}
+                cache["qp_lstsq"] = {"J": kkt.zero_weak_rows(J, weak[weak_inst],
+                                                             J.shape[1] - G.shape[1])}
                 cache["pseudo_inverse"] = True
         bb = b.reshape(-1, b.shape[-1])
         z = kkt_jacobian_solve_factored(cache["qp_factors"], bb, transpose=transpose)
@@ -558,24 +608,71 @@ class _QPLayer:
 
     # -- diagnostics -----------------------------------------------------------
     def _diagnostics(self, point):
-        _, _, _, _, nu, s = self._at(point)
-        if nu.shape[1] == 0:
+        *_, weak, _, _, margin = self._at(point)
+        if margin.shape[1] == 0:
             return {}
-        margins = complementarity_margin(nu, s).min(axis=1)
-        k = int(onp.argmin(margins))
-        value = float(margins[k])
-        ok = value > self.weak_tol
+        smallest = margin.min(axis=1)
+        k = int(onp.argmin(smallest))
+        value = float(smallest[k])
+        ok = not weak.any()
         where = f" (batch instance {k})" if self.B is not None else ""
-        why = (f"smallest relative margin max(nu_i, s_i) over the constraints{where}; "
+        why = (f"smallest scale-free margin max(nu_bar_i, s_bar_i) over the constraints{where}; "
                + ("strict complementarity holds" if ok else
-                  f"<= weak_tol={self.weak_tol:g}: a weakly active constraint, the QP solution "
-                  f"is not differentiable there (minimum-norm convention used)"))
+                  f"a weakly active constraint (margin <= max(weak_tol={self.weak_tol:g}, 10 x the "
+                  f"forward's complementarity)): the QP solution is not differentiable there "
+                  f"(minimum-norm convention used)"))
         return {"strict_complementarity_margin": (value, ok, why)}
+
+
+def _ruiz(J, sweeps: int = 8):
+    """Row and column scalings ``(Dr, Dc)`` (``(B, N)`` each) that make every row and
+    column of ``diag(Dr) J diag(Dc)`` of unit max-norm (Ruiz's iteration); powers of two,
+    so the scaling itself is exact."""
+    Dr = onp.ones(J.shape[:-1])
+    Dc = onp.ones(J.shape[:-2] + J.shape[-1:])
+    M = onp.abs(J)
+    for _ in range(sweeps):
+        S = Dr[..., :, None] * M * Dc[..., None, :]
+        r, c = S.max(axis=-1), S.max(axis=-2)
+        r[~(r > 0)] = 1.0
+        c[~(c > 0)] = 1.0
+        Dr = Dr * onp.exp2(-onp.round(0.5 * onp.log2(r)))
+        Dc = Dc * onp.exp2(-onp.round(0.5 * onp.log2(c)))
+    return Dr, Dc
+
+
+def _equilibration(Q, q, G, A):
+    """Scales ``(c, ||G_i||, ||A_j||)`` of the objective and the constraint rows (zeros -> 1)."""
+    c = onp.maximum(onp.abs(Q).max(axis=(1, 2), initial=0.0), onp.abs(q).max(axis=1, initial=0.0))
+    g_rows = onp.linalg.norm(G, axis=-1)
+    a_rows = onp.linalg.norm(A, axis=-1)
+    for v in (c, g_rows, a_rows):
+        v[~(v > 0)] = 1.0
+    return c, g_rows, a_rows
+
+
+def _equilibrate(Q, q, G, h, A, b, scales):
+    """The problem with objective and constraint rows divided by their scales (same ``y``)."""
+    c, g_rows, a_rows = scales
+    return (Q / c[:, None, None], q / c[:, None], G / g_rows[..., None], h / g_rows,
+            A / a_rows[..., None], b / a_rows)
+
+
+def _signed_margins(Qs, q, G, h, A, y, lam, nu):
+    """Unclipped ``(nu_bar, s_bar)`` of one instance (negative values are violations)."""
+    s = h - G @ y
+    row = onp.linalg.norm(G, axis=-1)
+    S = (onp.linalg.norm(Qs @ y) + onp.linalg.norm(q) + onp.linalg.norm(A.T @ lam)
+         + onp.abs(row * nu).sum())
+    slack_terms = row * onp.linalg.norm(y) + onp.abs(h)
+    nu_bar = row * nu / S if S > 0 else onp.zeros_like(nu)
+    s_bar = onp.where(slack_terms > 0, s / onp.where(slack_terms > 0, slack_terms, 1.0), 0.0)
+    return nu_bar, s_bar
 
 
 def make_qp_layer(*, batch_size: Optional[int] = None, equalities: bool = False,
                   backward: str = "fast", tol: float = 1e-10, max_iter: int = 100,
-                  accept_residual: float = 1e-8, weak_tol: float = 1e-3, warm_start=None,
+                  accept_residual: float = 1e-8, weak_tol: float = kkt.DEFAULT_WEAK_TOL, warm_start=None,
                   residual_tol: float = 1e-6, solver_options: Optional[dict] = None):
     """The :class:`nimplicit.implicit.ImplicitLayer` behind :func:`qp_layer` for one
     configuration; call it as ``layer(Q, q, G, h)`` or ``layer(Q, q, G, h, A, b)``.
@@ -590,7 +687,7 @@ def make_qp_layer(*, batch_size: Optional[int] = None, equalities: bool = False,
 
 def qp_layer(Q, q, G, h, A=None, b=None, *, return_duals: bool = False, backward: str = "fast",
              tol: float = 1e-10, max_iter: int = 100, accept_residual: float = 1e-8,
-             weak_tol: float = 1e-3, warm_start=None, residual_tol: float = 1e-6,
+             weak_tol: float = kkt.DEFAULT_WEAK_TOL, warm_start=None, residual_tol: float = 1e-6,
              solver_options: Optional[dict] = None):
     r"""The solution of a convex QP, differentiable with respect to all its data.
 

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from nimplicit.errors import (ImplicitGradientWarning, NotConvergedError, ShapeError,
                               SolverError)
 from reference_layers.qp import (InfeasibleQPError, NonConvexQPError, QPNotConvergedError,
-                                 RankDeficientEqualityError, UnboundedQPError, qp_layer)
+                                 RankDeficientEqualityError, UnboundedQPError,
+                                 complementarity_margin, qp_layer)
 from verification import check_grad
 from verification.diagnose import diagnose
 from verification.strategies.qp import (batched_qp_inputs, batched_qps, ill_posed_qp, planted_qp, qp_inputs,
@@ -138,15 +139,20 @@ def test_weakly_active_constraint_min_norm_and_warning(p):
         assert onp.abs(gf - gg).max() <= 1e-8 * (1 + onp.abs(gg).max()), name
     diag = diagnose(lambda *a: qp_layer(*a), *args)
     value, ok, why = diag.points[0].measures["strict_complementarity_margin"]
-    assert not ok and value < 1e-3
+    assert not ok and value < 1e-8
 
 
 def test_strict_complementarity_margin_reported():
     d = planted_qp(onp.random.default_rng(11), n=5, m=8, margin=0.3)
     diag = diagnose(lambda *a: qp_layer(*a), d["Q"], d["q"], d["G"], d["h"])
     value, ok, _ = diag.points[0].measures["strict_complementarity_margin"]
-    nu_s = onp.maximum(d["nu"] / (1 + d["nu"].max()), d["s"] / (1 + d["s"].max()))
-    assert ok and abs(value - nu_s.min()) < 1e-6
+    # the planted point's own scale-free margins (nimplicit.kkt), computed independently
+    G, y, h = d["G"], d["y"], d["h"]
+    row = onp.linalg.norm(G, axis=1)
+    S = onp.linalg.norm(0.5 * (d["Q"] + d["Q"].T) @ y) + onp.linalg.norm(d["q"]) + row @ d["nu"]
+    margin = onp.maximum(row * d["nu"] / S, d["s"] / (row * onp.linalg.norm(y) + onp.abs(h)))
+    assert ok and abs(value - margin.min()) < 1e-8 * margin.min()
+    assert abs(value - complementarity_margin(d["Q"], d["q"], G, h, y, d["nu"]).min()) < 1e-12
 
 
 # --------------------------------------------------------------------------- failures
