@@ -374,6 +374,8 @@ class _QPLayer:
 
     #: active-set corrections tried by the polish before it gives up on an instance
     POLISH_STEPS = 8
+    #: a polished point with a relative KKT residual below this is always kept
+    POLISH_ACCEPT = 1e-13
     #: a normalised multiplier or slack above ``-POLISH_SIGN_TOL`` counts as >= 0
     #: (rounding of the exact solve of the reduced KKT system)
     POLISH_SIGN_TOL = 1e-12
@@ -401,28 +403,36 @@ class _QPLayer:
         y, lam, nu = y.copy(), lam.copy(), nu.copy()
         nu_bar, s_bar, _ = _margins(Q, q, G, h, A, y, lam, nu)
         guess = nu_bar > s_bar
+        # how clearly active: log(nu_bar / s_bar), used to keep at most n - p rows
+        score = onp.log(onp.maximum(nu_bar, 1e-300)) - onp.log(onp.maximum(s_bar, 1e-300))
         _, inactive = kkt.strict_sets(nu_bar, s_bar, self.weak_tol)
         for k in range(len(y)):
-            sol = self._polish_one(Q[k], q[k], G[k], h[k], A[k], b[k], guess[k]) \
+            sol = self._polish_one(Q[k], q[k], G[k], h[k], A[k], b[k], guess[k], score[k]) \
                 if self.polish else None
             if sol is not None:
-                size = lambda z: max(onp.abs(r).max(initial=0.0) for r in
-                                     kkt_residual(z, Q[k], q[k], G[k], h[k], A[k], b[k]))
-                if size(sol) <= size((y[k], lam[k], nu[k])):
+                size = lambda z: _relative_kkt_residual(z, Q[k], q[k], G[k], h[k], A[k], b[k])
+                if size(sol) <= max(size((y[k], lam[k], nu[k])), self.POLISH_ACCEPT):
                     y[k], lam[k], nu[k] = sol
                     continue
             nu[k][inactive[k]] = 0.0
         return y, lam, nu
 
-    def _polish_one(self, Q, q, G, h, A, b, active):
-        """One instance of :meth:`_polish`; ``None`` when it does not find a KKT point."""
+    def _polish_one(self, Q, q, G, h, A, b, active, score):
+        """One instance of :meth:`_polish`; ``None`` when it does not find a KKT point.
+
+        ``score`` ranks the rows by how clearly they are active; when more than
+        ``n - p`` rows are active (at most ``n - p`` can be independent), the
+        least clearly active ones are left out.
+        """
         n, p, m = len(q), len(b), len(h)
         Qs = 0.5 * (Q + Q.T)
         active = active.copy()
         for _ in range(self.POLISH_STEPS):
             a = onp.flatnonzero(active)
             if len(a) + p > n:
-                return None
+                a = a[onp.argsort(-score[a], kind="stable")[:max(n - p, 0)]]
+                active = onp.zeros(m, bool)
+                active[a] = True
             C = onp.concatenate([A, G[a]])
             K = onp.block([[Qs, C.T], [C, onp.zeros((len(C), len(C)))]])
             rhs = onp.concatenate([-q, b, h[a]])
@@ -441,6 +451,8 @@ class _QPLayer:
             if not (drop.any() or add.any()):
                 return y, lam, onp.maximum(nu, 0.0)
             active = (active & ~drop) | add
+            # rows added now outrank the kept ones; dropped rows rank last
+            score = onp.where(add, onp.inf, onp.where(drop, -onp.inf, score))
         return None
 
     #: objective scalings tried, in turn, on instances that did not converge
@@ -656,6 +668,23 @@ def _equilibrate(Q, q, G, h, A, b, scales):
     c, g_rows, a_rows = scales
     return (Q / c[:, None, None], q / c[:, None], G / g_rows[..., None], h / g_rows,
             A / a_rows[..., None], b / a_rows)
+
+
+def _relative_kkt_residual(sol, Q, q, G, h, A, b) -> float:
+    """Scale-free size of eq. 27 at ``sol`` for one instance: each equation relative to
+    the terms it is made of, complementarity by the margins ``min(nu_bar_i, s_bar_i)``."""
+    y, lam, nu = sol
+    Qs = 0.5 * (Q + Q.T)
+    terms = [Qs @ y, q, A.T @ lam, G.T @ nu]
+    stat = onp.abs(sum(terms)).max() / max(max(onp.abs(t).max(initial=0.0) for t in terms),
+                                           onp.finfo(float).tiny)
+    eq = 0.0
+    if len(b):
+        scale = onp.abs(A) @ onp.abs(y) + onp.abs(b)
+        eq = float((onp.abs(A @ y - b) / onp.where(scale > 0, scale, 1.0)).max())
+    nu_bar, s_bar = _signed_margins(Qs, q, G, h, A, y, lam, nu)
+    comp = float(onp.minimum(onp.abs(nu_bar), onp.abs(s_bar)).max(initial=0.0))
+    return max(float(stat), eq, comp)
 
 
 def _signed_margins(Qs, q, G, h, A, y, lam, nu):
