@@ -104,7 +104,7 @@ class EmptyInputError(NimplicitError, ValueError):
     """An input with no instances (a 0-size batch) or a 0-size problem."""
 
 
-class KKTViolationError(NimplicitError, ValueError):
+class KKTViolationError(SolverError, ValueError):
     """A forward solver's point is not a KKT point (base class of the four below)."""
 
 

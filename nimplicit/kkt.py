@@ -64,7 +64,8 @@ from .errors import warn
 
 __all__ = ["DEFAULT_WEAK_TOL", "kkt_residual_parts", "normalized_margins",
            "forward_accuracy", "weak_mask", "strict_sets", "zero_weak_rows", "warn_weak",
-           "weak_message", "check_weak_tol"]
+           "weak_message", "check_weak_tol", "ruiz_scaling", "equilibrated_lu", "signed_margins",
+           "check_kkt_point", "check_second_order", "DEFAULT_KKT_TOL", "DEFAULT_SECOND_ORDER_TOL"]
 
 #: the one default of ``weak_tol`` (see the module docstring)
 DEFAULT_WEAK_TOL = 1e-9
@@ -155,6 +156,48 @@ def check_weak_tol(weak_tol, who: str) -> float:
     return value
 
 
+def ruiz_scaling(J: np.ndarray, sweeps: int = 8) -> Tuple[np.ndarray, np.ndarray]:
+    """Row and column scalings ``(Dr, Dc)`` (``(..., N)`` each) that make every row and
+    column of ``diag(Dr) J diag(Dc)`` of max-norm ~1 (Ruiz's iteration), as powers of two
+    so that the scaling itself is exact.  A KKT Jacobian scaled so has a condition number
+    independent of the scales of the objective and of each constraint (which scale its
+    rows and columns)."""
+    Dr = np.ones(J.shape[:-1])
+    Dc = np.ones(J.shape[:-2] + J.shape[-1:])
+    M = np.abs(J)
+    for _ in range(sweeps):
+        S = Dr[..., :, None] * M * Dc[..., None, :]
+        r, c = S.max(axis=-1), S.max(axis=-2)
+        r[~(r > 0)] = 1.0
+        c[~(c > 0)] = 1.0
+        Dr = Dr * np.exp2(-np.round(0.5 * np.log2(r)))
+        Dc = Dc * np.exp2(-np.round(0.5 * np.log2(c)))
+    return Dr, Dc
+
+
+def equilibrated_lu(matvec, rmatvec, b: np.ndarray, *, transpose: bool = False,
+                    x_size=None, cache: Optional[dict] = None, J: Optional[np.ndarray] = None,
+                    **opts) -> np.ndarray:
+    """The core's LU solve (:func:`nimplicit.linear_solvers.lu`) of ``J x = b`` or
+    ``J^T x = b`` applied to ``diag(Dr) J diag(Dc)`` (:func:`ruiz_scaling`), so that its
+    condition test (``max_condition``) does not depend on the problem's units.
+    ``J`` may be given (``(B, N, N)`` for ``b`` of shape ``(B, N)``); otherwise it is formed
+    from the products.  The factors live in ``cache['kkt_equilibrated']``."""
+    from . import linear_solvers
+    if cache is None:
+        cache = {}
+    if "kkt_equilibrated" not in cache:
+        if J is None:
+            J = linear_solvers.form_jacobian(matvec, rmatvec, b, transpose, x_size)
+        Dr, Dc = ruiz_scaling(J)
+        cache["kkt_equilibrated"] = ({"J": Dr[..., :, None] * J * Dc[..., None, :]}, Dr, Dc)
+    inner, Dr, Dc = cache["kkt_equilibrated"]
+    if transpose:   # J^T x = b  <=>  (Dr J Dc)^T (x / Dr) = Dc b
+        return Dr * linear_solvers.lu(None, None, Dc * b, transpose=True, cache=inner, **opts)
+    # J x = b  <=>  (Dr J Dc) (x / Dc) = Dr b
+    return Dc * linear_solvers.lu(None, None, Dr * b, transpose=False, cache=inner, **opts)
+
+
 def zero_weak_rows(J: np.ndarray, weak: np.ndarray, offset: int) -> np.ndarray:
     """A copy of ``J`` (``(B, N, N)``) with the complementarity rows ``offset + i``
     of the weakly active constraints (``weak``: ``(B, m)``) set to zero."""
@@ -184,3 +227,100 @@ def weak_message(who: str, weak: np.ndarray, weak_tol: float,
 def warn_weak(who: str, weak: np.ndarray, weak_tol: float, batched: bool = False) -> None:
     """Issue the :class:`~nimplicit.errors.ImplicitGradientWarning` of :func:`weak_message`."""
     warn(weak_message(who, weak, weak_tol, batched))
+
+
+# ------------------------------------------------------------------------------
+# checks of a forward point (issue 11 item 2)
+# ------------------------------------------------------------------------------
+
+#: default of the scale-free feasibility / sign / complementarity tolerance
+DEFAULT_KKT_TOL = 1e-6
+#: default relative threshold of the second-order test (the core's max_condition is 1e12)
+DEFAULT_SECOND_ORDER_TOL = 1e-12
+
+
+def signed_margins(nu: np.ndarray, s: np.ndarray, row_norms: np.ndarray,
+                   stationarity_terms: float, slack_terms: np.ndarray):
+    """Like :func:`normalized_margins` but keeping signs (negative = violated)."""
+    nu = np.asarray(nu, float)
+    s = np.asarray(s, float)
+    S = float(stationarity_terms) + float(np.abs(row_norms * nu).sum())
+    nu_bar = row_norms * nu / S if S > 0 else np.zeros_like(nu)
+    s_bar = _safe_ratio(s, slack_terms) if s.size else s
+    return nu_bar, s_bar
+
+
+def check_kkt_point(who: str, *, eq_bar: np.ndarray, nu_bar: np.ndarray, s_bar: np.ndarray,
+                    tol: float = DEFAULT_KKT_TOL) -> None:
+    r"""Raise a typed error unless the normalised quantities describe a KKT point.
+
+    ``eq_bar_j = |h_j(y)|`` relative to its terms, and the *signed* margins
+    ``nu_bar, s_bar`` (:func:`signed_margins`, ``s = -g(y)``), all scale-free.
+
+    - primal feasibility: ``eq_bar_j <= tol`` and ``s_bar_i >= -tol``
+      (:class:`~nimplicit.errors.PrimalInfeasibleError`);
+    - dual feasibility: ``nu_bar_i >= -tol`` (:class:`~nimplicit.errors.DualInfeasibleError`);
+    - complementarity: ``min(nu_bar_i, s_bar_i) <= tol``
+      (:class:`~nimplicit.errors.ComplementarityError`).
+    """
+    from .errors import ComplementarityError, DualInfeasibleError, PrimalInfeasibleError
+    fix = " Check the forward solver (or the problem's feasibility), or pass a better y0."
+    if eq_bar.size and not eq_bar.max() <= tol:
+        j = int(np.argmax(eq_bar))
+        raise PrimalInfeasibleError(
+            f"{who}: the forward point violates equality constraint {j}: |h_j(y)| is "
+            f"{eq_bar[j]:.3g} of the size of its terms (> tol={tol:g}).{fix}")
+    if s_bar.size and not s_bar.min() >= -tol:
+        i = int(np.argmin(s_bar))
+        raise PrimalInfeasibleError(
+            f"{who}: the forward point violates inequality constraint {i}: g_i(y) > 0 by "
+            f"{-s_bar[i]:.3g} of the size of its terms (> tol={tol:g}); "
+            f"{int((s_bar < -tol).sum())} constraint(s) violated.{fix}")
+    if nu_bar.size and not nu_bar.min() >= -tol:
+        i = int(np.argmin(nu_bar))
+        raise DualInfeasibleError(
+            f"{who}: the inequality multiplier nu_{i} is negative ({-nu_bar[i]:.3g} of the "
+            f"stationarity terms, > tol={tol:g}): not a KKT point of a minimisation "
+            f"(nu >= 0 for g(y) <= 0). Check the solver's sign convention or its active set.")
+    if nu_bar.size:
+        both = np.minimum(nu_bar, s_bar)
+        if not both.max() <= tol:
+            i = int(np.argmax(both))
+            raise ComplementarityError(
+                f"{who}: complementarity fails at inequality constraint {i}: nu_i > 0 on a "
+                f"constraint that is not active (normalised nu_i = {nu_bar[i]:.3g}, slack "
+                f"{s_bar[i]:.3g}, both > tol={tol:g}).{fix}")
+
+
+def check_second_order(who: str, H: np.ndarray, C: Optional[np.ndarray] = None,
+                       tol: float = DEFAULT_SECOND_ORDER_TOL) -> None:
+    r"""Second-order sufficiency: ``Z^T H Z`` positive definite, ``Z`` a basis of the
+    null space of ``C`` (the active constraints' Jacobian; ``None``: no constraints).
+
+    Positive definite means ``lambda_min(Z^T H Z) > tol * max(|lambda(H)|)``
+    (scale-free); otherwise :class:`~nimplicit.errors.NotAMinimumError`.
+    """
+    import scipy.linalg
+    from .errors import NotAMinimumError
+    H = np.asarray(H, float)
+    H = 0.5 * (H + H.T)
+    Z = None
+    if C is not None and np.size(C):
+        Z = scipy.linalg.null_space(np.asarray(C, float))
+        if Z.shape[1] == 0:
+            return
+    Hr = H if Z is None else Z.T @ H @ Z
+    ev = np.linalg.eigvalsh(Hr)
+    scale = float(np.abs(np.linalg.eigvalsh(H)).max(initial=0.0))
+    if ev.size and ev.min() > tol * scale and scale > 0:
+        return
+    where = "the Hessian" if Z is None else \
+        f"the reduced Hessian of the Lagrangian (on the {Z.shape[1]}-dimensional null space " \
+        f"of the active constraints)"
+    kind = ("a maximum or a saddle point" if ev.size and ev.min() < -tol * scale else
+            "a degenerate stationary point (zero curvature in some direction)")
+    raise NotAMinimumError(
+        f"{who}: the forward point is not a strict local minimum: {where} has smallest "
+        f"eigenvalue {ev.min():.3g} against a largest |eigenvalue| {scale:.3g} "
+        f"(needs > {tol:g} x that): {kind}. The implicit gradient of an argmin is defined "
+        f"at a strict minimum only; start the solver elsewhere (y0=) or check the objective.")

@@ -511,26 +511,17 @@ class _QPLayer:
             cache["qp_weak"], cache["qp_active"] = at[6], at[7]
         weak = cache["qp_weak"]
         if not weak.any():
-            if "qp_equilibrated" not in cache:
-                bb = b.reshape(-1, b.shape[-1])
+            bb = b.reshape(-1, b.shape[-1])
+            J = None
+            if "kkt_equilibrated" not in cache:
                 mv = (lambda w: matvec(w.reshape(b.shape)).reshape(bb.shape))
                 rmv = (lambda u: rmatvec(u.reshape(b.shape)).reshape(bb.shape))
                 J = self._exact_active_jacobian(
                     linear_solvers.form_jacobian(mv, rmv, bb, transpose, x_size),
                     cache["qp_active"])
-                Dr, Dc = _ruiz(J)
-                # the core's LU of diag(Dr) J diag(Dc): its condition test is then
-                # independent of the objective's and the constraint rows' scales
-                cache["qp_equilibrated"] = ({"J": Dr[..., :, None] * J * Dc[..., None, :]},
-                                            Dr, Dc)
-            inner, Dr, Dc = cache["qp_equilibrated"]
-            bb = b.reshape(-1, b.shape[-1])
-            if transpose:   # J^T x = b  <=>  (Dr J Dc)^T (x / Dr) = Dc b
-                x = Dr * linear_solvers.lu(None, None, Dc * bb, transpose=True, cache=inner,
-                                           **opts)
-            else:           # J x = b  <=>  (Dr J Dc) (x / Dc) = Dr b
-                x = Dc * linear_solvers.lu(None, None, Dr * bb, transpose=False, cache=inner,
-                                           **opts)
+            # the core's LU of the Ruiz-equilibrated J: its condition test is then
+            # independent of the objective's and the constraint rows' scales
+            x = kkt.equilibrated_lu(None, None, bb, transpose=transpose, cache=cache, J=J, **opts)
             return x.reshape(b.shape)
         if "qp_lstsq" not in cache:
             self._warn_weak(weak)
@@ -634,23 +625,6 @@ class _QPLayer:
                   f"forward's complementarity)): the QP solution is not differentiable there "
                   f"(minimum-norm convention used)"))
         return {"strict_complementarity_margin": (value, ok, why)}
-
-
-def _ruiz(J, sweeps: int = 8):
-    """Row and column scalings ``(Dr, Dc)`` (``(B, N)`` each) that make every row and
-    column of ``diag(Dr) J diag(Dc)`` of unit max-norm (Ruiz's iteration); powers of two,
-    so the scaling itself is exact."""
-    Dr = onp.ones(J.shape[:-1])
-    Dc = onp.ones(J.shape[:-2] + J.shape[-1:])
-    M = onp.abs(J)
-    for _ in range(sweeps):
-        S = Dr[..., :, None] * M * Dc[..., None, :]
-        r, c = S.max(axis=-1), S.max(axis=-2)
-        r[~(r > 0)] = 1.0
-        c[~(c > 0)] = 1.0
-        Dr = Dr * onp.exp2(-onp.round(0.5 * onp.log2(r)))
-        Dc = Dc * onp.exp2(-onp.round(0.5 * onp.log2(c)))
-    return Dr, Dc
 
 
 def _equilibration(Q, q, G, A):
