@@ -63,12 +63,17 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
+import warnings
+
 import autograd.numpy as np
 import numpy as onp
+from autograd.builtins import tuple as atuple
+from autograd.tracer import getval
 
 from nimplicit import implicit_layer, kkt, linear_solvers
-from nimplicit.errors import (NotConvergedError, ShapeError, SingularJacobianError,
-                              SolverError, warn)
+from nimplicit.errors import (EmptyInputError, InvalidInputError, InvalidOptionError,
+                              NotConvergedError, ShapeError, SingularJacobianError, SolverError,
+                              UnknownOptionError)
 
 from .kernels.qp_pdipm import (KKT_JACOBIAN_FLAG_MESSAGES, QP_STATUS_MESSAGES, KKTJacobianFlag,
                                QPStatus, kkt_jacobian_factor, kkt_jacobian_solve_factored,
@@ -297,20 +302,29 @@ class _QPLayer:
     """Forward solver, backward linear solvers and diagnostics of one configuration."""
 
     def __init__(self, *, batch_size: Optional[int], has_eq: bool, backward: str,
-                 tol: float, max_iter: int, accept_residual: float, weak_tol: float,
-                 warm_start, solver_options: dict, residual_tol: float, polish: bool = True):
-        if backward not in ("fast", "generic"):
-            raise ValueError(f"backward must be 'fast' or 'generic', got {backward!r}")
+                 linear_solver, linear_solver_options: Optional[dict], solver_options: dict,
+                 weak_tol: float, warm_start, residual_tol: float):
+        if backward != "generic" and (linear_solver is not None or linear_solver_options):
+            raise InvalidOptionError(
+                "qp_layer: linear_solver / linear_solver_options apply to backward='generic' "
+                "only (the structured backward has its own factorization)")
+        if linear_solver is not None:
+            linear_solvers.get(linear_solver)   # an unknown name fails now
         self.B = batch_size
         self.has_eq = has_eq
-        self.tol = tol
-        self.max_iter = max_iter
-        self.accept_residual = accept_residual
+        opts = dict(solver_options)
+        self.tol = opts.pop("tol")
+        self.max_iter = opts.pop("max_iter")
+        self.accept_residual = opts.pop("accept_residual")
+        self.polish = opts.pop("polish")
+        if "kernel_polish" in opts:
+            opts["polish"] = opts.pop("kernel_polish")
+        self.solver_options = opts            # passed on to solve_qp_batch
         self.weak_tol = weak_tol
         self.warm_start = warm_start
-        self.solver_options = solver_options
-        self.polish = polish
-        linear = self._fast_solve if backward == "fast" else self._generic_solve
+        self.linear_solver = linear_solver
+        self.linear_solver_options = dict(linear_solver_options or {})
+        linear = self._fast_solve if backward == "structured" else self._generic_solve
         self.layer = implicit_layer(
             _residual_eq if has_eq else _residual_no_eq, self._forward,
             linear_solver=linear, batch_axis=None if batch_size is None else 0,
@@ -510,6 +524,10 @@ class _QPLayer:
             at = self._at(point)
             cache["qp_weak"], cache["qp_active"] = at[6], at[7]
         weak = cache["qp_weak"]
+        if not weak.any() and self.linear_solver is not None:
+            solve = linear_solvers.get(self.linear_solver)
+            return solve(matvec, rmatvec, b, transpose=transpose, x_size=x_size, cache=cache,
+                         point=point, **{**opts, **self.linear_solver_options})
         if not weak.any():
             bb = b.reshape(-1, b.shape[-1])
             J = None
@@ -673,25 +691,106 @@ def _signed_margins(Qs, q, G, h, A, y, lam, nu):
     return nu_bar, s_bar
 
 
-def make_qp_layer(*, batch_size: Optional[int] = None, equalities: bool = False,
-                  backward: str = "fast", tol: float = 1e-10, max_iter: int = 100,
-                  accept_residual: float = 1e-8, weak_tol: float = kkt.DEFAULT_WEAK_TOL, warm_start=None,
-                  residual_tol: float = 1e-6, solver_options: Optional[dict] = None):
-    """The :class:`nimplicit.implicit.ImplicitLayer` behind :func:`qp_layer` for one
-    configuration; call it as ``layer(Q, q, G, h)`` or ``layer(Q, q, G, h, A, b)``.
+#: the keys of ``solver_options`` (forward) and their defaults
+_LAYER_SOLVER_OPTIONS = {"tol": 1e-10, "max_iter": 100, "accept_residual": 1e-8,
+                         "polish": True}
+#: further keys passed on to :func:`~reference_layers.kernels.qp_pdipm.solve_qp_batch`
+_KERNEL_SOLVER_OPTIONS = ("reg", "psd_tol", "rank_tol", "consistency_tol", "cert_radius",
+                          "warm_start_margin", "allow_redundant_equalities", "refine_steps",
+                          "stall_iters", "stall_res", "kernel_polish", "num_threads")
+_BACKWARDS = ("structured", "generic")
 
-    It returns ``(y, nu)`` or ``(y, lam, nu)``; see :func:`qp_layer` for the options.
+
+def _solver_options(options: Optional[dict], deprecated: dict) -> dict:
+    """Validated forward options: the layer's own plus the kernel's (``kernel_polish`` is
+    the kernel's ``polish``); unknown keys raise :class:`UnknownOptionError`."""
+    if options is not None and not isinstance(options, dict):
+        raise InvalidOptionError(f"qp_layer: solver_options must be a dict or None, got "
+                                 f"{type(options).__name__}")
+    merged = dict(_LAYER_SOLVER_OPTIONS)
+    for key, value in deprecated.items():
+        warnings.warn(f"qp_layer: the keyword {key}= is deprecated; pass "
+                      f"solver_options={{'{key}': ...}} instead", DeprecationWarning, stacklevel=4)
+        merged[key] = value
+    unknown = sorted(set(options or {}) - set(_LAYER_SOLVER_OPTIONS) - set(_KERNEL_SOLVER_OPTIONS))
+    if unknown:
+        raise UnknownOptionError(
+            f"qp_layer: unknown solver_options key(s) {unknown}; allowed: "
+            f"{sorted(_LAYER_SOLVER_OPTIONS) + sorted(_KERNEL_SOLVER_OPTIONS)}")
+    merged.update(options or {})
+    for key in ("tol", "accept_residual"):
+        v = merged[key]
+        if not (isinstance(v, (int, float, onp.floating)) and onp.isfinite(v) and v > 0):
+            raise InvalidOptionError(f"qp_layer: solver_options['{key}'] must be a finite "
+                                     f"number > 0, got {v!r}")
+    if not (isinstance(merged["max_iter"], (int, onp.integer)) and merged["max_iter"] >= 1):
+        raise InvalidOptionError(f"qp_layer: solver_options['max_iter'] must be an integer "
+                                 f">= 1, got {merged['max_iter']!r}")
+    return merged
+
+
+def _backward_name(backward: str) -> str:
+    if backward == "fast":
+        warnings.warn("qp_layer: backward='fast' is deprecated; use backward='structured' "
+                      "(the same solver)", DeprecationWarning, stacklevel=4)
+        return "structured"
+    if backward not in _BACKWARDS:
+        raise InvalidOptionError(f"qp_layer: backward must be one of {list(_BACKWARDS)} "
+                                 f"('fast' is a deprecated alias of 'structured'), got "
+                                 f"{backward!r}")
+    return backward
+
+
+def make_qp_layer(*, batch_size: Optional[int] = None, equalities: bool = False,
+                  backward: str = "structured", linear_solver=None,
+                  linear_solver_options: Optional[dict] = None,
+                  solver_options: Optional[dict] = None,
+                  weak_tol: float = kkt.DEFAULT_WEAK_TOL, warm_start=None,
+                  residual_tol: float = 1e-6, **deprecated):
+    """The reusable :class:`nimplicit.implicit.ImplicitLayer` behind :func:`qp_layer` for
+    one configuration; call it as ``layer(Q, q, G, h)`` or ``layer(Q, q, G, h, A, b)``
+    (with ``equalities=True``) on arrays of the shapes :func:`qp_layer` takes, ``G, h``
+    given (``(0, n)`` and ``(0,)`` for none); ``batch_size`` is the batch size, or
+    ``None`` for unbatched arrays.
+
+    It returns ``(y, nu)``, or ``(y, lam, nu)`` with ``equalities=True`` (always all the
+    parts; :func:`qp_layer` selects).  Options as in :func:`qp_layer`; the deprecated
+    ``tol=``, ``max_iter=``, ``accept_residual=`` keywords still work (solver_options).
     """
-    return _QPLayer(batch_size=batch_size, has_eq=equalities, backward=backward, tol=tol,
-                    max_iter=max_iter, accept_residual=accept_residual, weak_tol=weak_tol,
-                    warm_start=warm_start, solver_options=dict(solver_options or {}),
+    allowed = {"tol", "max_iter", "accept_residual"}
+    bad = sorted(set(deprecated) - allowed)
+    if bad:
+        raise TypeError(f"make_qp_layer() got unexpected keyword argument(s) {bad}")
+    return _QPLayer(batch_size=batch_size, has_eq=equalities, backward=_backward_name(backward),
+                    linear_solver=linear_solver, linear_solver_options=linear_solver_options,
+                    solver_options=_solver_options(solver_options, deprecated),
+                    weak_tol=kkt.check_weak_tol(weak_tol, "qp_layer"), warm_start=warm_start,
                     residual_tol=residual_tol).layer
 
 
-def qp_layer(Q, q, G, h, A=None, b=None, *, return_duals: bool = False, backward: str = "fast",
-             tol: float = 1e-10, max_iter: int = 100, accept_residual: float = 1e-8,
-             weak_tol: float = kkt.DEFAULT_WEAK_TOL, warm_start=None, residual_tol: float = 1e-6,
-             solver_options: Optional[dict] = None):
+def _raw(x):
+    """The value under any autograd boxes."""
+    return getval(x)
+
+
+def _validate_input(name: str, x) -> None:
+    """Typed errors for complex, object, non-numeric arrays (never a silent cast)."""
+    arr = onp.asarray(_raw(x)) if not isinstance(_raw(x), onp.ndarray) else _raw(x)
+    kind = arr.dtype.kind
+    if kind == "c":
+        raise InvalidInputError(f"qp_layer: {name} is complex ({arr.dtype}); the QP is defined "
+                                f"for real data: pass its real part explicitly (x.real) if that "
+                                f"is what you mean")
+    if kind not in "fiub":
+        raise InvalidInputError(f"qp_layer: {name} has dtype {arr.dtype} (kind {kind!r}); pass "
+                                f"a real floating point array (e.g. np.asarray(x, dtype=float))")
+
+
+def qp_layer(Q, q, G=None, h=None, A=None, b=None, *, full_output: bool = False,
+             backward: str = "structured", linear_solver=None,
+             linear_solver_options: Optional[dict] = None, solver_options: Optional[dict] = None,
+             weak_tol: float = kkt.DEFAULT_WEAK_TOL, warm_start=None,
+             residual_tol: float = 1e-6, **deprecated):
     r"""The solution of a convex QP, differentiable with respect to all its data.
 
     .. math::
@@ -706,30 +805,43 @@ def qp_layer(Q, q, G, h, A=None, b=None, *, return_duals: bool = False, backward
     ----------
     Q : (n, n) or (B, n, n), positive semidefinite (only its symmetric part is used)
     q : (n,) or (B, n)
-    G : (m, n) or (B, m, n)
-    h : (m,) or (B, m)
+    G, h : (m, n) and (m,) (or with a batch axis), inequalities ``G y <= h``;
+        ``None`` (both) or ``m = 0`` for an equality-only (or unconstrained) QP.
     A, b : (p, n) and (p,) (or with a batch axis), optional equality constraints
         with full row rank ``p``.
         Any argument may carry a leading batch axis; the others are shared by
         every instance (their gradient is the sum over the batch).
-    return_duals : also return the multipliers ``lam`` (equalities, ``(p,)``
-        or ``(B, p)``; empty without equalities) and ``nu >= 0`` (inequalities).
-    backward : ``"fast"`` (reuse a structured factorization of the KKT Jacobian)
-        or ``"generic"`` (the core's LU of the autograd Jacobian of ``F``).
-    tol, max_iter : interior point tolerance (relative KKT residual) and iteration cap.
-    accept_residual : a run that stalls at ``max_iter`` with a KKT residual
-        below this is accepted; otherwise :class:`QPNotConvergedError`.
-    weak_tol : constraints with relative margin
-        :func:`complementarity_margin` ``<= weak_tol`` count as weakly active
-        (minimum-norm gradient, :class:`~nimplicit.errors.ImplicitGradientWarning`).
+    full_output : also return the multipliers: ``(y, lam, nu)``, ``lam`` of the
+        equalities (``(p,)`` or ``(B, p)``; shape ``(0,)`` without equalities) and
+        ``nu >= 0`` of the inequalities (``(0,)`` without).  An autograd-boxed tuple
+        when any input is boxed, so ``make_vjp``/``make_jvp`` of a function returning
+        it see every part.  (Replaces the deprecated ``return_duals=``.)
+    backward : ``"structured"`` (default: the kernel's structured factorization of
+        the KKT Jacobian) or ``"generic"`` (the core's linear solver on the autograd
+        Jacobian of ``F``); ``"fast"`` is a deprecated alias of ``"structured"``.
+    linear_solver, linear_solver_options : with ``backward="generic"`` only: a core
+        linear solver (name or callable) and its options; default (``None``) the core's
+        LU of the Ruiz-equilibrated ``J``.  Weakly active instances always use the
+        minimum-norm convention.
+    solver_options : forward options (unknown keys raise
+        :class:`~nimplicit.errors.UnknownOptionError`): ``tol`` (relative KKT
+        residual of the interior point, ``1e-10``), ``max_iter`` (``100``),
+        ``accept_residual`` (a run that stalls with a KKT residual below this is
+        accepted, ``1e-8``), ``polish`` (the active-set polish, ``True``), and the
+        kernel's ``reg, psd_tol, rank_tol, consistency_tol, cert_radius,
+        warm_start_margin, allow_redundant_equalities, refine_steps, stall_iters,
+        stall_res, num_threads`` and ``kernel_polish`` (its ``polish``).  The
+        deprecated keywords ``tol=``, ``max_iter=``, ``accept_residual=`` still work.
+    weak_tol : relative accuracy below which a normalised multiplier or slack counts
+        as zero (:mod:`nimplicit.kkt`, default ``1e-9``): a constraint with both is
+        weakly active (minimum-norm gradient, an
+        :class:`~nimplicit.errors.ImplicitGradientWarning`).
     warm_start : ``(y, nu)`` or ``(y, lam, nu)`` from a previous (nearby) solve.
     residual_tol : the core's check of ``F`` at the solver's output.
-    solver_options : further keywords for
-        :func:`~reference_layers.kernels.qp_pdipm.solve_qp_batch`.
 
     Returns
     -------
-    y, or ``(y, lam, nu)`` with ``return_duals=True``.
+    y, or ``(y, lam, nu)`` with ``full_output=True``.
 
     Raises
     ------
@@ -738,6 +850,10 @@ def qp_layer(Q, q, G, h, A=None, b=None, *, return_duals: bool = False, backward
         per instance failures of the forward solve (``.instances`` lists them).
     nimplicit.errors.ShapeError
         inconsistent shapes or batch sizes.
+    nimplicit.errors.InvalidInputError, nimplicit.errors.EmptyInputError
+        complex or object arrays; a batch of 0 instances or ``n = 0``.
+    nimplicit.errors.InvalidOptionError, nimplicit.errors.UnknownOptionError
+        invalid option values; unknown ``solver_options`` keys.
 
     Examples
     --------
@@ -748,22 +864,42 @@ def qp_layer(Q, q, G, h, A=None, b=None, *, return_duals: bool = False, backward
     >>> qp_layer(Q, q, G, h)                            # y = (0.5, 0.5)
     >>> grad(lambda h: qp_layer(Q, q, G, h).sum())(h)   # d(y1 + y2)/dh = 1
     """
+    if "return_duals" in deprecated:
+        warnings.warn("qp_layer: return_duals= is deprecated; use full_output=",
+                      DeprecationWarning, stacklevel=2)
+        full_output = bool(deprecated.pop("return_duals"))
     if (A is None) != (b is None):
         raise ShapeError("qp_layer: give both A and b (equality constraints A y = b) or neither")
+    if (G is None) != (h is None):
+        raise ShapeError("qp_layer: give both G and h (inequality constraints G y <= h) or "
+                         "neither (None for an equality-only QP)")
+    for name, x in (("Q", Q), ("q", q), ("G", G), ("h", h), ("A", A), ("b", b)):
+        if x is not None:
+            _validate_input(name, x)
+    if G is None:
+        n = onp.shape(_raw(q))[-1] if onp.ndim(_raw(q)) else 0
+        G, h = onp.zeros((0, n)), onp.zeros(0)
     named = {"Q": Q, "q": q, "G": G, "h": h}
     if A is not None:
         named.update(A=A, b=b)
     B = _batch_size(named)
-    _, _, p = _check_shapes(named)
-    layer = make_qp_layer(batch_size=B, equalities=A is not None, backward=backward, tol=tol,
-                          max_iter=max_iter, accept_residual=accept_residual, weak_tol=weak_tol,
-                          warm_start=warm_start, residual_tol=residual_tol,
-                          solver_options=solver_options)
+    n, _, p = _check_shapes(named)
+    if B == 0:
+        raise EmptyInputError("qp_layer: the batch has 0 instances (a leading batch axis of "
+                              "size 0); pass at least one instance")
+    if n == 0:
+        raise EmptyInputError("qp_layer: the QP has n = 0 variables (len(q) == 0); there is "
+                              "nothing to solve")
+    layer = make_qp_layer(batch_size=B, equalities=A is not None, backward=backward,
+                          linear_solver=linear_solver,
+                          linear_solver_options=linear_solver_options,
+                          solver_options=solver_options, weak_tol=weak_tol,
+                          warm_start=warm_start, residual_tol=residual_tol, **deprecated)
     if A is None:
         y, nu = layer(Q, q, G, h)
-        if not return_duals:
+        if not full_output:
             return y
         lam = np.zeros((p,) if B is None else (B, p))
-        return y, lam, nu
+        return atuple((y, lam, nu))
     out = layer(Q, q, G, h, A, b)
-    return out if return_duals else out[0]
+    return atuple(tuple(out)) if full_output else out[0]

@@ -112,7 +112,7 @@ def equilibrated_condition(args, truth):
 
 def _layer_gradients(args, backward, cy, clam, cnu):
     def loss(*a):
-        y, lam, nu = qp_layer(*a, return_duals=True, backward=backward)
+        y, lam, nu = qp_layer(*a, full_output=True, backward=backward)
         return anp.sum(cy * y) + anp.sum(clam * lam) + anp.sum(cnu * nu)
     return grad(loss, list(range(len(args))))(*args)
 
@@ -131,7 +131,7 @@ def _sweep(seed, count, n, m, p):
             clam = rng.standard_normal(p) / c
             cnu = rng.standard_normal(m) / c
             ref = reduced_kkt_gradients(args, truth, cy, clam, cnu)
-            for backward in ("fast", "generic"):
+            for backward in ("structured", "generic"):
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", ImplicitGradientWarning)
                     got = _layer_gradients(args, backward, cy, clam, cnu)
@@ -164,12 +164,12 @@ def test_scaling_the_objective_and_rows_leaves_y_and_the_weak_set_unchanged():
     rng = np.random.default_rng(7)
     args, truth = plant(rng, 6, 10, 0, 1.0)
     Q, q, G, h = args
-    y0, _, nu0 = qp_layer(Q, q, G, h, return_duals=True)
+    y0, _, nu0 = qp_layer(Q, q, G, h, full_output=True)
     d = 10.0 ** rng.uniform(-3, 3, len(h))
     for c in SCALES:
         with warnings.catch_warnings():
             warnings.simplefilter("error", ImplicitGradientWarning)
-            y, _, nu = qp_layer(c * Q, c * q, d[:, None] * G, d * h, return_duals=True)
+            y, _, nu = qp_layer(c * Q, c * q, d[:, None] * G, d * h, full_output=True)
         np.testing.assert_allclose(y, y0, rtol=1e-9, atol=1e-9 * np.abs(y0).max())
         np.testing.assert_allclose(nu * d / c, nu0, rtol=1e-7, atol=1e-9 * np.abs(nu0).max())
 
@@ -200,7 +200,7 @@ def test_planted_degenerate_constraint_is_flagged_at_every_scale(c):
     cy = rng.standard_normal(6)
     cnu = np.zeros(10)   # nu of the degenerate constraint is not differentiable
     ref_q, ref_h = _min_norm_reference(args, truth, cy, cnu)
-    for backward in ("fast", "generic"):
+    for backward in ("structured", "generic"):
         with pytest.warns(ImplicitGradientWarning, match="1 weakly active") as rec:
             g = _layer_gradients(args, backward, cy, np.zeros(0), cnu)
         assert len([w for w in rec if issubclass(w.category, ImplicitGradientWarning)]) >= 1
