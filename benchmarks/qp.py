@@ -8,7 +8,7 @@ what the backward needs) + backward (gradients with respect to all inputs),
 implementations interleaved (:func:`benchmarks._common.time_interleaved`,
 wall clock), medians reported.
 
-- ``ours fast``: ``qp_layer(..., backward="fast")`` (numba PDIPM, structured
+- ``ours structured``: ``qp_layer(..., backward="structured")`` (numba PDIPM, structured
   factorization of the KKT Jacobian reused in the backward pass);
 - ``ours generic``: ``backward="generic"`` (core LU of the autograd Jacobian);
 - ``qpth``: ``qpth.qp.QPFunction()`` with its defaults (PyTorch CPU, float64,
@@ -189,7 +189,7 @@ def main(argv=None):
     rows = []
     for (B, n, m, p) in sizes:
         inputs, c, y_ref, g_ref = make_problem(B, n, m, p)
-        impls = {"ours fast": ours("fast"), "ours generic": ours("generic")}
+        impls = {"ours structured": ours("structured"), "ours generic": ours("generic")}
         for name, setup in peers.items():
             if setup is None or (name == "cvxpylayers" and n > args.cvxpylayers_max_n):
                 continue
@@ -204,7 +204,7 @@ def main(argv=None):
             except Exception as exc:      # a peer failing on a size is reported, not fatal
                 print(f"{name} failed at {(B, n, m, p)}: {type(exc).__name__}: {exc}")
         times = time_interleaved(runs, repeats=repeats, warmup=1)
-        base = times["ours fast"]
+        base = times["ours structured"]
         for name in runs:
             t = times[name]
             fwd, bwd = t["forward"].median, t["backward"].median
@@ -224,7 +224,7 @@ def main(argv=None):
 COLUMNS = [Column("size", "size"), Column("impl", "impl"),
            Column("fwd ms", "forward_ms", "{:.2f}"), Column("bwd ms", "backward_ms", "{:.2f}"),
            Column("total ms", "total_ms", "{:.2f}"),
-           Column("total / ours fast", "vs_ours", "{:.2f}x"),
+           Column("total / ours structured", "vs_ours", "{:.2f}x"),
            Column("y err", "y_err", "{:.1e}"), Column("dL/dq err max", "dq_err_max", "{:.1e}"),
            Column("dL/dq err median", "dq_err_median", "{:.1e}")]
 

@@ -22,42 +22,50 @@ gradient with respect to ``Q`` is symmetric.
 Forward
     :func:`reference_layers.kernels.qp_pdipm.solve_qp_batch`: a Mehrotra
     primal-dual interior point method in numba, the batch looped in compiled
-    code, to a relative KKT residual of ``tol`` (default ``1e-10``).  Failures
-    are per instance and raise a typed error naming the first failing
-    instance: :class:`InfeasibleQPError`, :class:`UnboundedQPError`,
-    :class:`NonConvexQPError`, :class:`RankDeficientEqualityError`,
-    :class:`QPNotConvergedError`, :class:`QPNumericalError`.
+    code, to a relative KKT residual of ``solver_options['tol']`` (default
+    ``1e-10``), on the *equilibrated* problem (objective divided by
+    ``max(|Q|, |q|)``, every row of ``G`` and ``A`` by its norm; same ``y``,
+    multipliers unscaled afterwards), so that its stopping test does not depend
+    on the problem's units.  Failures are per instance and raise a typed error
+    naming the first failing instance: :class:`InfeasibleQPError`,
+    :class:`UnboundedQPError`, :class:`NonConvexQPError`,
+    :class:`RankDeficientEqualityError`, :class:`QPNotConvergedError`,
+    :class:`QPNumericalError`.
 
     Instances that stall (``MAX_ITER``/``NUMERICAL_ERROR`` above ``accept_residual``)
-    are re-solved once with the objective scaled by 10, then by 0.1 (same
-    ``y``; the multipliers are unscaled): the kernel occasionally stalls on
-    learned, ill-conditioned ``Q`` that it solves at once after rescaling.
-    On strictly inactive constraints the returned ``nu_i`` (the interior
-    point's ``~mu / s_i``, about ``1e-11``) is set to exactly 0.
+    are re-solved once with the objective scaled by 10, then by 0.1.  Then the
+    active-set polish (:meth:`_QPLayer._polish`) solves the equality-constrained
+    KKT system of the interior point's active set exactly, correcting the set
+    (rows with ``nu_i < 0`` dropped, rows with ``s_i < 0`` added) until the point
+    is a KKT point to rounding; inactive ``nu_i`` are then exactly 0.
 
 Backward (``backward=``)
-    ``"fast"`` (default): the linear solver plugged into the implicit node
-    factors the KKT Jacobian ``J = dF/d(y, lam, nu)`` once per forward point by
-    the structured elimination of the kernel (:func:`kkt_jacobian_factor`,
-    ``O((m + p) n^2 + n^3)`` per instance) and solves ``J z = b`` or
-    ``J^T z = b`` for all instances in ``O(n^2 + (m + p) n)`` each.  It uses
-    the Jacobian of the solution's active set: slack ``s_i = 0`` on strictly
-    active constraints (``~1e-12`` at the final iterate), which removes an
-    error of ``~cond(J) * 1e-10`` from the gradient.
-    ``"generic"``: the core's dense LU of ``J``, formed from autograd VJPs of
-    ``F`` -- the paper's point, slower, the same numbers.
+    ``"structured"`` (default; ``"fast"`` is its deprecated alias): the linear
+    solver plugged into the implicit node factors the KKT Jacobian
+    ``J = dF/d(y, lam, nu)`` once per forward point by the structured elimination
+    of the kernel (:func:`kkt_jacobian_factor`, ``O((m + p) n^2 + n^3)`` per
+    instance) and solves ``J z = b`` or ``J^T z = b`` for all instances in
+    ``O(n^2 + (m + p) n)`` each.  It uses the Jacobian of the solution's active
+    set (``s_i = 0`` on strictly active, ``nu_i = 0`` on strictly inactive
+    constraints).
+    ``"generic"``: the core's dense LU of the same active-set ``J``, formed from
+    autograd VJPs of ``F`` and Ruiz-equilibrated (so the core's condition test is
+    scale-free) -- the paper's point, slower, the same numbers; or any core
+    linear solver given as ``linear_solver=``.
 
-Weakly active constraints
-    At a constraint with ``nu_i = 0`` and ``G_i y = h_i`` (strict
-    complementarity fails) ``J`` is singular and ``y*`` is not differentiable.
-    A constraint whose relative margin ``max(nu_i / (1 + |nu|_inf),
-    s_i / (1 + |s|_inf))`` (``s = h - G y``) is at most ``weak_tol`` is treated
-    as weakly active: its row of ``J`` is set to zero and that instance is
-    solved by the minimum-norm least-squares solution (the core's
-    ``'lstsq'``), with an :class:`~nimplicit.errors.ImplicitGradientWarning`.
-    Both backward modes apply the same convention.  The layer's
-    ``diagnostics`` report the smallest margin over the batch
-    (``strict_complementarity_margin``).
+Weakly active constraints (:mod:`nimplicit.kkt`, shared with ``constrained_argmin_layer``)
+    With the scale-free margins ``nu_bar_i = ||G_i|| nu_i / S`` (``S`` the size of
+    the stationarity equation's terms) and ``s_bar_i = s_i / (||G_i|| ||y|| +
+    |h_i|)``, unchanged by scaling the objective or any constraint row, a
+    constraint is weakly active when ``max(nu_bar_i, s_bar_i) <= max(weak_tol,
+    10 eps)``, ``eps = max_i min(nu_bar_i, s_bar_i)`` the complementarity the
+    forward reached (rounding after the polish).  ``J`` is then singular and
+    ``y*`` not differentiable: the complementarity rows of those constraints are
+    set to zero and that instance is solved by the minimum-norm least-squares
+    solution (the core's ``'lstsq'``), with an
+    :class:`~nimplicit.errors.ImplicitGradientWarning`.  Both backward modes
+    apply the same convention.  The layer's ``diagnostics`` report the smallest
+    margin over the batch (``strict_complementarity_margin``).
 """
 from __future__ import annotations
 
