@@ -387,10 +387,11 @@ class _QPLayer:
             raise _STATUS_ERRORS[code](f"qp_layer: {where}: {QP_STATUS_MESSAGES[code]}{extra}",
                                        [int(i) for i in bad])
         c, g_rows, a_rows = scales
-        y = res.y
-        lam = res.lam * c[:, None] / a_rows
-        nu = onp.maximum(res.nu, 0.0) * c[:, None] / g_rows
-        y, lam, nu = self._polish(Q, q, G, h, A, b, y, lam, nu)
+        # polish in the equilibrated units too (the margins are the same in both)
+        y, lam, nu = self._polish(Qn, qn, Gn, hn, An, bn, res.y, res.lam,
+                                  onp.maximum(res.nu, 0.0))
+        lam = lam * c[:, None] / a_rows
+        nu = nu * c[:, None] / g_rows
         out = (y, lam, nu) if self.has_eq else (y, nu)
         return tuple(v[0] for v in out) if self.B is None else out
 
@@ -403,79 +404,73 @@ class _QPLayer:
     POLISH_SIGN_TOL = 1e-12
 
     def _polish(self, Q, q, G, h, A, b, y, lam, nu):
-        r"""Active-set polish: starting from the strictly active set of the interior
-        point's solution (``nu_bar_i > s_bar_i``, scale-free margins of
-        :mod:`nimplicit.kkt`), solve the equality-constrained KKT system
+        r"""Active-set polish, for the whole batch at once: starting from the strictly
+        active set ``a`` of the interior point's solution (``nu_bar_i > s_bar_i``,
+        scale-free margins of :mod:`nimplicit.kkt`; at most ``n - p`` rows, ranked by
+        ``nu_bar_i / s_bar_i``), solve the active set's KKT system of fixed size
+        ``n + p + m`` per instance (one batched LU),
 
         .. math::
-            \begin{bmatrix} Q & A^T & G_a^T \\ A & 0 & 0 \\ G_a & 0 & 0 \end{bmatrix}
-            \begin{bmatrix} y \\ \lambda \\ \nu_a \end{bmatrix} =
-            \begin{bmatrix} -q \\ b \\ h_a \end{bmatrix}
+            \begin{bmatrix} Q & A^T & G^T \\ A & 0 & 0 \\ D_a G & 0 & -(I - D_a) \end{bmatrix}
+            \begin{bmatrix} y \\ \lambda \\ \nu \end{bmatrix} =
+            \begin{bmatrix} -q \\ b \\ D_a h \end{bmatrix}
 
-        per instance; drop rows with ``nu_bar_i < 0`` and add rows with
-        ``s_bar_i < 0`` (to rounding, :attr:`POLISH_SIGN_TOL`) and repeat, at most
-        :attr:`POLISH_STEPS` times.  The result is kept when it is a KKT point
-        (signs hold) with a KKT residual no larger than the interior point's.  The
-        polished point is exact to rounding, so the margins (and ``weak_tol``)
-        are judged at rounding accuracy, and finite differences of the layer are
-        limited by rounding, not by ``tol``.  On the instances where it fails,
-        ``nu_i`` of strictly inactive constraints (the interior point's
-        ``~mu / s_i``) is set to exactly 0.
+        (``D_a`` the 0/1 diagonal of ``a``: ``G_a y = h_a`` and ``nu_i = 0`` off ``a``),
+        then drop rows with ``nu_bar_i < 0`` and add rows with ``s_bar_i < 0`` (to
+        rounding, :attr:`POLISH_SIGN_TOL`) and repeat for the instances that changed,
+        at most :attr:`POLISH_STEPS` times.  The result is kept when it is a KKT point
+        (signs hold) with a relative KKT residual no larger than the interior point's
+        (or below :attr:`POLISH_ACCEPT`).  The polished point is exact to rounding, so
+        the margins (and ``weak_tol``) are judged at rounding accuracy, and finite
+        differences of the layer are limited by rounding, not by ``tol``.  On the
+        instances where it fails, ``nu_i`` of strictly inactive constraints (the
+        interior point's ``~mu / s_i``) is set to exactly 0.
         """
         y, lam, nu = y.copy(), lam.copy(), nu.copy()
         nu_bar, s_bar, _ = _margins(Q, q, G, h, A, y, lam, nu)
-        guess = nu_bar > s_bar
-        # how clearly active: log(nu_bar / s_bar), used to keep at most n - p rows
-        score = onp.log(onp.maximum(nu_bar, 1e-300)) - onp.log(onp.maximum(s_bar, 1e-300))
         _, inactive = kkt.strict_sets(nu_bar, s_bar, self.weak_tol)
-        for k in range(len(y)):
-            sol = self._polish_one(Q[k], q[k], G[k], h[k], A[k], b[k], guess[k], score[k]) \
-                if self.polish else None
-            if sol is not None:
-                size = lambda z: _relative_kkt_residual(z, Q[k], q[k], G[k], h[k], A[k], b[k])
-                if size(sol) <= max(size((y[k], lam[k], nu[k])), self.POLISH_ACCEPT):
-                    y[k], lam[k], nu[k] = sol
-                    continue
-            nu[k][inactive[k]] = 0.0
-        return y, lam, nu
-
-    def _polish_one(self, Q, q, G, h, A, b, active, score):
-        """One instance of :meth:`_polish`; ``None`` when it does not find a KKT point.
-
-        ``score`` ranks the rows by how clearly they are active; when more than
-        ``n - p`` rows are active (at most ``n - p`` can be independent), the
-        least clearly active ones are left out.
-        """
-        n, p, m = len(q), len(b), len(h)
-        Qs = 0.5 * (Q + Q.T)
-        active = active.copy()
+        if not self.polish:
+            nu[inactive] = 0.0
+            return y, lam, nu
+        active = nu_bar > s_bar
+        # how clearly active: log(nu_bar / s_bar), to keep at most n - p rows
+        score = onp.log(onp.maximum(nu_bar, 1e-300)) - onp.log(onp.maximum(s_bar, 1e-300))
+        old_res = _relative_kkt_residuals(Q, q, G, h, A, b, y, lam, nu)
+        B, m, n = G.shape
+        p = A.shape[1]
+        Qs = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
+        todo = onp.arange(B)
+        done = onp.zeros(B, bool)
         for _ in range(self.POLISH_STEPS):
-            a = onp.flatnonzero(active)
-            if len(a) + p > n:
-                a = a[onp.argsort(-score[a], kind="stable")[:max(n - p, 0)]]
-                active = onp.zeros(m, bool)
-                active[a] = True
-            C = onp.concatenate([A, G[a]])
-            K = onp.block([[Qs, C.T], [C, onp.zeros((len(C), len(C)))]])
-            rhs = onp.concatenate([-q, b, h[a]])
-            try:
-                z = onp.linalg.solve(K, rhs)
-            except onp.linalg.LinAlgError:
-                return None
-            if not onp.all(onp.isfinite(z)):
-                return None
-            y, lam = z[:n], z[n:n + p]
-            nu = onp.zeros(m)
-            nu[a] = z[n + p:]
-            nu_bar, s_bar = _signed_margins(Qs, q, G, h, A, y, lam, nu)
-            drop = active & (nu_bar < -self.POLISH_SIGN_TOL)
-            add = ~active & (s_bar < -self.POLISH_SIGN_TOL)
-            if not (drop.any() or add.any()):
-                return y, lam, onp.maximum(nu, 0.0)
-            active = (active & ~drop) | add
+            if not todo.size:
+                break
+            act = _cap_active(active[todo], score[todo], n - p)
+            z, ok = _solve_active_kkt(Qs[todo], q[todo], G[todo], h[todo], A[todo], b[todo], act)
+            yt, lt, nt = z[:, :n], z[:, n:n + p], z[:, n + p:] * act
+            nb, sb = _signed_margins_batch(Qs[todo], q[todo], G[todo], h[todo], A[todo],
+                                           yt, lt, nt)
+            drop = act & (nb < -self.POLISH_SIGN_TOL)
+            add = ~act & (sb < -self.POLISH_SIGN_TOL)
+            settled = ok & ~(drop.any(axis=1) | add.any(axis=1))
+            if settled.any():
+                k = todo[settled]
+                nt_ok = onp.maximum(nt[settled], 0.0)
+                res = _relative_kkt_residuals(Q[k], q[k], G[k], h[k], A[k], b[k], yt[settled],
+                                              lt[settled], nt_ok)
+                keep = res <= onp.maximum(old_res[k], self.POLISH_ACCEPT)
+                kk = k[keep]
+                y[kk], lam[kk], nu[kk] = yt[settled][keep], lt[settled][keep], nt_ok[keep]
+                done[kk] = True
+            retry = ok & ~settled
+            idx = todo[retry]
+            active[idx] = (act[retry] & ~drop[retry]) | add[retry]
             # rows added now outrank the kept ones; dropped rows rank last
-            score = onp.where(add, onp.inf, onp.where(drop, -onp.inf, score))
-        return None
+            score[idx] = onp.where(add[retry], onp.inf,
+                                   onp.where(drop[retry], -onp.inf, score[idx]))
+            todo = idx
+        failed = ~done
+        nu[failed] = onp.where(inactive[failed], 0.0, nu[failed])
+        return y, lam, nu
 
     #: objective scalings tried, in turn, on instances that did not converge
     RETRY_SCALES = (10.0, 0.1)
@@ -670,33 +665,78 @@ def _equilibrate(Q, q, G, h, A, b, scales):
             A / a_rows[..., None], b / a_rows)
 
 
-def _relative_kkt_residual(sol, Q, q, G, h, A, b) -> float:
-    """Scale-free size of eq. 27 at ``sol`` for one instance: each equation relative to
-    the terms it is made of, complementarity by the margins ``min(nu_bar_i, s_bar_i)``."""
-    y, lam, nu = sol
-    Qs = 0.5 * (Q + Q.T)
-    terms = [Qs @ y, q, A.T @ lam, G.T @ nu]
-    stat = onp.abs(sum(terms)).max() / max(max(onp.abs(t).max(initial=0.0) for t in terms),
-                                           onp.finfo(float).tiny)
-    eq = 0.0
-    if len(b):
-        scale = onp.abs(A) @ onp.abs(y) + onp.abs(b)
-        eq = float((onp.abs(A @ y - b) / onp.where(scale > 0, scale, 1.0)).max())
-    nu_bar, s_bar = _signed_margins(Qs, q, G, h, A, y, lam, nu)
-    comp = float(onp.minimum(onp.abs(nu_bar), onp.abs(s_bar)).max(initial=0.0))
-    return max(float(stat), eq, comp)
+def _cap_active(active, score, cap: int):
+    """``active`` with at most ``cap`` rows per instance, the highest ``score`` kept."""
+    cap = max(cap, 0)
+    over = active.sum(axis=1) > cap
+    if not over.any():
+        return active
+    active = active.copy()
+    masked = onp.where(active[over], score[over], -onp.inf)
+    order = onp.argsort(-masked, axis=1, kind="stable")
+    keep = onp.zeros_like(active[over])
+    onp.put_along_axis(keep, order[:, :cap], True, axis=1)
+    active[over] = active[over] & keep
+    return active
 
 
-def _signed_margins(Qs, q, G, h, A, y, lam, nu):
-    """Unclipped ``(nu_bar, s_bar)`` of one instance (negative values are violations)."""
-    s = h - G @ y
+def _solve_active_kkt(Qs, q, G, h, A, b, act):
+    """``z = (y, lam, nu)`` of the active-set KKT system of :meth:`_QPLayer._polish`
+    for every instance (one batched LU); ``ok`` is False where it is singular."""
+    B, m, n = G.shape
+    p = A.shape[1]
+    N = n + p + m
+    K = onp.zeros((B, N, N))
+    K[:, :n, :n] = Qs
+    K[:, :n, n:n + p] = onp.swapaxes(A, -1, -2)
+    K[:, :n, n + p:] = onp.swapaxes(G, -1, -2)
+    K[:, n:n + p, :n] = A
+    K[:, n + p:, :n] = act[:, :, None] * G
+    diag = onp.arange(m)
+    K[:, n + p + diag, n + p + diag] = -(~act).astype(float)
+    rhs = onp.concatenate([-q, b, act * h], axis=1)
+    ok = onp.ones(B, bool)
+    try:
+        z = onp.linalg.solve(K, rhs[..., None])[..., 0]
+    except onp.linalg.LinAlgError:   # a singular instance: solve them one by one
+        z = onp.zeros((B, N))
+        for k in range(B):
+            try:
+                z[k] = onp.linalg.solve(K[k], rhs[k])
+            except onp.linalg.LinAlgError:
+                ok[k] = False
+    ok &= onp.isfinite(z).all(axis=1)
+    z[~ok] = 0.0
+    return z, ok
+
+
+def _signed_margins_batch(Qs, q, G, h, A, y, lam, nu):
+    """Unclipped ``(nu_bar, s_bar)`` per instance (negative values are violations)."""
+    s = h - onp.einsum("bij,bj->bi", G, y)
     row = onp.linalg.norm(G, axis=-1)
-    S = (onp.linalg.norm(Qs @ y) + onp.linalg.norm(q) + onp.linalg.norm(A.T @ lam)
-         + onp.abs(row * nu).sum())
-    slack_terms = row * onp.linalg.norm(y) + onp.abs(h)
-    nu_bar = row * nu / S if S > 0 else onp.zeros_like(nu)
-    s_bar = onp.where(slack_terms > 0, s / onp.where(slack_terms > 0, slack_terms, 1.0), 0.0)
-    return nu_bar, s_bar
+    S = (onp.linalg.norm(onp.einsum("bij,bj->bi", Qs, y), axis=-1) + onp.linalg.norm(q, axis=-1)
+         + onp.linalg.norm(onp.einsum("bji,bj->bi", A, lam), axis=-1)
+         + onp.abs(row * nu).sum(axis=-1))
+    slack_terms = row * onp.linalg.norm(y, axis=-1)[:, None] + onp.abs(h)
+    return kkt._safe_ratio(row * nu, S[:, None]), kkt._safe_ratio(s, slack_terms)
+
+
+def _relative_kkt_residuals(Q, q, G, h, A, b, y, lam, nu) -> onp.ndarray:
+    """Scale-free size of eq. 27 per instance: each equation relative to the terms it is
+    made of, complementarity by the margins ``min(|nu_bar_i|, |s_bar_i|)``."""
+    Qs = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
+    terms = [onp.einsum("bij,bj->bi", Qs, y), q, onp.einsum("bji,bj->bi", A, lam),
+             onp.einsum("bji,bj->bi", G, nu)]
+    size = onp.max([onp.abs(t).max(axis=1, initial=0.0) for t in terms], axis=0)
+    out = kkt._safe_ratio(onp.abs(sum(terms)).max(axis=1), size)
+    if b.shape[1]:
+        scale = onp.einsum("bij,bj->bi", onp.abs(A), onp.abs(y)) + onp.abs(b)
+        eq = kkt._safe_ratio(onp.abs(onp.einsum("bij,bj->bi", A, y) - b), scale)
+        out = onp.maximum(out, eq.max(axis=1))
+    if h.shape[1]:
+        nb, sb = _signed_margins_batch(Qs, q, G, h, A, y, lam, nu)
+        out = onp.maximum(out, onp.minimum(onp.abs(nb), onp.abs(sb)).max(axis=1))
+    return out
 
 
 #: the keys of ``solver_options`` (forward) and their defaults
