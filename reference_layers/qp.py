@@ -395,8 +395,8 @@ class _QPLayer:
         out = (y, lam, nu) if self.has_eq else (y, nu)
         return tuple(v[0] for v in out) if self.B is None else out
 
-    #: active-set corrections tried by the polish before it gives up on an instance
-    POLISH_STEPS = 8
+    #: active-set corrections (one row each) tried by the polish before it gives up
+    POLISH_STEPS = 24
     #: a polished point with a relative KKT residual below this is always kept
     POLISH_ACCEPT = 1e-13
     #: a normalised multiplier or slack above ``-POLISH_SIGN_TOL`` counts as >= 0
@@ -416,9 +416,9 @@ class _QPLayer:
             \begin{bmatrix} -q \\ b \\ D_a h \end{bmatrix}
 
         (``D_a`` the 0/1 diagonal of ``a``: ``G_a y = h_a`` and ``nu_i = 0`` off ``a``),
-        then drop rows with ``nu_bar_i < 0`` and add rows with ``s_bar_i < 0`` (to
-        rounding, :attr:`POLISH_SIGN_TOL`) and repeat for the instances that changed,
-        at most :attr:`POLISH_STEPS` times.  The result is kept when it is a KKT point
+        then drop the row with the most negative ``nu_bar_i``, or else add the row with
+        the most negative ``s_bar_i`` (to rounding, :attr:`POLISH_SIGN_TOL`), and repeat
+        for the instances that changed, at most :attr:`POLISH_STEPS` times.  The result is kept when it is a KKT point
         (signs hold) with a relative KKT residual no larger than the interior point's
         (or below :attr:`POLISH_ACCEPT`).  The polished point is exact to rounding, so
         the margins (and ``weak_tol``) are judged at rounding accuracy, and finite
@@ -463,10 +463,22 @@ class _QPLayer:
                 done[kk] = True
             retry = ok & ~settled
             idx = todo[retry]
-            active[idx] = (act[retry] & ~drop[retry]) | add[retry]
+            # one change per step (a cycle-prone block update is avoided): drop the most
+            # negative multiplier if any, else add the most violated constraint
+            nbr, sbr = nb[retry], sb[retry]
+            dropping = drop[retry].any(axis=1)
+            worst_nu = onp.argmin(onp.where(drop[retry], nbr, onp.inf), axis=1)
+            worst_s = onp.argmin(onp.where(add[retry], sbr, onp.inf), axis=1)
+            new = act[retry].copy()
+            rows = onp.arange(len(idx))
+            new[rows[dropping], worst_nu[dropping]] = False
+            new[rows[~dropping], worst_s[~dropping]] = True
+            active[idx] = new
             # rows added now outrank the kept ones; dropped rows rank last
-            score[idx] = onp.where(add[retry], onp.inf,
-                                   onp.where(drop[retry], -onp.inf, score[idx]))
+            sc = score[idx]
+            sc[rows[dropping], worst_nu[dropping]] = -onp.inf
+            sc[rows[~dropping], worst_s[~dropping]] = onp.inf
+            score[idx] = sc
             todo = idx
         failed = ~done
         nu[failed] = onp.where(inactive[failed], 0.0, nu[failed])

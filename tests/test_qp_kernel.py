@@ -410,3 +410,25 @@ def test_kkt_jacobian_flags_degenerate_and_singular():
     assert out.flag[1] == KKTJacobianFlag.SINGULAR
     assert np.all(out.flag[2:] == KKTJacobianFlag.OK)
     assert np.isnan(out.z[:2]).all() and np.isfinite(out.z[2:]).all()
+
+
+def test_default_thread_count_honours_numba_num_threads(monkeypatch):
+    """The batch is split over at most numba.get_num_threads() threads; same result."""
+    import numba
+    import reference_layers.kernels.qp_pdipm as kernel
+    prob, truth = known_solution_qps(6, 5, 8, 1, seed=33)
+    ref = solve_qp_batch(*prob, num_threads=1)
+    calls = []
+    real = kernel._run_batch
+
+    def spy(fn, B, num_threads):
+        calls.append(num_threads)
+        return real(fn, B, num_threads)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(kernel, "_run_batch", spy)
+    chunks = []
+    monkeypatch.setattr(kernel, "ThreadPoolExecutor", lambda *a, **k: chunks.append(1))
+    kernel._POOL = None
+    res = solve_qp_batch(*prob)
+    assert not chunks            # one thread: no pool was created
+    np.testing.assert_array_equal(res.y, ref.y)

@@ -128,6 +128,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
+import numba
 from numba import njit
 
 __all__ = [
@@ -1023,6 +1024,8 @@ def _run_batch(fn, B: int, num_threads: Optional[int]) -> None:
             nt = len(os.sched_getaffinity(0))
         except AttributeError:  # pragma: no cover (not on Linux)
             nt = os.cpu_count() or 1
+        # honour NUMBA_NUM_THREADS (and numba.set_num_threads) as the upper bound
+        nt = min(nt, numba.get_num_threads())
     else:
         nt = int(num_threads)
     nt = max(1, min(nt, B))
@@ -1116,7 +1119,8 @@ def solve_qp_batch(
         factorisation); this makes ``y, lam, nu`` accurate to about ``1e-10``
         on well-conditioned problems of unit scale.
     num_threads : number of threads over which the batch is split (the compiled
-        kernel releases the GIL); default: the CPUs available to the process.
+        kernel releases the GIL); default: the CPUs available to the process, at most
+        ``numba.get_num_threads()`` (so ``NUMBA_NUM_THREADS`` bounds it).
 
     Returns
     -------
