@@ -463,6 +463,8 @@ class _QPLayer:
                 done[kk] = True
             retry = ok & ~settled
             idx = todo[retry]
+            if not idx.size:
+                break
             # one change per step (a cycle-prone block update is avoided): drop the most
             # negative multiplier if any, else add the most violated constraint
             nbr, sbr = nb[retry], sb[retry]
