@@ -23,7 +23,12 @@ planted solution; ``dL/dq err`` is the worst (and the median) over the batch of
 instances at a vertex, where ``g* = 0``) with ``g*`` from a dense float64 solve of the
 transposed KKT Jacobian at the planted (exact) solution.
 
-Run: ``PYTHONPATH=. python benchmarks/qp.py [--quick] [--repeats 5]``.
+With ``--instances generic``: random instances as in issue 13 (``Q = LL'/n + 0.1 I``,
+``G ~ N(0, 1)``, ``h = G y0 + U(0.1, 1)``), reference from a tight solve's active set,
+verified to be a KKT point (:func:`make_generic_problem`).
+
+Run: ``PYTHONPATH=. python benchmarks/qp.py [--quick] [--repeats 5] [--instances generic]
+[--sizes 128,10,20,0]``.
 """
 from __future__ import annotations
 
@@ -61,6 +66,40 @@ def make_problem(B, n, m, p, seed=0):
         rhs[:n] = -c[k]
         g_ref[k] = onp.linalg.solve(J.T, rhs)[:n]
     y_ref = onp.stack([d["y"] for d in ds])
+    return inputs, c, y_ref, g_ref
+
+
+def make_generic_problem(B, n, m, p, seed=0):
+    """Generic random instances (issue 13): ``Q = L L'/n + 0.1 I``, ``G ~ N(0, 1)``,
+    ``h = G y0 + U(0.1, 1)`` (and ``A ~ N(0, 1)``, ``b = A y0``).  Weakly active-looking
+    constraints occur here.  Reference: a tight interior point solve (``tol=1e-13``)
+    gives the active set, the exact reduced KKT system on it gives ``y*`` and ``dL/dq``,
+    and the point is verified to be a KKT point (``nu_a > 0``, inactive slacks > 0);
+    an instance that fails the verification raises instead of giving a false reference."""
+    from reference_layers.kernels.qp_pdipm import solve_qp_batch
+    rng = onp.random.default_rng(seed)
+    L = rng.standard_normal((B, n, n))
+    Q = L @ L.transpose(0, 2, 1) / n + 0.1 * onp.eye(n)
+    q = rng.standard_normal((B, n))
+    G = rng.standard_normal((B, m, n))
+    y0 = rng.standard_normal((B, n))
+    h = onp.einsum("bij,bj->bi", G, y0) + rng.uniform(0.1, 1.0, (B, m))
+    A = rng.standard_normal((B, p, n))
+    b = onp.einsum("bij,bj->bi", A, y0)
+    c = rng.standard_normal((B, n))
+    tight = solve_qp_batch(Q, q, G, h, A, b, tol=1e-13, max_iter=300)
+    y_ref, g_ref = onp.empty((B, n)), onp.empty((B, n))
+    for k in range(B):
+        a = tight.nu[k] > tight.s[k]
+        C = onp.vstack([A[k], G[k][a]])
+        K = onp.block([[Q[k], C.T], [C, onp.zeros((len(C), len(C)))]])
+        z = onp.linalg.solve(K, onp.concatenate([-q[k], b[k], h[k][a]]))
+        s = h[k] - G[k] @ z[:n]
+        if not ((z[n + p:] > 0).all() and (s[~a] > 0).all()):
+            raise RuntimeError(f"generic instance {k}: the reference is not a KKT point")
+        y_ref[k] = z[:n]
+        g_ref[k] = -onp.linalg.solve(K, onp.concatenate([c[k], onp.zeros(len(C))]))[:n]
+    inputs = (Q, q, G, h, A, b) if p else (Q, q, G, h)
     return inputs, c, y_ref, g_ref
 
 
@@ -174,9 +213,16 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cvxpylayers-max-n", type=int, default=10)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--instances", choices=("planted", "generic"), default="planted",
+                    help="planted KKT points (default) or generic random instances")
+    ap.add_argument("--sizes", default=None,
+                    help="e.g. '128,10,20,0;1,10,20,0' (B,n,m,p per size)")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")      # peers' deprecation chatter
     sizes = SIZES[:2] if args.quick else SIZES
+    if args.sizes:
+        sizes = [tuple(int(v) for v in part.split(",")) for part in args.sizes.split(";")]
+    build = make_generic_problem if args.instances == "generic" else make_problem
     repeats = 3 if args.quick else args.repeats
     peers = {} if args.no_peers else {
         "qpth": qpth_setup if available("qpth") and available("torch") else None,
@@ -188,7 +234,7 @@ def main(argv=None):
         threads = None
     rows = []
     for (B, n, m, p) in sizes:
-        inputs, c, y_ref, g_ref = make_problem(B, n, m, p)
+        inputs, c, y_ref, g_ref = build(B, n, m, p)
         impls = {"ours structured": ours("structured"), "ours generic": ours("generic")}
         for name, setup in peers.items():
             if setup is None or (name == "cvxpylayers" and n > args.cvxpylayers_max_n):
@@ -217,8 +263,9 @@ def main(argv=None):
     print()
     print(format_table(rows, COLUMNS, separator_key="size"))
     os.makedirs(OUT_DIR, exist_ok=True)
-    write_json(os.path.join(OUT_DIR, "qp.json"),
-               {"machine": machine_info(), "torch_threads": threads, "rows": rows})
+    write_json(os.path.join(OUT_DIR, f"qp_{args.instances}.json"),
+               {"machine": machine_info(), "torch_threads": threads,
+                "instances": args.instances, "rows": rows})
 
 
 COLUMNS = [Column("size", "size"), Column("impl", "impl"),
