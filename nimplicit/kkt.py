@@ -89,11 +89,8 @@ def kkt_residual_parts(stationarity, eq_values, nu, ineq_values) -> tuple:
 def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """``num / den`` with ``0`` where ``den == 0`` (then all the terms are zero)."""
     den = np.asarray(den, float)
-    out = np.zeros(np.broadcast(num, den).shape)
-    ok = np.broadcast_to(den > 0, out.shape)
-    np.divide(np.broadcast_to(num, out.shape), np.broadcast_to(den, out.shape), out=out,
-              where=ok)
-    return out
+    ok = den > 0
+    return np.where(ok, num / np.where(ok, den, 1.0), 0.0)
 
 
 def normalized_margins(nu: np.ndarray, s: np.ndarray, row_norms: np.ndarray,

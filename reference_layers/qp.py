@@ -270,12 +270,10 @@ def _margins(Q, q, G, h, A, y, lam, nu):
     ``S = ||Q y|| + ||q|| + ||A^T lam|| + sum_j ||G_j|| nu_j`` and
     ``s_bar_i = s_i / (||G_i|| ||y|| + |h_i|)``, ``s = h - G y``."""
     Qs = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
-    s = h - onp.einsum("bij,bj->bi", G, y)
-    row = onp.linalg.norm(G, axis=-1)
-    terms = (onp.linalg.norm(onp.einsum("bij,bj->bi", Qs, y), axis=-1)
-             + onp.linalg.norm(q, axis=-1)
-             + onp.linalg.norm(onp.einsum("bji,bj->bi", A, lam), axis=-1))
-    slack_terms = row * onp.linalg.norm(y, axis=-1)[:, None] + onp.abs(h)
+    s = h - _bmv(G, y)
+    row = onp.sqrt((G * G).sum(axis=-1))
+    terms = _norm(_bmv(Qs, y)) + _norm(q) + _norm(_bmtv(A, lam))
+    slack_terms = row * _norm(y)[:, None] + onp.abs(h)
     nu_bar, s_bar = kkt.normalized_margins(nu, s, row, terms, slack_terms)
     return nu_bar, s_bar, s
 
@@ -428,14 +426,13 @@ class _QPLayer:
         """
         y, lam, nu = y.copy(), lam.copy(), nu.copy()
         nu_bar, s_bar, _ = _margins(Q, q, G, h, A, y, lam, nu)
-        _, inactive = kkt.strict_sets(nu_bar, s_bar, self.weak_tol)
         if not self.polish:
-            nu[inactive] = 0.0
+            nu[kkt.strict_sets(nu_bar, s_bar, self.weak_tol)[1]] = 0.0
             return y, lam, nu
         active = nu_bar > s_bar
         # how clearly active: log(nu_bar / s_bar), to keep at most n - p rows
         score = onp.log(onp.maximum(nu_bar, 1e-300)) - onp.log(onp.maximum(s_bar, 1e-300))
-        old_res = _relative_kkt_residuals(Q, q, G, h, A, b, y, lam, nu)
+        old_res = None     # the interior point's residual, computed only when needed
         B, m, n = G.shape
         p = A.shape[1]
         Qs = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
@@ -457,7 +454,11 @@ class _QPLayer:
                 nt_ok = onp.maximum(nt[settled], 0.0)
                 res = _relative_kkt_residuals(Q[k], q[k], G[k], h[k], A[k], b[k], yt[settled],
                                               lt[settled], nt_ok)
-                keep = res <= onp.maximum(old_res[k], self.POLISH_ACCEPT)
+                keep = res <= self.POLISH_ACCEPT
+                if not keep.all():
+                    if old_res is None:
+                        old_res = _relative_kkt_residuals(Q, q, G, h, A, b, y, lam, nu)
+                    keep |= res <= old_res[k]
                 kk = k[keep]
                 y[kk], lam[kk], nu[kk] = yt[settled][keep], lt[settled][keep], nt_ok[keep]
                 done[kk] = True
@@ -483,7 +484,9 @@ class _QPLayer:
             score[idx] = sc
             todo = idx
         failed = ~done
-        nu[failed] = onp.where(inactive[failed], 0.0, nu[failed])
+        if failed.any():
+            _, inactive = kkt.strict_sets(nu_bar[failed], s_bar[failed], self.weak_tol)
+            nu[failed] = onp.where(inactive, 0.0, nu[failed])
         return y, lam, nu
 
     #: objective scalings tried, in turn, on instances that did not converge
@@ -726,26 +729,37 @@ def _solve_active_kkt(Qs, q, G, h, A, b, act):
 
 def _signed_margins_batch(Qs, q, G, h, A, y, lam, nu):
     """Unclipped ``(nu_bar, s_bar)`` per instance (negative values are violations)."""
-    s = h - onp.einsum("bij,bj->bi", G, y)
-    row = onp.linalg.norm(G, axis=-1)
-    S = (onp.linalg.norm(onp.einsum("bij,bj->bi", Qs, y), axis=-1) + onp.linalg.norm(q, axis=-1)
-         + onp.linalg.norm(onp.einsum("bji,bj->bi", A, lam), axis=-1)
-         + onp.abs(row * nu).sum(axis=-1))
-    slack_terms = row * onp.linalg.norm(y, axis=-1)[:, None] + onp.abs(h)
+    s = h - _bmv(G, y)
+    row = onp.sqrt((G * G).sum(axis=-1))
+    S = (_norm(_bmv(Qs, y)) + _norm(q) + _norm(_bmtv(A, lam)) + onp.abs(row * nu).sum(axis=-1))
+    slack_terms = row * _norm(y)[:, None] + onp.abs(h)
     return kkt._safe_ratio(row * nu, S[:, None]), kkt._safe_ratio(s, slack_terms)
+
+
+def _bmv(M, v):
+    """``M v`` per instance (``(B, r, c) x (B, c)``)."""
+    return (M @ v[..., None])[..., 0]
+
+
+def _bmtv(M, v):
+    """``M^T v`` per instance (``(B, r, c) x (B, r)``)."""
+    return (v[..., None, :] @ M)[..., 0, :]
+
+
+def _norm(v):
+    return onp.sqrt((v * v).sum(axis=-1))
 
 
 def _relative_kkt_residuals(Q, q, G, h, A, b, y, lam, nu) -> onp.ndarray:
     """Scale-free size of eq. 27 per instance: each equation relative to the terms it is
     made of, complementarity by the margins ``min(|nu_bar_i|, |s_bar_i|)``."""
     Qs = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
-    terms = [onp.einsum("bij,bj->bi", Qs, y), q, onp.einsum("bji,bj->bi", A, lam),
-             onp.einsum("bji,bj->bi", G, nu)]
+    terms = [_bmv(Qs, y), q, _bmtv(A, lam), _bmtv(G, nu)]
     size = onp.max([onp.abs(t).max(axis=1, initial=0.0) for t in terms], axis=0)
     out = kkt._safe_ratio(onp.abs(sum(terms)).max(axis=1), size)
     if b.shape[1]:
-        scale = onp.einsum("bij,bj->bi", onp.abs(A), onp.abs(y)) + onp.abs(b)
-        eq = kkt._safe_ratio(onp.abs(onp.einsum("bij,bj->bi", A, y) - b), scale)
+        scale = _bmv(onp.abs(A), onp.abs(y)) + onp.abs(b)
+        eq = kkt._safe_ratio(onp.abs(_bmv(A, y) - b), scale)
         out = onp.maximum(out, eq.max(axis=1))
     if h.shape[1]:
         nb, sb = _signed_margins_batch(Qs, q, G, h, A, y, lam, nu)
