@@ -8,6 +8,7 @@ import pytest
 from autograd import grad, jacobian, make_jvp
 
 from conftest import assert_close, assert_grad_matches_fd, fd_directional, fd_grad, fd_jacobian
+import nimplicit
 from nimplicit import anderson, argmin_layer, constrained_argmin_layer, fixed_point_layer
 from nimplicit.errors import ImplicitGradientWarning, NotConvergedError, SolverError
 
@@ -210,11 +211,12 @@ def test_weakly_active_constraint_warns_and_gives_the_minimum_norm_gradient():
     x = onp.array([0.5, 0.5, 0.0, -3.0, -2.0])
     y, lam, nu = layer(x)
     assert abs(y[2]) <= 1e-9 and abs(nu[2]) <= 1e-9
-    with pytest.warns(ImplicitGradientWarning, match=r"1 weakly active constraint\(s\) in constraint\(s\) \[2\]") as rec:
+    with pytest.warns(ImplicitGradientWarning, match=r"1 weakly active constraint\(s\) in constraint\(s\) \[2\]") as rec, \
+            nimplicit.record_points() as points:
         J = jacobian(lambda x: np.concatenate(layer(x)))(x)
     assert "minimum-norm" in str(rec[0].message)
     # the minimum-norm solution of the (singular) KKT system: dz/dx = -pinv(dF/dz) dF/dx
-    point = layer.last_point
+    point = points[-1]
     Fz = jacobian(lambda z: point.F(z, x))(point.y_flat)
     Fx = jacobian(lambda x: point.F(point.y_flat, x))(x)
     assert onp.linalg.matrix_rank(Fz) < Fz.shape[0]            # singular indeed
