@@ -20,7 +20,7 @@ from autograd import grad, hessian, jacobian
 
 from . import kkt
 from .errors import InvalidOptionError, NotConvergedError, ShapeError, SolverError
-from .implicit import ImplicitLayer, implicit_layer
+from .implicit import ImplicitLayer, Solution, implicit_layer
 from . import linear_solvers
 
 
@@ -370,41 +370,57 @@ class _KKTChecked:
                                    C if C.size else None, tol=self.second_order_tol)
         # tiny negative multipliers (within kkt_tol) are rounding: exactly 0
         nu = onp.maximum(onp.asarray(nu, dtype=float), 0.0) if onp.size(nu) else nu
-        return y, lam, nu
+        # the weakly active set, decided once here for the backward (KKTLinearSolver)
+        d["nu"] = onp.ravel(onp.asarray(nu, dtype=float))
+        nb, sb, _ = pb.margins(d)
+        weak = kkt.weak_mask(nb, sb, self.weak_tol)
+        return Solution((y, lam, nu), aux=_KKTAux(weak, d["y"].size + d["h"].size))
 
 
-class _KKTLinearSolver:
-    """The linear solver of :func:`constrained_argmin_layer`: ``base`` unless a
-    constraint is weakly active (:mod:`nimplicit.kkt`); then the minimum-norm
-    convention (those rows of ``J`` zeroed, least squares) with a warning."""
+class _KKTAux:
+    """What the checked forward hands to :class:`KKTLinearSolver`: the weakly active
+    constraints (``weak``, ``(n_ineq,)``) and the offset of the complementarity rows in
+    ``z = (y, lam, nu)``."""
 
-    def __init__(self, problem: _Problem, base, weak_tol: float):
-        self.problem, self.base, self.weak_tol = problem, base, weak_tol
+    __slots__ = ("weak", "offset")
 
-    def __call__(self, matvec, rmatvec, b, *, point=None, cache=None, transpose=False,
-                 x_size=None, **opts):
-        if cache is not None and "kkt_degenerate" not in cache:
-            y, lam, nu = point.y
-            d = self.problem.at(y, lam, nu, point.inputs)
-            nu_bar, s_bar, _ = self.problem.margins(d)
-            weak = kkt.weak_mask(nu_bar, s_bar, self.weak_tol)
-            cache["kkt_degenerate"] = bool(weak.any())
-            if weak.any():
-                kkt.warn_weak("constrained_argmin_layer", weak, self.weak_tol)
-                J = linear_solvers.form_jacobian(matvec, rmatvec, b, transpose, x_size)
-                offset = d["y"].size + d["h"].size
-                # the core's lstsq takes a J already in its cache instead of forming one
-                cache["J"] = kkt.zero_weak_rows(J[None], weak[None], offset)[0]
-        if cache.get("kkt_degenerate"):
-            solve = linear_solvers.lstsq
-        elif self.base in ("lu", linear_solvers.lu):
-            # LU of the Ruiz-equilibrated J: the condition test does not depend on the
-            # scales of the objective and of each constraint
-            solve = kkt.equilibrated_lu
-        else:
-            solve = linear_solvers.get(self.base)
-        return solve(matvec, rmatvec, b, cache=cache, point=point, transpose=transpose,
-                     x_size=x_size, **opts)
+    def __init__(self, weak: onp.ndarray, offset: int):
+        self.weak, self.offset = weak, offset
+
+    def __getstate__(self):
+        return self.weak, self.offset
+
+    def __setstate__(self, state):
+        self.weak, self.offset = state
+
+
+class KKTLinearSolver(linear_solvers.LinearSolver):
+    """The linear solver of :func:`constrained_argmin_layer` (the core's protocol).
+
+    ``init(operator, aux)`` decides once per forward point, from the forward's
+    :class:`_KKTAux`: without a weakly active constraint, ``base`` (``'lu'``: the LU
+    of the Ruiz-equilibrated ``J``, :func:`nimplicit.kkt.equilibrated_lu_state`, whose
+    condition test is independent of the scales of the objective and of each
+    constraint; any other name or :class:`~nimplicit.linear_solvers.LinearSolver` as
+    the core builds it, with ``base_options``); with one, the minimum-norm convention
+    (those rows of ``J`` zeroed, :class:`~nimplicit.linear_solvers.Lstsq`,
+    ``state.exact`` False) and an :class:`~nimplicit.errors.ImplicitGradientWarning`.
+    """
+
+    name = "kkt"
+    options = {"base": "lu", "base_options": None, "weak_tol": kkt.DEFAULT_WEAK_TOL}
+
+    def init(self, operator, aux=None):
+        if not isinstance(aux, _KKTAux):
+            raise SolverError("KKTLinearSolver: the forward point carries no KKT data; it is "
+                              "the linear solver of constrained_argmin_layer only")
+        if aux.weak.any():
+            kkt.warn_weak("constrained_argmin_layer", aux.weak, self.opts["weak_tol"])
+            return kkt.MinimumNormState(operator.dense()[None], aux.weak[None], aux.offset)
+        base, options = self.opts["base"], dict(self.opts["base_options"] or {})
+        if base in ("lu", linear_solvers.lu):
+            return kkt.equilibrated_lu_state(operator.dense(), **options)
+        return linear_solvers.make_solver(base, options).init(operator, aux)
 
 
 def constrained_argmin_layer(objective: Callable, eq: Optional[Callable] = None,
@@ -456,9 +472,12 @@ def constrained_argmin_layer(objective: Callable, eq: Optional[Callable] = None,
         solver = _SLSQPSolver(problem, y0, tol, active_tol, max_iter)
     solver = _KKTChecked(problem, solver, kkt_tol, second_order_tol, weak_tol)
     base = options.pop("linear_solver", "lu")
-    linear_solvers.get(base)   # an unknown name fails here, not at the first backward
+    base_options = options.pop("linear_solver_options", None)
+    if base not in ("lu", linear_solvers.lu):   # an unknown name fails here, not at the first backward
+        linear_solvers.make_solver(base, base_options)
     return implicit_layer(_KKTResidual(problem), solver,
-                          linear_solver=_KKTLinearSolver(problem, base, weak_tol), **options)
+                          linear_solver=KKTLinearSolver(base=base, base_options=base_options,
+                                                        weak_tol=weak_tol), **options)
 
 
 def _slsqp_kkt(objective, eq, ineq, y_init, inputs, *, tol, active_tol, max_iter):

@@ -64,7 +64,8 @@ from .errors import warn
 
 __all__ = ["DEFAULT_WEAK_TOL", "kkt_residual_parts", "normalized_margins",
            "forward_accuracy", "weak_mask", "strict_sets", "zero_weak_rows", "warn_weak",
-           "weak_message", "check_weak_tol", "ruiz_scaling", "equilibrated_lu", "signed_margins",
+           "weak_message", "check_weak_tol", "ruiz_scaling", "equilibrated_lu_state", "EquilibratedState",
+           "MinimumNormState", "signed_margins",
            "check_kkt_point", "check_second_order", "DEFAULT_KKT_TOL", "DEFAULT_SECOND_ORDER_TOL"]
 
 #: the one default of ``weak_tol`` (see the module docstring)
@@ -172,27 +173,57 @@ def ruiz_scaling(J: np.ndarray, sweeps: int = 8) -> Tuple[np.ndarray, np.ndarray
     return Dr, Dc
 
 
-def equilibrated_lu(matvec, rmatvec, b: np.ndarray, *, transpose: bool = False,
-                    x_size=None, cache: Optional[dict] = None, J: Optional[np.ndarray] = None,
-                    **opts) -> np.ndarray:
-    """The core's LU solve (:func:`nimplicit.linear_solvers.lu`) of ``J x = b`` or
-    ``J^T x = b`` applied to ``diag(Dr) J diag(Dc)`` (:func:`ruiz_scaling`), so that its
-    condition test (``max_condition``) does not depend on the problem's units.
-    ``J`` may be given (``(B, N, N)`` for ``b`` of shape ``(B, N)``); otherwise it is formed
-    from the products.  The factors live in ``cache['kkt_equilibrated']``."""
+class EquilibratedState:
+    r"""A :class:`~nimplicit.linear_solvers.LinearSolverState` solving with ``J`` through
+    a state ``inner`` of ``\hat J = \operatorname{diag}(D_r) J \operatorname{diag}(D_c)``:
+    ``J x = b`` is ``\hat J (x / D_c) = D_r b`` and ``J^T x = b`` is
+    ``\hat J^T (x / D_r) = D_c b``."""
+
+    def __init__(self, inner, Dr: np.ndarray, Dc: np.ndarray):
+        self.inner, self.Dr, self.Dc = inner, Dr, Dc
+        self.exact = inner.exact
+
+    def solve(self, b: np.ndarray, transpose: bool = False) -> np.ndarray:
+        b = np.asarray(b, dtype=float)
+        bb = b.reshape(self.Dr.shape)
+        if transpose:
+            x = self.Dr * self.inner.solve(self.Dc * bb, transpose=True)
+        else:
+            x = self.Dc * self.inner.solve(self.Dr * bb, transpose=False)
+        return x.reshape(b.shape)
+
+
+def equilibrated_lu_state(J: np.ndarray, **lu_options) -> EquilibratedState:
+    """The core's :class:`~nimplicit.linear_solvers.LU` state of the Ruiz-equilibrated
+    ``diag(Dr) J diag(Dc)`` (:func:`ruiz_scaling`; ``J`` of shape ``(N, N)`` or
+    ``(B, N, N)``), so that its condition test (``max_condition``) does not depend on the
+    scales of the objective and of each constraint.  ``b`` of its ``solve`` has
+    ``J``'s batch shape: ``(N,)`` or ``(B, N)``."""
     from . import linear_solvers
-    if cache is None:
-        cache = {}
-    if "kkt_equilibrated" not in cache:
-        if J is None:
-            J = linear_solvers.form_jacobian(matvec, rmatvec, b, transpose, x_size)
-        Dr, Dc = ruiz_scaling(J)
-        cache["kkt_equilibrated"] = ({"J": Dr[..., :, None] * J * Dc[..., None, :]}, Dr, Dc)
-    inner, Dr, Dc = cache["kkt_equilibrated"]
-    if transpose:   # J^T x = b  <=>  (Dr J Dc)^T (x / Dr) = Dc b
-        return Dr * linear_solvers.lu(None, None, Dc * b, transpose=True, cache=inner, **opts)
-    # J x = b  <=>  (Dr J Dc) (x / Dc) = Dr b
-    return Dc * linear_solvers.lu(None, None, Dr * b, transpose=False, cache=inner, **opts)
+    J = np.asarray(J, dtype=float)
+    Dr, Dc = ruiz_scaling(J)
+    inner = linear_solvers.LU(**lu_options).init(
+        linear_solvers.MatrixOperator(Dr[..., :, None] * J * Dc[..., None, :]))
+    return EquilibratedState(inner, Dr, Dc)
+
+
+class MinimumNormState:
+    """The minimum-norm least-squares state (the core's
+    :class:`~nimplicit.linear_solvers.Lstsq`) of ``J`` with the rows of the weakly active
+    constraints zeroed (:func:`zero_weak_rows`); never exact (``J`` is singular there)."""
+
+    exact = False
+
+    def __init__(self, J: np.ndarray, weak: np.ndarray, offset: int):
+        from . import linear_solvers
+        self.N = J.shape[-1]
+        self.inner = linear_solvers.Lstsq().init(
+            linear_solvers.MatrixOperator(zero_weak_rows(J, weak, offset)))
+
+    def solve(self, b: np.ndarray, transpose: bool = False) -> np.ndarray:
+        b = np.asarray(b, dtype=float)
+        return np.asarray(self.inner.solve(b.reshape(-1, self.N), transpose=transpose)
+                          ).reshape(b.shape)
 
 
 def zero_weak_rows(J: np.ndarray, weak: np.ndarray, offset: int) -> np.ndarray:
