@@ -78,7 +78,7 @@ import numpy as onp
 from autograd.builtins import tuple as atuple
 from autograd.tracer import getval
 
-from nimplicit import implicit_layer, kkt, linear_solvers
+from nimplicit import Solution, implicit_layer, kkt, linear_solvers
 from nimplicit.errors import (EmptyInputError, InvalidInputError, InvalidOptionError,
                               NotConvergedError, ShapeError, SingularJacobianError, SolverError,
                               UnknownOptionError)
@@ -314,8 +314,8 @@ class _QPLayer:
             raise InvalidOptionError(
                 "qp_layer: linear_solver / linear_solver_options apply to backward='generic' "
                 "only (the structured backward has its own factorization)")
-        if linear_solver is not None:
-            linear_solvers.get(linear_solver)   # an unknown name fails now
+        if linear_solver is not None:   # an unknown name or option fails now
+            linear_solvers.make_solver(linear_solver, linear_solver_options)
         self.B = batch_size
         self.has_eq = has_eq
         opts = dict(solver_options)
@@ -330,7 +330,8 @@ class _QPLayer:
         self.warm_start = warm_start
         self.linear_solver = linear_solver
         self.linear_solver_options = dict(linear_solver_options or {})
-        linear = self._fast_solve if backward == "structured" else self._generic_solve
+        linear = (QPStructuredSolver() if backward == "structured" else
+                  QPGenericSolver(base=linear_solver, base_options=linear_solver_options or None))
         self.layer = implicit_layer(
             _residual_eq if has_eq else _residual_no_eq, self._forward,
             linear_solver=linear, batch_axis=None if batch_size is None else 0,
@@ -391,7 +392,8 @@ class _QPLayer:
         lam = lam * c[:, None] / a_rows
         nu = nu * c[:, None] / g_rows
         out = (y, lam, nu) if self.has_eq else (y, nu)
-        return tuple(v[0] for v in out) if self.B is None else out
+        aux = self._aux(Q, q, G, h, A, y, lam, nu)
+        return Solution(tuple(v[0] for v in out) if self.B is None else out, aux=aux)
 
     #: active-set corrections (one row each) tried by the polish before it gives up
     POLISH_STEPS = 24
@@ -524,132 +526,18 @@ class _QPLayer:
             retry[good] = False
         return type(res)(*out)
 
-    # -- the point's data ---------------------------------------------------
-    def _at(self, point):
-        """``(Q, G, A, y, nu, s, weak, active, inactive)`` at a forward point, ``(B, .)``."""
-        Q, q, G, h, A, b = _raw_batch(point.inputs, self.B)
-        y, lam, nu = _split_solution(point.y, self.has_eq, self.B)
+    # -- the point's data (built once, by the forward) -----------------------
+    def _aux(self, Q, q, G, h, A, y, lam, nu) -> "QPAux":
         nu_bar, s_bar, s = _margins(Q, q, G, h, A, y, lam, nu)
         weak = kkt.weak_mask(nu_bar, s_bar, self.weak_tol)
         active, inactive = kkt.strict_sets(nu_bar, s_bar, self.weak_tol)
-        return Q, G, A, y, nu, s, weak, active, inactive, onp.maximum(nu_bar, s_bar)
-
-    def _warn_weak(self, weak):
-        kkt.warn_weak("qp_layer", weak, self.weak_tol, batched=self.B is not None)
-
-    # -- backward: generic (autograd J, core LU) -----------------------------
-    def _generic_solve(self, matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None,
-                       point=None, **opts):
-        if "qp_weak" not in cache:
-            at = self._at(point)
-            cache["qp_weak"], cache["qp_active"] = at[6], at[7]
-        weak = cache["qp_weak"]
-        if not weak.any() and self.linear_solver is not None:
-            solve = linear_solvers.get(self.linear_solver)
-            return solve(matvec, rmatvec, b, transpose=transpose, x_size=x_size, cache=cache,
-                         point=point, **{**opts, **self.linear_solver_options})
-        if not weak.any():
-            bb = b.reshape(-1, b.shape[-1])
-            J = None
-            if "kkt_equilibrated" not in cache:
-                mv = (lambda w: matvec(w.reshape(b.shape)).reshape(bb.shape))
-                rmv = (lambda u: rmatvec(u.reshape(b.shape)).reshape(bb.shape))
-                J = self._exact_active_jacobian(
-                    linear_solvers.form_jacobian(mv, rmv, bb, transpose, x_size),
-                    cache["qp_active"])
-            # the core's LU of the Ruiz-equilibrated J: its condition test is then
-            # independent of the objective's and the constraint rows' scales
-            x = kkt.equilibrated_lu(None, None, bb, transpose=transpose, cache=cache, J=J, **opts)
-            return x.reshape(b.shape)
-        if "qp_lstsq" not in cache:
-            self._warn_weak(weak)
-            bb = b.reshape(-1, b.shape[-1])
-            mv = (lambda w: matvec(w.reshape(b.shape)).reshape(bb.shape))
-            rmv = (lambda u: rmatvec(u.reshape(b.shape)).reshape(bb.shape))
-            J = self._exact_active_jacobian(
-                linear_solvers.form_jacobian(mv, rmv, bb, transpose, x_size), cache["qp_active"])
-            n = point.y_flat.shape[-1] - weak.shape[1]
-            # the core's lstsq takes a J already in its cache instead of forming one
-            cache["qp_lstsq"] = {"J": kkt.zero_weak_rows(J, weak, n)}
-            cache["pseudo_inverse"] = True
-        x = linear_solvers.lstsq(None, None, b.reshape(-1, b.shape[-1]), transpose=transpose,
-                                 cache=cache["qp_lstsq"])
-        return x.reshape(b.shape)
-
-    @staticmethod
-    def _exact_active_jacobian(J, active):
-        """``J`` (``(B, N, N)``) with the diagonal entry ``-s_i`` of every strictly active
-        constraint's complementarity row set to 0: the Jacobian of the solution's active set
-        (``s_i`` is rounding there, and ``s_i / nu_i`` would perturb the gradient by up to
-        ``~1e-16 / nu_bar_i``; inactive rows already have ``nu_i = 0`` exactly)."""
-        J = onp.array(J, dtype=float, copy=True)
-        m = active.shape[1]
-        off = J.shape[-1] - m
-        bi, ci = onp.nonzero(active)
-        J[bi, off + ci, off + ci] = 0.0
-        return J
-
-    # -- backward: structured factorization of the KKT Jacobian --------------
-    def _analytic_jacobian(self, Q, G, A, y, nu, s):
-        """Dense ``J = dF/d(y, lam, nu)`` per instance (for the few weakly active instances)."""
-        Bk, m, n = G.shape
-        p = A.shape[1]
-        N = n + p + m
-        J = onp.zeros((Bk, N, N))
-        J[:, :n, :n] = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
-        J[:, :n, n:n + p] = onp.swapaxes(A, -1, -2)
-        J[:, :n, n + p:] = onp.swapaxes(G, -1, -2)
-        J[:, n:n + p, :n] = A
-        J[:, n + p:, :n] = nu[:, :, None] * G
-        J[:, n + p:, n + p:] = onp.einsum("bi,ij->bij", -s, onp.eye(m))
-        return J
-
-    def _fast_solve(self, matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None,
-                    point=None, **opts):
-        if "qp_factors" not in cache:
-            Q, G, A, y, nu, s, weak, active, inactive, _ = self._at(point)
-            # weakly active constraints are not passed to the factorization as such:
-            # those instances are solved by least squares below
-            s_f, nu_f = s.copy(), nu.copy()
-            s_f[weak], nu_f[weak] = 1.0, 1.0
-            # the active set's exact Jacobian: slack 0 on strictly active constraints
-            # (h_i - G_i y is at rounding, not 0), multiplier 0 on strictly inactive ones
-            s_f[active], nu_f[inactive] = 0.0, 0.0
-            # degeneracy was decided by the scale-free margins: the kernel's absolute
-            # test is switched off (degen_tol=0 flags only exact zeros)
-            factors = kkt_jacobian_factor(Q, G, A, s_f, nu_f, degen_tol=0.0)
-            flag = factors.flag.copy()
-            singular = onp.flatnonzero(flag != KKTJacobianFlag.OK)
-            if singular.size:
-                k = int(singular[0])
-                where = f" (batch instance {k})" if self.B is not None else ""
-                raise SingularJacobianError(
-                    f"qp_layer: the KKT Jacobian at the solution{where} is singular: "
-                    f"{KKT_JACOBIAN_FLAG_MESSAGES[KKTJacobianFlag(int(flag[k]))]} The gradient "
-                    f"is not unique there; use backward='generic' to inspect J, or perturb "
-                    f"the data.")
-            cache["qp_factors"] = factors
-            weak_inst = onp.flatnonzero(weak.any(axis=1))
-            cache["qp_weak_instances"] = weak_inst
-            if weak_inst.size:
-                self._warn_weak(weak)
-                J = self._analytic_jacobian(Q[weak_inst], G[weak_inst], A[weak_inst],
-                                            y[weak_inst], nu[weak_inst], s[weak_inst])
-                # the core's lstsq takes a J already in its cache instead of forming one
-                cache["qp_lstsq"] = {"J": kkt.zero_weak_rows(J, weak[weak_inst],
-                                                             J.shape[1] - G.shape[1])}
-                cache["pseudo_inverse"] = True
-        bb = b.reshape(-1, b.shape[-1])
-        z = kkt_jacobian_solve_factored(cache["qp_factors"], bb, transpose=transpose)
-        weak_inst = cache["qp_weak_instances"]
-        if weak_inst.size:
-            z[weak_inst] = linear_solvers.lstsq(None, None, bb[weak_inst], transpose=transpose,
-                                                cache=cache["qp_lstsq"])
-        return z.reshape(b.shape)
+        return QPAux(Q, G, A, y, nu, s, weak, active, inactive, onp.maximum(nu_bar, s_bar),
+                     self.weak_tol, self.B is not None)
 
     # -- diagnostics -----------------------------------------------------------
     def _diagnostics(self, point):
-        *_, weak, _, _, margin = self._at(point)
+        aux = point.aux
+        margin, weak = aux.margin, aux.weak
         if margin.shape[1] == 0:
             return {}
         smallest = margin.min(axis=1)
@@ -663,6 +551,174 @@ class _QPLayer:
                   f"forward's complementarity)): the QP solution is not differentiable there "
                   f"(minimum-norm convention used)"))
         return {"strict_complementarity_margin": (value, ok, why)}
+
+
+class QPAux:
+    """The QP forward's byproducts at one point (all ``(B, .)``, ``B = 1`` unbatched),
+    handed to the backward's :meth:`~nimplicit.linear_solvers.LinearSolver.init` and to
+    the diagnostics: the data ``Q, G, A``, the solution ``y, nu``, the slacks
+    ``s = h - G y``, the weakly active / strictly active / strictly inactive masks of
+    :mod:`nimplicit.kkt`, the scale-free margins ``max(nu_bar_i, s_bar_i)``, and the
+    layer's ``weak_tol`` and whether it is batched (for the warning's text)."""
+
+    __slots__ = ("Q", "G", "A", "y", "nu", "s", "weak", "active", "inactive", "margin",
+                 "weak_tol", "batched")
+
+    def __init__(self, Q, G, A, y, nu, s, weak, active, inactive, margin, weak_tol, batched):
+        self.Q, self.G, self.A, self.y, self.nu, self.s = Q, G, A, y, nu, s
+        self.weak, self.active, self.inactive, self.margin = weak, active, inactive, margin
+        self.weak_tol, self.batched = weak_tol, batched
+
+    def __getstate__(self):
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __setstate__(self, state):
+        for k, v in zip(self.__slots__, state):
+            setattr(self, k, v)
+
+    @property
+    def n_primal_dual(self) -> int:
+        """``n + p``: the offset of the complementarity rows in ``(y, lam, nu)``."""
+        return self.G.shape[2] + self.A.shape[1]
+
+    def warn_weak(self) -> None:
+        kkt.warn_weak("qp_layer", self.weak, self.weak_tol, batched=self.batched)
+
+
+def _check_aux(aux, who: str) -> QPAux:
+    if not isinstance(aux, QPAux):
+        raise SolverError(f"{who}: the forward point carries no QPAux (it is the linear solver "
+                          f"of qp_layer, whose forward hands its active sets over)")
+    return aux
+
+
+class _BatchReshape:
+    """A state whose ``solve`` takes ``b`` as ``(N,)`` or ``(B, N)`` around one on ``(B, N)``."""
+
+    def __init__(self, inner, N: int):
+        self.inner, self.N, self.exact = inner, N, inner.exact
+
+    def solve(self, b, transpose=False):
+        b = onp.asarray(b, dtype=float)
+        return onp.asarray(self.inner.solve(b.reshape(-1, self.N), transpose=transpose)
+                           ).reshape(b.shape)
+
+
+def _exact_active_jacobian(J, active):
+    """``J`` (``(B, N, N)``) with the diagonal entry ``-s_i`` of every strictly active
+    constraint's complementarity row set to 0: the Jacobian of the solution's active set
+    (``s_i`` is rounding there, and ``s_i / nu_i`` would perturb the gradient by up to
+    ``~1e-16 / nu_bar_i``; inactive rows already have ``nu_i = 0`` exactly)."""
+    J = onp.array(J, dtype=float, copy=True)
+    m = active.shape[1]
+    off = J.shape[-1] - m
+    bi, ci = onp.nonzero(active)
+    J[bi, off + ci, off + ci] = 0.0
+    return J
+
+
+class QPGenericSolver(linear_solvers.LinearSolver):
+    """``backward='generic'``: the autograd Jacobian ``J`` of the KKT residual, formed
+    once per point.  Without a weakly active constraint: ``base`` when given (any
+    linear solver of the core, with ``base_options``), else the LU of the
+    Ruiz-equilibrated active-set Jacobian (:func:`_exact_active_jacobian`,
+    :func:`nimplicit.kkt.equilibrated_lu_state`).  With one: the minimum-norm
+    convention (rows zeroed, :class:`~nimplicit.kkt.MinimumNormState`,
+    ``state.exact`` False) and an :class:`~nimplicit.errors.ImplicitGradientWarning`."""
+
+    name = "qp_generic"
+    options = {"base": None, "base_options": None}
+
+    def init(self, operator, aux=None):
+        aux = _check_aux(aux, "QPGenericSolver")
+        degenerate = bool(aux.weak.any())
+        if not degenerate and self.opts["base"] is not None:
+            return linear_solvers.make_solver(self.opts["base"],
+                                              self.opts["base_options"]).init(operator, aux)
+        J = operator.dense()
+        N = J.shape[-1]
+        J = _exact_active_jacobian(J.reshape(-1, N, N), aux.active)
+        if not degenerate:
+            return _BatchReshape(kkt.equilibrated_lu_state(J), N)
+        aux.warn_weak()
+        return kkt.MinimumNormState(J, aux.weak, aux.n_primal_dual)
+
+
+def _analytic_jacobian(Q, G, A, nu, s):
+    """Dense ``J = dF/d(y, lam, nu)`` per instance (for the few weakly active instances)."""
+    Bk, m, n = G.shape
+    p = A.shape[1]
+    N = n + p + m
+    J = onp.zeros((Bk, N, N))
+    J[:, :n, :n] = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
+    J[:, :n, n:n + p] = onp.swapaxes(A, -1, -2)
+    J[:, :n, n + p:] = onp.swapaxes(G, -1, -2)
+    J[:, n:n + p, :n] = A
+    J[:, n + p:, :n] = nu[:, :, None] * G
+    J[:, n + p:, n + p:] = onp.einsum("bi,ij->bij", -s, onp.eye(m))
+    return J
+
+
+class _QPStructuredState:
+    """Solves with the structured factorization of the KKT Jacobian (numba kernel),
+    and with least squares on the weakly active instances."""
+
+    def __init__(self, factors, weak_inst, weak_state, N: int):
+        self.factors, self.weak_inst, self.weak_state, self.N = factors, weak_inst, weak_state, N
+        self.exact = weak_state is None
+
+    def solve(self, b, transpose=False):
+        b = onp.asarray(b, dtype=float)
+        bb = b.reshape(-1, self.N)
+        z = kkt_jacobian_solve_factored(self.factors, bb, transpose=transpose)
+        if self.weak_state is not None:
+            z[self.weak_inst] = self.weak_state.solve(bb[self.weak_inst], transpose=transpose)
+        return z.reshape(b.shape)
+
+
+class QPStructuredSolver(linear_solvers.LinearSolver):
+    """``backward='structured'`` (default): the numba factorization of the KKT Jacobian
+    of the active set the forward decided (slack 0 on strictly active constraints,
+    multiplier 0 on strictly inactive ones), built once per point from the forward's
+    :class:`QPAux`; never forms ``J`` by autograd.  Instances with a weakly active
+    constraint are solved by the minimum-norm convention (``state.exact`` False) with
+    an :class:`~nimplicit.errors.ImplicitGradientWarning`; a singular Jacobian raises
+    :class:`~nimplicit.errors.SingularJacobianError`."""
+
+    name = "qp_structured"
+    options = {}
+
+    def init(self, operator, aux=None):
+        aux = _check_aux(aux, "QPStructuredSolver")
+        weak, active, inactive = aux.weak, aux.active, aux.inactive
+        # weakly active constraints are not passed to the factorization as such:
+        # those instances are solved by least squares
+        s_f, nu_f = aux.s.copy(), aux.nu.copy()
+        s_f[weak], nu_f[weak] = 1.0, 1.0
+        # the active set's exact Jacobian: slack 0 on strictly active constraints
+        # (h_i - G_i y is at rounding, not 0), multiplier 0 on strictly inactive ones
+        s_f[active], nu_f[inactive] = 0.0, 0.0
+        # degeneracy was decided by the scale-free margins: the kernel's absolute
+        # test is switched off (degen_tol=0 flags only exact zeros)
+        factors = kkt_jacobian_factor(aux.Q, aux.G, aux.A, s_f, nu_f, degen_tol=0.0)
+        singular = onp.flatnonzero(factors.flag != KKTJacobianFlag.OK)
+        if singular.size:
+            k = int(singular[0])
+            where = f" (batch instance {k})" if aux.batched else ""
+            raise SingularJacobianError(
+                f"qp_layer: the KKT Jacobian at the solution{where} is singular: "
+                f"{KKT_JACOBIAN_FLAG_MESSAGES[KKTJacobianFlag(int(factors.flag[k]))]} The "
+                f"gradient is not unique there; use backward='generic' to inspect J, or perturb "
+                f"the data.")
+        N = aux.n_primal_dual + aux.G.shape[1]
+        weak_inst = onp.flatnonzero(weak.any(axis=1))
+        weak_state = None
+        if weak_inst.size:
+            aux.warn_weak()
+            k = weak_inst
+            J = _analytic_jacobian(aux.Q[k], aux.G[k], aux.A[k], aux.nu[k], aux.s[k])
+            weak_state = kkt.MinimumNormState(J, weak[k], aux.n_primal_dual)
+        return _QPStructuredState(factors, weak_inst, weak_state, N)
 
 
 def _equilibration(Q, q, G, A):
