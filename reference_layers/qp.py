@@ -85,7 +85,7 @@ from nimplicit.errors import (EmptyInputError, InvalidInputError, InvalidOptionE
 
 from .kernels.qp_pdipm import (KKT_JACOBIAN_FLAG_MESSAGES, QP_STATUS_MESSAGES, KKTJacobianFlag,
                                QPStatus, kkt_jacobian_factor, kkt_jacobian_solve_factored,
-                               solve_qp_batch)
+                               polish_active_set, solve_qp_batch)
 
 __all__ = ["qp_layer", "make_qp_layer", "kkt_residual", "complementarity_margin",
            "QPError", "InfeasibleQPError", "UnboundedQPError", "NonConvexQPError",
@@ -408,7 +408,9 @@ class _QPLayer:
         active set ``a`` of the interior point's solution (``nu_bar_i > s_bar_i``,
         scale-free margins of :mod:`nimplicit.kkt`; at most ``n - p`` rows, ranked by
         ``nu_bar_i / s_bar_i``), solve the active set's KKT system of fixed size
-        ``n + p + m`` per instance (one batched LU),
+        ``n + p + m`` per instance (LU with partial pivoting, compiled:
+        :func:`~reference_layers.kernels.qp_pdipm.polish_active_set`, one thread per
+        chunk of the batch, no per-instance Python),
 
         .. math::
             \begin{bmatrix} Q & A^T & G^T \\ A & 0 & 0 \\ D_a G & 0 & -(I - D_a) \end{bmatrix}
@@ -431,60 +433,10 @@ class _QPLayer:
         if not self.polish:
             nu[kkt.strict_sets(nu_bar, s_bar, self.weak_tol)[1]] = 0.0
             return y, lam, nu
-        active = nu_bar > s_bar
-        # how clearly active: log(nu_bar / s_bar), to keep at most n - p rows
-        score = onp.log(onp.maximum(nu_bar, 1e-300)) - onp.log(onp.maximum(s_bar, 1e-300))
-        old_res = None     # the interior point's residual, computed only when needed
-        B, m, n = G.shape
-        p = A.shape[1]
-        Qs = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
-        todo = onp.arange(B)
-        done = onp.zeros(B, bool)
-        for _ in range(self.POLISH_STEPS):
-            if not todo.size:
-                break
-            act = _cap_active(active[todo], score[todo], n - p)
-            z, ok = _solve_active_kkt(Qs[todo], q[todo], G[todo], h[todo], A[todo], b[todo], act)
-            yt, lt, nt = z[:, :n], z[:, n:n + p], z[:, n + p:] * act
-            nb, sb = _signed_margins_batch(Qs[todo], q[todo], G[todo], h[todo], A[todo],
-                                           yt, lt, nt)
-            drop = act & (nb < -self.POLISH_SIGN_TOL)
-            add = ~act & (sb < -self.POLISH_SIGN_TOL)
-            settled = ok & ~(drop.any(axis=1) | add.any(axis=1))
-            if settled.any():
-                k = todo[settled]
-                nt_ok = onp.maximum(nt[settled], 0.0)
-                res = _relative_kkt_residuals(Q[k], q[k], G[k], h[k], A[k], b[k], yt[settled],
-                                              lt[settled], nt_ok)
-                keep = res <= self.POLISH_ACCEPT
-                if not keep.all():
-                    if old_res is None:
-                        old_res = _relative_kkt_residuals(Q, q, G, h, A, b, y, lam, nu)
-                    keep |= res <= old_res[k]
-                kk = k[keep]
-                y[kk], lam[kk], nu[kk] = yt[settled][keep], lt[settled][keep], nt_ok[keep]
-                done[kk] = True
-            retry = ok & ~settled
-            idx = todo[retry]
-            if not idx.size:
-                break
-            # one change per step (a cycle-prone block update is avoided): drop the most
-            # negative multiplier if any, else add the most violated constraint
-            nbr, sbr = nb[retry], sb[retry]
-            dropping = drop[retry].any(axis=1)
-            worst_nu = onp.argmin(onp.where(drop[retry], nbr, onp.inf), axis=1)
-            worst_s = onp.argmin(onp.where(add[retry], sbr, onp.inf), axis=1)
-            new = act[retry].copy()
-            rows = onp.arange(len(idx))
-            new[rows[dropping], worst_nu[dropping]] = False
-            new[rows[~dropping], worst_s[~dropping]] = True
-            active[idx] = new
-            # rows added now outrank the kept ones; dropped rows rank last
-            sc = score[idx]
-            sc[rows[dropping], worst_nu[dropping]] = -onp.inf
-            sc[rows[~dropping], worst_s[~dropping]] = onp.inf
-            score[idx] = sc
-            todo = idx
+        num_threads = self.solver_options.get("num_threads")
+        y, lam, nu, done = polish_active_set(
+            Q, q, G, h, A, b, y, lam, nu, nu_bar, s_bar, steps=self.POLISH_STEPS,
+            accept=self.POLISH_ACCEPT, sign_tol=self.POLISH_SIGN_TOL, num_threads=num_threads)
         failed = ~done
         if failed.any():
             _, inactive = kkt.strict_sets(nu_bar[failed], s_bar[failed], self.weak_tol)
