@@ -217,6 +217,10 @@ def main(argv=None):
                     help="planted KKT points (default) or generic random instances")
     ap.add_argument("--sizes", default=None,
                     help="e.g. '128,10,20,0;1,10,20,0' (B,n,m,p per size)")
+    ap.add_argument("--no-generic-backward", action="store_true",
+                    help="time only backward='structured' of ours (the generic one is slow)")
+    ap.add_argument("--out", default=None,
+                    help="also write the rows, versions and thread counts to this JSON file")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")      # peers' deprecation chatter
     sizes = SIZES[:2] if args.quick else SIZES
@@ -235,7 +239,9 @@ def main(argv=None):
     rows = []
     for (B, n, m, p) in sizes:
         inputs, c, y_ref, g_ref = build(B, n, m, p)
-        impls = {"ours structured": ours("structured"), "ours generic": ours("generic")}
+        impls = {"ours structured": ours("structured")}
+        if not args.no_generic_backward:
+            impls["ours generic"] = ours("generic")
         for name, setup in peers.items():
             if setup is None or (name == "cvxpylayers" and n > args.cvxpylayers_max_n):
                 continue
@@ -263,9 +269,28 @@ def main(argv=None):
     print()
     print(format_table(rows, COLUMNS, separator_key="size"))
     os.makedirs(OUT_DIR, exist_ok=True)
-    write_json(os.path.join(OUT_DIR, f"qp_{args.instances}.json"),
-               {"machine": machine_info(), "torch_threads": threads,
-                "instances": args.instances, "rows": rows})
+    record = {"machine": machine_info(), "versions": _versions(), "torch_threads": threads,
+              "numba_threads": _numba_threads(), "instances": args.instances,
+              "repeats": repeats, "rows": rows}
+    write_json(os.path.join(OUT_DIR, f"qp_{args.instances}.json"), record)
+    if args.out:
+        write_json(args.out, record)
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("numpy", "scipy", "numba", "autograd", "torch", "qpth", "cvxpylayers"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def _numba_threads():
+    import numba
+    return numba.get_num_threads()
 
 
 COLUMNS = [Column("size", "size"), Column("impl", "impl"),

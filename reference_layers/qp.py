@@ -407,8 +407,9 @@ class _QPLayer:
         r"""Active-set polish, for the whole batch at once: starting from the strictly
         active set ``a`` of the interior point's solution (``nu_bar_i > s_bar_i``,
         scale-free margins of :mod:`nimplicit.kkt`; at most ``n - p`` rows, ranked by
-        ``nu_bar_i / s_bar_i``), solve the active set's KKT system of fixed size
-        ``n + p + m`` per instance (LU with partial pivoting, compiled:
+        ``nu_bar_i / s_bar_i``), solve the active set's KKT system (below; the kernel
+        eliminates the rows ``nu_i = 0`` off ``a`` and solves for ``(y, lam, nu_a)``,
+        size ``n + p + |a| <= 2 n``) per instance (LU with partial pivoting, compiled:
         :func:`~reference_layers.kernels.qp_pdipm.polish_active_set`, one thread per
         chunk of the batch, no per-instance Python),
 

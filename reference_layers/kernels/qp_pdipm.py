@@ -1762,10 +1762,17 @@ def _polish_kernel(Q, q, G, h, A, b, Y, LAM, NU, NUBAR, SBAR, DONE, k0, k1,
                     act[i] = False
                 for t in range(cap):
                     act[order[sel[t]]] = True
-            # the active set's KKT system
-            for i in range(N):
+            # the active set's KKT system, reduced to (y, lam, nu_a) (nu_i = 0 off a):
+            # [[Q, A', G_a'], [A, 0, 0], [G_a, 0, 0]] (y, lam, nu_a) = (-q, b, h_a)
+            na = 0
+            for j in range(m):
+                if act[j]:
+                    order[na] = j
+                    na += 1
+            NK = n + p + na
+            for i in range(NK):
                 z[i] = 0.0
-                for j in range(N):
+                for j in range(NK):
                     K[i, j] = 0.0
             for i in range(n):
                 for j in range(n):
@@ -1773,27 +1780,25 @@ def _polish_kernel(Q, q, G, h, A, b, Y, LAM, NU, NUBAR, SBAR, DONE, k0, k1,
                 for j in range(p):
                     K[i, n + j] = A[k, j, i]
                     K[n + j, i] = A[k, j, i]
-                for j in range(m):
-                    K[i, n + p + j] = G[k, j, i]
+                for t in range(na):
+                    K[i, n + p + t] = G[k, order[t], i]
+                    K[n + p + t, i] = G[k, order[t], i]
                 z[i] = -q[k, i]
             for j in range(p):
                 z[n + j] = b[k, j]
-            for j in range(m):
-                if act[j]:
-                    for i in range(n):
-                        K[n + p + j, i] = G[k, j, i]
-                    z[n + p + j] = h[k, j]
-                else:
-                    K[n + p + j, n + p + j] = -1.0
-            ok = _lu_solve_inplace(K, z, N)
+            for t in range(na):
+                z[n + p + t] = h[k, order[t]]
+            ok = _lu_solve_inplace(K, z, NK)
             if ok:
-                for i in range(N):
+                for i in range(NK):
                     if not np.isfinite(z[i]):
                         ok = False
             if not ok:
                 break
             for j in range(m):
-                nt[j] = z[n + p + j] if act[j] else 0.0
+                nt[j] = 0.0
+            for t in range(na):
+                nt[order[t]] = z[n + p + t]
             yt = z[:n]
             lt = z[n:n + p]
             _signed_margins_one(Qs, q[k], G[k], h[k], A[k], yt, lt, nt, n, p, m, nb, sb, w)
