@@ -691,60 +691,6 @@ def _equilibrate(Q, q, G, h, A, b, scales):
             A / a_rows[..., None], b / a_rows)
 
 
-def _cap_active(active, score, cap: int):
-    """``active`` with at most ``cap`` rows per instance, the highest ``score`` kept."""
-    cap = max(cap, 0)
-    over = active.sum(axis=1) > cap
-    if not over.any():
-        return active
-    active = active.copy()
-    masked = onp.where(active[over], score[over], -onp.inf)
-    order = onp.argsort(-masked, axis=1, kind="stable")
-    keep = onp.zeros_like(active[over])
-    onp.put_along_axis(keep, order[:, :cap], True, axis=1)
-    active[over] = active[over] & keep
-    return active
-
-
-def _solve_active_kkt(Qs, q, G, h, A, b, act):
-    """``z = (y, lam, nu)`` of the active-set KKT system of :meth:`_QPLayer._polish`
-    for every instance (one batched LU); ``ok`` is False where it is singular."""
-    B, m, n = G.shape
-    p = A.shape[1]
-    N = n + p + m
-    K = onp.zeros((B, N, N))
-    K[:, :n, :n] = Qs
-    K[:, :n, n:n + p] = onp.swapaxes(A, -1, -2)
-    K[:, :n, n + p:] = onp.swapaxes(G, -1, -2)
-    K[:, n:n + p, :n] = A
-    K[:, n + p:, :n] = act[:, :, None] * G
-    diag = onp.arange(m)
-    K[:, n + p + diag, n + p + diag] = -(~act).astype(float)
-    rhs = onp.concatenate([-q, b, act * h], axis=1)
-    ok = onp.ones(B, bool)
-    try:
-        z = onp.linalg.solve(K, rhs[..., None])[..., 0]
-    except onp.linalg.LinAlgError:   # a singular instance: solve them one by one
-        z = onp.zeros((B, N))
-        for k in range(B):
-            try:
-                z[k] = onp.linalg.solve(K[k], rhs[k])
-            except onp.linalg.LinAlgError:
-                ok[k] = False
-    ok &= onp.isfinite(z).all(axis=1)
-    z[~ok] = 0.0
-    return z, ok
-
-
-def _signed_margins_batch(Qs, q, G, h, A, y, lam, nu):
-    """Unclipped ``(nu_bar, s_bar)`` per instance (negative values are violations)."""
-    s = h - _bmv(G, y)
-    row = onp.sqrt((G * G).sum(axis=-1))
-    S = (_norm(_bmv(Qs, y)) + _norm(q) + _norm(_bmtv(A, lam)) + onp.abs(row * nu).sum(axis=-1))
-    slack_terms = row * _norm(y)[:, None] + onp.abs(h)
-    return kkt._safe_ratio(row * nu, S[:, None]), kkt._safe_ratio(s, slack_terms)
-
-
 def _bmv(M, v):
     """``M v`` per instance (``(B, r, c) x (B, c)``)."""
     return (M @ v[..., None])[..., 0]
@@ -757,23 +703,6 @@ def _bmtv(M, v):
 
 def _norm(v):
     return onp.sqrt((v * v).sum(axis=-1))
-
-
-def _relative_kkt_residuals(Q, q, G, h, A, b, y, lam, nu) -> onp.ndarray:
-    """Scale-free size of eq. 27 per instance: each equation relative to the terms it is
-    made of, complementarity by the margins ``min(|nu_bar_i|, |s_bar_i|)``."""
-    Qs = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
-    terms = [_bmv(Qs, y), q, _bmtv(A, lam), _bmtv(G, nu)]
-    size = onp.max([onp.abs(t).max(axis=1, initial=0.0) for t in terms], axis=0)
-    out = kkt._safe_ratio(onp.abs(sum(terms)).max(axis=1), size)
-    if b.shape[1]:
-        scale = _bmv(onp.abs(A), onp.abs(y)) + onp.abs(b)
-        eq = kkt._safe_ratio(onp.abs(_bmv(A, y) - b), scale)
-        out = onp.maximum(out, eq.max(axis=1))
-    if h.shape[1]:
-        nb, sb = _signed_margins_batch(Qs, q, G, h, A, y, lam, nu)
-        out = onp.maximum(out, onp.minimum(onp.abs(nb), onp.abs(sb)).max(axis=1))
-    return out
 
 
 #: the keys of ``solver_options`` (forward) and their defaults

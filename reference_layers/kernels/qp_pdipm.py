@@ -1683,7 +1683,8 @@ def _signed_margins_one(Qs, q, G, h, A, y, lam, nu, n, p, m, nb, sb, w):
 
 @njit(**_JIT)
 def _relative_kkt_residual_one(Qs, q, G, h, A, b, y, lam, nu, n, p, m, nb, sb, w):
-    """Scale-free size of eq. 27 at one instance (the layer's _relative_kkt_residuals)."""
+    """Scale-free size of eq. 27 at one instance: each equation relative to the terms it
+    is made of, complementarity by the margins ``min(|nu_bar_i|, |s_bar_i|)``."""
     size = 0.0
     worst = 0.0
     for i in range(n):
