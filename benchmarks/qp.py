@@ -8,7 +8,7 @@ what the backward needs) + backward (gradients with respect to all inputs),
 implementations interleaved (:func:`benchmarks._common.time_interleaved`,
 wall clock), medians reported.
 
-- ``ours fast``: ``qp_layer(..., backward="fast")`` (numba PDIPM, structured
+- ``ours structured``: ``qp_layer(..., backward="structured")`` (numba PDIPM, structured
   factorization of the KKT Jacobian reused in the backward pass);
 - ``ours generic``: ``backward="generic"`` (core LU of the autograd Jacobian);
 - ``qpth``: ``qpth.qp.QPFunction()`` with its defaults (PyTorch CPU, float64,
@@ -23,7 +23,12 @@ planted solution; ``dL/dq err`` is the worst (and the median) over the batch of
 instances at a vertex, where ``g* = 0``) with ``g*`` from a dense float64 solve of the
 transposed KKT Jacobian at the planted (exact) solution.
 
-Run: ``PYTHONPATH=. python benchmarks/qp.py [--quick] [--repeats 5]``.
+With ``--instances generic``: random instances as in issue 13 (``Q = LL'/n + 0.1 I``,
+``G ~ N(0, 1)``, ``h = G y0 + U(0.1, 1)``), reference from a tight solve's active set,
+verified to be a KKT point (:func:`make_generic_problem`).
+
+Run: ``PYTHONPATH=. python benchmarks/qp.py [--quick] [--repeats 5] [--instances generic]
+[--sizes 128,10,20,0]``.
 """
 from __future__ import annotations
 
@@ -61,6 +66,40 @@ def make_problem(B, n, m, p, seed=0):
         rhs[:n] = -c[k]
         g_ref[k] = onp.linalg.solve(J.T, rhs)[:n]
     y_ref = onp.stack([d["y"] for d in ds])
+    return inputs, c, y_ref, g_ref
+
+
+def make_generic_problem(B, n, m, p, seed=0):
+    """Generic random instances (issue 13): ``Q = L L'/n + 0.1 I``, ``G ~ N(0, 1)``,
+    ``h = G y0 + U(0.1, 1)`` (and ``A ~ N(0, 1)``, ``b = A y0``).  Weakly active-looking
+    constraints occur here.  Reference: a tight interior point solve (``tol=1e-13``)
+    gives the active set, the exact reduced KKT system on it gives ``y*`` and ``dL/dq``,
+    and the point is verified to be a KKT point (``nu_a > 0``, inactive slacks > 0);
+    an instance that fails the verification raises instead of giving a false reference."""
+    from reference_layers.kernels.qp_pdipm import solve_qp_batch
+    rng = onp.random.default_rng(seed)
+    L = rng.standard_normal((B, n, n))
+    Q = L @ L.transpose(0, 2, 1) / n + 0.1 * onp.eye(n)
+    q = rng.standard_normal((B, n))
+    G = rng.standard_normal((B, m, n))
+    y0 = rng.standard_normal((B, n))
+    h = onp.einsum("bij,bj->bi", G, y0) + rng.uniform(0.1, 1.0, (B, m))
+    A = rng.standard_normal((B, p, n))
+    b = onp.einsum("bij,bj->bi", A, y0)
+    c = rng.standard_normal((B, n))
+    tight = solve_qp_batch(Q, q, G, h, A, b, tol=1e-13, max_iter=300)
+    y_ref, g_ref = onp.empty((B, n)), onp.empty((B, n))
+    for k in range(B):
+        a = tight.nu[k] > tight.s[k]
+        C = onp.vstack([A[k], G[k][a]])
+        K = onp.block([[Q[k], C.T], [C, onp.zeros((len(C), len(C)))]])
+        z = onp.linalg.solve(K, onp.concatenate([-q[k], b[k], h[k][a]]))
+        s = h[k] - G[k] @ z[:n]
+        if not ((z[n + p:] > 0).all() and (s[~a] > 0).all()):
+            raise RuntimeError(f"generic instance {k}: the reference is not a KKT point")
+        y_ref[k] = z[:n]
+        g_ref[k] = -onp.linalg.solve(K, onp.concatenate([c[k], onp.zeros(len(C))]))[:n]
+    inputs = (Q, q, G, h, A, b) if p else (Q, q, G, h)
     return inputs, c, y_ref, g_ref
 
 
@@ -174,9 +213,20 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cvxpylayers-max-n", type=int, default=10)
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--instances", choices=("planted", "generic"), default="planted",
+                    help="planted KKT points (default) or generic random instances")
+    ap.add_argument("--sizes", default=None,
+                    help="e.g. '128,10,20,0;1,10,20,0' (B,n,m,p per size)")
+    ap.add_argument("--no-generic-backward", action="store_true",
+                    help="time only backward='structured' of ours (the generic one is slow)")
+    ap.add_argument("--out", default=None,
+                    help="also write the rows, versions and thread counts to this JSON file")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")      # peers' deprecation chatter
     sizes = SIZES[:2] if args.quick else SIZES
+    if args.sizes:
+        sizes = [tuple(int(v) for v in part.split(",")) for part in args.sizes.split(";")]
+    build = make_generic_problem if args.instances == "generic" else make_problem
     repeats = 3 if args.quick else args.repeats
     peers = {} if args.no_peers else {
         "qpth": qpth_setup if available("qpth") and available("torch") else None,
@@ -188,8 +238,10 @@ def main(argv=None):
         threads = None
     rows = []
     for (B, n, m, p) in sizes:
-        inputs, c, y_ref, g_ref = make_problem(B, n, m, p)
-        impls = {"ours fast": ours("fast"), "ours generic": ours("generic")}
+        inputs, c, y_ref, g_ref = build(B, n, m, p)
+        impls = {"ours structured": ours("structured")}
+        if not args.no_generic_backward:
+            impls["ours generic"] = ours("generic")
         for name, setup in peers.items():
             if setup is None or (name == "cvxpylayers" and n > args.cvxpylayers_max_n):
                 continue
@@ -204,7 +256,7 @@ def main(argv=None):
             except Exception as exc:      # a peer failing on a size is reported, not fatal
                 print(f"{name} failed at {(B, n, m, p)}: {type(exc).__name__}: {exc}")
         times = time_interleaved(runs, repeats=repeats, warmup=1)
-        base = times["ours fast"]
+        base = times["ours structured"]
         for name in runs:
             t = times[name]
             fwd, bwd = t["forward"].median, t["backward"].median
@@ -217,14 +269,34 @@ def main(argv=None):
     print()
     print(format_table(rows, COLUMNS, separator_key="size"))
     os.makedirs(OUT_DIR, exist_ok=True)
-    write_json(os.path.join(OUT_DIR, "qp.json"),
-               {"machine": machine_info(), "torch_threads": threads, "rows": rows})
+    record = {"machine": machine_info(), "versions": _versions(), "torch_threads": threads,
+              "numba_threads": _numba_threads(), "instances": args.instances,
+              "repeats": repeats, "rows": rows}
+    write_json(os.path.join(OUT_DIR, f"qp_{args.instances}.json"), record)
+    if args.out:
+        write_json(args.out, record)
+
+
+def _versions() -> dict:
+    out = {}
+    for name in ("numpy", "scipy", "numba", "autograd", "torch", "qpth", "cvxpylayers"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def _numba_threads():
+    import numba
+    return numba.get_num_threads()
 
 
 COLUMNS = [Column("size", "size"), Column("impl", "impl"),
            Column("fwd ms", "forward_ms", "{:.2f}"), Column("bwd ms", "backward_ms", "{:.2f}"),
            Column("total ms", "total_ms", "{:.2f}"),
-           Column("total / ours fast", "vs_ours", "{:.2f}x"),
+           Column("total / ours structured", "vs_ours", "{:.2f}x"),
            Column("y err", "y_err", "{:.1e}"), Column("dL/dq err max", "dq_err_max", "{:.1e}"),
            Column("dL/dq err median", "dq_err_median", "{:.1e}")]
 

@@ -147,3 +147,42 @@ def renamed(old: str, new: str, layer: str, value):
     warnings.warn(f"{layer}: the keyword {old!r} is deprecated, use {new} instead",
                   DeprecationWarning, stacklevel=3)
     return value
+
+
+# --- appended by the QP/KKT work (issue 11 items 1, 2, 8, 9) -------------------
+
+class InvalidOptionError(OptionError):
+    """An option has an invalid value (NaN, out of range, unknown enum value)."""
+
+
+class UnknownOptionError(OptionError):
+    """An options dict (e.g. ``solver_options``) holds a key the function does not know."""
+
+
+class InvalidInputError(DTypeError):
+    """An input array of an unsupported kind (complex, object, non-numeric dtype)."""
+
+
+class EmptyInputError(NimplicitError, ValueError):
+    """An input with no instances (a 0-size batch) or a 0-size problem."""
+
+
+class KKTViolationError(SolverError, ValueError):
+    """A forward solver's point is not a KKT point (base class of the four below)."""
+
+
+class PrimalInfeasibleError(KKTViolationError):
+    """The returned point violates its constraints (``h(y) != 0`` or ``g(y) > 0``)."""
+
+
+class DualInfeasibleError(KKTViolationError):
+    """An inequality multiplier is negative (``nu_i < 0``)."""
+
+
+class ComplementarityError(KKTViolationError):
+    """``nu_i g_i(y) != 0``: a multiplier on a constraint that is not active."""
+
+
+class NotAMinimumError(KKTViolationError):
+    """Second-order sufficiency fails: the (reduced) Hessian of the Lagrangian is not
+    positive definite, so the stationary point may be a maximum or a saddle."""

@@ -18,8 +18,9 @@ import numpy as onp
 import scipy.optimize
 from autograd import grad, hessian, jacobian
 
-from .errors import NotConvergedError, SolverError, warn
-from .implicit import ImplicitLayer, implicit_layer
+from . import kkt
+from .errors import InvalidOptionError, NotConvergedError, ShapeError, SolverError
+from .implicit import ImplicitLayer, Solution, implicit_layer
 from . import linear_solvers
 
 
@@ -90,6 +91,39 @@ def anderson(T: Callable[[onp.ndarray], onp.ndarray], y0: onp.ndarray, *, memory
         f"loosen tol, or check that T is a contraction near the fixed point.")
 
 
+
+class _FixedPointResidual:
+    """``F(y, x) = T(y, x) - y`` (a module-level class, so a layer built from
+    module-level functions pickles)."""
+
+    def __init__(self, T: Callable):
+        self.T = T
+
+    def __call__(self, y, *inputs):
+        return self.T(y, *inputs) - y
+
+
+class _Bound:
+    """``v -> f(v, *inputs)``."""
+
+    def __init__(self, f: Callable, inputs: tuple):
+        self.f, self.inputs = f, inputs
+
+    def __call__(self, v):
+        return self.f(v, *self.inputs)
+
+
+class _AndersonSolver:
+    """The default forward of :func:`fixed_point_layer`: :func:`anderson` from ``y0``."""
+
+    def __init__(self, T: Callable, y0, memory: int, max_iter: int, tol: float):
+        self.T, self.y0, self.memory, self.max_iter, self.tol = T, y0, memory, max_iter, tol
+
+    def __call__(self, *inputs):
+        return anderson(_Bound(self.T, inputs), _initial_guess(self.y0, inputs),
+                        memory=self.memory, max_iter=self.max_iter, tol=self.tol)
+
+
 def fixed_point_layer(T: Callable, solver: Optional[Callable] = None, *, y0=None,
                       max_iter: int = 1000, tol: float = 1e-12, memory: int = 5,
                       **options) -> ImplicitLayer:
@@ -98,24 +132,96 @@ def fixed_point_layer(T: Callable, solver: Optional[Callable] = None, *, y0=None
     The residual is ``F(y, x) = T(y, x) - y``; its Jacobian in ``y`` is
     ``dT/dy - I``.  The default forward solver is :func:`anderson` started at
     ``y0`` (array or callable of the inputs).  ``T`` must be written with
-    ``autograd.numpy``; ``y`` is one array.
+    ``autograd.numpy``; ``y`` is one array.  Built from module-level ``T`` (and
+    ``y0``), the layer pickles.
     """
-    def residual(y, *inputs):
-        return T(y, *inputs) - y
-
     if solver is None:
-        def solver(*inputs):
-            return anderson(lambda v: T(v, *inputs), _initial_guess(y0, inputs),
-                            memory=memory, max_iter=max_iter, tol=tol)
-    return implicit_layer(residual, solver, **options)
+        solver = _AndersonSolver(T, y0, memory, max_iter, tol)
+    return implicit_layer(_FixedPointResidual(T), solver, **options)
 
 
 # ------------------------------------------------------------------------------
 # unconstrained argmin
 # ------------------------------------------------------------------------------
 
+class _GradientResidual:
+    """``F(y, x) = grad_y f(y, x)``."""
+
+    def __init__(self, objective: Callable):
+        self.objective = objective
+
+    def __call__(self, y, *inputs):
+        return grad(self.objective, 0)(y, *inputs)
+
+
+_HESSIAN_METHODS = ("trust-exact", "trust-krylov", "trust-ncg", "Newton-CG", "trust-constr",
+                    "dogleg")
+
+
+class _MinimizeSolver:
+    """The default forward of :func:`argmin_layer`: ``scipy.optimize.minimize`` from
+    ``y0`` with the exact autograd gradient (and Hessian), then Newton steps to ``gtol``."""
+
+    def __init__(self, objective: Callable, y0, method: str, gtol: float, max_iter: int):
+        self.objective, self.y0, self.method = objective, y0, method
+        self.gtol, self.max_iter = gtol, max_iter
+
+    def __call__(self, *inputs):
+        objective, method, gtol, max_iter = self.objective, self.method, self.gtol, self.max_iter
+        y_init = _initial_guess(self.y0, inputs)
+        shape = y_init.shape
+        gradient = grad(objective, 0)
+        hess = hessian(objective, 0)
+        fun = lambda v: float(objective(v.reshape(shape), *inputs))
+        jac = lambda v: onp.ravel(gradient(v.reshape(shape), *inputs))
+        hes = lambda v: onp.reshape(hess(v.reshape(shape), *inputs), (v.size, v.size))
+        kw = {"hess": hes} if method in _HESSIAN_METHODS else {}
+        opts = {"gtol": gtol, "maxiter": max_iter} if method != "Newton-CG" \
+            else {"xtol": 1e-14, "maxiter": max_iter}
+        res = scipy.optimize.minimize(fun, y_init.ravel(), jac=jac, method=method,
+                                      options=opts, **kw)
+        y = res.x
+        gnorm = onp.abs(jac(y)).max()
+        # A method driven by decreases of f stalls once they fall below f's rounding
+        # (|grad f| ~ sqrt(eps |f|)); Newton steps on grad f = 0 reach gtol from there.
+        for _ in range(5 if getattr(res, "nit", 0) < max_iter else 0):
+            if gnorm <= gtol * (1 + onp.abs(y).max()):
+                break
+            try:
+                y_new = y - onp.linalg.solve(hes(y), jac(y))
+            except onp.linalg.LinAlgError:
+                break
+            g_new = onp.abs(jac(y_new)).max()
+            if not g_new < gnorm:
+                break
+            y, gnorm = y_new, g_new
+        if not gnorm <= gtol * (1 + onp.abs(y).max()) * 10:
+            raise NotConvergedError(
+                f"scipy.optimize.minimize(method={method!r}) stopped with |grad f|_inf = "
+                f"{gnorm:.3g} ({res.message}); raise max_iter, try another method=, a better "
+                f"y0, or pass solver=")
+        return y.reshape(shape)
+
+
+class _MinimumChecked:
+    """Wrap a forward solver of :func:`argmin_layer`: the returned point must be a
+    strict local minimum (Hessian positive definite, :func:`nimplicit.kkt.check_second_order`)."""
+
+    def __init__(self, objective: Callable, solver: Callable, second_order_tol: float):
+        self.objective, self.solver, self.second_order_tol = objective, solver, second_order_tol
+
+    def __call__(self, *inputs):
+        y = self.solver(*inputs)
+        yv = onp.asarray(y, dtype=float)
+        H = hessian(self.objective, 0)(yv, *inputs)
+        kkt.check_second_order("argmin_layer", onp.reshape(H, (yv.size, yv.size)),
+                               tol=self.second_order_tol)
+        return y
+
+
 def argmin_layer(objective: Callable, solver: Optional[Callable] = None, *, y0=None,
                  method: str = "trust-exact", gtol: float = 1e-11, max_iter: int = 1000,
+                 second_order_tol: Optional[float] = kkt.DEFAULT_SECOND_ORDER_TOL,
                  **options) -> ImplicitLayer:
     r"""Layer returning ``y* = argmin_y objective(y, *inputs)``.
 
@@ -124,79 +230,205 @@ def argmin_layer(objective: Callable, solver: Optional[Callable] = None, *, y0=N
     ``scipy.optimize.minimize`` (``method``, default ``'trust-exact'`` with the
     exact autograd gradient and Hessian) from ``y0``; it must reach
     ``|grad f|_inf <= gtol * (1 + |y|_inf)`` or :class:`NotConvergedError` is raised.
+
+    Every forward point (of the default or a user's ``solver``) must be a strict
+    local minimum: the Hessian ``H`` positive definite,
+    ``lambda_min(H) > second_order_tol * max|lambda(H)|``; a stationary maximum,
+    saddle or flat point raises :class:`~nimplicit.errors.NotAMinimumError`.
+    ``second_order_tol=None`` skips the test (it costs one Hessian per forward).
     """
-    gradient = grad(objective, 0)
-
-    def residual(y, *inputs):
-        return gradient(y, *inputs)
-
     if solver is None:
-        hess = hessian(objective, 0)
+        solver = _MinimizeSolver(objective, y0, method, gtol, max_iter)
+    if second_order_tol is not None:
+        solver = _MinimumChecked(objective, solver, _nonnegative(second_order_tol,
+                                                                 "second_order_tol"))
+    return implicit_layer(_GradientResidual(objective), solver, **options)
 
-        def solver(*inputs):
-            y_init = _initial_guess(y0, inputs)
-            shape = y_init.shape
-            fun = lambda v: float(objective(v.reshape(shape), *inputs))
-            jac = lambda v: onp.ravel(gradient(v.reshape(shape), *inputs))
-            hes = lambda v: onp.reshape(hess(v.reshape(shape), *inputs), (v.size, v.size))
-            kw = {"hess": hes} if method in ("trust-exact", "trust-krylov", "trust-ncg", "Newton-CG",
-                                              "trust-constr", "dogleg") else {}
-            opts = {"gtol": gtol, "maxiter": max_iter} if method != "Newton-CG" \
-                else {"xtol": 1e-14, "maxiter": max_iter}
-            res = scipy.optimize.minimize(fun, y_init.ravel(), jac=jac, method=method,
-                                          options=opts, **kw)
-            y = res.x
-            gnorm = onp.abs(jac(y)).max()
-            # A method driven by decreases of f stalls once they fall below f's rounding
-            # (|grad f| ~ sqrt(eps |f|)); Newton steps on grad f = 0 reach gtol from there.
-            for _ in range(5 if getattr(res, "nit", 0) < max_iter else 0):
-                if gnorm <= gtol * (1 + onp.abs(y).max()):
-                    break
-                try:
-                    y_new = y - onp.linalg.solve(hes(y), jac(y))
-                except onp.linalg.LinAlgError:
-                    break
-                g_new = onp.abs(jac(y_new)).max()
-                if not g_new < gnorm:
-                    break
-                y, gnorm = y_new, g_new
-            if not gnorm <= gtol * (1 + onp.abs(y).max()) * 10:
-                raise NotConvergedError(
-                    f"scipy.optimize.minimize(method={method!r}) stopped with |grad f|_inf = "
-                    f"{gnorm:.3g} ({res.message}); raise max_iter, try another method=, a better "
-                    f"y0, or pass solver=")
-            return y.reshape(shape)
-    return implicit_layer(residual, solver, **options)
+
+def _nonnegative(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"{name} must be a number, got {value!r}") from None
+    if not (v >= 0 and onp.isfinite(v)):
+        raise InvalidOptionError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
 
 
 # ------------------------------------------------------------------------------
 # constrained argmin (KKT)
 # ------------------------------------------------------------------------------
 
-def _kkt_residual(objective, eq, ineq):
-    def lagrangian(y, lam, nu, *inputs):
-        value = objective(y, *inputs)
-        if eq is not None:
-            value = value + np.sum(lam * eq(y, *inputs))
-        if ineq is not None:
-            value = value + np.sum(nu * ineq(y, *inputs))
-        return value
-    grad_L = grad(lagrangian, 0)
+class _Problem:
+    """``(objective, eq, ineq)`` of a constrained argmin and the data of a point."""
 
-    def residual(z, *inputs):
-        """Paper eq. (27): [grad_y L; h(y); D(nu) g(y)]."""
+    def __init__(self, objective: Callable, eq: Optional[Callable], ineq: Optional[Callable]):
+        self.objective, self.eq, self.ineq = objective, eq, ineq
+
+    def lagrangian(self, y, lam, nu, *inputs):
+        value = self.objective(y, *inputs)
+        if self.eq is not None:
+            value = value + np.sum(lam * self.eq(y, *inputs))
+        if self.ineq is not None:
+            value = value + np.sum(nu * self.ineq(y, *inputs))
+        return value
+
+    def at(self, y, lam, nu, inputs) -> dict:
+        """Values and first derivatives (``y`` flattened) at a raw point."""
+        y = onp.asarray(y, dtype=float)
+        shape = y.shape
+        flat = lambda f: (lambda v: np.reshape(f(np.reshape(v, shape), *inputs), (-1,)))
+        v = y.ravel()
+        d = {"y": v, "shape": shape,
+             "grad_f": onp.ravel(grad(lambda w: self.objective(np.reshape(w, shape), *inputs))(v))}
+        for name, fn in (("h", self.eq), ("g", self.ineq)):
+            if fn is None:
+                d[name], d["J" + name] = onp.zeros(0), onp.zeros((0, v.size))
+            else:
+                d[name] = onp.asarray(flat(fn)(v), dtype=float)
+                d["J" + name] = onp.reshape(jacobian(flat(fn))(v), (d[name].size, v.size))
+        d["lam"] = onp.ravel(onp.asarray(lam, dtype=float))
+        d["nu"] = onp.ravel(onp.asarray(nu, dtype=float))
+        return d
+
+    @staticmethod
+    def margins(d: dict, signed: bool = False):
+        """Scale-free ``(nu_bar, s_bar)`` of :mod:`nimplicit.kkt` and ``eq_bar``;
+        ``s = -g(y)``, the slack's terms ``||grad g_i|| ||y|| + |grad g_i . y - g_i|``."""
+        ny = onp.linalg.norm(d["y"])
+        rows = onp.linalg.norm(d["Jg"], axis=1)
+        terms = onp.linalg.norm(d["grad_f"]) + onp.linalg.norm(d["Jh"].T @ d["lam"])
+        slack_terms = rows * ny + onp.abs(d["Jg"] @ d["y"] - d["g"])
+        eq_terms = onp.linalg.norm(d["Jh"], axis=1) * ny + onp.abs(d["Jh"] @ d["y"] - d["h"])
+        eq_bar = kkt._safe_ratio(onp.abs(d["h"]), eq_terms) if d["h"].size else d["h"]
+        if signed:
+            nu_bar, s_bar = kkt.signed_margins(d["nu"], -d["g"], rows, terms, slack_terms)
+        else:
+            nu_bar, s_bar = kkt.normalized_margins(d["nu"], -d["g"], rows, terms, slack_terms)
+        return nu_bar, s_bar, eq_bar
+
+
+class _KKTResidual:
+    """Paper eq. (27): ``[grad_y L; h(y); diag(nu) g(y)]`` (:func:`nimplicit.kkt.kkt_residual_parts`)."""
+
+    def __init__(self, problem: _Problem):
+        self.problem = problem
+
+    def __call__(self, z, *inputs):
         y, lam, nu = z
-        parts = [grad_L(y, lam, nu, *inputs)]
-        parts.append(eq(y, *inputs) if eq is not None else lam)
-        parts.append(nu * ineq(y, *inputs) if ineq is not None else nu)
-        return tuple(parts)
-    return residual
+        pb = self.problem
+        stationarity = grad(pb.lagrangian, 0)(y, lam, nu, *inputs)
+        eq_values = pb.eq(y, *inputs) if pb.eq is not None else lam
+        ineq_values = pb.ineq(y, *inputs) if pb.ineq is not None else 1.0
+        return kkt.kkt_residual_parts(stationarity, eq_values, nu, ineq_values)
+
+
+class _SLSQPSolver:
+    """The default forward of :func:`constrained_argmin_layer` (see :func:`_slsqp_kkt`)."""
+
+    def __init__(self, problem: _Problem, y0, tol: float, active_tol: float, max_iter: int):
+        self.problem, self.y0, self.tol = problem, y0, tol
+        self.active_tol, self.max_iter = active_tol, max_iter
+
+    def __call__(self, *inputs):
+        pb = self.problem
+        return _slsqp_kkt(pb.objective, pb.eq, pb.ineq, _initial_guess(self.y0, inputs), inputs,
+                          tol=self.tol, active_tol=self.active_tol, max_iter=self.max_iter)
+
+
+class _KKTChecked:
+    """Wrap a forward solver of :func:`constrained_argmin_layer`: its point must satisfy
+    primal and dual feasibility, complementarity (scale-free, ``kkt_tol``) and
+    second-order sufficiency (``second_order_tol``); typed errors otherwise."""
+
+    def __init__(self, problem: _Problem, solver: Callable, kkt_tol: float,
+                 second_order_tol: Optional[float], weak_tol: float):
+        self.problem, self.solver = problem, solver
+        self.kkt_tol, self.second_order_tol, self.weak_tol = kkt_tol, second_order_tol, weak_tol
+
+    def __call__(self, *inputs):
+        z = self.solver(*inputs)
+        if not (isinstance(z, (tuple, list)) and len(z) == 3):
+            raise ShapeError("constrained_argmin_layer: the forward solver must return "
+                             f"(y, lam, nu), got {type(z).__name__}")
+        y, lam, nu = z
+        pb = self.problem
+        d = pb.at(y, lam, nu, inputs)
+        if d["nu"].size != d["g"].size or d["lam"].size != d["h"].size:
+            raise ShapeError(f"constrained_argmin_layer: the solver returned {d['lam'].size} "
+                             f"equality and {d['nu'].size} inequality multipliers for "
+                             f"{d['h'].size} equality and {d['g'].size} inequality constraints")
+        nu_bar, s_bar, eq_bar = pb.margins(d, signed=True)
+        kkt.check_kkt_point("constrained_argmin_layer", eq_bar=eq_bar, nu_bar=nu_bar,
+                            s_bar=s_bar, tol=self.kkt_tol)
+        if self.second_order_tol is not None:
+            H = hessian(lambda v: pb.lagrangian(np.reshape(v, d["shape"]), lam, nu, *inputs))(d["y"])
+            nb, sb, _ = pb.margins(d)
+            _, inactive = kkt.strict_sets(nb, sb, self.weak_tol)
+            C = onp.vstack([d["Jh"], d["Jg"][~inactive]])
+            kkt.check_second_order("constrained_argmin_layer", onp.reshape(H, (d["y"].size,) * 2),
+                                   C if C.size else None, tol=self.second_order_tol)
+        # tiny negative multipliers (within kkt_tol) are rounding: exactly 0
+        nu = onp.maximum(onp.asarray(nu, dtype=float), 0.0) if onp.size(nu) else nu
+        # the weakly active set, decided once here for the backward (KKTLinearSolver)
+        d["nu"] = onp.ravel(onp.asarray(nu, dtype=float))
+        nb, sb, _ = pb.margins(d)
+        weak = kkt.weak_mask(nb, sb, self.weak_tol)
+        return Solution((y, lam, nu), aux=_KKTAux(weak, d["y"].size + d["h"].size))
+
+
+class _KKTAux:
+    """What the checked forward hands to :class:`KKTLinearSolver`: the weakly active
+    constraints (``weak``, ``(n_ineq,)``) and the offset of the complementarity rows in
+    ``z = (y, lam, nu)``."""
+
+    __slots__ = ("weak", "offset")
+
+    def __init__(self, weak: onp.ndarray, offset: int):
+        self.weak, self.offset = weak, offset
+
+    def __getstate__(self):
+        return self.weak, self.offset
+
+    def __setstate__(self, state):
+        self.weak, self.offset = state
+
+
+class KKTLinearSolver(linear_solvers.LinearSolver):
+    """The linear solver of :func:`constrained_argmin_layer` (the core's protocol).
+
+    ``init(operator, aux)`` decides once per forward point, from the forward's
+    :class:`_KKTAux`: without a weakly active constraint, ``base`` (``'lu'``: the LU
+    of the Ruiz-equilibrated ``J``, :func:`nimplicit.kkt.equilibrated_lu_state`, whose
+    condition test is independent of the scales of the objective and of each
+    constraint; any other name or :class:`~nimplicit.linear_solvers.LinearSolver` as
+    the core builds it, with ``base_options``); with one, the minimum-norm convention
+    (those rows of ``J`` zeroed, :class:`~nimplicit.linear_solvers.Lstsq`,
+    ``state.exact`` False) and an :class:`~nimplicit.errors.ImplicitGradientWarning`.
+    """
+
+    name = "kkt"
+    options = {"base": "lu", "base_options": None, "weak_tol": kkt.DEFAULT_WEAK_TOL}
+
+    def init(self, operator, aux=None):
+        if not isinstance(aux, _KKTAux):
+            raise SolverError("KKTLinearSolver: the forward point carries no KKT data; it is "
+                              "the linear solver of constrained_argmin_layer only")
+        if aux.weak.any():
+            kkt.warn_weak("constrained_argmin_layer", aux.weak, self.opts["weak_tol"])
+            return kkt.MinimumNormState(operator.dense()[None], aux.weak[None], aux.offset)
+        base, options = self.opts["base"], dict(self.opts["base_options"] or {})
+        if base in ("lu", linear_solvers.lu):
+            return kkt.equilibrated_lu_state(operator.dense(), **options)
+        return linear_solvers.make_solver(base, options).init(operator, aux)
 
 
 def constrained_argmin_layer(objective: Callable, eq: Optional[Callable] = None,
                              ineq: Optional[Callable] = None, solver: Optional[Callable] = None, *,
                              y0=None, tol: float = 1e-12, active_tol: float = 1e-8,
-                             weak_tol: float = 1e-9, max_iter: int = 500,
+                             weak_tol: float = kkt.DEFAULT_WEAK_TOL, max_iter: int = 500,
+                             kkt_tol: float = kkt.DEFAULT_KKT_TOL,
+                             second_order_tol: Optional[float] = kkt.DEFAULT_SECOND_ORDER_TOL,
                              **options) -> ImplicitLayer:
     r"""Layer returning a KKT point ``(y, lam, nu)`` of
     ``min_y f(y, x)  s.t.  h(y, x) = 0,  g(y, x) <= 0``.
@@ -209,38 +441,43 @@ def constrained_argmin_layer(objective: Callable, eq: Optional[Callable] = None,
 
     differentiated with respect to every input.  ``eq``/``ineq`` return 1-d
     arrays (``None`` for none: then ``lam``/``nu`` are empty).  The default
-    forward solver is SLSQP from ``y0``, then multipliers from the active set by
-    least squares and Newton polishing of the active KKT system to ``tol``.
+    forward solver is SLSQP from ``y0``, then multipliers from the active set
+    (constraints with scale-free slack ``s_bar_i <= active_tol``, see
+    :mod:`nimplicit.kkt`) by least squares and Newton polishing of the active
+    KKT system to ``tol``.
 
-    A weakly active constraint (``nu_i`` and ``g_i`` both within ``weak_tol``)
-    makes ``dF/dz`` singular: the gradient is then one choice among many; the
-    layer uses the minimum-norm solution (``lstsq``) and warns
-    (:class:`~nimplicit.errors.ImplicitGradientWarning`).
+    Every forward point (default or user ``solver``) is checked, scale-free
+    (:func:`nimplicit.kkt.check_kkt_point`, tolerance ``kkt_tol``): primal
+    feasibility (:class:`~nimplicit.errors.PrimalInfeasibleError`), ``nu >= 0``
+    (:class:`~nimplicit.errors.DualInfeasibleError`), complementarity
+    (:class:`~nimplicit.errors.ComplementarityError`), and second-order
+    sufficiency: the Hessian of the Lagrangian positive definite on the null
+    space of the equality and (strictly or weakly) active inequality constraints'
+    Jacobian (:class:`~nimplicit.errors.NotAMinimumError`;
+    ``second_order_tol=None`` skips it).
+
+    A weakly active constraint (:mod:`nimplicit.kkt`: its normalised multiplier
+    and slack both ``<= max(weak_tol, 10 x`` the point's complementarity)) makes
+    ``dF/dz`` singular: its row of ``dF/dz`` is set to zero and the minimum-norm
+    solution (``lstsq``) is used, with an
+    :class:`~nimplicit.errors.ImplicitGradientWarning`; the same mechanism and
+    meaning of ``weak_tol`` as :func:`reference_layers.qp.qp_layer`.
     """
-    residual = _kkt_residual(objective, eq, ineq)
-
+    weak_tol = kkt.check_weak_tol(weak_tol, "constrained_argmin_layer")
+    kkt_tol = _nonnegative(kkt_tol, "kkt_tol")
+    if second_order_tol is not None:
+        second_order_tol = _nonnegative(second_order_tol, "second_order_tol")
+    problem = _Problem(objective, eq, ineq)
     if solver is None:
-        def solver(*inputs):
-            return _slsqp_kkt(objective, eq, ineq, _initial_guess(y0, inputs), inputs,
-                              tol=tol, active_tol=active_tol, max_iter=max_iter)
-
+        solver = _SLSQPSolver(problem, y0, tol, active_tol, max_iter)
+    solver = _KKTChecked(problem, solver, kkt_tol, second_order_tol, weak_tol)
     base = options.pop("linear_solver", "lu")
-    base = linear_solvers.get(base)
-
-    def kkt_linear_solver(matvec, rmatvec, b, *, point=None, cache=None, **opts):
-        if cache is not None and "kkt_degenerate" not in cache:
-            y, lam, nu = point.y
-            g = onp.asarray(ineq(y, *point.inputs)) if ineq is not None else onp.zeros(0)
-            weak = onp.flatnonzero((onp.abs(nu) <= weak_tol) & (onp.abs(g) <= weak_tol))
-            cache["kkt_degenerate"] = weak.size > 0
-            if weak.size:
-                warn(f"constraint(s) {weak.tolist()} are weakly active (nu_i ~ 0 and g_i(y) ~ 0): "
-                     f"the KKT Jacobian is singular and the implicit gradient is not unique; "
-                     f"using the minimum-norm solution, one choice among many.")
-        solve = linear_solvers.lstsq if cache.get("kkt_degenerate") else base
-        return solve(matvec, rmatvec, b, cache=cache, point=point, **opts)
-
-    return implicit_layer(residual, solver, linear_solver=kkt_linear_solver, **options)
+    base_options = options.pop("linear_solver_options", None)
+    if base not in ("lu", linear_solvers.lu):   # an unknown name fails here, not at the first backward
+        linear_solvers.make_solver(base, base_options)
+    return implicit_layer(_KKTResidual(problem), solver,
+                          linear_solver=KKTLinearSolver(base=base, base_options=base_options,
+                                                        weak_tol=weak_tol), **options)
 
 
 def _slsqp_kkt(objective, eq, ineq, y_init, inputs, *, tol, active_tol, max_iter):
@@ -256,14 +493,24 @@ def _slsqp_kkt(objective, eq, ineq, y_init, inputs, *, tol, active_tol, max_iter
                      "jac": jacobian(lambda v: -ineq(v.reshape(shape), *inputs))})
     res = scipy.optimize.minimize(f, y_init.ravel(), jac=df, constraints=cons, method="SLSQP",
                                   options={"ftol": 1e-15, "maxiter": max_iter})
-    if not res.success and res.status not in (8,):   # 8: positive directional derivative (at precision)
+    # status 8 (positive directional derivative in the line search) is SLSQP stopping at
+    # its precision: accepted here, the point is then polished and checked (_KKTChecked)
+    if not res.success and res.status not in (8,):
         raise SolverError(f"SLSQP failed: {res.message} (status {res.status}); check feasibility, "
                           f"pass a better y0, or solver=")
     y = res.x
     p = 0 if eq is None else onp.size(eq(y.reshape(shape), *inputs))
     mi = 0 if ineq is None else onp.size(ineq(y.reshape(shape), *inputs))
-    g = onp.asarray(ineq(y.reshape(shape), *inputs), float) if mi else onp.zeros(0)
-    active = onp.flatnonzero(g >= -active_tol)
+    if mi:
+        gfun = lambda v: np.reshape(ineq(np.reshape(v, shape), *inputs), (-1,))
+        g = onp.asarray(gfun(y), float)
+        Jg = onp.reshape(jacobian(gfun)(y), (mi, y.size))
+        # scale-free slack: -g_i relative to the terms ||grad g_i|| ||y|| + |grad g_i . y - g_i|
+        s_bar = kkt._safe_ratio(-g, onp.linalg.norm(Jg, axis=1) * onp.linalg.norm(y)
+                                + onp.abs(Jg @ y - g))
+        active = onp.flatnonzero(s_bar <= active_tol)
+    else:
+        active = onp.zeros(0, dtype=int)
 
     ny = y.size
 
@@ -302,7 +549,5 @@ def _slsqp_kkt(objective, eq, ineq, y_init, inputs, *, tol, active_tol, max_iter
     y, lam = z[:y.size], z[y.size:y.size + p]
     nu = onp.zeros(mi)
     nu[active] = z[y.size + p:]
-    if mi and (nu < -1e-8 * (1 + onp.abs(nu).max())).any():
-        raise SolverError(f"the recovered inequality multipliers are negative ({nu.min():.3g}): the "
-                          f"SLSQP active set is wrong; pass a better y0 or solver=")
-    return y.reshape(shape), lam, onp.maximum(nu, 0.0)
+    # the signs of nu and the feasibility of y are checked by _KKTChecked, scale-free
+    return y.reshape(shape), lam, nu

@@ -22,57 +22,70 @@ gradient with respect to ``Q`` is symmetric.
 Forward
     :func:`reference_layers.kernels.qp_pdipm.solve_qp_batch`: a Mehrotra
     primal-dual interior point method in numba, the batch looped in compiled
-    code, to a relative KKT residual of ``tol`` (default ``1e-10``).  Failures
-    are per instance and raise a typed error naming the first failing
-    instance: :class:`InfeasibleQPError`, :class:`UnboundedQPError`,
-    :class:`NonConvexQPError`, :class:`RankDeficientEqualityError`,
-    :class:`QPNotConvergedError`, :class:`QPNumericalError`.
+    code, to a relative KKT residual of ``solver_options['tol']`` (default
+    ``1e-10``), on the *equilibrated* problem (objective divided by
+    ``max(|Q|, |q|)``, every row of ``G`` and ``A`` by its norm; same ``y``,
+    multipliers unscaled afterwards), so that its stopping test does not depend
+    on the problem's units.  Failures are per instance and raise a typed error
+    naming the first failing instance: :class:`InfeasibleQPError`,
+    :class:`UnboundedQPError`, :class:`NonConvexQPError`,
+    :class:`RankDeficientEqualityError`, :class:`QPNotConvergedError`,
+    :class:`QPNumericalError`.
 
     Instances that stall (``MAX_ITER``/``NUMERICAL_ERROR`` above ``accept_residual``)
-    are re-solved once with the objective scaled by 10, then by 0.1 (same
-    ``y``; the multipliers are unscaled): the kernel occasionally stalls on
-    learned, ill-conditioned ``Q`` that it solves at once after rescaling.
-    On strictly inactive constraints the returned ``nu_i`` (the interior
-    point's ``~mu / s_i``, about ``1e-11``) is set to exactly 0.
+    are re-solved once with the objective scaled by 10, then by 0.1.  Then the
+    active-set polish (:meth:`_QPLayer._polish`) solves the equality-constrained
+    KKT system of the interior point's active set exactly, correcting the set
+    (rows with ``nu_i < 0`` dropped, rows with ``s_i < 0`` added) until the point
+    is a KKT point to rounding; inactive ``nu_i`` are then exactly 0.
 
 Backward (``backward=``)
-    ``"fast"`` (default): the linear solver plugged into the implicit node
-    factors the KKT Jacobian ``J = dF/d(y, lam, nu)`` once per forward point by
-    the structured elimination of the kernel (:func:`kkt_jacobian_factor`,
-    ``O((m + p) n^2 + n^3)`` per instance) and solves ``J z = b`` or
-    ``J^T z = b`` for all instances in ``O(n^2 + (m + p) n)`` each.  It uses
-    the Jacobian of the solution's active set: slack ``s_i = 0`` on strictly
-    active constraints (``~1e-12`` at the final iterate), which removes an
-    error of ``~cond(J) * 1e-10`` from the gradient.
-    ``"generic"``: the core's dense LU of ``J``, formed from autograd VJPs of
-    ``F`` -- the paper's point, slower, the same numbers.
+    ``"structured"`` (default; ``"fast"`` is its deprecated alias): the linear
+    solver plugged into the implicit node factors the KKT Jacobian
+    ``J = dF/d(y, lam, nu)`` once per forward point by the structured elimination
+    of the kernel (:func:`kkt_jacobian_factor`, ``O((m + p) n^2 + n^3)`` per
+    instance) and solves ``J z = b`` or ``J^T z = b`` for all instances in
+    ``O(n^2 + (m + p) n)`` each.  It uses the Jacobian of the solution's active
+    set (``s_i = 0`` on strictly active, ``nu_i = 0`` on strictly inactive
+    constraints).
+    ``"generic"``: the core's dense LU of the same active-set ``J``, formed from
+    autograd VJPs of ``F`` and Ruiz-equilibrated (so the core's condition test is
+    scale-free) -- the paper's point, slower, the same numbers; or any core
+    linear solver given as ``linear_solver=``.
 
-Weakly active constraints
-    At a constraint with ``nu_i = 0`` and ``G_i y = h_i`` (strict
-    complementarity fails) ``J`` is singular and ``y*`` is not differentiable.
-    A constraint whose relative margin ``max(nu_i / (1 + |nu|_inf),
-    s_i / (1 + |s|_inf))`` (``s = h - G y``) is at most ``weak_tol`` is treated
-    as weakly active: its row of ``J`` is set to zero and that instance is
-    solved by the minimum-norm least-squares solution (the core's
-    ``'lstsq'``), with an :class:`~nimplicit.errors.ImplicitGradientWarning`.
-    Both backward modes apply the same convention.  The layer's
-    ``diagnostics`` report the smallest margin over the batch
-    (``strict_complementarity_margin``).
+Weakly active constraints (:mod:`nimplicit.kkt`, shared with ``constrained_argmin_layer``)
+    With the scale-free margins ``nu_bar_i = ||G_i|| nu_i / S`` (``S`` the size of
+    the stationarity equation's terms) and ``s_bar_i = s_i / (||G_i|| ||y|| +
+    |h_i|)``, unchanged by scaling the objective or any constraint row, a
+    constraint is weakly active when ``max(nu_bar_i, s_bar_i) <= max(weak_tol,
+    10 eps)``, ``eps = max_i min(nu_bar_i, s_bar_i)`` the complementarity the
+    forward reached (rounding after the polish).  ``J`` is then singular and
+    ``y*`` not differentiable: the complementarity rows of those constraints are
+    set to zero and that instance is solved by the minimum-norm least-squares
+    solution (the core's ``'lstsq'``), with an
+    :class:`~nimplicit.errors.ImplicitGradientWarning`.  Both backward modes
+    apply the same convention.  The layer's ``diagnostics`` report the smallest
+    margin over the batch (``strict_complementarity_margin``).
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple, Union
 
+import warnings
+
 import autograd.numpy as np
 import numpy as onp
+from autograd.builtins import tuple as atuple
+from autograd.tracer import getval
 
-from nimplicit import implicit_layer, linear_solvers
-from nimplicit.errors import (NotConvergedError, ShapeError, SingularJacobianError,
-                              SolverError, warn)
+from nimplicit import Solution, implicit_layer, kkt, linear_solvers
+from nimplicit.errors import (EmptyInputError, InvalidInputError, InvalidOptionError,
+                              NotConvergedError, ShapeError, SingularJacobianError, SolverError,
+                              UnknownOptionError)
 
 from .kernels.qp_pdipm import (KKT_JACOBIAN_FLAG_MESSAGES, QP_STATUS_MESSAGES, KKTJacobianFlag,
                                QPStatus, kkt_jacobian_factor, kkt_jacobian_solve_factored,
-                               solve_qp_batch)
+                               polish_active_set, solve_qp_batch)
 
 __all__ = ["qp_layer", "make_qp_layer", "kkt_residual", "complementarity_margin",
            "QPError", "InfeasibleQPError", "UnboundedQPError", "NonConvexQPError",
@@ -251,25 +264,40 @@ def _split_solution(point_y, has_eq: bool, B: Optional[int]):
     return y, onp.zeros((y.shape[0], 0)), nu
 
 
-def _relative(v: onp.ndarray) -> onp.ndarray:
-    """``max(v, 0) / (1 + max_i v_i)`` per instance (last axis)."""
-    v = onp.maximum(onp.asarray(v, float), 0.0)
-    if v.shape[-1] == 0:
-        return v
-    return v / (1.0 + v.max(axis=-1, keepdims=True))
+def _margins(Q, q, G, h, A, y, lam, nu):
+    r"""Scale-free margins ``(nu_bar, s_bar, s)`` per constraint (``(B, m)`` each), see
+    :mod:`nimplicit.kkt`: ``nu_bar_i = ||G_i|| nu_i / S`` with
+    ``S = ||Q y|| + ||q|| + ||A^T lam|| + sum_j ||G_j|| nu_j`` and
+    ``s_bar_i = s_i / (||G_i|| ||y|| + |h_i|)``, ``s = h - G y``."""
+    Qs = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
+    s = h - _bmv(G, y)
+    row = onp.sqrt((G * G).sum(axis=-1))
+    terms = _norm(_bmv(Qs, y)) + _norm(q) + _norm(_bmtv(A, lam))
+    slack_terms = row * _norm(y)[:, None] + onp.abs(h)
+    nu_bar, s_bar = kkt.normalized_margins(nu, s, row, terms, slack_terms)
+    return nu_bar, s_bar, s
 
 
-def complementarity_margin(nu: onp.ndarray, s: onp.ndarray) -> onp.ndarray:
-    r"""Relative strict-complementarity margin per constraint.
+def complementarity_margin(Q, q, G, h, y, nu, A=None, lam=None) -> onp.ndarray:
+    r"""Scale-free strict-complementarity margin ``max(nu_bar_i, s_bar_i)`` per constraint.
 
-    .. math:: \mu_i = \max\Big(\frac{\nu_i}{1 + \|\nu\|_\infty},\;
-                               \frac{s_i}{1 + \|s\|_\infty}\Big)
-
-    for ``nu`` and the slack ``s = h - G y`` of shape ``(..., m)`` (norms per
-    instance).  Strict complementarity holds when every ``mu_i`` is clearly
-    positive; ``mu_i ~ 0`` is a weakly active constraint.
+    ``nu_bar_i = ||G_i|| nu_i / S`` (``S = ||Q y|| + ||q|| + ||A^T lam|| +
+    sum_j ||G_j|| nu_j``) and ``s_bar_i = (h_i - G_i y) / (||G_i|| ||y|| + |h_i|)``:
+    unchanged by scaling the objective or any constraint row (see
+    :mod:`nimplicit.kkt`).  Arrays unbatched or with a leading batch axis (the
+    result then has shape ``(B, m)``); a margin ``~ 0`` is a weakly active constraint.
     """
-    return onp.maximum(_relative(nu), _relative(s))
+    batched = onp.ndim(y) == 2
+    Bb = onp.shape(y)[0] if batched else 1
+    Qb, qb, Gb, hb, yb, nub = (_batched(x, Bb, nd) for x, nd in
+                               zip((Q, q, G, h, y, nu), (2, 1, 2, 1, 1, 1)))
+    if A is None:
+        Ab, lamb = onp.zeros((Bb, 0, qb.shape[1])), onp.zeros((Bb, 0))
+    else:
+        Ab, lamb = _batched(A, Bb, 2), _batched(lam, Bb, 1)
+    nu_bar, s_bar, _ = _margins(Qb, qb, Gb, hb, Ab, yb, lamb, nub)
+    out = onp.maximum(nu_bar, s_bar)
+    return out if batched else out[0]
 
 
 # ------------------------------------------------------------------------------
@@ -280,27 +308,37 @@ class _QPLayer:
     """Forward solver, backward linear solvers and diagnostics of one configuration."""
 
     def __init__(self, *, batch_size: Optional[int], has_eq: bool, backward: str,
-                 tol: float, max_iter: int, accept_residual: float, weak_tol: float,
-                 warm_start, solver_options: dict, residual_tol: float, polish: bool = True):
-        if backward not in ("fast", "generic"):
-            raise ValueError(f"backward must be 'fast' or 'generic', got {backward!r}")
+                 linear_solver, linear_solver_options: Optional[dict], solver_options: dict,
+                 weak_tol: float, warm_start, residual_tol: float):
+        if backward != "generic" and (linear_solver is not None or linear_solver_options):
+            raise InvalidOptionError(
+                "qp_layer: linear_solver / linear_solver_options apply to backward='generic' "
+                "only (the structured backward has its own factorization)")
+        if linear_solver is not None:   # an unknown name or option fails now
+            linear_solvers.make_solver(linear_solver, linear_solver_options)
         self.B = batch_size
         self.has_eq = has_eq
-        self.tol = tol
-        self.max_iter = max_iter
-        self.accept_residual = accept_residual
+        opts = dict(solver_options)
+        self.tol = opts.pop("tol")
+        self.max_iter = opts.pop("max_iter")
+        self.accept_residual = opts.pop("accept_residual")
+        self.polish = opts.pop("polish")
+        if "kernel_polish" in opts:
+            opts["polish"] = opts.pop("kernel_polish")
+        self.solver_options = opts            # passed on to solve_qp_batch
         self.weak_tol = weak_tol
         self.warm_start = warm_start
-        self.solver_options = solver_options
-        self.polish = polish
-        linear = self._fast_solve if backward == "fast" else self._generic_solve
+        self.linear_solver = linear_solver
+        self.linear_solver_options = dict(linear_solver_options or {})
+        linear = (QPStructuredSolver() if backward == "structured" else
+                  QPGenericSolver(base=linear_solver, base_options=linear_solver_options or None))
         self.layer = implicit_layer(
             _residual_eq if has_eq else _residual_no_eq, self._forward,
             linear_solver=linear, batch_axis=None if batch_size is None else 0,
             residual_tol=residual_tol, diagnostics=self._diagnostics)
 
     # -- forward ------------------------------------------------------------
-    def _warm(self, Q, G, h):
+    def _warm(self, Q, G, h, scales):
         if self.warm_start is None:
             return None
         ws = tuple(onp.asarray(v, float) for v in self.warm_start)
@@ -311,19 +349,26 @@ class _QPLayer:
             y, lam, nu = ws
         else:
             raise ValueError("warm_start must be (y, nu) or (y, lam, nu), as returned with "
-                             "return_duals=True")
+                             "full_output=True")
         Bb = Q.shape[0]
         y = _batched(y, Bb, 1)
         nu = _batched(nu, Bb, 1)
         lam = onp.zeros((Bb, 0)) if lam is None or lam.size == 0 else _batched(lam, Bb, 1)
         s = h - onp.einsum("bij,bj->bi", G, y)
-        return y, lam, nu, s
+        c, g_rows, a_rows = scales
+        if lam.shape[1] != a_rows.shape[1]:
+            lam = onp.zeros_like(a_rows)
+        return y, lam * a_rows / c[:, None], nu * g_rows / c[:, None], s / g_rows
 
     def _forward(self, *inputs):
         Q, q, G, h, A, b = _raw_batch(inputs, self.B)
-        res = solve_qp_batch(Q, q, G, h, A, b, max_iter=self.max_iter, tol=self.tol,
-                             warm_start=self._warm(Q, G, h), **self.solver_options)
-        res = self._retry(res, Q, q, G, h, A, b)
+        # the interior point runs on the equilibrated problem (objective and every
+        # constraint row of unit size): its stopping test is then scale-free
+        scales = _equilibration(Q, q, G, A)
+        Qn, qn, Gn, hn, An, bn = _equilibrate(Q, q, G, h, A, b, scales)
+        res = solve_qp_batch(Qn, qn, Gn, hn, An, bn, max_iter=self.max_iter, tol=self.tol,
+                             warm_start=self._warm(Q, G, h, scales), **self.solver_options)
+        res = self._retry(res, Qn, qn, Gn, hn, An, bn)
         status = res.status.copy()
         # a stall at the problem's accuracy floor, below accept_residual, is a solution
         status[(status == QPStatus.MAX_ITER) & (res.kkt_residual <= self.accept_residual)] = 0
@@ -340,56 +385,63 @@ class _QPLayer:
                          f"accept_residual={self.accept_residual:g})")
             raise _STATUS_ERRORS[code](f"qp_layer: {where}: {QP_STATUS_MESSAGES[code]}{extra}",
                                        [int(i) for i in bad])
-        nu = self._snap_inactive(res.nu, h - onp.einsum("bij,bj->bi", G, res.y))
-        y, lam, nu = self._polish(Q, q, G, h, A, b, res.y, res.lam, nu)
+        c, g_rows, a_rows = scales
+        # polish in the equilibrated units too (the margins are the same in both)
+        y, lam, nu = self._polish(Qn, qn, Gn, hn, An, bn, res.y, res.lam,
+                                  onp.maximum(res.nu, 0.0))
+        lam = lam * c[:, None] / a_rows
+        nu = nu * c[:, None] / g_rows
         out = (y, lam, nu) if self.has_eq else (y, nu)
-        return tuple(v[0] for v in out) if self.B is None else out
+        aux = self._aux(Q, q, G, h, A, y, lam, nu)
+        return Solution(tuple(v[0] for v in out) if self.B is None else out, aux=aux)
+
+    #: active-set corrections (one row each) tried by the polish before it gives up
+    POLISH_STEPS = 24
+    #: a polished point with a relative KKT residual below this is always kept
+    POLISH_ACCEPT = 1e-13
+    #: a normalised multiplier or slack above ``-POLISH_SIGN_TOL`` counts as >= 0
+    #: (rounding of the exact solve of the reduced KKT system)
+    POLISH_SIGN_TOL = 1e-12
 
     def _polish(self, Q, q, G, h, A, b, y, lam, nu):
-        r"""Active-set polish: with the strictly active set ``a`` of the interior
-        point's solution, solve the equality-constrained KKT system
+        r"""Active-set polish, for the whole batch at once: starting from the strictly
+        active set ``a`` of the interior point's solution (``nu_bar_i > s_bar_i``,
+        scale-free margins of :mod:`nimplicit.kkt`; at most ``n - p`` rows, ranked by
+        ``nu_bar_i / s_bar_i``), solve the active set's KKT system (below; the kernel
+        eliminates the rows ``nu_i = 0`` off ``a`` and solves for ``(y, lam, nu_a)``,
+        size ``n + p + |a| <= 2 n``) per instance (LU with partial pivoting, compiled:
+        :func:`~reference_layers.kernels.qp_pdipm.polish_active_set`, one thread per
+        chunk of the batch, no per-instance Python),
 
         .. math::
-            \begin{bmatrix} Q & A^T & G_a^T \\ A & 0 & 0 \\ G_a & 0 & 0 \end{bmatrix}
-            \begin{bmatrix} y \\ \lambda \\ \nu_a \end{bmatrix} =
-            \begin{bmatrix} -q \\ b \\ h_a \end{bmatrix}
+            \begin{bmatrix} Q & A^T & G^T \\ A & 0 & 0 \\ D_a G & 0 & -(I - D_a) \end{bmatrix}
+            \begin{bmatrix} y \\ \lambda \\ \nu \end{bmatrix} =
+            \begin{bmatrix} -q \\ b \\ D_a h \end{bmatrix}
 
-        per instance, and keep the result where it is a KKT point with the same
-        active set (``nu_a >= 0``, inactive slacks ``>= 0``) and a smaller KKT
-        residual.  The interior point stops at ``tol ~ 1e-10``; the polished point
-        is exact to rounding, so finite differences of the layer (and the
-        gradients' reference values) are limited by rounding, not by ``tol``.
-        Instances with a weakly active constraint are left as they are.
+        (``D_a`` the 0/1 diagonal of ``a``: ``G_a y = h_a`` and ``nu_i = 0`` off ``a``),
+        then drop the row with the most negative ``nu_bar_i``, or else add the row with
+        the most negative ``s_bar_i`` (to rounding, :attr:`POLISH_SIGN_TOL`), and repeat
+        for the instances that changed, at most :attr:`POLISH_STEPS` times.  The result is kept when it is a KKT point
+        (signs hold) with a relative KKT residual no larger than the interior point's
+        (or below :attr:`POLISH_ACCEPT`).  The polished point is exact to rounding, so
+        the margins (and ``weak_tol``) are judged at rounding accuracy, and finite
+        differences of the layer are limited by rounding, not by ``tol``.  On the
+        instances where it fails, ``nu_i`` of strictly inactive constraints (the
+        interior point's ``~mu / s_i``) is set to exactly 0.
         """
-        if not self.polish:
-            return y, lam, nu
         y, lam, nu = y.copy(), lam.copy(), nu.copy()
-        s = h - onp.einsum("bij,bj->bi", G, y)
-        active, _ = self._strict_sets(nu, s)
-        weak = self._weak(nu, s)
-        n, p = y.shape[1], A.shape[1]
-        for k in range(len(y)):
-            if weak[k].any():
-                continue
-            a = onp.flatnonzero(active[k])
-            C = onp.concatenate([A[k], G[k][a]])
-            K = onp.block([[0.5 * (Q[k] + Q[k].T), C.T], [C, onp.zeros((len(C), len(C)))]])
-            rhs = onp.concatenate([-q[k], b[k], h[k][a]])
-            try:
-                z = onp.linalg.solve(K, rhs)
-            except onp.linalg.LinAlgError:
-                continue
-            y_new, lam_new, nu_a = z[:n], z[n:n + p], z[n + p:]
-            nu_new = onp.zeros_like(nu[k])
-            nu_new[a] = nu_a
-            s_new = h[k] - G[k] @ y_new
-            if not (onp.all(onp.isfinite(z)) and onp.all(nu_a >= 0) and 
-                    onp.all(s_new >= -1e-12 * (1 + onp.abs(h[k]).max()))):
-                continue
-            size = lambda sol: max(onp.abs(r).max(initial=0.0) for r in
-                                   kkt_residual(sol, Q[k], q[k], G[k], h[k], A[k], b[k]))
-            if size((y_new, lam_new, nu_new)) <= size((y[k], lam[k], nu[k])):
-                y[k], lam[k], nu[k] = y_new, lam_new, nu_new
+        nu_bar, s_bar, _ = _margins(Q, q, G, h, A, y, lam, nu)
+        if not self.polish:
+            nu[kkt.strict_sets(nu_bar, s_bar, self.weak_tol)[1]] = 0.0
+            return y, lam, nu
+        num_threads = self.solver_options.get("num_threads")
+        y, lam, nu, done = polish_active_set(
+            Q, q, G, h, A, b, y, lam, nu, nu_bar, s_bar, steps=self.POLISH_STEPS,
+            accept=self.POLISH_ACCEPT, sign_tol=self.POLISH_SIGN_TOL, num_threads=num_threads)
+        failed = ~done
+        if failed.any():
+            _, inactive = kkt.strict_sets(nu_bar[failed], s_bar[failed], self.weak_tol)
+            nu[failed] = onp.where(inactive, 0.0, nu[failed])
         return y, lam, nu
 
     #: objective scalings tried, in turn, on instances that did not converge
@@ -427,171 +479,332 @@ class _QPLayer:
             retry[good] = False
         return type(res)(*out)
 
-    # -- the point's data ---------------------------------------------------
-    def _at(self, point):
-        Q, q, G, h, A, b = _raw_batch(point.inputs, self.B)
-        y, lam, nu = _split_solution(point.y, self.has_eq, self.B)
-        s = h - onp.einsum("bij,bj->bi", G, y)
-        return Q, G, A, y, nu, s
-
-    def _strict_sets(self, nu, s):
-        """``(active, inactive)`` masks of the strictly complementary constraints."""
-        nu_rel, s_rel = _relative(nu), _relative(s)
-        strict = onp.maximum(nu_rel, s_rel) > self.weak_tol
-        return strict & (nu_rel > s_rel), strict & (nu_rel <= s_rel)
-
-    def _snap_inactive(self, nu, s):
-        """The interior point's ``nu_i ~ mu / s_i`` on strictly inactive constraints set to 0.
-
-        Exact complementarity there: the Jacobian of eq. 27 at the returned point then
-        has the exact row ``[0, 0, -s_i e_i]`` of the solution's active set, instead of
-        one perturbed by the interior point's ``mu`` (worth ~cond(J) * 1e-10 in the gradient).
-        """
-        _, inactive = self._strict_sets(nu, s)
-        if not inactive.any():
-            return nu
-        nu = nu.copy()
-        nu[inactive] = 0.0
-        return nu
-
-    def _weak(self, nu, s):
-        """``(B, m)`` mask of weakly active constraints."""
-        return complementarity_margin(nu, s) <= self.weak_tol
-
-    def _warn_weak(self, weak):
-        inst = onp.flatnonzero(weak.any(axis=1))
-        where = f"batch instance(s) {inst.tolist()[:10]}" if self.B is not None else "the QP"
-        warn(f"qp_layer: {int(weak.sum())} weakly active constraint(s) in {where} (nu_i and "
-             f"the slack h_i - G_i y both ~ 0; relative margin <= weak_tol={self.weak_tol:g}): "
-             f"the solution is not differentiable there. Using the minimum-norm convention "
-             f"(those rows of the KKT Jacobian set to zero, least-squares solve).")
-
-    @staticmethod
-    def _zero_weak_rows(J, weak, offset):
-        """Zero the complementarity rows ``offset + i`` of the weakly active constraints."""
-        J = J.copy()
-        bi, ci = onp.nonzero(weak)
-        J[bi, offset + ci, :] = 0.0
-        return J
-
-    # -- backward: generic (autograd J, core LU) -----------------------------
-    def _generic_solve(self, matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None,
-                       point=None, **opts):
-        if "qp_weak" not in cache:
-            _, _, _, _, nu, s = self._at(point)
-            cache["qp_weak"] = self._weak(nu, s)
-        weak = cache["qp_weak"]
-        if not weak.any():
-            return linear_solvers.lu(matvec, rmatvec, b, transpose=transpose, x_size=x_size,
-                                     cache=cache, **opts)
-        if "qp_lstsq" not in cache:
-            self._warn_weak(weak)
-            bb = b.reshape(-1, b.shape[-1])
-            mv = (lambda w: matvec(w.reshape(b.shape)).reshape(bb.shape))
-            rmv = (lambda u: rmatvec(u.reshape(b.shape)).reshape(bb.shape))
-            J = linear_solvers.form_jacobian(mv, rmv, bb, transpose, x_size)
-            n = point.y_flat.shape[-1] - weak.shape[1]
-            # the core's lstsq takes a J already in its cache instead of forming one
-            cache["qp_lstsq"] = {"J": self._zero_weak_rows(J, weak, n)}
-            cache["pseudo_inverse"] = True
-        x = linear_solvers.lstsq(None, None, b.reshape(-1, b.shape[-1]), transpose=transpose,
-                                 cache=cache["qp_lstsq"])
-        return x.reshape(b.shape)
-
-    # -- backward: fast (structured factorization of the KKT Jacobian) --------
-    def _analytic_jacobian(self, Q, G, A, y, nu, s):
-        """Dense ``J = dF/d(y, lam, nu)`` per instance (for the few weakly active instances)."""
-        Bk, m, n = G.shape
-        p = A.shape[1]
-        N = n + p + m
-        J = onp.zeros((Bk, N, N))
-        J[:, :n, :n] = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
-        J[:, :n, n:n + p] = onp.swapaxes(A, -1, -2)
-        J[:, :n, n + p:] = onp.swapaxes(G, -1, -2)
-        J[:, n:n + p, :n] = A
-        J[:, n + p:, :n] = nu[:, :, None] * G
-        J[:, n + p:, n + p:] = onp.einsum("bi,ij->bij", -s, onp.eye(m))
-        return J
-
-    def _fast_solve(self, matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None,
-                    point=None, **opts):
-        if "qp_factors" not in cache:
-            Q, G, A, y, nu, s = self._at(point)
-            weak = self._weak(nu, s)
-            # weakly active constraints are not passed to the factorization as such:
-            # those instances are solved by least squares below
-            s_f, nu_f = s.copy(), nu.copy()
-            s_f[weak], nu_f[weak] = 1.0, 1.0
-            # the active set's exact Jacobian: slack 0 on strictly active constraints
-            # (h_i - G_i y is ~1e-12, not 0, at the interior point's final iterate)
-            active, inactive = self._strict_sets(nu, s)
-            s_f[active], nu_f[inactive] = 0.0, 0.0
-            factors = kkt_jacobian_factor(Q, G, A, s_f, nu_f)
-            flag = factors.flag.copy()
-            singular = onp.flatnonzero(flag != KKTJacobianFlag.OK)
-            if singular.size:
-                k = int(singular[0])
-                where = f" (batch instance {k})" if self.B is not None else ""
-                raise SingularJacobianError(
-                    f"qp_layer: the KKT Jacobian at the solution{where} is singular: "
-                    f"{KKT_JACOBIAN_FLAG_MESSAGES[KKTJacobianFlag(int(flag[k]))]} The gradient "
-                    f"is not unique there; use backward='generic' to inspect J, or perturb "
-                    f"the data.")
-            cache["qp_factors"] = factors
-            weak_inst = onp.flatnonzero(weak.any(axis=1))
-            cache["qp_weak_instances"] = weak_inst
-            if weak_inst.size:
-                self._warn_weak(weak)
-                J = self._analytic_jacobian(Q[weak_inst], G[weak_inst], A[weak_inst],
-                                            y[weak_inst], nu[weak_inst], s[weak_inst])
-                # the core's lstsq takes a J already in its cache instead of forming one
-                cache["qp_lstsq"] = {"J": self._zero_weak_rows(J, weak[weak_inst],
-                                                               J.shape[1] - G.shape[1])}
-                cache["pseudo_inverse"] = True
-        bb = b.reshape(-1, b.shape[-1])
-        z = kkt_jacobian_solve_factored(cache["qp_factors"], bb, transpose=transpose)
-        weak_inst = cache["qp_weak_instances"]
-        if weak_inst.size:
-            z[weak_inst] = linear_solvers.lstsq(None, None, bb[weak_inst], transpose=transpose,
-                                                cache=cache["qp_lstsq"])
-        return z.reshape(b.shape)
+    # -- the point's data (built once, by the forward) -----------------------
+    def _aux(self, Q, q, G, h, A, y, lam, nu) -> "QPAux":
+        nu_bar, s_bar, s = _margins(Q, q, G, h, A, y, lam, nu)
+        weak = kkt.weak_mask(nu_bar, s_bar, self.weak_tol)
+        active, inactive = kkt.strict_sets(nu_bar, s_bar, self.weak_tol)
+        return QPAux(Q, G, A, y, nu, s, weak, active, inactive, onp.maximum(nu_bar, s_bar),
+                     self.weak_tol, self.B is not None)
 
     # -- diagnostics -----------------------------------------------------------
     def _diagnostics(self, point):
-        _, _, _, _, nu, s = self._at(point)
-        if nu.shape[1] == 0:
+        aux = point.aux
+        margin, weak = aux.margin, aux.weak
+        if margin.shape[1] == 0:
             return {}
-        margins = complementarity_margin(nu, s).min(axis=1)
-        k = int(onp.argmin(margins))
-        value = float(margins[k])
-        ok = value > self.weak_tol
+        smallest = margin.min(axis=1)
+        k = int(onp.argmin(smallest))
+        value = float(smallest[k])
+        ok = not weak.any()
         where = f" (batch instance {k})" if self.B is not None else ""
-        why = (f"smallest relative margin max(nu_i, s_i) over the constraints{where}; "
+        why = (f"smallest scale-free margin max(nu_bar_i, s_bar_i) over the constraints{where}; "
                + ("strict complementarity holds" if ok else
-                  f"<= weak_tol={self.weak_tol:g}: a weakly active constraint, the QP solution "
-                  f"is not differentiable there (minimum-norm convention used)"))
+                  f"a weakly active constraint (margin <= max(weak_tol={self.weak_tol:g}, 10 x the "
+                  f"forward's complementarity)): the QP solution is not differentiable there "
+                  f"(minimum-norm convention used)"))
         return {"strict_complementarity_margin": (value, ok, why)}
 
 
-def make_qp_layer(*, batch_size: Optional[int] = None, equalities: bool = False,
-                  backward: str = "fast", tol: float = 1e-10, max_iter: int = 100,
-                  accept_residual: float = 1e-8, weak_tol: float = 1e-3, warm_start=None,
-                  residual_tol: float = 1e-6, solver_options: Optional[dict] = None):
-    """The :class:`nimplicit.implicit.ImplicitLayer` behind :func:`qp_layer` for one
-    configuration; call it as ``layer(Q, q, G, h)`` or ``layer(Q, q, G, h, A, b)``.
+class QPAux:
+    """The QP forward's byproducts at one point (all ``(B, .)``, ``B = 1`` unbatched),
+    handed to the backward's :meth:`~nimplicit.linear_solvers.LinearSolver.init` and to
+    the diagnostics: the data ``Q, G, A``, the solution ``y, nu``, the slacks
+    ``s = h - G y``, the weakly active / strictly active / strictly inactive masks of
+    :mod:`nimplicit.kkt`, the scale-free margins ``max(nu_bar_i, s_bar_i)``, and the
+    layer's ``weak_tol`` and whether it is batched (for the warning's text)."""
 
-    It returns ``(y, nu)`` or ``(y, lam, nu)``; see :func:`qp_layer` for the options.
+    __slots__ = ("Q", "G", "A", "y", "nu", "s", "weak", "active", "inactive", "margin",
+                 "weak_tol", "batched")
+
+    def __init__(self, Q, G, A, y, nu, s, weak, active, inactive, margin, weak_tol, batched):
+        self.Q, self.G, self.A, self.y, self.nu, self.s = Q, G, A, y, nu, s
+        self.weak, self.active, self.inactive, self.margin = weak, active, inactive, margin
+        self.weak_tol, self.batched = weak_tol, batched
+
+    def __getstate__(self):
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __setstate__(self, state):
+        for k, v in zip(self.__slots__, state):
+            setattr(self, k, v)
+
+    @property
+    def n_primal_dual(self) -> int:
+        """``n + p``: the offset of the complementarity rows in ``(y, lam, nu)``."""
+        return self.G.shape[2] + self.A.shape[1]
+
+    def warn_weak(self) -> None:
+        kkt.warn_weak("qp_layer", self.weak, self.weak_tol, batched=self.batched)
+
+
+def _check_aux(aux, who: str) -> QPAux:
+    if not isinstance(aux, QPAux):
+        raise SolverError(f"{who}: the forward point carries no QPAux (it is the linear solver "
+                          f"of qp_layer, whose forward hands its active sets over)")
+    return aux
+
+
+class _BatchReshape:
+    """A state whose ``solve`` takes ``b`` as ``(N,)`` or ``(B, N)`` around one on ``(B, N)``."""
+
+    def __init__(self, inner, N: int):
+        self.inner, self.N, self.exact = inner, N, inner.exact
+
+    def solve(self, b, transpose=False):
+        b = onp.asarray(b, dtype=float)
+        return onp.asarray(self.inner.solve(b.reshape(-1, self.N), transpose=transpose)
+                           ).reshape(b.shape)
+
+
+def _exact_active_jacobian(J, active):
+    """``J`` (``(B, N, N)``) with the diagonal entry ``-s_i`` of every strictly active
+    constraint's complementarity row set to 0: the Jacobian of the solution's active set
+    (``s_i`` is rounding there, and ``s_i / nu_i`` would perturb the gradient by up to
+    ``~1e-16 / nu_bar_i``; inactive rows already have ``nu_i = 0`` exactly)."""
+    J = onp.array(J, dtype=float, copy=True)
+    m = active.shape[1]
+    off = J.shape[-1] - m
+    bi, ci = onp.nonzero(active)
+    J[bi, off + ci, off + ci] = 0.0
+    return J
+
+
+class QPGenericSolver(linear_solvers.LinearSolver):
+    """``backward='generic'``: the autograd Jacobian ``J`` of the KKT residual, formed
+    once per point.  Without a weakly active constraint: ``base`` when given (any
+    linear solver of the core, with ``base_options``), else the LU of the
+    Ruiz-equilibrated active-set Jacobian (:func:`_exact_active_jacobian`,
+    :func:`nimplicit.kkt.equilibrated_lu_state`).  With one: the minimum-norm
+    convention (rows zeroed, :class:`~nimplicit.kkt.MinimumNormState`,
+    ``state.exact`` False) and an :class:`~nimplicit.errors.ImplicitGradientWarning`."""
+
+    name = "qp_generic"
+    options = {"base": None, "base_options": None}
+
+    def init(self, operator, aux=None):
+        aux = _check_aux(aux, "QPGenericSolver")
+        degenerate = bool(aux.weak.any())
+        if not degenerate and self.opts["base"] is not None:
+            return linear_solvers.make_solver(self.opts["base"],
+                                              self.opts["base_options"]).init(operator, aux)
+        J = operator.dense()
+        N = J.shape[-1]
+        J = _exact_active_jacobian(J.reshape(-1, N, N), aux.active)
+        if not degenerate:
+            return _BatchReshape(kkt.equilibrated_lu_state(J), N)
+        aux.warn_weak()
+        return kkt.MinimumNormState(J, aux.weak, aux.n_primal_dual)
+
+
+def _analytic_jacobian(Q, G, A, nu, s):
+    """Dense ``J = dF/d(y, lam, nu)`` per instance (for the few weakly active instances)."""
+    Bk, m, n = G.shape
+    p = A.shape[1]
+    N = n + p + m
+    J = onp.zeros((Bk, N, N))
+    J[:, :n, :n] = 0.5 * (Q + onp.swapaxes(Q, -1, -2))
+    J[:, :n, n:n + p] = onp.swapaxes(A, -1, -2)
+    J[:, :n, n + p:] = onp.swapaxes(G, -1, -2)
+    J[:, n:n + p, :n] = A
+    J[:, n + p:, :n] = nu[:, :, None] * G
+    J[:, n + p:, n + p:] = onp.einsum("bi,ij->bij", -s, onp.eye(m))
+    return J
+
+
+class _QPStructuredState:
+    """Solves with the structured factorization of the KKT Jacobian (numba kernel),
+    and with least squares on the weakly active instances."""
+
+    def __init__(self, factors, weak_inst, weak_state, N: int):
+        self.factors, self.weak_inst, self.weak_state, self.N = factors, weak_inst, weak_state, N
+        self.exact = weak_state is None
+
+    def solve(self, b, transpose=False):
+        b = onp.asarray(b, dtype=float)
+        bb = b.reshape(-1, self.N)
+        z = kkt_jacobian_solve_factored(self.factors, bb, transpose=transpose)
+        if self.weak_state is not None:
+            z[self.weak_inst] = self.weak_state.solve(bb[self.weak_inst], transpose=transpose)
+        return z.reshape(b.shape)
+
+
+class QPStructuredSolver(linear_solvers.LinearSolver):
+    """``backward='structured'`` (default): the numba factorization of the KKT Jacobian
+    of the active set the forward decided (slack 0 on strictly active constraints,
+    multiplier 0 on strictly inactive ones), built once per point from the forward's
+    :class:`QPAux`; never forms ``J`` by autograd.  Instances with a weakly active
+    constraint are solved by the minimum-norm convention (``state.exact`` False) with
+    an :class:`~nimplicit.errors.ImplicitGradientWarning`; a singular Jacobian raises
+    :class:`~nimplicit.errors.SingularJacobianError`."""
+
+    name = "qp_structured"
+    options = {}
+
+    def init(self, operator, aux=None):
+        aux = _check_aux(aux, "QPStructuredSolver")
+        weak, active, inactive = aux.weak, aux.active, aux.inactive
+        # weakly active constraints are not passed to the factorization as such:
+        # those instances are solved by least squares
+        s_f, nu_f = aux.s.copy(), aux.nu.copy()
+        s_f[weak], nu_f[weak] = 1.0, 1.0
+        # the active set's exact Jacobian: slack 0 on strictly active constraints
+        # (h_i - G_i y is at rounding, not 0), multiplier 0 on strictly inactive ones
+        s_f[active], nu_f[inactive] = 0.0, 0.0
+        # degeneracy was decided by the scale-free margins: the kernel's absolute
+        # test is switched off (degen_tol=0 flags only exact zeros)
+        factors = kkt_jacobian_factor(aux.Q, aux.G, aux.A, s_f, nu_f, degen_tol=0.0)
+        singular = onp.flatnonzero(factors.flag != KKTJacobianFlag.OK)
+        if singular.size:
+            k = int(singular[0])
+            where = f" (batch instance {k})" if aux.batched else ""
+            raise SingularJacobianError(
+                f"qp_layer: the KKT Jacobian at the solution{where} is singular: "
+                f"{KKT_JACOBIAN_FLAG_MESSAGES[KKTJacobianFlag(int(factors.flag[k]))]} The "
+                f"gradient is not unique there; use backward='generic' to inspect J, or perturb "
+                f"the data.")
+        N = aux.n_primal_dual + aux.G.shape[1]
+        weak_inst = onp.flatnonzero(weak.any(axis=1))
+        weak_state = None
+        if weak_inst.size:
+            aux.warn_weak()
+            k = weak_inst
+            J = _analytic_jacobian(aux.Q[k], aux.G[k], aux.A[k], aux.nu[k], aux.s[k])
+            weak_state = kkt.MinimumNormState(J, weak[k], aux.n_primal_dual)
+        return _QPStructuredState(factors, weak_inst, weak_state, N)
+
+
+def _equilibration(Q, q, G, A):
+    """Scales ``(c, ||G_i||, ||A_j||)`` of the objective and the constraint rows (zeros -> 1)."""
+    c = onp.maximum(onp.abs(Q).max(axis=(1, 2), initial=0.0), onp.abs(q).max(axis=1, initial=0.0))
+    g_rows = onp.linalg.norm(G, axis=-1)
+    a_rows = onp.linalg.norm(A, axis=-1)
+    for v in (c, g_rows, a_rows):
+        v[~(v > 0)] = 1.0
+    return c, g_rows, a_rows
+
+
+def _equilibrate(Q, q, G, h, A, b, scales):
+    """The problem with objective and constraint rows divided by their scales (same ``y``)."""
+    c, g_rows, a_rows = scales
+    return (Q / c[:, None, None], q / c[:, None], G / g_rows[..., None], h / g_rows,
+            A / a_rows[..., None], b / a_rows)
+
+
+def _bmv(M, v):
+    """``M v`` per instance (``(B, r, c) x (B, c)``)."""
+    return (M @ v[..., None])[..., 0]
+
+
+def _bmtv(M, v):
+    """``M^T v`` per instance (``(B, r, c) x (B, r)``)."""
+    return (v[..., None, :] @ M)[..., 0, :]
+
+
+def _norm(v):
+    return onp.sqrt((v * v).sum(axis=-1))
+
+
+#: the keys of ``solver_options`` (forward) and their defaults
+_LAYER_SOLVER_OPTIONS = {"tol": 1e-10, "max_iter": 100, "accept_residual": 1e-8,
+                         "polish": True}
+#: further keys passed on to :func:`~reference_layers.kernels.qp_pdipm.solve_qp_batch`
+_KERNEL_SOLVER_OPTIONS = ("reg", "psd_tol", "rank_tol", "consistency_tol", "cert_radius",
+                          "warm_start_margin", "allow_redundant_equalities", "refine_steps",
+                          "stall_iters", "stall_res", "kernel_polish", "num_threads")
+_BACKWARDS = ("structured", "generic")
+
+
+def _solver_options(options: Optional[dict], deprecated: dict) -> dict:
+    """Validated forward options: the layer's own plus the kernel's (``kernel_polish`` is
+    the kernel's ``polish``); unknown keys raise :class:`UnknownOptionError`."""
+    if options is not None and not isinstance(options, dict):
+        raise InvalidOptionError(f"qp_layer: solver_options must be a dict or None, got "
+                                 f"{type(options).__name__}")
+    merged = dict(_LAYER_SOLVER_OPTIONS)
+    for key, value in deprecated.items():
+        warnings.warn(f"qp_layer: the keyword {key}= is deprecated; pass "
+                      f"solver_options={{'{key}': ...}} instead", DeprecationWarning, stacklevel=4)
+        merged[key] = value
+    unknown = sorted(set(options or {}) - set(_LAYER_SOLVER_OPTIONS) - set(_KERNEL_SOLVER_OPTIONS))
+    if unknown:
+        raise UnknownOptionError(
+            f"qp_layer: unknown solver_options key(s) {unknown}; allowed: "
+            f"{sorted(_LAYER_SOLVER_OPTIONS) + sorted(_KERNEL_SOLVER_OPTIONS)}")
+    merged.update(options or {})
+    for key in ("tol", "accept_residual"):
+        v = merged[key]
+        if not (isinstance(v, (int, float, onp.floating)) and onp.isfinite(v) and v > 0):
+            raise InvalidOptionError(f"qp_layer: solver_options['{key}'] must be a finite "
+                                     f"number > 0, got {v!r}")
+    if not (isinstance(merged["max_iter"], (int, onp.integer)) and merged["max_iter"] >= 1):
+        raise InvalidOptionError(f"qp_layer: solver_options['max_iter'] must be an integer "
+                                 f">= 1, got {merged['max_iter']!r}")
+    return merged
+
+
+def _backward_name(backward: str) -> str:
+    if backward == "fast":
+        warnings.warn("qp_layer: backward='fast' is deprecated; use backward='structured' "
+                      "(the same solver)", DeprecationWarning, stacklevel=4)
+        return "structured"
+    if backward not in _BACKWARDS:
+        raise InvalidOptionError(f"qp_layer: backward must be one of {list(_BACKWARDS)} "
+                                 f"('fast' is a deprecated alias of 'structured'), got "
+                                 f"{backward!r}")
+    return backward
+
+
+def make_qp_layer(*, batch_size: Optional[int] = None, equalities: bool = False,
+                  backward: str = "structured", linear_solver=None,
+                  linear_solver_options: Optional[dict] = None,
+                  solver_options: Optional[dict] = None,
+                  weak_tol: float = kkt.DEFAULT_WEAK_TOL, warm_start=None,
+                  residual_tol: float = 1e-6, **deprecated):
+    """The reusable :class:`nimplicit.implicit.ImplicitLayer` behind :func:`qp_layer` for
+    one configuration; call it as ``layer(Q, q, G, h)`` or ``layer(Q, q, G, h, A, b)``
+    (with ``equalities=True``) on arrays of the shapes :func:`qp_layer` takes, ``G, h``
+    given (``(0, n)`` and ``(0,)`` for none); ``batch_size`` is the batch size, or
+    ``None`` for unbatched arrays.
+
+    It returns ``(y, nu)``, or ``(y, lam, nu)`` with ``equalities=True`` (always all the
+    parts; :func:`qp_layer` selects).  Options as in :func:`qp_layer`; the deprecated
+    ``tol=``, ``max_iter=``, ``accept_residual=`` keywords still work (solver_options).
     """
-    return _QPLayer(batch_size=batch_size, has_eq=equalities, backward=backward, tol=tol,
-                    max_iter=max_iter, accept_residual=accept_residual, weak_tol=weak_tol,
-                    warm_start=warm_start, solver_options=dict(solver_options or {}),
+    allowed = {"tol", "max_iter", "accept_residual"}
+    bad = sorted(set(deprecated) - allowed)
+    if bad:
+        raise TypeError(f"make_qp_layer() got unexpected keyword argument(s) {bad}")
+    return _QPLayer(batch_size=batch_size, has_eq=equalities, backward=_backward_name(backward),
+                    linear_solver=linear_solver, linear_solver_options=linear_solver_options,
+                    solver_options=_solver_options(solver_options, deprecated),
+                    weak_tol=kkt.check_weak_tol(weak_tol, "qp_layer"), warm_start=warm_start,
                     residual_tol=residual_tol).layer
 
 
-def qp_layer(Q, q, G, h, A=None, b=None, *, return_duals: bool = False, backward: str = "fast",
-             tol: float = 1e-10, max_iter: int = 100, accept_residual: float = 1e-8,
-             weak_tol: float = 1e-3, warm_start=None, residual_tol: float = 1e-6,
-             solver_options: Optional[dict] = None):
+def _raw(x):
+    """The value under any autograd boxes."""
+    return getval(x)
+
+
+def _validate_input(name: str, x) -> None:
+    """Typed errors for complex, object, non-numeric arrays (never a silent cast)."""
+    arr = onp.asarray(_raw(x)) if not isinstance(_raw(x), onp.ndarray) else _raw(x)
+    kind = arr.dtype.kind
+    if kind == "c":
+        raise InvalidInputError(f"qp_layer: {name} is complex ({arr.dtype}); the QP is defined "
+                                f"for real data: pass its real part explicitly (x.real) if that "
+                                f"is what you mean")
+    if kind not in "fiub":
+        raise InvalidInputError(f"qp_layer: {name} has dtype {arr.dtype} (kind {kind!r}); pass "
+                                f"a real floating point array (e.g. np.asarray(x, dtype=float))")
+
+
+def qp_layer(Q, q, G=None, h=None, A=None, b=None, *, full_output: bool = False,
+             backward: str = "structured", linear_solver=None,
+             linear_solver_options: Optional[dict] = None, solver_options: Optional[dict] = None,
+             weak_tol: float = kkt.DEFAULT_WEAK_TOL, warm_start=None,
+             residual_tol: float = 1e-6, **deprecated):
     r"""The solution of a convex QP, differentiable with respect to all its data.
 
     .. math::
@@ -606,30 +819,43 @@ def qp_layer(Q, q, G, h, A=None, b=None, *, return_duals: bool = False, backward
     ----------
     Q : (n, n) or (B, n, n), positive semidefinite (only its symmetric part is used)
     q : (n,) or (B, n)
-    G : (m, n) or (B, m, n)
-    h : (m,) or (B, m)
+    G, h : (m, n) and (m,) (or with a batch axis), inequalities ``G y <= h``;
+        ``None`` (both) or ``m = 0`` for an equality-only (or unconstrained) QP.
     A, b : (p, n) and (p,) (or with a batch axis), optional equality constraints
         with full row rank ``p``.
         Any argument may carry a leading batch axis; the others are shared by
         every instance (their gradient is the sum over the batch).
-    return_duals : also return the multipliers ``lam`` (equalities, ``(p,)``
-        or ``(B, p)``; empty without equalities) and ``nu >= 0`` (inequalities).
-    backward : ``"fast"`` (reuse a structured factorization of the KKT Jacobian)
-        or ``"generic"`` (the core's LU of the autograd Jacobian of ``F``).
-    tol, max_iter : interior point tolerance (relative KKT residual) and iteration cap.
-    accept_residual : a run that stalls at ``max_iter`` with a KKT residual
-        below this is accepted; otherwise :class:`QPNotConvergedError`.
-    weak_tol : constraints with relative margin
-        :func:`complementarity_margin` ``<= weak_tol`` count as weakly active
-        (minimum-norm gradient, :class:`~nimplicit.errors.ImplicitGradientWarning`).
+    full_output : also return the multipliers: ``(y, lam, nu)``, ``lam`` of the
+        equalities (``(p,)`` or ``(B, p)``; shape ``(0,)`` without equalities) and
+        ``nu >= 0`` of the inequalities (``(0,)`` without).  An autograd-boxed tuple
+        when any input is boxed, so ``make_vjp``/``make_jvp`` of a function returning
+        it see every part.  (Replaces the deprecated ``return_duals=``.)
+    backward : ``"structured"`` (default: the kernel's structured factorization of
+        the KKT Jacobian) or ``"generic"`` (the core's linear solver on the autograd
+        Jacobian of ``F``); ``"fast"`` is a deprecated alias of ``"structured"``.
+    linear_solver, linear_solver_options : with ``backward="generic"`` only: a core
+        linear solver (name or callable) and its options; default (``None``) the core's
+        LU of the Ruiz-equilibrated ``J``.  Weakly active instances always use the
+        minimum-norm convention.
+    solver_options : forward options (unknown keys raise
+        :class:`~nimplicit.errors.UnknownOptionError`): ``tol`` (relative KKT
+        residual of the interior point, ``1e-10``), ``max_iter`` (``100``),
+        ``accept_residual`` (a run that stalls with a KKT residual below this is
+        accepted, ``1e-8``), ``polish`` (the active-set polish, ``True``), and the
+        kernel's ``reg, psd_tol, rank_tol, consistency_tol, cert_radius,
+        warm_start_margin, allow_redundant_equalities, refine_steps, stall_iters,
+        stall_res, num_threads`` and ``kernel_polish`` (its ``polish``).  The
+        deprecated keywords ``tol=``, ``max_iter=``, ``accept_residual=`` still work.
+    weak_tol : relative accuracy below which a normalised multiplier or slack counts
+        as zero (:mod:`nimplicit.kkt`, default ``1e-9``): a constraint with both is
+        weakly active (minimum-norm gradient, an
+        :class:`~nimplicit.errors.ImplicitGradientWarning`).
     warm_start : ``(y, nu)`` or ``(y, lam, nu)`` from a previous (nearby) solve.
     residual_tol : the core's check of ``F`` at the solver's output.
-    solver_options : further keywords for
-        :func:`~reference_layers.kernels.qp_pdipm.solve_qp_batch`.
 
     Returns
     -------
-    y, or ``(y, lam, nu)`` with ``return_duals=True``.
+    y, or ``(y, lam, nu)`` with ``full_output=True``.
 
     Raises
     ------
@@ -638,6 +864,10 @@ def qp_layer(Q, q, G, h, A=None, b=None, *, return_duals: bool = False, backward
         per instance failures of the forward solve (``.instances`` lists them).
     nimplicit.errors.ShapeError
         inconsistent shapes or batch sizes.
+    nimplicit.errors.InvalidInputError, nimplicit.errors.EmptyInputError
+        complex or object arrays; a batch of 0 instances or ``n = 0``.
+    nimplicit.errors.InvalidOptionError, nimplicit.errors.UnknownOptionError
+        invalid option values; unknown ``solver_options`` keys.
 
     Examples
     --------
@@ -648,22 +878,42 @@ def qp_layer(Q, q, G, h, A=None, b=None, *, return_duals: bool = False, backward
     >>> qp_layer(Q, q, G, h)                            # y = (0.5, 0.5)
     >>> grad(lambda h: qp_layer(Q, q, G, h).sum())(h)   # d(y1 + y2)/dh = 1
     """
+    if "return_duals" in deprecated:
+        warnings.warn("qp_layer: return_duals= is deprecated; use full_output=",
+                      DeprecationWarning, stacklevel=2)
+        full_output = bool(deprecated.pop("return_duals"))
     if (A is None) != (b is None):
         raise ShapeError("qp_layer: give both A and b (equality constraints A y = b) or neither")
+    if (G is None) != (h is None):
+        raise ShapeError("qp_layer: give both G and h (inequality constraints G y <= h) or "
+                         "neither (None for an equality-only QP)")
+    for name, x in (("Q", Q), ("q", q), ("G", G), ("h", h), ("A", A), ("b", b)):
+        if x is not None:
+            _validate_input(name, x)
+    if G is None:
+        n = onp.shape(_raw(q))[-1] if onp.ndim(_raw(q)) else 0
+        G, h = onp.zeros((0, n)), onp.zeros(0)
     named = {"Q": Q, "q": q, "G": G, "h": h}
     if A is not None:
         named.update(A=A, b=b)
     B = _batch_size(named)
-    _, _, p = _check_shapes(named)
-    layer = make_qp_layer(batch_size=B, equalities=A is not None, backward=backward, tol=tol,
-                          max_iter=max_iter, accept_residual=accept_residual, weak_tol=weak_tol,
-                          warm_start=warm_start, residual_tol=residual_tol,
-                          solver_options=solver_options)
+    n, _, p = _check_shapes(named)
+    if B == 0:
+        raise EmptyInputError("qp_layer: the batch has 0 instances (a leading batch axis of "
+                              "size 0); pass at least one instance")
+    if n == 0:
+        raise EmptyInputError("qp_layer: the QP has n = 0 variables (len(q) == 0); there is "
+                              "nothing to solve")
+    layer = make_qp_layer(batch_size=B, equalities=A is not None, backward=backward,
+                          linear_solver=linear_solver,
+                          linear_solver_options=linear_solver_options,
+                          solver_options=solver_options, weak_tol=weak_tol,
+                          warm_start=warm_start, residual_tol=residual_tol, **deprecated)
     if A is None:
         y, nu = layer(Q, q, G, h)
-        if not return_duals:
+        if not full_output:
             return y
         lam = np.zeros((p,) if B is None else (B, p))
-        return y, lam, nu
+        return atuple((y, lam, nu))
     out = layer(Q, q, G, h, A, b)
-    return out if return_duals else out[0]
+    return atuple(tuple(out)) if full_output else out[0]

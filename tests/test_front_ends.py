@@ -8,6 +8,7 @@ import pytest
 from autograd import grad, jacobian, make_jvp
 
 from conftest import assert_close, assert_grad_matches_fd, fd_directional, fd_grad, fd_jacobian
+import nimplicit
 from nimplicit import anderson, argmin_layer, constrained_argmin_layer, fixed_point_layer
 from nimplicit.errors import ImplicitGradientWarning, NotConvergedError, SolverError
 
@@ -210,11 +211,12 @@ def test_weakly_active_constraint_warns_and_gives_the_minimum_norm_gradient():
     x = onp.array([0.5, 0.5, 0.0, -3.0, -2.0])
     y, lam, nu = layer(x)
     assert abs(y[2]) <= 1e-9 and abs(nu[2]) <= 1e-9
-    with pytest.warns(ImplicitGradientWarning, match=r"constraint\(s\) \[2\] are weakly active") as rec:
+    with pytest.warns(ImplicitGradientWarning, match=r"1 weakly active constraint\(s\) in constraint\(s\) \[2\]") as rec, \
+            nimplicit.record_points() as points:
         J = jacobian(lambda x: np.concatenate(layer(x)))(x)
     assert "minimum-norm" in str(rec[0].message)
     # the minimum-norm solution of the (singular) KKT system: dz/dx = -pinv(dF/dz) dF/dx
-    point = layer.last_point
+    point = points[-1]
     Fz = jacobian(lambda z: point.F(z, x))(point.y_flat)
     Fx = jacobian(lambda x: point.F(point.y_flat, x))(x)
     assert onp.linalg.matrix_rank(Fz) < Fz.shape[0]            # singular indeed
@@ -243,3 +245,191 @@ def test_fixed_point_without_fixed_point_raises_instead_of_converging_at_infinit
                               y0=lambda x: onp.zeros(2), max_iter=100000)
     with pytest.raises(SolverError, match="no fixed point"):
         layer(onp.ones(2))
+
+
+# ------------------------------------------------------------------------------
+# scale-free weak test, KKT checks of every forward point, pickling
+# ------------------------------------------------------------------------------
+
+import pickle
+
+from nimplicit import kkt
+from nimplicit.errors import (ComplementarityError, DualInfeasibleError, InvalidOptionError,
+                              KKTViolationError, NimplicitError, NotAMinimumError,
+                              PrimalInfeasibleError)
+
+
+def _scaled_box_objective(y, x, c):
+    return 0.5 * c * np.sum((y - x) ** 2)
+
+
+def _scaled_nonneg(y, x, c, d):
+    return -d * y
+
+
+@pytest.mark.parametrize("c", [1e-8, 1e-4, 1.0, 1e4, 1e8])
+@pytest.mark.parametrize("d", [1e-6, 1.0, 1e6])
+def test_weak_test_is_invariant_to_objective_and_row_scales(c, d):
+    """Projection onto y >= 0 with objective c/2 |y - x|^2 and rows -d y <= 0: nu_i = c |x_i| / d
+    on the active entries (as small as 1e-8 * 1e-3 / 1e6 = 1e-17). Strictly complementary at
+    every scale: no warning, and dy/dx = diag(x > 0) exactly."""
+    x = onp.array([0.3, -0.2, 0.5, -1e-3, 2.0])
+    # the exact projection as the forward (SLSQP's own tolerances are not scale-free: at
+    # these scales it returns infeasible points, which the layer refuses, see below)
+    exact = lambda x: (onp.maximum(x, 0.0), onp.zeros(0), c * onp.maximum(-x, 0.0) / d)
+    layer = constrained_argmin_layer(
+        lambda y, x: _scaled_box_objective(y, x, c), ineq=lambda y, x: _scaled_nonneg(y, x, c, d),
+        solver=exact)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImplicitGradientWarning)
+        J = jacobian(lambda x: layer(x)[0])(x)
+    assert_close(J, onp.diag((x > 0).astype(float)), 1e-9, "dy/dx of the box projection")
+    _, _, nu = layer(x)
+    assert_close(nu, onp.where(x < 0, -c * x / d, 0.0), 1e-8, "multipliers")
+
+
+def test_default_slsqp_forward_is_refused_not_wrong_at_extreme_scales():
+    """SLSQP at objective scale 1e-8 with rows scaled by 1e6 stops at an infeasible point:
+    a typed error (never a silently returned infeasible y)."""
+    x = onp.array([0.3, -0.2, 0.5, -1e-3, 2.0])
+    layer = constrained_argmin_layer(lambda y, x: _scaled_box_objective(y, x, 1e-8),
+                                     ineq=lambda y, x: _scaled_nonneg(y, x, 1e-8, 1e6),
+                                     y0=onp.ones(5))
+    try:
+        y, _, _ = layer(x)
+    except SolverError:
+        return
+    assert_close(y, onp.maximum(x, 0.0), 1e-9, "y")
+
+
+def test_weak_tol_is_validated():
+    with pytest.raises(InvalidOptionError, match="weak_tol"):
+        constrained_argmin_layer(lambda y, x: np.sum(y ** 2), ineq=lambda y, x: -y, y0=onp.ones(2),
+                                 weak_tol=float("nan"))
+    with pytest.raises(InvalidOptionError, match="kkt_tol"):
+        constrained_argmin_layer(lambda y, x: np.sum(y ** 2), ineq=lambda y, x: -y, y0=onp.ones(2),
+                                 kkt_tol=-1.0)
+
+
+def _nonneg_projection(solver):
+    return constrained_argmin_layer(lambda y, x: 0.5 * np.sum((y - x) ** 2),
+                                    ineq=lambda y, x: -y, solver=solver)
+
+
+def test_infeasible_point_from_a_users_solver_is_refused():
+    layer = _nonneg_projection(lambda x: (onp.array(x, float), onp.zeros(0), onp.zeros(len(x))))
+    with pytest.raises(PrimalInfeasibleError, match="violates inequality constraint 1") as info:
+        layer(onp.array([0.5, -0.3, 0.2]))
+    assert isinstance(info.value, (ValueError, NimplicitError, SolverError))
+
+
+def test_contradicting_inequalities_are_refused():
+    """y <= 0.1 and y >= 0.2: no feasible point; a typed error, never a returned y."""
+    layer = constrained_argmin_layer(lambda y, x: np.sum((y - x) ** 2),
+                                     ineq=lambda y, x: np.concatenate([y - 0.1, 0.2 - y]),
+                                     y0=onp.zeros(2))
+    with pytest.raises(SolverError):
+        layer(onp.zeros(2))
+
+
+def test_negative_multiplier_from_a_users_solver_is_refused():
+    # y = 0 with nu = -x: stationarity holds for x > 0, but nu < 0 (the true solution is y = x)
+    layer = _nonneg_projection(lambda x: (onp.zeros(len(x)), onp.zeros(0), -onp.array(x, float)))
+    with pytest.raises(DualInfeasibleError, match="nu_0 is negative"):
+        layer(onp.array([0.5, 0.3]))
+
+
+def test_multiplier_on_an_inactive_constraint_is_refused():
+    # y = x + 0 with nu_0 > 0 on a constraint with slack 0.5: complementarity fails
+    layer = _nonneg_projection(lambda x: (onp.array(x, float), onp.zeros(0), onp.array([0.2, 0.0])))
+    with pytest.raises(ComplementarityError, match="constraint 0"):
+        layer(onp.array([0.5, 0.3]))
+
+
+def test_constrained_stationary_maximum_is_refused():
+    """max |y|^2 on the hyperplane sum(y) = 1: y = 1/n is stationary, a maximum of -|y|^2
+    restricted there... i.e. of the objective -|y|^2 it is a maximum: refused."""
+    n = 3
+    layer = constrained_argmin_layer(
+        lambda y, x: -np.sum((y - x) ** 2), eq=lambda y, x: np.array([np.sum(y) - 1.0]),
+        solver=lambda x: (onp.full(n, 1.0 / n), onp.array([2.0 / n]), onp.zeros(0)))
+    with pytest.raises(NotAMinimumError, match="maximum or a saddle"):
+        layer(onp.zeros(n))
+
+
+def test_constrained_second_order_uses_the_null_space_only():
+    """min -y_0^2 + y_1^2 s.t. y_0 = 0: the Hessian is indefinite, but on the null space
+    of the active constraint (the y_1 axis) it is positive: accepted."""
+    layer = constrained_argmin_layer(
+        lambda y, x: -y[0] ** 2 + (y[1] - x[0]) ** 2, eq=lambda y, x: np.array([y[0]]),
+        solver=lambda x: (onp.array([0.0, x[0]]), onp.array([0.0]), onp.zeros(0)))
+    y, lam, nu = layer(onp.array([0.7]))
+    assert_close(jacobian(lambda x: layer(x)[0])(onp.array([0.7])), onp.array([[0.0], [1.0]]),
+                 1e-12, "dy/dx")
+
+
+def _saddle(y, x):
+    return y[0] ** 2 - y[1] ** 2 + x[0] * y[0]
+
+
+def test_argmin_layer_refuses_a_saddle_from_the_default_solver():
+    # started exactly at the stationary saddle (x = 0): gradient zero, the solver stops there
+    layer = argmin_layer(_saddle, y0=onp.zeros(2))
+    with pytest.raises(NotAMinimumError, match="maximum or a saddle"):
+        layer(onp.zeros(1))
+
+
+def test_argmin_layer_refuses_a_maximum_from_a_users_solver():
+    layer = argmin_layer(lambda y, x: -np.sum((y - x) ** 2), solver=lambda x: onp.array(x, float))
+    with pytest.raises(NotAMinimumError) as info:
+        layer(onp.array([1.0, 2.0]))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, KKTViolationError)
+    # and the check can be switched off explicitly (documented cost: one Hessian per forward)
+    argmin_layer(lambda y, x: -np.sum((y - x) ** 2), solver=lambda x: onp.array(x, float),
+                 second_order_tol=None)(onp.array([1.0, 2.0]))
+
+
+def test_argmin_layer_second_order_is_scale_free():
+    """A well-posed minimum with curvature 1e-8 (objective scaled by 1e-8) is accepted."""
+    obj = lambda y, x: 1e-8 * np.sum((y - x) ** 2)
+    layer = argmin_layer(obj, solver=lambda x: onp.array(x, float))
+    assert_close(layer(onp.array([1.0, 2.0])), onp.array([1.0, 2.0]), 0, "y")
+
+
+# module-level pieces for the pickling tests
+def _contraction(y, x):
+    return 0.5 * np.cos(y) + x
+
+
+def _zeros_like_x(x):
+    return onp.zeros_like(onp.asarray(x, float))
+
+
+def _quadratic(y, x):
+    return np.sum((y - x) ** 2) + 0.1 * np.sum(y ** 4)
+
+
+def _half_sq(y, x):
+    return 0.5 * np.sum((y - x) ** 2)
+
+
+def _neg(y, x):
+    return -y
+
+
+@pytest.mark.parametrize("build", [
+    lambda: fixed_point_layer(_contraction, y0=_zeros_like_x),
+    lambda: argmin_layer(_quadratic, y0=_zeros_like_x),
+    lambda: constrained_argmin_layer(_half_sq, ineq=_neg, y0=_zeros_like_x),
+], ids=["fixed_point", "argmin", "constrained_argmin"])
+def test_front_end_layers_pickle_before_and_after_use(build):
+    layer = build()
+    x = onp.array([0.3, -0.4, 0.8])
+    restored = pickle.loads(pickle.dumps(layer))
+    out = layer(x)
+    again = pickle.loads(pickle.dumps(layer))            # after a forward call
+    for other in (restored, again):
+        got = other(x)
+        for a, b in zip(out if isinstance(out, tuple) else (out,),
+                        got if isinstance(got, tuple) else (got,)):
+            assert onp.array_equal(onp.asarray(a), onp.asarray(b))

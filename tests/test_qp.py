@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from nimplicit.errors import (ImplicitGradientWarning, NotConvergedError, ShapeError,
                               SolverError)
 from reference_layers.qp import (InfeasibleQPError, NonConvexQPError, QPNotConvergedError,
-                                 RankDeficientEqualityError, UnboundedQPError, qp_layer)
+                                 RankDeficientEqualityError, UnboundedQPError,
+                                 complementarity_margin, qp_layer)
 from verification import check_grad
 from verification.diagnose import diagnose
 from verification.strategies.qp import (batched_qp_inputs, batched_qps, ill_posed_qp, planted_qp, qp_inputs,
@@ -45,7 +46,7 @@ def _loss(c, **kw):
 def test_forward_recovers_planted_solution(p):
     d = planted_qp(onp.random.default_rng(0), n=6, m=9, p=p)
     args = [d[k] for k in NAMES[:6 if p else 4]]
-    y, lam, nu = qp_layer(*args, return_duals=True)
+    y, lam, nu = qp_layer(*args, full_output=True)
     assert onp.allclose(y, d["y"], atol=1e-8)
     assert onp.allclose(nu, d["nu"], atol=1e-8)
     assert onp.allclose(lam, d["lam"], atol=1e-8)
@@ -62,7 +63,7 @@ def test_batched_forward_matches_single_and_broadcast():
     rng = onp.random.default_rng(2)
     Q, q, G, h = batched_qp_inputs(rng, batch=4, n=5, m=7, shared=("Q", "G"))
     assert Q.ndim == 2 and q.ndim == 2
-    y, lam, nu = qp_layer(Q, q, G, h, return_duals=True)
+    y, lam, nu = qp_layer(Q, q, G, h, full_output=True)
     assert y.shape == (4, 5) and nu.shape == (4, 7) and lam.shape == (4, 0)
     for k in range(4):
         assert onp.allclose(y[k], qp_layer(Q, q[k], G, h[k]), atol=1e-10)
@@ -74,7 +75,7 @@ def test_batched_forward_matches_single_and_broadcast():
 def test_all_six_gradients_single_vs_fd(p):
     rng = onp.random.default_rng(3 + p)
     args = list(qp_inputs(rng, n=5, m=8, p=p))
-    report = check_grad(lambda *a: qp_layer(*a, return_duals=True), *args, modes=("rev", "fwd"),
+    report = check_grad(lambda *a: qp_layer(*a, full_output=True), *args, modes=("rev", "fwd"),
                         noise=1e-9)
     assert report.passed, report
 
@@ -102,7 +103,7 @@ def test_fast_and_generic_backward_agree(p):
     args = list(batched_qp_inputs(rng, batch=5, n=7, m=10, p=p))
     c = rng.standard_normal(7)
     argnums = list(range(len(args)))
-    fast = grad(_loss(c, backward="fast"), argnums)(*args)
+    fast = grad(_loss(c, backward="structured"), argnums)(*args)
     generic = grad(_loss(c, backward="generic"), argnums)(*args)
     for name, gf, gg in zip(NAMES, fast, generic):
         rel = onp.abs(gf - gg).max() / onp.abs(gg).max()
@@ -130,23 +131,28 @@ def test_weakly_active_constraint_min_norm_and_warning(p):
     c = onp.random.default_rng(10).standard_normal(5)
     argnums = list(range(len(args)))
     results = {}
-    for backward in ("fast", "generic"):
+    for backward in ("structured", "generic"):
         with pytest.warns(ImplicitGradientWarning, match="weakly active"):
             results[backward] = grad(_loss(c, backward=backward), argnums)(*args)
-    for name, gf, gg in zip(NAMES, results["fast"], results["generic"]):
+    for name, gf, gg in zip(NAMES, results["structured"], results["generic"]):
         assert onp.all(onp.isfinite(gf))
         assert onp.abs(gf - gg).max() <= 1e-8 * (1 + onp.abs(gg).max()), name
     diag = diagnose(lambda *a: qp_layer(*a), *args)
     value, ok, why = diag.points[0].measures["strict_complementarity_margin"]
-    assert not ok and value < 1e-3
+    assert not ok and value < 1e-8
 
 
 def test_strict_complementarity_margin_reported():
     d = planted_qp(onp.random.default_rng(11), n=5, m=8, margin=0.3)
     diag = diagnose(lambda *a: qp_layer(*a), d["Q"], d["q"], d["G"], d["h"])
     value, ok, _ = diag.points[0].measures["strict_complementarity_margin"]
-    nu_s = onp.maximum(d["nu"] / (1 + d["nu"].max()), d["s"] / (1 + d["s"].max()))
-    assert ok and abs(value - nu_s.min()) < 1e-6
+    # the planted point's own scale-free margins (nimplicit.kkt), computed independently
+    G, y, h = d["G"], d["y"], d["h"]
+    row = onp.linalg.norm(G, axis=1)
+    S = onp.linalg.norm(0.5 * (d["Q"] + d["Q"].T) @ y) + onp.linalg.norm(d["q"]) + row @ d["nu"]
+    margin = onp.maximum(row * d["nu"] / S, d["s"] / (row * onp.linalg.norm(y) + onp.abs(h)))
+    assert ok and abs(value - margin.min()) < 1e-8 * margin.min()
+    assert abs(value - complementarity_margin(d["Q"], d["q"], G, h, y, d["nu"]).min()) < 1e-12
 
 
 # --------------------------------------------------------------------------- failures
@@ -158,7 +164,7 @@ def test_strict_complementarity_margin_reported():
 def test_failure_modes_raise_typed_errors(kind, error):
     inputs, options = ill_posed_qp(kind)
     with pytest.raises(error) as info:
-        qp_layer(*inputs, **options)
+        qp_layer(*inputs, solver_options=options or None)
     assert isinstance(info.value, SolverError)
     assert info.value.instances == [0]
 
@@ -188,7 +194,7 @@ def test_bad_shapes():
 
 def test_warm_start_gives_same_solution():
     args = qp_inputs(onp.random.default_rng(14), n=5, m=8, p=1)
-    sol = qp_layer(*args, return_duals=True)
+    sol = qp_layer(*args, full_output=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         y = qp_layer(*args, warm_start=sol)
@@ -199,7 +205,7 @@ def test_stalled_instances_are_retried_with_a_rescaled_objective(monkeypatch):
     import reference_layers.qp as qp_module
     rng = onp.random.default_rng(15)
     args = batched_qp_inputs(rng, batch=3, n=4, m=6, p=1)
-    expected = qp_layer(*args, return_duals=True)
+    expected = qp_layer(*args, full_output=True)
     real = qp_module.solve_qp_batch
     calls = []
 
@@ -213,7 +219,7 @@ def test_stalled_instances_are_retried_with_a_rescaled_objective(monkeypatch):
         return res
 
     monkeypatch.setattr(qp_module, "solve_qp_batch", stalls_once)
-    got = qp_layer(*args, return_duals=True)
+    got = qp_layer(*args, full_output=True)
     assert calls == [3, 1]
     for g, e in zip(got, expected):
         assert onp.allclose(g, e, atol=1e-9)
@@ -225,7 +231,116 @@ def test_property_fast_generic_agree_on_random_well_posed_batches(args):
     B, n = args[1].shape
     c = onp.linspace(-1.0, 1.0, n)
     argnums = list(range(len(args)))
-    fast = grad(_loss(c, backward="fast"), argnums)(*args)
+    fast = grad(_loss(c, backward="structured"), argnums)(*args)
     generic = grad(_loss(c, backward="generic"), argnums)(*args)
     for name, gf, gg in zip(NAMES, fast, generic):
         assert onp.abs(gf - gg).max() <= 1e-8 * (1 + onp.abs(gg).max()), name
+
+
+# --------------------------------------------------------------------------- equality-only, bad inputs
+
+from autograd import make_jvp, make_vjp
+
+from nimplicit.errors import (EmptyInputError, InvalidInputError, InvalidOptionError,
+                              UnknownOptionError)
+
+
+def _equality_only(rng, n=4, p=2):
+    M = rng.standard_normal((n, n))
+    Q = M @ M.T / n + 0.5 * onp.eye(n)
+    return Q, rng.standard_normal(n), rng.standard_normal((p, n)), rng.standard_normal(p)
+
+
+@pytest.mark.parametrize("backward", ["structured", "generic"])
+@pytest.mark.parametrize("form", ["None", "m=0"])
+def test_equality_only_qp_forward_and_backward(backward, form):
+    Q, q, A, b = _equality_only(onp.random.default_rng(40))
+    n, p = len(q), len(b)
+    K = onp.block([[Q, A.T], [A, onp.zeros((p, p))]])
+    y_ref = onp.linalg.solve(K, onp.concatenate([-q, b]))[:n]
+    if form == "None":
+        f = lambda Q, q, A, b: qp_layer(Q, q, None, None, A, b, backward=backward)
+    else:
+        f = lambda Q, q, A, b: qp_layer(Q, q, onp.zeros((0, n)), onp.zeros(0), A, b,
+                                        backward=backward)
+    assert onp.allclose(f(Q, q, A, b), y_ref, atol=1e-12)
+    y, lam, nu = qp_layer(Q, q, None, None, A, b, full_output=True)
+    assert nu.shape == (0,) and lam.shape == (p,)
+    report = check_grad(f, Q, q, A, b, modes=("rev", "fwd"))
+    assert report.passed, report
+
+
+def test_complex_and_object_inputs_are_typed_errors():
+    Q, q, G, h = qp_inputs(onp.random.default_rng(41), n=3, m=4)
+    with pytest.raises(InvalidInputError, match="complex") as info:
+        qp_layer(Q, q + 1e-3j, G, h)
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(InvalidInputError, match="dtype object"):
+        qp_layer(Q.astype(object), q, G, h)
+    with pytest.raises(InvalidInputError, match="dtype"):
+        qp_layer(Q, onp.array(["a", "b", "c"]), G, h)
+
+
+def test_empty_batch_and_empty_problem_are_typed_errors():
+    with pytest.raises(EmptyInputError, match="0 instances") as info:
+        qp_layer(onp.zeros((0, 3, 3)), onp.zeros((0, 3)), onp.zeros((0, 2, 3)), onp.zeros((0, 2)))
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(EmptyInputError, match="n = 0"):
+        qp_layer(onp.zeros((0, 0)), onp.zeros(0), onp.zeros((2, 0)), onp.ones(2))
+
+
+def test_full_output_is_a_boxed_tuple_for_make_vjp_and_make_jvp():
+    """make_vjp / make_jvp of a function returning (y, lam, nu) must not see zeros."""
+    Q, q, G, h = qp_inputs(onp.random.default_rng(42), n=4, m=6, margin=0.2)
+    f = lambda q: qp_layer(Q, q, G, h, full_output=True)
+    vjp, out = make_vjp(f)(q)
+    assert len(out) == 3
+    ct = tuple(onp.ones_like(onp.asarray(v)) for v in out)
+    g = vjp(ct)
+    assert onp.abs(g).max() > 1e-3
+    jv = make_jvp(f)(q)(onp.ones_like(q))[1]
+    assert len(jv) == 3 and max(onp.abs(onp.asarray(v)).max(initial=0.0) for v in jv) > 1e-3
+    report = check_grad(f, q, modes=("rev", "fwd"))
+    assert report.passed, report
+
+
+# --------------------------------------------------------------------------- keyword convention
+
+def test_deprecated_keywords_warn_and_still_work():
+    Q, q, G, h = qp_inputs(onp.random.default_rng(43), n=4, m=6)
+    y = qp_layer(Q, q, G, h)
+    with pytest.warns(DeprecationWarning, match="full_output"):
+        y1, _, _ = qp_layer(Q, q, G, h, return_duals=True)
+    with pytest.warns(DeprecationWarning, match="backward='structured'"):
+        y2 = qp_layer(Q, q, G, h, backward="fast")
+    with pytest.warns(DeprecationWarning, match="solver_options"):
+        y3 = qp_layer(Q, q, G, h, tol=1e-11, max_iter=200)
+    for other in (y1, y2, y3):
+        assert onp.allclose(other, y, atol=1e-12)
+
+
+def test_solver_options_are_validated():
+    Q, q, G, h = qp_inputs(onp.random.default_rng(44), n=4, m=6)
+    with pytest.raises(UnknownOptionError, match="allowed") as info:
+        qp_layer(Q, q, G, h, solver_options={"tolerance": 1e-9})
+    assert isinstance(info.value, TypeError)
+    with pytest.raises(InvalidOptionError, match="tol"):
+        qp_layer(Q, q, G, h, solver_options={"tol": float("nan")})
+    with pytest.raises(InvalidOptionError, match="backward must be"):
+        qp_layer(Q, q, G, h, backward="bogus")
+    with pytest.raises(InvalidOptionError, match="backward='generic' only"):
+        qp_layer(Q, q, G, h, linear_solver="gmres")
+    with pytest.raises(InvalidOptionError, match="weak_tol"):
+        qp_layer(Q, q, G, h, weak_tol=-1.0)
+    y = qp_layer(Q, q, G, h, solver_options={"tol": 1e-11, "max_iter": 50, "num_threads": 1})
+    assert onp.allclose(y, qp_layer(Q, q, G, h), atol=1e-12)
+
+
+def test_generic_backward_with_a_core_linear_solver():
+    args = qp_inputs(onp.random.default_rng(45), n=4, m=6, margin=0.2)
+    c = onp.random.default_rng(46).standard_normal(4)
+    ref = grad(_loss(c), [1, 3])(*args)
+    got = grad(_loss(c, backward="generic", linear_solver="gmres",
+                     linear_solver_options={"rtol": 1e-13}), [1, 3])(*args)
+    for a, b in zip(got, ref):
+        assert onp.allclose(a, b, atol=1e-9)

@@ -10,7 +10,7 @@ recover all of ``y*``, ``lam*`` and ``nu*``.
 
 import numpy as np
 import pytest
-from scipy.optimize import linprog, minimize
+from scipy.optimize import linprog
 
 from reference_layers.kernels.qp_pdipm import (
     KKT_JACOBIAN_FLAG_MESSAGES,
@@ -146,7 +146,42 @@ def test_against_scipy_linprog():
         np.testing.assert_allclose(res.y[0], ref.x, atol=1e-6)
 
 
-def test_against_scipy_minimize():
+def _enumerated_kkt_point(Q, q, G, h, A, b):
+    """The unique KKT point of a strictly convex QP by enumerating active sets.
+
+    For every subset ``a`` of at most ``n - p`` inequality rows, solve the
+    equality-constrained KKT system with ``G_a y = h_a`` and keep the one that
+    is a KKT point: ``G y <= h`` and ``nu_a >= 0`` (to rounding). ``Q`` positive
+    definite makes the point unique, so this is an exact reference that does not
+    depend on any iterative solver succeeding (SLSQP returns status 8 on these
+    instances under scipy 1.17).
+    """
+    from itertools import combinations
+    n, m, p = len(q), len(h), len(b)
+    found = []
+    scale = 1 + np.abs(h).max() + np.abs(q).max()
+    for k in range(0, n - p + 1):
+        for a in combinations(range(m), k):
+            a = list(a)
+            C = np.vstack([A, G[a]])
+            K = np.block([[Q, C.T], [C, np.zeros((len(C), len(C)))]])
+            z = np.linalg.solve(K, np.concatenate([-q, b, h[a]]))
+            y, nu_a = z[:n], z[n + p:]
+            if np.all(G @ y <= h + 1e-12 * scale) and np.all(nu_a >= -1e-12 * scale):
+                nu = np.zeros(m)
+                nu[a] = nu_a
+                found.append((y, z[n:n + p], nu))
+    assert found, "no KKT point found by enumeration"
+    y, lam, nu = found[0]
+    # the KKT conditions, checked explicitly
+    np.testing.assert_allclose(Q @ y + q + A.T @ lam + G.T @ nu, 0, atol=1e-10 * scale)
+    np.testing.assert_allclose(A @ y, b, atol=1e-12 * scale)
+    for other in found[1:]:   # duplicates only (a zero multiplier on an added row)
+        np.testing.assert_allclose(other[0], y, atol=1e-9 * scale)
+    return y, lam, nu
+
+
+def test_against_enumerated_active_sets():
     rng = np.random.default_rng(12)
     n, m, p = 5, 8, 1
     for k in range(2):
@@ -157,15 +192,13 @@ def test_against_scipy_minimize():
         h = rng.uniform(0.1, 1.0, m)
         A = rng.standard_normal((p, n))
         b = rng.standard_normal(p) * 0.1
-        cons = [{"type": "ineq", "fun": lambda y: h - G @ y, "jac": lambda y: -G},
-                {"type": "eq", "fun": lambda y: A @ y - b, "jac": lambda y: A}]
-        ref = minimize(lambda y: 0.5 * y @ Q @ y + q @ y, np.zeros(n),
-                       jac=lambda y: Q @ y + q, constraints=cons, method="SLSQP",
-                       options={"ftol": 1e-14, "maxiter": 500})
-        assert ref.success
+        y_ref, lam_ref, nu_ref = _enumerated_kkt_point(Q, q, G, h, A, b)
         res = solve_qp_batch(*single(Q, q, G, h, A, b))
         assert res.status[0] == QPStatus.SOLVED
-        np.testing.assert_allclose(res.y[0], ref.x, atol=1e-6)
+        # the interior point stops at a relative KKT residual tol = 1e-10; cond(K) ~ 1e2 here
+        np.testing.assert_allclose(res.y[0], y_ref, atol=1e-8)
+        np.testing.assert_allclose(res.lam[0], lam_ref, atol=1e-7)
+        np.testing.assert_allclose(res.nu[0], nu_ref, atol=1e-7)
 
 
 def test_singular_psd_q_and_eliminated_free_direction():
@@ -377,3 +410,25 @@ def test_kkt_jacobian_flags_degenerate_and_singular():
     assert out.flag[1] == KKTJacobianFlag.SINGULAR
     assert np.all(out.flag[2:] == KKTJacobianFlag.OK)
     assert np.isnan(out.z[:2]).all() and np.isfinite(out.z[2:]).all()
+
+
+def test_default_thread_count_honours_numba_num_threads(monkeypatch):
+    """The batch is split over at most numba.get_num_threads() threads; same result."""
+    import numba
+    import reference_layers.kernels.qp_pdipm as kernel
+    prob, truth = known_solution_qps(6, 5, 8, 1, seed=33)
+    ref = solve_qp_batch(*prob, num_threads=1)
+    calls = []
+    real = kernel._run_batch
+
+    def spy(fn, B, num_threads):
+        calls.append(num_threads)
+        return real(fn, B, num_threads)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(kernel, "_run_batch", spy)
+    chunks = []
+    monkeypatch.setattr(kernel, "ThreadPoolExecutor", lambda *a, **k: chunks.append(1))
+    kernel._POOL = None
+    res = solve_qp_batch(*prob)
+    assert not chunks            # one thread: no pool was created
+    np.testing.assert_array_equal(res.y, ref.y)

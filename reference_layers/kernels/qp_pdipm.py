@@ -128,6 +128,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
+import numba
 from numba import njit
 
 __all__ = [
@@ -1023,6 +1024,8 @@ def _run_batch(fn, B: int, num_threads: Optional[int]) -> None:
             nt = len(os.sched_getaffinity(0))
         except AttributeError:  # pragma: no cover (not on Linux)
             nt = os.cpu_count() or 1
+        # honour NUMBA_NUM_THREADS (and numba.set_num_threads) as the upper bound
+        nt = min(nt, numba.get_num_threads())
     else:
         nt = int(num_threads)
     nt = max(1, min(nt, B))
@@ -1116,7 +1119,8 @@ def solve_qp_batch(
         factorisation); this makes ``y, lam, nu`` accurate to about ``1e-10``
         on well-conditioned problems of unit scale.
     num_threads : number of threads over which the batch is split (the compiled
-        kernel releases the GIL); default: the CPUs available to the process.
+        kernel releases the GIL); default: the CPUs available to the process, at most
+        ``numba.get_num_threads()`` (so ``NUMBA_NUM_THREADS`` bounds it).
 
     Returns
     -------
@@ -1597,3 +1601,261 @@ def kkt_jacobian_solve(
     z = kkt_jacobian_solve_factored(fac, rhs, transpose=transpose,
                                     num_threads=num_threads)
     return KKTSolveResult(z, fac.flag)
+
+
+# --------------------------------------------------------------------------- #
+# Active-set polish (the layer's _QPLayer._polish, per instance, compiled)
+# --------------------------------------------------------------------------- #
+@njit(**_JIT)
+def _lu_solve_inplace(K, z, N):
+    """Solve ``K z = rhs`` (``z`` holds rhs) by LU with partial pivoting, in place;
+    False when a pivot is exactly 0 (LAPACK gesv's singularity criterion)."""
+    for j in range(N):
+        piv = j
+        big = abs(K[j, j])
+        for i in range(j + 1, N):
+            if abs(K[i, j]) > big:
+                big = abs(K[i, j])
+                piv = i
+        if big == 0.0:
+            return False
+        if piv != j:
+            for c in range(N):
+                t = K[j, c]
+                K[j, c] = K[piv, c]
+                K[piv, c] = t
+            t = z[j]
+            z[j] = z[piv]
+            z[piv] = t
+        inv = 1.0 / K[j, j]
+        for i in range(j + 1, N):
+            f = K[i, j] * inv
+            if f != 0.0:
+                K[i, j] = f
+                for c in range(j + 1, N):
+                    K[i, c] -= f * K[j, c]
+                z[i] -= f * z[j]
+    for j in range(N - 1, -1, -1):
+        acc = z[j]
+        for c in range(j + 1, N):
+            acc -= K[j, c] * z[c]
+        z[j] = acc / K[j, j]
+    return True
+
+
+@njit(**_JIT)
+def _signed_margins_one(Qs, q, G, h, A, y, lam, nu, n, p, m, nb, sb, w):
+    """Unclipped scale-free margins ``nu_bar, s_bar`` of one instance (into nb, sb)."""
+    ny = 0.0
+    for j in range(n):
+        ny += y[j] * y[j]
+    ny = np.sqrt(ny)
+    t_qy = 0.0
+    t_q = 0.0
+    for i in range(n):
+        acc = 0.0
+        for j in range(n):
+            acc += Qs[i, j] * y[j]
+        t_qy += acc * acc
+        t_q += q[i] * q[i]
+    t_a = 0.0
+    for j in range(n):
+        acc = 0.0
+        for i in range(p):
+            acc += A[i, j] * lam[i]
+        t_a += acc * acc
+    S = np.sqrt(t_qy) + np.sqrt(t_q) + np.sqrt(t_a)
+    for i in range(m):
+        r = 0.0
+        gy = 0.0
+        for j in range(n):
+            r += G[i, j] * G[i, j]
+            gy += G[i, j] * y[j]
+        r = np.sqrt(r)
+        w[i] = r
+        S += abs(r * nu[i])
+        s = h[i] - gy
+        den = r * ny + abs(h[i])
+        sb[i] = s / den if den > 0 else 0.0
+    for i in range(m):
+        nb[i] = w[i] * nu[i] / S if S > 0 else 0.0
+
+
+@njit(**_JIT)
+def _relative_kkt_residual_one(Qs, q, G, h, A, b, y, lam, nu, n, p, m, nb, sb, w):
+    """Scale-free size of eq. 27 at one instance: each equation relative to the terms it
+    is made of, complementarity by the margins ``min(|nu_bar_i|, |s_bar_i|)``."""
+    size = 0.0
+    worst = 0.0
+    for i in range(n):
+        t1 = 0.0
+        for j in range(n):
+            t1 += Qs[i, j] * y[j]
+        t3 = 0.0
+        for k in range(p):
+            t3 += A[k, i] * lam[k]
+        t4 = 0.0
+        for k in range(m):
+            t4 += G[k, i] * nu[k]
+        size = max(size, abs(t1), abs(q[i]), abs(t3), abs(t4))
+        worst = max(worst, abs(t1 + q[i] + t3 + t4))
+    out = worst / size if size > 0 else 0.0
+    for k in range(p):
+        ay = 0.0
+        sc = 0.0
+        for j in range(n):
+            ay += A[k, j] * y[j]
+            sc += abs(A[k, j]) * abs(y[j])
+        sc += abs(b[k])
+        e = abs(ay - b[k]) / sc if sc > 0 else 0.0
+        out = max(out, e)
+    if m > 0:
+        _signed_margins_one(Qs, q, G, h, A, y, lam, nu, n, p, m, nb, sb, w)
+        for k in range(m):
+            out = max(out, min(abs(nb[k]), abs(sb[k])))
+    return out
+
+
+@njit(**_JIT)
+def _polish_kernel(Q, q, G, h, A, b, Y, LAM, NU, NUBAR, SBAR, DONE, k0, k1,
+                   steps, accept, sign_tol):
+    """Active-set polish of instances k0..k1 (see ``_QPLayer._polish``): Y, LAM, NU
+    are overwritten where the polished point is kept (DONE[k] = True)."""
+    n = Q.shape[1]
+    p = A.shape[1]
+    m = G.shape[1]
+    N = n + p + m
+    cap = max(n - p, 0)
+    Qs = np.empty((n, n))
+    K = np.empty((N, N))
+    z = np.empty(N)
+    act = np.empty(m, np.bool_)
+    active = np.empty(m, np.bool_)
+    score = np.empty(m)
+    nb = np.empty(m)
+    sb = np.empty(m)
+    w = np.empty(m)
+    nt = np.empty(m)
+    order = np.empty(m, np.int64)
+    for k in range(k0, k1):
+        for i in range(n):
+            for j in range(n):
+                Qs[i, j] = 0.5 * (Q[k, i, j] + Q[k, j, i])
+        for i in range(m):
+            active[i] = NUBAR[k, i] > SBAR[k, i]
+            score[i] = np.log(max(NUBAR[k, i], 1e-300)) - np.log(max(SBAR[k, i], 1e-300))
+        old_res = -1.0
+        for _ in range(steps):
+            # at most cap rows, the highest score kept (ties: lower index first)
+            count = 0
+            for i in range(m):
+                act[i] = active[i]
+                if active[i]:
+                    count += 1
+            if count > cap:
+                c = 0
+                for i in range(m):
+                    if active[i]:
+                        order[c] = i
+                        c += 1
+                sel = np.argsort(-score[order[:c]], kind="mergesort")
+                for i in range(m):
+                    act[i] = False
+                for t in range(cap):
+                    act[order[sel[t]]] = True
+            # the active set's KKT system, reduced to (y, lam, nu_a) (nu_i = 0 off a):
+            # [[Q, A', G_a'], [A, 0, 0], [G_a, 0, 0]] (y, lam, nu_a) = (-q, b, h_a)
+            na = 0
+            for j in range(m):
+                if act[j]:
+                    order[na] = j
+                    na += 1
+            NK = n + p + na
+            for i in range(NK):
+                z[i] = 0.0
+                for j in range(NK):
+                    K[i, j] = 0.0
+            for i in range(n):
+                for j in range(n):
+                    K[i, j] = Qs[i, j]
+                for j in range(p):
+                    K[i, n + j] = A[k, j, i]
+                    K[n + j, i] = A[k, j, i]
+                for t in range(na):
+                    K[i, n + p + t] = G[k, order[t], i]
+                    K[n + p + t, i] = G[k, order[t], i]
+                z[i] = -q[k, i]
+            for j in range(p):
+                z[n + j] = b[k, j]
+            for t in range(na):
+                z[n + p + t] = h[k, order[t]]
+            ok = _lu_solve_inplace(K, z, NK)
+            if ok:
+                for i in range(NK):
+                    if not np.isfinite(z[i]):
+                        ok = False
+            if not ok:
+                break
+            for j in range(m):
+                nt[j] = 0.0
+            for t in range(na):
+                nt[order[t]] = z[n + p + t]
+            yt = z[:n]
+            lt = z[n:n + p]
+            _signed_margins_one(Qs, q[k], G[k], h[k], A[k], yt, lt, nt, n, p, m, nb, sb, w)
+            worst_nu = -1
+            worst_s = -1
+            for j in range(m):
+                if act[j] and nb[j] < -sign_tol:
+                    if worst_nu < 0 or nb[j] < nb[worst_nu]:
+                        worst_nu = j
+                if (not act[j]) and sb[j] < -sign_tol:
+                    if worst_s < 0 or sb[j] < sb[worst_s]:
+                        worst_s = j
+            if worst_nu < 0 and worst_s < 0:
+                for j in range(m):
+                    nt[j] = max(nt[j], 0.0)
+                res = _relative_kkt_residual_one(Qs, q[k], G[k], h[k], A[k], b[k], yt, lt, nt,
+                                                 n, p, m, nb, sb, w)
+                keep = res <= accept
+                if not keep:
+                    if old_res < 0:
+                        old_res = _relative_kkt_residual_one(Qs, q[k], G[k], h[k], A[k], b[k],
+                                                             Y[k], LAM[k], NU[k], n, p, m,
+                                                             nb, sb, w)
+                    keep = res <= old_res
+                if keep:
+                    for i in range(n):
+                        Y[k, i] = yt[i]
+                    for i in range(p):
+                        LAM[k, i] = lt[i]
+                    for i in range(m):
+                        NU[k, i] = nt[i]
+                    DONE[k] = True
+                break
+            # one change per step: drop the most negative multiplier, else add the
+            # most violated constraint; added rows outrank kept ones, dropped rank last
+            for j in range(m):
+                active[j] = act[j]
+            if worst_nu >= 0:
+                active[worst_nu] = False
+                score[worst_nu] = -np.inf
+            else:
+                active[worst_s] = True
+                score[worst_s] = np.inf
+
+
+def polish_active_set(Q, q, G, h, A, b, y, lam, nu, nu_bar, s_bar, *, steps: int,
+                      accept: float, sign_tol: float, num_threads: Optional[int] = None):
+    """Compiled active-set polish of a batch (all arrays ``(B, .)`` float64, C-contiguous):
+    returns ``(y, lam, nu, done)``, copies with the polished instances replaced."""
+    y, lam, nu = (np.ascontiguousarray(v, dtype=np.float64).copy() for v in (y, lam, nu))
+    args = [np.ascontiguousarray(v, dtype=np.float64) for v in (Q, q, G, h, A, b)]
+    nu_bar = np.ascontiguousarray(nu_bar, dtype=np.float64)
+    s_bar = np.ascontiguousarray(s_bar, dtype=np.float64)
+    B = y.shape[0]
+    done = np.zeros(B, np.bool_)
+    _run_batch(lambda k0, k1: _polish_kernel(*args, y, lam, nu, nu_bar, s_bar, done, k0, k1,
+                                             int(steps), float(accept), float(sign_tol)),
+               B, num_threads)
+    return y, lam, nu, done
