@@ -82,9 +82,9 @@ from .affinity import (assemble_affinity, edge_features, full_edges, gaussian_af
                        gaussian_affinity_reference, node_affinity)
 from .assignment import hungarian, matching_accuracy, voting_layer
 from .bordered import KKT_DENSE_MAX
-from .eigen import EIG_DENSE_MAX, eigen_gap, lanczos_top, leading_eigenpair
+from .eigen import DENSE_MAX, EIG_DENSE_MAX, eigen_gap, lanczos_top, leading_eigenpair
 from .errors import (AffinityError, ConstraintRankError, DegenerateEigenvalueError,
-                     InfeasibleConstraintsError)
+                     InfeasibleConstraintsError, InvalidOptionError, UnknownOptionError)
 from .power_iteration import power_iteration_layer
 from .sinkhorn import sinkhorn, sinkhorn_layer
 from .smac import homogeneous_constraints, one_to_one_constraints, smac_layer
@@ -98,5 +98,6 @@ __all__ = [
     "gaussian_affinity", "gaussian_affinity_reference", "assemble_affinity",
     "node_affinity", "edge_features", "full_edges",
     "AffinityError", "DegenerateEigenvalueError", "InfeasibleConstraintsError",
-    "ConstraintRankError", "EIG_DENSE_MAX", "KKT_DENSE_MAX",
+    "ConstraintRankError", "UnknownOptionError", "InvalidOptionError", "DENSE_MAX",
+    "EIG_DENSE_MAX", "KKT_DENSE_MAX",
 ]

@@ -1,17 +1,21 @@
-"""Typed errors of the graph-matching layers."""
+"""Typed errors of the graph-matching layers.
+
+:class:`DegenerateEigenvalueError` is the one class of :mod:`nimplicit.spectral`
+(shared with NCut).  Option errors are also ``TypeError`` (an unknown keyword)
+or ``ValueError`` (a bad value), so callers catching the builtin kinds keep working.
+"""
 from __future__ import annotations
 
-from nimplicit.errors import NimplicitError, SingularJacobianError, SolverError
+from nimplicit.errors import NimplicitError, SolverError
+from nimplicit.spectral import DegenerateEigenvalueError
+
+__all__ = ["AffinityError", "DegenerateEigenvalueError", "InfeasibleConstraintsError",
+           "ConstraintRankError", "UnknownOptionError", "InvalidOptionError"]
 
 
 class AffinityError(NimplicitError, ValueError):
     """The affinity matrix is not a valid graph-matching affinity (not square,
-    not symmetric, negative entries, or all zero)."""
-
-
-class DegenerateEigenvalueError(SingularJacobianError):
-    """The leading eigenvalue is not simple: the eigenvector, and hence its
-    derivative, is not unique."""
+    not real, not symmetric, negative entries, or all zero)."""
 
 
 class InfeasibleConstraintsError(SolverError):
@@ -19,5 +23,12 @@ class InfeasibleConstraintsError(SolverError):
 
 
 class ConstraintRankError(NimplicitError, ValueError):
-    """The constraint rows are linearly dependent (remove the redundant rows)."""
+    """The constraints leave no freedom (rank ``C`` >= number of unknowns)."""
 
+
+class UnknownOptionError(NimplicitError, TypeError):
+    """An option dictionary has a key the layer does not know."""
+
+
+class InvalidOptionError(NimplicitError, ValueError):
+    """An option has a value outside its domain (unknown enum value, NaN, <= 0, ...)."""
