@@ -7,13 +7,14 @@ import scipy.optimize
 from autograd.scipy.special import logsumexp
 from autograd.tracer import getval
 
+from .validation import positive_float
+
 
 
 def voting_layer(X, temperature: float = 1.0):
     r"""The voting layer: a softmax over each row of the (``n x m``, or batched)
     assignment scores, ``V[i, a] = exp(X[i, a] / T) / sum_b exp(X[i, b] / T)``."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    positive_float("temperature", temperature)
     Z = X / temperature
     return anp.exp(Z - logsumexp(Z, axis=-1, keepdims=True))
 

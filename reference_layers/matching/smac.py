@@ -269,6 +269,7 @@ def smac_layer(M, C=None, d=None, *, shape: Optional[Tuple[int, int]] = None,
     opts = parse_options(solver_options, SOLVER_DEFAULTS, SOLVER_CHECKS, layer_name)
     dense_max = positive_int("dense_max", dense_max, minimum=0)
     gap_tol = check_gap_tol(gap_tol)
+    residual_tol = positive_float("residual_tol", residual_tol)
     scale_tol = positive_float("scale_tol", scale_tol)
     backward = resolve_backward(backward, linear_solver, layer=layer_name)
 

@@ -160,6 +160,7 @@ def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[
     opts = parse_options(solver_options, SOLVER_DEFAULTS, SOLVER_CHECKS, layer_name)
     dense_max = positive_int("dense_max", dense_max, minimum=0)
     gap_tol = check_gap_tol(gap_tol)
+    residual_tol = positive_float("residual_tol", residual_tol)
     backward = resolve_backward(backward, linear_solver, layer=layer_name)
 
     Mv = as_real_array(getval(M), "the affinity M")
