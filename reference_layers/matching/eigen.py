@@ -96,18 +96,25 @@ def _lanczos(matvec, v0, tol: float, maxiter: int, w0=None):
     Q[0] = v0 / nv0
     alphas = np.empty(kmax)
     betas = np.empty(kmax)
+    T = np.zeros((kmax, kmax))
+    # the Ritz test costs an eigh of T: every step when a product with M is dearer
+    every = 1 if N >= 1000 else 2
     for k in range(kmax):
         w = np.array(w0, dtype=float) if (k == 0 and w0 is not None) else \
             np.asarray(matvec(Q[k]), dtype=float)
         alphas[k] = Q[k] @ w
+        wn = float(np.linalg.norm(w))
         Qk = Q[:k + 1]
         w -= Qk.T @ (Qk @ w)
         w -= Qk.T @ (Qk @ w)     # full reorthogonalization, twice is enough
         beta = float(np.linalg.norm(w))
-        T = np.diag(alphas[:k + 1])
-        if k:
-            T += np.diag(betas[:k], 1) + np.diag(betas[:k], -1)
-        theta, S = np.linalg.eigh(T)   # tiny; cheaper than eigh_tridiagonal's LAPACK lookup
+        T[k, k] = alphas[k]
+        if (k + 1) % every and k + 1 < kmax and beta > 1e-10 * wn:
+            betas[k] = beta
+            T[k, k + 1] = T[k + 1, k] = beta
+            Q[k + 1] = w / beta
+            continue
+        theta, S = np.linalg.eigh(T[:k + 1, :k + 1])   # tiny; cheaper than eigh_tridiagonal
         top = theta[-1]
         spread = max(abs(top), abs(theta[0]))
         if beta * abs(S[-1, -1]) <= tol * abs(top) or beta <= 1e-14 * spread or k + 1 == N:
@@ -122,6 +129,8 @@ def _lanczos(matvec, v0, tol: float, maxiter: int, w0=None):
             return (y / np.linalg.norm(y), float(top), float(theta[-2]) if k else -np.inf,
                     float(theta[0]), k + 1, krylov)
         betas[k] = beta
+        if k + 1 < kmax:
+            T[k, k + 1] = T[k + 1, k] = beta
         Q[k + 1] = w / beta
     return None
 
