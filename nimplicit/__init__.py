@@ -5,9 +5,12 @@ A layer is a residual ``F(y, x) = 0`` and any forward solver; its derivatives
 both Jacobian products taken by autograd.
 """
 from . import errors, linear_solvers
-from .implicit import ForwardPoint, ImplicitLayer, implicit_layer, record_points
+from .implicit import (ForwardPoint, ImplicitLayer, Solution, implicit_layer, intercept_forward,
+                       record_points)
+from .linear_solvers import LinearSolver, LinearSolverState, Operator
 
-__all__ = ["implicit_layer", "ImplicitLayer", "ForwardPoint", "record_points", "errors",
+__all__ = ["implicit_layer", "ImplicitLayer", "ForwardPoint", "Solution", "record_points",
+           "intercept_forward", "LinearSolver", "LinearSolverState", "Operator", "errors",
            "linear_solvers"]
 __version__ = "0.1.0"
 from .front_ends import anderson, argmin_layer, constrained_argmin_layer, fixed_point_layer

@@ -84,3 +84,66 @@ def finite_or_raise(value, what: str) -> None:
                 f"(NaN or Inf), the first at index {first}. Check the data fed to "
                 f"the layer, or the solver that produced it."
             )
+
+
+class OptionError(NimplicitError, TypeError, ValueError):
+    """An unknown option, or an option with an invalid value, given to a
+    nimplicit function, layer or linear solver; the message lists the allowed ones."""
+
+
+class DTypeError(NimplicitError, TypeError):
+    """An input of a dtype nimplicit does not differentiate: complex, object,
+    float16, or an integer array given to a differentiated argument."""
+
+
+class CouplingError(NimplicitError):
+    """``batch_axis`` promises independent instances, but the residual couples them:
+    a perturbation of one instance changes the residual of another."""
+
+
+def where(batch_index, batched: bool = True) -> str:
+    """The text ``" (batch instance k)"`` for messages, or ``""`` when not batched."""
+    if not batched or batch_index is None:
+        return ""
+    return f" (batch instance {int(batch_index)})"
+
+
+# ------------------------------------------------------------------------------
+# the keyword convention of the reference layers (issue 12 item 4)
+# ------------------------------------------------------------------------------
+
+BACKWARDS = ("structured", "generic")
+
+
+def check_options(options, allowed: dict, what: str) -> dict:
+    """``{**allowed, **options}`` after checking that ``options`` (a dict or None)
+    has only keys of ``allowed`` (a dict of defaults); :class:`OptionError` otherwise."""
+    if options is None:
+        return dict(allowed)
+    if not isinstance(options, dict):
+        raise OptionError(f"{what} must be a dict or None, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise OptionError(f"{what} got unknown key(s) {unknown}; allowed: "
+                          f"{sorted(allowed) if allowed else 'none'}")
+    return {**allowed, **options}
+
+
+def check_backward(backward: str, layer: str, *, structured: bool = True) -> str:
+    """Validate ``backward`` ("structured" | "generic"; "fast" is a deprecated alias)."""
+    if backward == "fast":
+        warnings.warn(f"{layer}: backward='fast' is deprecated, use backward='structured'",
+                      DeprecationWarning, stacklevel=3)
+        backward = "structured"
+    if backward not in BACKWARDS:
+        raise OptionError(f"{layer}: backward must be one of {BACKWARDS}, got {backward!r}")
+    if backward == "structured" and not structured:
+        raise OptionError(f"{layer} has no structured backward; use backward='generic'")
+    return backward
+
+
+def renamed(old: str, new: str, layer: str, value):
+    """Warn that keyword ``old`` is deprecated in favour of ``new``; return ``value``."""
+    warnings.warn(f"{layer}: the keyword {old!r} is deprecated, use {new} instead",
+                  DeprecationWarning, stacklevel=3)
+    return value

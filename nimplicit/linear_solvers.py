@@ -1,81 +1,108 @@
-"""Linear solvers for the systems of the implicit function theorem.
+r"""Linear solvers for the systems of the implicit function theorem.
 
-Every solver has one signature::
+The protocol (modelled on lineax)
+---------------------------------
+At a forward point the node needs solves with ``J = dF/dy`` (``r x m`` per
+instance: ``r`` equations, ``m`` unknowns) and with ``J^T``:
 
-    x = solve(matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None, point=None, **opts)
+- reverse mode: ``J^T w = -g``;   forward mode: ``J y_dot = -J_x x_dot``;
+- higher orders: more solves with the same ``J``.
 
-and solves ``A x = b`` where ``matvec(v) = A v`` and ``rmatvec(u) = A^T u``.
-The implicit node calls them with ``A = J^T`` (``transpose=True``, the reverse
-mode system ``J^T w = -g``) or ``A = J`` (``transpose=False``, the forward mode
-system ``J y_dot = -J_x x_dot``), where ``J = dF/dy`` is ``r x m`` (``r``
-equations, ``m`` unknowns).
+A linear solver is an object of a :class:`LinearSolver` subclass::
 
-- ``b`` is one instance, shape ``(k,)``, or a batch of independent instances,
-  shape ``(B, k)``; ``matvec`` and ``rmatvec`` act instance by instance on
-  arrays of the same layout (A is block diagonal).
-- ``x_size`` is the number of unknowns per instance of ``A x = b`` (defaults to
-  the size of ``b``; differs from it only when A is not square).
-- ``cache`` is a dict that lives as long as one forward point: a solver stores
-  its factorization there, so the many solves of one Jacobian (``m`` VJPs, both
-  transposes, higher orders) factor ``J`` once.  The dense solvers keep the
-  formed ``J`` under ``cache["J"]`` and use one found there, so a caller that
-  already holds ``J`` (e.g. a structured layer) passes it in that way.
-- ``point`` is the :class:`~nimplicit.implicit.ForwardPoint` (solution and
-  inputs), for solvers whose setup depends on where the layer is evaluated.
+    solver = LU(max_condition=1e10)          # options declared by the class; unknown -> OptionError
+    state = solver.init(operator, aux)       # ONCE per forward point: factor, form, precondition
+    x = state.solve(b)                       # J x = b,    as often as asked
+    x = state.solve(b, transpose=True)       # J^T x = b
+    state.exact                              # True: x = J^{-1} b exactly (higher orders allowed)
 
-Dense solvers (:func:`lu`, :func:`cholesky`, :func:`lstsq`) form ``J`` from
-``r`` products with ``J^T`` (VJPs, the cheap product in reverse-mode autograd),
-batched: the ``k``-th unit cotangent in every instance at once yields row
-``k`` of all ``B`` blocks, so a batch costs ``r`` VJPs, not ``B r``.
-Matrix-free solvers (:func:`cg`, :func:`minres`, :func:`gmres`,
-:func:`bicgstab`, :func:`lsmr`) never form a matrix.
+``operator`` is a :class:`Operator` (``mv(u) = J u``, ``rmv(w) = J^T w``,
+``dense()`` the formed ``J``; block diagonal over a batch); ``aux`` is what the
+forward solver handed over in :class:`nimplicit.Solution` (a factorization, an
+eigenbasis ...), never differentiated.  ``b`` is one instance ``(k,)`` or a
+batch ``(B, k)``.
 
-The square Krylov solvers (cg, minres, gmres, bicgstab) share one driver and
-two options:
+Solvers
+-------
+Dense (:class:`LU`, :class:`Cholesky`, :class:`Lstsq`) form ``J`` from ``r``
+batched VJPs (the ``k``-th unit cotangent in every instance at once yields row
+``k`` of all ``B`` blocks).  Matrix-free (:class:`CG`, :class:`MINRES`,
+:class:`GMRES`, :class:`BiCGSTAB`, :class:`LSMR`) never form a matrix.  The
+square Krylov solvers share one driver with
 
-- ``preconditioner``: ``M^{-1}``, an approximation of ``A^{-1}`` -- a callable
-  ``v -> M^{-1} v`` on arrays of ``b``'s layout, an array holding the diagonal
-  of ``M^{-1}``, or :class:`per_point` ``(factory)`` whose ``factory(point)``
-  returns either, evaluated once per forward point and kept in ``cache`` (the
-  way to use a preconditioner that depends on the solution, since
-  ``linear_solver_options`` are fixed per layer).  cg and minres need it
-  symmetric positive definite.
-- ``refinements``: iterative refinement.  A solution is accepted only when the
-  TRUE relative residual ``|A x - b| / |b| <= rtol`` (SciPy's methods stop on
-  their own estimates: a recursively updated residual, a preconditioned
-  residual, or MINRES's backward error ``|r| / (|A| |x| + |b|)``, which can be
-  orders of magnitude smaller); while it is not, and at most ``refinements``
-  times, the solve restarts on the true residual: ``x += solve(A, b - A x)``.
-  Otherwise :class:`~nimplicit.errors.LinearSolveError` names the iterations,
-  the residual reached and what to try.  ``maxiter`` bounds the inner
-  iterations of all rounds together.
+- ``preconditioner``: ``M^{-1}`` ~ ``A^{-1}``: a callable on arrays of ``b``'s
+  layout, an array (the diagonal of ``M^{-1}``), or :class:`per_point`
+  ``(factory)`` evaluated once per forward point in :meth:`LinearSolver.init`;
+- ``refinements``: iterative refinement on the TRUE residual.  A solution is
+  accepted when ``|A x - b| <= rtol |b|``, or -- when ``rtol`` lies below what
+  double precision can certify for this operator -- when the residual has
+  reached the operator's noise floor ``c eps (|A| |x| + |b|)`` and stopped
+  decreasing (see :func:`noise_floor`).  Otherwise
+  :class:`~nimplicit.errors.LinearSolveError` with a :class:`SolveStatus`.
 
-A user-supplied solver is any callable with the same signature; ``cache`` is
-where a structured solver keeps a factorization it builds (or receives from
-the forward solver) for reuse.
+Failures are the enumeration :class:`SolveStatus`; every ``LinearSolveError``
+raised here carries one as ``error.status``.
+
+The deprecated callable protocol
+--------------------------------
+``solve(matvec, rmatvec, b, *, transpose, x_size, cache, point, **opts)`` with
+``matvec(v) = A v``, ``A = J^T`` (``transpose=True``) or ``J``, and a ``cache``
+dict per forward point, still works: the functions :func:`lu`, :func:`lstsq`,
+:func:`gmres` ... keep that signature, and a user callable passed as
+``linear_solver`` is wrapped by :class:`LegacySolver`.  Both are the only
+places where the old dict (``cache["J"]``, ``cache["pseudo_inverse"]``) lives;
+they go away in the next release.
 """
 from __future__ import annotations
 
+import enum
 import warnings
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
-import numpy as onp
+import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg as spla
 
-from .errors import LinearSolveError, ShapeError, SingularJacobianError, UnsupportedError
+from .errors import (LinearSolveError, OptionError, ShapeError, SingularJacobianError,
+                     UnsupportedError, where)
 
-MatVec = Callable[[onp.ndarray], onp.ndarray]
+MatVec = Callable[[np.ndarray], np.ndarray]
 
-EPS = onp.finfo(float).eps
+EPS = np.finfo(float).eps
+
+
+class SolveStatus(enum.Enum):
+    """Why a linear solve failed (or that it did not): readable messages."""
+
+    SUCCESSFUL = "the solve succeeded"
+    MAX_STEPS_REACHED = "maxiter was reached"
+    BREAKDOWN = "the Krylov method broke down"
+    STAGNATION = ("the last round did not reduce the residual, which is still above the "
+                  "operator's noise floor (the system may be too ill-conditioned for double precision)")
+    REFINEMENTS_USED_UP = "the refinements were used up"
+    SINGULAR = "J_F,y is singular to working precision"
+    ILL_CONDITIONED = "J_F,y is too ill-conditioned"
+    NOT_POSITIVE_DEFINITE = "J_F,y is not positive definite"
+    NOT_SYMMETRIC = "the operator is not symmetric"
+    NOT_SQUARE = "J_F,y is not square"
+
+    @property
+    def message(self) -> str:
+        return self.value
+
+
+def _error(cls, status: SolveStatus, text: str):
+    err = cls(text)
+    err.status = status
+    return err
 
 
 # --------------------------------------------------------------------------
-# dense: form J once per forward point, factor once, solve many times
+# operators
 # --------------------------------------------------------------------------
 
-def form_jacobian(matvec: MatVec, rmatvec: MatVec, b: onp.ndarray, transpose: bool,
-                  x_size: Optional[int] = None) -> onp.ndarray:
+def form_jacobian(matvec: MatVec, rmatvec: MatVec, b: np.ndarray, transpose: bool,
+                  x_size: Optional[int] = None) -> np.ndarray:
     """Form J (``r x m``, or ``B x r x m`` for a batch) from ``r`` VJPs.
 
     With ``transpose=True`` the VJP is ``matvec`` (A = J^T) and ``r`` is the
@@ -91,156 +118,360 @@ def form_jacobian(matvec: MatVec, rmatvec: MatVec, b: onp.ndarray, transpose: bo
     r = (x_size or b.shape[-1]) if transpose else b.shape[-1]
     rows = []
     for k in range(r):
-        e = onp.zeros(batch + (r,))
+        e = np.zeros(batch + (r,))
         e[..., k] = 1.0
-        rows.append(onp.asarray(vjp(e), dtype=float))
-    return onp.stack(rows, axis=-2)
+        rows.append(np.asarray(vjp(e), dtype=float))
+    return np.stack(rows, axis=-2)
 
 
-def _jacobian(matvec, rmatvec, b, transpose, x_size, cache):
-    if cache is not None and "J" in cache:
-        return cache["J"]
-    J = form_jacobian(matvec, rmatvec, b, transpose, x_size)
-    if cache is not None:
-        cache["J"] = J
-    return J
+class Operator:
+    """``J`` (``r x m`` per instance, block diagonal over ``batch_size`` instances).
 
+    Subclasses provide :meth:`mv` (``J u``) and :meth:`rmv` (``J^T w``) on arrays
+    of shape ``(m,)``/``(r,)`` or ``(B, m)``/``(B, r)``; :meth:`dense` forms J
+    once from ``r`` batched VJPs and keeps it.  ``point`` is the forward point
+    (or None), for solvers whose setup depends on the solution.
+    """
+
+    def __init__(self, r: int, m: int, batch_size: Optional[int] = None, point=None):
+        self.r, self.m, self.batch_size, self.point = int(r), int(m), batch_size, point
+        self._dense = None
+
+    @property
+    def batch(self) -> tuple:
+        return () if self.batch_size is None else (self.batch_size,)
+
+    def mv(self, u):
+        raise NotImplementedError
+
+    def rmv(self, w):
+        raise NotImplementedError
+
+    def dense(self) -> np.ndarray:
+        """J as an array ``(r, m)`` or ``(B, r, m)``, formed once."""
+        if self._dense is None:
+            self._dense = form_jacobian(self.rmv, None, np.zeros(self.batch + (self.m,)),
+                                        True, self.r)
+        return self._dense
+
+
+class CallbackOperator(Operator):
+    """An :class:`Operator` from two functions (either may be None) or a formed J."""
+
+    def __init__(self, mv: Optional[MatVec], rmv: Optional[MatVec], r: int, m: int,
+                 batch_size: Optional[int] = None, point=None, J: Optional[np.ndarray] = None):
+        super().__init__(r, m, batch_size, point)
+        self._mv, self._rmv, self._dense = mv, rmv, J
+
+    def mv(self, u):
+        if self._mv is None:
+            return np.einsum("...ij,...j->...i", self.dense(), u)
+        return self._mv(u)
+
+    def rmv(self, w):
+        if self._rmv is None:
+            if self._dense is None:
+                raise UnsupportedError("this operator has no product with J^T and no formed J")
+            return np.einsum("...ij,...i->...j", self._dense, w)
+        return self._rmv(w)
+
+
+class MatrixOperator(CallbackOperator):
+    """An :class:`Operator` holding J as an array ``(r, m)`` or ``(B, r, m)``."""
+
+    def __init__(self, J, point=None):
+        J = np.asarray(J, dtype=float)
+        if J.ndim not in (2, 3):
+            raise ShapeError(f"MatrixOperator needs J of shape (r, m) or (B, r, m), got {J.shape}")
+        super().__init__(None, None, J.shape[-2], J.shape[-1],
+                         J.shape[0] if J.ndim == 3 else None, point, J)
+
+
+# --------------------------------------------------------------------------
+# the solver protocol
+# --------------------------------------------------------------------------
+
+class LinearSolverState:
+    """What a :class:`LinearSolver` built at one forward point.
+
+    Attributes
+    ----------
+    exact : bool
+        True when :meth:`solve` returns ``J^{-1} b`` (an exact inverse, so the
+        derivative ``d(J^{-1} b) = -J^{-1} dJ J^{-1} b`` used for higher orders
+        holds); False for least-squares, minimum-norm and ridge solutions.
+    """
+
+    exact: bool = True
+
+    def solve(self, b: np.ndarray, transpose: bool = False) -> np.ndarray:
+        """``x`` with ``J x = b`` (or ``J^T x = b``); ``b`` of shape ``(k,)`` or ``(B, k)``."""
+        raise NotImplementedError
+
+
+class LinearSolver:
+    """Base class of linear solvers: declared options, :meth:`init` once per point.
+
+    Subclasses set ``name`` and ``options`` (a dict of option names and their
+    defaults) and implement :meth:`init`.  Options are validated on
+    construction: an unknown one raises :class:`~nimplicit.errors.OptionError`
+    (a ``TypeError``) naming the allowed ones.  Instances are plain values:
+    comparable, picklable.
+    """
+
+    name: str = "linear_solver"
+    options: dict = {}
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise OptionError(f"linear solver {self.name!r} got unknown option(s) {unknown}; its "
+                              f"options are {sorted(self.options)}")
+        self.opts = {**self.options, **options}
+        self._validate()
+
+    def _validate(self) -> None:
+        for key in ("rtol", "max_condition"):
+            if key in self.opts and not (np.isfinite(self.opts[key]) and self.opts[key] > 0):
+                raise OptionError(f"{self.name}: {key} must be a positive finite number, "
+                                  f"got {self.opts[key]!r}")
+        if "ridge" in self.opts and not (np.isfinite(self.opts["ridge"]) and self.opts["ridge"] >= 0):
+            raise OptionError(f"{self.name}: ridge must be >= 0 and finite, got {self.opts['ridge']!r}")
+
+    def init(self, operator: Operator, aux: Any = None) -> LinearSolverState:
+        """Build the state (factorizations, preconditioner) at one forward point."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        changed = {k: v for k, v in self.opts.items() if self.options.get(k) is not v}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.opts.keys() == other.opts.keys() and all(
+            self.opts[k] is other.opts[k] or self.opts[k] == other.opts[k] for k in self.opts)
+
+    __hash__ = object.__hash__
+
+
+# --------------------------------------------------------------------------
+# dense: form J once per forward point, factor once, solve many times
+# --------------------------------------------------------------------------
 
 def _blocks(J):
     return J.reshape((-1,) + J.shape[-2:])
 
 
-def _condition_error(cond: float, index, max_condition: float) -> SingularJacobianError:
-    where = "" if index is None else f" (batch instance {index})"
-    if not onp.isfinite(cond) or cond * EPS >= 1.0:
-        what = f"is singular to working precision (estimated condition number {cond:.3g})"
+def lu_condition(lu_piv, block: np.ndarray) -> float:
+    """1-norm condition estimate (LAPACK ``gecon``) of ``block`` from its LU factors."""
+    anorm = np.abs(block).sum(axis=0).max()
+    rcond, _info = scipy.linalg.lapack.dgecon(lu_piv[0], anorm, norm="1")
+    return 1.0 / rcond if rcond > 0 else np.inf
+
+
+def condition_error(cond: float, index, max_condition: float, what: str = "J_F,y = dF/dy"
+                    ) -> SingularJacobianError:
+    """The typed error for a (near) singular Jacobian block ``index`` (None: unbatched)."""
+    if not np.isfinite(cond) or cond * EPS >= 1.0:
+        status, text = SolveStatus.SINGULAR, (f"is singular to working precision (estimated "
+                                              f"condition number {cond:.3g})")
     else:
-        what = f"is ill-conditioned (estimated condition number {cond:.3g} > max_condition={max_condition:.3g})"
-    return SingularJacobianError(
-        f"J_F,y = dF/dy at the solution{where} {what}; the implicit function theorem "
-        f"does not give a unique derivative there. Use linear_solver='lstsq' for the "
-        f"minimum-norm solution or pass ridge=<small positive number> for a damped one, "
-        f"or raise max_condition if the conditioning is expected.")
+        status, text = SolveStatus.ILL_CONDITIONED, (
+            f"is ill-conditioned (estimated condition number {cond:.3g} > "
+            f"max_condition={max_condition:.3g})")
+    return _error(SingularJacobianError, status,
+                  f"{what} at the solution{where(index, index is not None)} {text}; the implicit "
+                  f"function theorem does not give a unique derivative there. Use "
+                  f"linear_solver='lstsq' for the minimum-norm solution or pass ridge=<small "
+                  f"positive number> for a damped one, or raise max_condition if the conditioning "
+                  f"is expected.")
 
 
 def _check_square(J):
     if J.shape[-1] != J.shape[-2]:
-        raise ShapeError(
-            f"dF/dy is {J.shape[-2]} x {J.shape[-1]} (equations x unknowns), not square: "
-            f"use linear_solver='lstsq' (minimum-norm / least-squares solution) or ridge=...")
+        raise _error(ShapeError, SolveStatus.NOT_SQUARE,
+                     f"dF/dy is {J.shape[-2]} x {J.shape[-1]} (equations x unknowns), not square: "
+                     f"use linear_solver='lstsq' (minimum-norm / least-squares solution) or ridge=...")
 
 
-def lu(matvec: MatVec, rmatvec: MatVec, b: onp.ndarray, *, transpose: bool = False,
-       x_size: Optional[int] = None, cache: Optional[dict] = None,
-       max_condition: float = 1e12, **_) -> onp.ndarray:
-    """Solve ``J x = b`` (or ``J^T x = b``) by a cached LU factorization of ``J``.
+class _BlockState(LinearSolverState):
+    def __init__(self, factors, shape):
+        self.factors, self.shape = factors, shape
 
-    The condition number of every block is estimated (LAPACK ``gecon``, 1-norm)
-    when the factorization is made; above ``max_condition`` a
+    def solve(self, b, transpose=False):
+        b = np.asarray(b, dtype=float)
+        bb = b.reshape(len(self.factors), -1)
+        x = np.stack([self._solve_block(f, bi, transpose) for f, bi in zip(self.factors, bb)])
+        return x.reshape(b.shape)
+
+
+def _pow2(x: np.ndarray) -> np.ndarray:
+    return np.exp2(np.round(np.log2(x)))
+
+
+def equilibrate(block: np.ndarray, sweeps: int = 40, column_scale: Optional[np.ndarray] = None):
+    """Row and column scalings ``r, c`` (powers of two, so exact) with ``diag(r) J diag(c)``
+    of rows and columns of max-norm ~1: Ruiz's iteration, ``r_i <- r_i / sqrt(max row i)``,
+    ``c_j <- c_j / sqrt(max column j)`` until balanced (each sweep halves the log-imbalance).
+    The condition test of :class:`LU` is then invariant to the scales of the equations and
+    of the unknowns.  ``column_scale`` (e.g. the magnitudes of the solution's components,
+    the unknowns' natural units) starts the iteration: max-norm balancing alone has
+    unbalanced fixed points such as ``[[eps A, b], [b^T, 0]]`` (a bordered eigen-system
+    whose eigenvector has size 1e75)."""
+    a = np.abs(block)
+    r = np.ones(a.shape[0])
+    c = np.ones(a.shape[1]) if column_scale is None else np.asarray(column_scale, float).copy()
+    rmax = (a * c[None, :]).max(axis=1)
+    r = 1.0 / np.where(rmax > 0, rmax, 1.0)          # rows to max-norm 1 in the given units
+    for _ in range(sweeps):
+        scaled = a * r[:, None] * c[None, :]
+        rmax, cmax = scaled.max(axis=1), scaled.max(axis=0)
+        if np.all((rmax == 0) | ((rmax > 0.5) & (rmax < 2))) and \
+                np.all((cmax == 0) | ((cmax > 0.5) & (cmax < 2))):
+            break
+        r = r / np.sqrt(np.where(rmax > 0, rmax, 1.0))
+        c = c / np.sqrt(np.where(cmax > 0, cmax, 1.0))
+    return _pow2(r), _pow2(c)
+
+
+def _unknown_units(operator, n_blocks: int) -> list:
+    """Per block, the RMS size of each component of the solution (1 where 0 or unknown)."""
+    point = operator.point
+    structure = getattr(point, "y_structure", None)
+    if structure is None:
+        return [None] * n_blocks
+    y = np.asarray(point.y_flat, float).reshape(n_blocks, -1)
+    units = np.ones_like(y)
+    for lo, hi in zip(structure.offsets[:-1], structure.offsets[1:]):
+        rms = np.sqrt(np.mean(y[:, lo:hi] ** 2, axis=1)) if hi > lo else np.zeros(len(y))
+        good = np.isfinite(rms) & (rms > 0)
+        units[:, lo:hi] = np.where(good, rms, 1.0)[:, None]
+    return list(units)
+
+
+class _LUState(_BlockState):
+    def solve(self, b, transpose=False):
+        b = np.asarray(b, dtype=float)
+        bb = b.reshape(len(self.factors), -1)
+        out = []
+        for (f, r, c), bi in zip(self.factors, bb):
+            if transpose:   # J^T x = b:  (RJC)^T (R^-1 x) = C b
+                out.append(r * scipy.linalg.lu_solve(f, c * bi, trans=1, check_finite=False))
+            else:           # J x = b:    (RJC) (C^-1 x) = R b
+                out.append(c * scipy.linalg.lu_solve(f, r * bi, trans=0, check_finite=False))
+        return np.stack(out).reshape(b.shape)
+
+
+class LU(LinearSolver):
+    """``J x = b`` by an LU factorization of each block, formed and factored once.
+
+    Each block is first equilibrated by exact power-of-two row and column
+    scalings (:func:`equilibrate`), so the 1-norm condition number estimated
+    (LAPACK ``gecon``) is that of ``R J C``: scale-invariant, relative to the
+    sizes of the equations and unknowns.  Above ``max_condition`` a
     :class:`SingularJacobianError` is raised.
     """
-    key = "lu"
-    if cache is None or key not in cache:
-        J = _jacobian(matvec, rmatvec, b, transpose, x_size, cache)
+
+    name = "lu"
+    options = {"max_condition": 1e12}
+
+    def init(self, operator, aux=None):
+        J = operator.dense()
         _check_square(J)
         factors = []
+        units = _unknown_units(operator, len(_blocks(J)))
         for i, block in enumerate(_blocks(J)):
+            r, c = equilibrate(block, column_scale=units[i])
+            scaled = block * r[:, None] * c[None, :]
             with warnings.catch_warnings():   # singularity is reported below, as a typed error
                 warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-                lu_piv = scipy.linalg.lu_factor(block, check_finite=False)
-            anorm = onp.abs(block).sum(axis=0).max()
-            rcond, _info = scipy.linalg.lapack.dgecon(lu_piv[0], anorm, norm="1")
-            cond = 1.0 / rcond if rcond > 0 else onp.inf
-            if not cond <= max_condition:
-                raise _condition_error(cond, i if J.ndim == 3 else None, max_condition)
-            factors.append(lu_piv)
-        if cache is not None:
-            cache[key] = factors
-    else:
-        factors = cache[key]
-    trans = 1 if transpose else 0
-    bb = b.reshape(len(factors), -1)
-    x = onp.stack([scipy.linalg.lu_solve(f, bi, trans=trans, check_finite=False)
-                   for f, bi in zip(factors, bb)])
-    return x.reshape(b.shape)
+                lu_piv = scipy.linalg.lu_factor(scaled, check_finite=False)
+            cond = lu_condition(lu_piv, scaled)
+            if not cond <= self.opts["max_condition"]:
+                raise condition_error(cond, i if J.ndim == 3 else None, self.opts["max_condition"])
+            factors.append((lu_piv, r, c))
+        return _LUState(factors, J.shape)
 
 
-def cholesky(matvec: MatVec, rmatvec: MatVec, b: onp.ndarray, *, transpose: bool = False,
-             x_size: Optional[int] = None, cache: Optional[dict] = None,
-             max_condition: float = 1e12, **_) -> onp.ndarray:
-    """Solve ``J x = b`` for a symmetric positive definite ``J`` (say so with
-    ``linear_solver='cholesky'``) by a cached Cholesky factorization.
+class _CholeskyState(_BlockState):
+    def _solve_block(self, f, bi, transpose):
+        return scipy.linalg.cho_solve(f, bi, check_finite=False)
+
+
+class Cholesky(LinearSolver):
+    """``J x = b`` for a symmetric positive definite ``J`` by a Cholesky factorization.
 
     ``J`` is symmetrized as ``(J + J^T)/2`` after a check that it is symmetric
     to ``1e-8`` relative; a failed factorization raises
     :class:`SingularJacobianError` ("not positive definite").
     """
-    key = "cholesky"
-    if cache is None or key not in cache:
-        J = _jacobian(matvec, rmatvec, b, transpose, x_size, cache)
+
+    name = "cholesky"
+    options = {"max_condition": 1e12}
+
+    def init(self, operator, aux=None):
+        J = operator.dense()
         _check_square(J)
+        batched = J.ndim == 3
         factors = []
         for i, block in enumerate(_blocks(J)):
-            asym = onp.abs(block - block.T).max()
-            if asym > 1e-8 * max(onp.abs(block).max(), 1e-300):
-                raise LinearSolveError(
-                    f"linear_solver='cholesky' needs a symmetric J_F,y but |J - J^T| = {asym:.3g}"
-                    f" (batch instance {i}); use linear_solver='lu' or 'gmres'.")
+            asym = np.abs(block - block.T).max()
+            if asym > 1e-8 * max(np.abs(block).max(), 1e-300):
+                raise _error(LinearSolveError, SolveStatus.NOT_SYMMETRIC,
+                             f"linear_solver='cholesky' needs a symmetric J_F,y but |J - J^T| = "
+                             f"{asym:.3g}{where(i, batched)}; use linear_solver='lu' or 'gmres'.")
             try:
                 c = scipy.linalg.cho_factor(0.5 * (block + block.T), check_finite=False)
-            except onp.linalg.LinAlgError:
-                raise SingularJacobianError(
-                    f"J_F,y is not positive definite (batch instance {i}): Cholesky failed. "
-                    f"Use linear_solver='lu' for an indefinite symmetric system, or "
-                    f"'lstsq' / ridge=... if it is singular.") from None
-            d = onp.diag(c[0])
+            except np.linalg.LinAlgError:
+                raise _error(SingularJacobianError, SolveStatus.NOT_POSITIVE_DEFINITE,
+                             f"J_F,y is not positive definite{where(i, batched)}: Cholesky failed. "
+                             f"Use linear_solver='lu' for an indefinite symmetric system, or "
+                             f"'lstsq' / ridge=... if it is singular.") from None
+            d = np.diag(c[0])
             cond = (d.max() / d.min()) ** 2
-            if not cond <= max_condition:
-                raise _condition_error(cond, i if J.ndim == 3 else None, max_condition)
+            if not cond <= self.opts["max_condition"]:
+                raise condition_error(cond, i if batched else None, self.opts["max_condition"])
             factors.append(c)
-        if cache is not None:
-            cache[key] = factors
-    else:
-        factors = cache[key]
-    bb = b.reshape(len(factors), -1)
-    x = onp.stack([scipy.linalg.cho_solve(f, bi, check_finite=False) for f, bi in zip(factors, bb)])
-    return x.reshape(b.shape)
+        return _CholeskyState(factors, J.shape)
 
 
-def lstsq(matvec: MatVec, rmatvec: MatVec, b: onp.ndarray, *, transpose: bool = False,
-          x_size: Optional[int] = None, cache: Optional[dict] = None,
-          ridge: float = 0.0, rcond: Optional[float] = None, **_) -> onp.ndarray:
-    """Minimum-norm least-squares solution ``x = A^+ b``, or with ``ridge > 0``
-    the Tikhonov solution ``x = argmin |A x - b|^2 + ridge |x|^2``.
+class _SVDState(LinearSolverState):
+    def __init__(self, U, f, Vt, exact):
+        self.U, self.f, self.Vt, self.exact = U, f, Vt, exact
 
-    With the cached SVD ``J = U diag(s) V^T``: ``J^+ = V diag(f(s)) U^T`` where
+    def solve(self, b, transpose=False):
+        b = np.asarray(b, dtype=float)
+        if transpose:   # J^T x = b  ->  x = U f V^T b
+            left, right = self.U, np.swapaxes(self.Vt, -1, -2)
+        else:           # J x = b    ->  x = V f U^T b
+            left, right = np.swapaxes(self.Vt, -1, -2), self.U
+        proj = np.einsum("...ki,...k->...i", right, b)
+        return np.einsum("...ik,...k->...i", left, self.f * proj)
+
+
+class Lstsq(LinearSolver):
+    """Minimum-norm least squares ``x = J^+ b`` or, with ``ridge > 0``, Tikhonov.
+
+    With the SVD ``J = U diag(s) V^T``: ``J^+ = V diag(f(s)) U^T`` where
     ``f(s) = 1/s`` for ``s > rcond * s_max`` (else 0), or ``f(s) = s/(s^2 + ridge)``.
-    Non-square ``J`` is allowed (e.g. one equation for a point with three
-    coordinates).
+    Non-square ``J`` is allowed.  ``state.exact`` is True only when J is square
+    and no singular value was cut and ``ridge = 0``.
     """
-    key = "svd"
-    if cache is None or key not in cache:
-        J = _jacobian(matvec, rmatvec, b, transpose, x_size, cache)
-        U, s, Vt = onp.linalg.svd(J, full_matrices=False)
+
+    name = "lstsq"
+    options = {"ridge": 0.0, "rcond": None}
+
+    def init(self, operator, aux=None):
+        J = operator.dense()
+        U, s, Vt = np.linalg.svd(J, full_matrices=False)
+        ridge, rcond = self.opts["ridge"], self.opts["rcond"]
         if ridge > 0:
             f = s / (s * s + ridge)
         else:
-            cut = (rcond if rcond is not None else max(J.shape[-2:]) * EPS) * s.max(axis=-1, keepdims=True)
-            f = onp.where(s > cut, 1.0 / onp.where(s > cut, s, 1.0), 0.0)
-        svd = (U, f, Vt)
-        if cache is not None:
-            cache[key] = svd
-            # the solution is not A^{-1} b: higher derivatives need other formulas
-            cache["pseudo_inverse"] = bool(ridge > 0 or J.shape[-1] != J.shape[-2] or (f == 0).any())
-    else:
-        svd = cache[key]
-    U, f, Vt = svd
-    if transpose:   # J^T x = b  ->  x = U f V^T b
-        left, right = U, onp.swapaxes(Vt, -1, -2)
-    else:           # J x = b    ->  x = V f U^T b
-        left, right = onp.swapaxes(Vt, -1, -2), U
-    proj = onp.einsum("...ki,...k->...i", right, b)
-    return onp.einsum("...ik,...k->...i", left, f * proj)
+            cut = (rcond if rcond is not None else max(J.shape[-2:]) * EPS) * s.max(
+                axis=-1, keepdims=True, initial=0.0)
+            f = np.where(s > cut, 1.0 / np.where(s > cut, s, 1.0), 0.0)
+        exact = not (ridge > 0 or J.shape[-1] != J.shape[-2] or (f == 0).any())
+        return _SVDState(U, f, Vt, exact)
 
 
 # --------------------------------------------------------------------------
@@ -250,13 +481,10 @@ def lstsq(matvec: MatVec, rmatvec: MatVec, b: onp.ndarray, *, transpose: bool = 
 class per_point:
     """A preconditioner that depends on the forward point (e.g. on the solution).
 
-    ``linear_solver_options`` are fixed when a layer is built, but a good
-    preconditioner usually depends on where the layer is evaluated.  Wrap a
-    factory ``factory(point) -> preconditioner`` (a callable ``v -> M^{-1} v``
-    or an array holding the diagonal of ``M^{-1}``) in ``per_point``: the Krylov
-    solvers evaluate it once per :class:`~nimplicit.implicit.ForwardPoint` and
-    keep the result in that point's ``cache``, so every VJP, JVP and
-    higher-order solve at the point shares it.
+    Wrap a factory ``factory(point) -> preconditioner`` (a callable
+    ``v -> M^{-1} v`` or an array holding the diagonal of ``M^{-1}``): the
+    Krylov solvers evaluate it once per forward point, in :meth:`LinearSolver.init`,
+    so every VJP, JVP and higher-order solve at the point shares it.
 
     >>> opts = {"preconditioner": per_point(lambda point: 1.0 / diag_of_J(point))}
     >>> layer = implicit_layer(F, solver, linear_solver="minres", linear_solver_options=opts)
@@ -268,32 +496,32 @@ class per_point:
         self.factory = factory
 
 
-Preconditioner = Union[None, Callable[[onp.ndarray], onp.ndarray], onp.ndarray, per_point]
+Preconditioner = Union[None, Callable[[np.ndarray], np.ndarray], np.ndarray, per_point]
 
 
-def _probe_symmetry(matvec, b, name):
-    rng = onp.random.default_rng(0)
-    u, v = rng.standard_normal(b.shape), rng.standard_normal(b.shape)
-    left, right = onp.vdot(u, matvec(v)), onp.vdot(v, matvec(u))
+def _probe_symmetry(matvec, shape, name):
+    rng = np.random.default_rng(0)
+    u, v = rng.standard_normal(shape), rng.standard_normal(shape)
+    left, right = np.vdot(u, matvec(v)), np.vdot(v, matvec(u))
     scale = max(abs(left), abs(right), 1e-300)
-    if abs(left - right) > 1e-8 * scale * max(1.0, onp.sqrt(b.size)):
-        raise LinearSolveError(
-            f"linear_solver='{name}' needs a symmetric operator, but <u, A v> = {left:.6g} "
-            f"and <v, A u> = {right:.6g} differ: {name} would converge to a wrong solution. "
-            f"Use 'gmres', 'bicgstab' or 'lsmr' for a non-symmetric J_F,y.")
+    if abs(left - right) > 1e-8 * scale * max(1.0, np.sqrt(u.size)):
+        raise _error(LinearSolveError, SolveStatus.NOT_SYMMETRIC,
+                     f"linear_solver='{name}' needs a symmetric operator, but <u, A v> = {left:.6g} "
+                     f"and <v, A u> = {right:.6g} differ: {name} would converge to a wrong solution. "
+                     f"Use 'gmres', 'bicgstab' or 'lsmr' for a non-symmetric J_F,y.")
 
 
-def _flat_operator(apply: MatVec, shape) -> Callable[[onp.ndarray], onp.ndarray]:
+def _flat_operator(apply: MatVec, shape) -> Callable[[np.ndarray], np.ndarray]:
     """``apply`` (on arrays of ``b``'s layout) as a map of flat vectors."""
-    return lambda v: onp.asarray(apply(onp.asarray(v).reshape(shape)), dtype=float).ravel()
+    return lambda v: np.asarray(apply(np.asarray(v).reshape(shape)), dtype=float).ravel()
 
 
-def _diagonal_preconditioner(diag, b: onp.ndarray, name: str, spd: bool) -> MatVec:
-    diag = onp.asarray(diag, dtype=float)
-    if diag.shape not in (b.shape, b.shape[-1:]):
+def _diagonal_preconditioner(diag, shape, name: str, spd: bool) -> MatVec:
+    diag = np.asarray(diag, dtype=float)
+    if diag.shape not in (shape, shape[-1:]):
         raise ShapeError(f"the diagonal preconditioner of {name} has shape {diag.shape}; it must "
-                         f"have the shape of b, {b.shape}, or of one instance, {b.shape[-1:]}")
-    if not onp.all(onp.isfinite(diag)) or (spd and not onp.all(diag > 0)):
+                         f"have the shape of b, {shape}, or of one instance, {shape[-1:]}")
+    if not np.all(np.isfinite(diag)) or (spd and not np.all(diag > 0)):
         raise LinearSolveError(
             f"the diagonal preconditioner of {name} has {int((~(diag > 0)).sum())} entries that are "
             f"not {'positive and ' if spd else ''}finite; {name} needs "
@@ -302,28 +530,23 @@ def _diagonal_preconditioner(diag, b: onp.ndarray, name: str, spd: bool) -> MatV
     return lambda v: diag * v
 
 
-def _resolve_preconditioner(preconditioner: Preconditioner, b, cache, point, name: str,
+def _resolve_preconditioner(preconditioner: Preconditioner, shape, point, name: str,
                             spd: bool) -> Optional[MatVec]:
     """``v -> M^{-1} v`` on arrays of ``b``'s layout, or None."""
     if preconditioner is None:
         return None
     if isinstance(preconditioner, per_point):
-        if cache is not None and "preconditioner" in cache:
-            return cache["preconditioner"]
         if point is None:
             raise UnsupportedError(
                 f"{name}: a per_point preconditioner needs the forward point, but the solver was "
                 f"called with point=None; pass a fixed preconditioner instead.")
-        resolved = _resolve_preconditioner(preconditioner.factory(point), b, None, None, name, spd)
-        if cache is not None:
-            cache["preconditioner"] = resolved
-        return resolved
+        return _resolve_preconditioner(preconditioner.factory(point), shape, None, name, spd)
     if callable(preconditioner):
         return preconditioner
-    return _diagonal_preconditioner(preconditioner, b, name, spd)
+    return _diagonal_preconditioner(preconditioner, shape, name, spd)
 
 
-def _one_krylov_solve(method, op, M, rhs, rtol, budget, kw):
+def _one_krylov_solve(method, op, M, rhs, rtol, budget, restart):
     """One run of a SciPy Krylov method on ``op x = rhs`` from ``x = 0``, at
     most ``budget`` inner iterations.  Returns ``(x, info, iterations)``."""
     iterations = [0]
@@ -334,7 +557,7 @@ def _one_krylov_solve(method, op, M, rhs, rtol, budget, kw):
     if method is spla.gmres:
         # scipy counts GMRES restart cycles; here the budget bounds the inner
         # iterations (matrix-vector products), as for the other Krylov methods
-        restart = max(1, min(kw["restart"], budget))
+        restart = max(1, min(restart, budget))
         x, info = method(op, rhs, rtol=rtol, atol=0.0, maxiter=-(-budget // restart), M=M,
                          restart=restart, callback=count, callback_type="pr_norm")
     else:
@@ -347,198 +570,380 @@ def _one_krylov_solve(method, op, M, rhs, rtol, budget, kw):
     return x, info, iterations[0]
 
 
-def _krylov(name: str, method, matvec: MatVec, rmatvec: Optional[MatVec], b: onp.ndarray, *,
-            rtol: float, maxiter: Optional[int], preconditioner: Preconditioner, refinements: int,
-            cache: Optional[dict], point, symmetric: bool = False, check_symmetric: bool = False,
-            **kw) -> onp.ndarray:
+#: the noise floor's safety factor: ``|fl(A x) - A x| <= gamma_n |A| |x|`` with
+#: ``gamma_n ~ n eps`` in the worst case and ~ sqrt(n) eps typically.
+NOISE_FACTOR = 10.0
+
+
+def noise_floor(norm_A: float, norm_x: float, norm_b: float, n: int) -> float:
+    r"""The smallest residual norm that double precision can certify for ``A x = b``.
+
+    A product ``A x`` evaluated in floating point (an autograd VJP is a chain of
+    such products) carries an error of order ``eps |A| |x|``, and ``b - A x``
+    one of order ``eps (|A| |x| + |b|)``.  A computed residual below
+
+    .. math:: \tau = c\,\sqrt{n}\,\epsilon\,(\|A\|\,\|x\| + \|b\|),\quad c = 10,
+
+    is rounding noise: no refinement can reduce it further.
+    """
+    return NOISE_FACTOR * np.sqrt(max(n, 1)) * EPS * (norm_A * norm_x + norm_b)
+
+
+def _estimate_norm(apply: MatVec, apply_T: Optional[MatVec], n: int, steps: int = 6) -> float:
+    """``|A|_2`` from below by a few power iterations on ``A^T A`` (or on ``A`` if symmetric)."""
+    rng = np.random.default_rng(12345)
+    v = rng.standard_normal(n)
+    v /= np.linalg.norm(v)
+    est = 0.0
+    for _ in range(steps):
+        w = apply(v)
+        est = max(est, float(np.linalg.norm(w)))
+        if apply_T is not None:
+            w = apply_T(w)
+        nw = np.linalg.norm(w)
+        if not nw > 0:
+            break
+        v = w / nw
+    return est
+
+
+def _krylov(name: str, method, apply: MatVec, apply_T: Optional[MatVec], b: np.ndarray, *,
+            rtol: float, maxiter: Optional[int], M: Optional[MatVec], refinements: int,
+            restart: int = 60) -> np.ndarray:
     r"""Solve ``A x = b`` with a SciPy Krylov ``method`` and iterative refinement.
 
     Round 0 solves ``A x_0 = b``; round ``k`` solves the correction equation
     ``A d = r_k`` on the true residual ``r_k = b - A x_k`` and sets
     ``x_{k+1} = x_k + d``, for at most ``refinements`` rounds after the first.
-    ``x`` is accepted as soon as ``|A x - b| <= rtol |b|`` (the true residual);
-    every round asks its method for the reduction still needed, divided by the
-    gap between the method's own stopping estimate and the true residual seen in
-    the previous round.  ``maxiter`` bounds the inner iterations of all rounds.
+    ``x`` is accepted as soon as ``|A x - b| <= rtol |b|``, or when a round no
+    longer reduces a residual that is already at the noise floor of the
+    operator (:func:`noise_floor`): then ``rtol`` was below what double
+    precision can certify, and ``x`` is as accurate as the products allow.
+    ``maxiter`` bounds the inner iterations of all rounds.
     """
     shape = b.shape
     bf = b.ravel()
-    bnorm = onp.linalg.norm(bf)
+    bnorm = np.linalg.norm(bf)
     if bnorm == 0:
-        return onp.zeros(shape)
-    if symmetric and check_symmetric:
-        _probe_symmetry(matvec, b, name)
+        return np.zeros(shape)
     n = bf.size
-    op = spla.LinearOperator((n, n), matvec=_flat_operator(matvec, shape), dtype=float,
-                             rmatvec=_flat_operator(rmatvec, shape) if rmatvec is not None else None)
-    apply_M = _resolve_preconditioner(preconditioner, b, cache, point, name, spd=symmetric)
-    M = None if apply_M is None else spla.LinearOperator((n, n), matvec=_flat_operator(apply_M, shape),
-                                                          dtype=float)
+    fa = _flat_operator(apply, shape)
+    op = spla.LinearOperator((n, n), matvec=fa, dtype=float)
+    Mop = None if M is None else spla.LinearOperator((n, n), matvec=_flat_operator(M, shape),
+                                                     dtype=float)
     maxiter = maxiter or 10 * n
-    x, r = onp.zeros(n), bf
+    x, r = np.zeros(n), bf
+    best_x, best_res = x, 1.0
     used, rounds, gap, info = 0, 0, 1.0, 0
-    res = 1.0
+    res = previous = 1.0
     while True:
         asked = min(0.5, max(rtol / res / gap, EPS)) if rounds else rtol
-        d, info, its = _one_krylov_solve(method, op, M, r, asked, maxiter - used, kw)
+        d, info, its = _one_krylov_solve(method, op, Mop, r, asked, maxiter - used, restart)
         used, rounds = used + its, rounds + 1
         x = x + d
         r = bf - op.matvec(x)
-        previous, res = res, onp.linalg.norm(r) / bnorm
+        previous, res = res, np.linalg.norm(r) / bnorm
+        if res < best_res:
+            best_x, best_res = x, res
         if res <= rtol:
             return x.reshape(shape)
         gap = max(1.0, res / (asked * previous))
-        if rounds > refinements or used >= maxiter or info < 0 or not res < previous:
+        stalled = not res < previous
+        if stalled or rounds > refinements or used >= maxiter or info < 0:
             break
-    raise LinearSolveError(_not_converged(name, res, rtol, used, rounds, refinements, maxiter, info,
-                                          stagnated=not res < previous))
+    # is what remains rounding noise of the operator?  (then rtol was unattainable)
+    fT = None if apply_T is None else _flat_operator(apply_T, shape)
+    floor = noise_floor(_estimate_norm(fa, fT, n), np.linalg.norm(best_x), bnorm, n) / bnorm
+    if best_res <= floor:
+        return best_x.reshape(shape)
+    status = (SolveStatus.MAX_STEPS_REACHED if used >= maxiter else
+              SolveStatus.BREAKDOWN if info < 0 else
+              SolveStatus.STAGNATION if stalled else SolveStatus.REFINEMENTS_USED_UP)
+    raise _error(LinearSolveError, status,
+                 _not_converged(name, best_res, rtol, used, rounds, refinements, maxiter, info,
+                                status, floor))
 
 
-def _not_converged(name, res, rtol, iterations, rounds, refinements, maxiter, info, stagnated) -> str:
-    why = ("maxiter was reached" if iterations >= maxiter else
-           f"method breakdown (scipy info={info})" if info < 0 else
-           "the last round did not reduce the residual (the system may be too ill-conditioned "
-           "for double precision)" if stagnated else "the refinements were used up")
+def _not_converged(name, res, rtol, iterations, rounds, refinements, maxiter, info, status,
+                   floor) -> str:
+    why = (f"method breakdown (scipy info={info})" if status is SolveStatus.BREAKDOWN
+           else status.message)
     return (f"{name} did not converge: the relative residual |A x - b|/|b| = {res:.3g} did not "
             f"reach rtol={rtol:g} after {iterations} iterations in {rounds} Krylov solve(s) "
-            f"(refinements={refinements}, maxiter={maxiter}): {why}. Raise maxiter or refinements, "
+            f"(refinements={refinements}, maxiter={maxiter}; the operator's noise floor is "
+            f"{floor:.2g}): {why}. Raise maxiter or refinements, "
             f"pass preconditioner= (an approximation of A^{{-1}}, e.g. the inverse diagonal of "
             f"J_F,y), use a solver suited to the operator (gmres for a non-symmetric J_F,y), or a "
             f"dense solver ('lu').")
 
 
-_KRYLOV_OPTIONS_DOC = """
-    Parameters
-    ----------
-    matvec, rmatvec, b, cache, point
-        See :mod:`nimplicit.linear_solvers`.
-    rtol : float
-        Accept ``x`` when the true relative residual ``|A x - b| / |b| <= rtol``.
-    maxiter : int, optional
-        Bound on the inner iterations (matrix-vector products) summed over all
-        refinement rounds; default ``10 * b.size``.
-    preconditioner : callable, array, :class:`per_point` or None
-        ``M^{-1}``, an approximation of ``A^{-1}``: a callable ``v -> M^{-1} v``
-        on arrays of ``b``'s layout, an array holding the diagonal of ``M^{-1}``
-        (shape of ``b`` or of one instance), or ``per_point(factory)`` with
-        ``factory(point)`` returning either (evaluated once per forward point).
-        The same ``M^{-1}`` serves ``A = J`` and ``A = J^T``.%s
-    refinements : int
-        At most this many restarts on the true residual, ``x += solve(A, b - A x)``,
-        after the first solve; :class:`~nimplicit.errors.LinearSolveError` if
-        ``|A x - b| / |b| <= rtol`` is still not met (or a round makes no progress).
-"""
-_SPD_NOTE = "\n        Must be symmetric positive definite."
+class _KrylovState(LinearSolverState):
+    def __init__(self, solver: "_Krylov", operator: Operator, M: Optional[MatVec]):
+        self.solver, self.operator, self.M = solver, operator, M
+        self._probed = set()
+
+    def solve(self, b, transpose=False):
+        b = np.asarray(b, dtype=float)
+        s, op = self.solver, self.operator
+        apply, apply_T = (op.rmv, op.mv) if transpose else (op.mv, op.rmv)
+        if s.symmetric:
+            apply = apply or apply_T
+        if s.symmetric and s.opts["check_symmetric"] and transpose not in self._probed:
+            _probe_symmetry(apply, b.shape, s.name)
+            self._probed.add(transpose)
+        return _krylov(s.name, s.method, apply, apply_T, b, rtol=s.opts["rtol"],
+                       maxiter=s.opts["maxiter"], M=self.M, refinements=s.opts["refinements"],
+                       restart=min(s.opts.get("restart", 60), b.size))
 
 
-def cg(matvec: MatVec, rmatvec: Optional[MatVec], b: onp.ndarray, *, rtol: float = 1e-11,
-       maxiter: Optional[int] = None, check_symmetric: bool = True,
-       preconditioner: Preconditioner = None, refinements: int = 3,
-       cache: Optional[dict] = None, point=None, **_) -> onp.ndarray:
-    """Conjugate gradients, for a symmetric positive definite ``A`` (checked by a
-    random probe ``<u, A v> = <v, A u>`` unless ``check_symmetric=False``).
-    """
-    return _krylov("cg", spla.cg, matvec, rmatvec, b, rtol=rtol, maxiter=maxiter,
-                   preconditioner=preconditioner, refinements=refinements, cache=cache, point=point,
-                   symmetric=True, check_symmetric=check_symmetric)
+class _Krylov(LinearSolver):
+    """Square Krylov solver (see the module docstring for the options)."""
+
+    method = None
+    symmetric = False
+    options = {"rtol": 1e-11, "maxiter": None, "preconditioner": None, "refinements": 3}
+
+    def init(self, operator, aux=None):
+        if operator.r != operator.m:
+            raise _error(ShapeError, SolveStatus.NOT_SQUARE,
+                         f"{self.name} needs a square J_F,y, got {operator.r} x {operator.m}; use "
+                         f"'lsmr' or 'lstsq'")
+        M = _resolve_preconditioner(self.opts["preconditioner"], operator.batch + (operator.m,),
+                                    operator.point, self.name, spd=self.symmetric)
+        return _KrylovState(self, operator, M)
 
 
-def minres(matvec: MatVec, rmatvec: Optional[MatVec], b: onp.ndarray, *, rtol: float = 1e-11,
-           maxiter: Optional[int] = None, check_symmetric: bool = True,
-           preconditioner: Preconditioner = None, refinements: int = 3,
-           cache: Optional[dict] = None, point=None, **_) -> onp.ndarray:
-    """MINRES, for a symmetric (possibly indefinite) ``A`` (probed as in :func:`cg`).
-
-    SciPy's MINRES stops on a backward-error estimate ``|r| / (|A| |x| + |b|)``,
-    which on an ill-conditioned ``A`` can leave ``|A x - b| / |b|`` orders of
-    magnitude above ``rtol``; the refinement rounds close that gap.
-    """
-    return _krylov("minres", spla.minres, matvec, rmatvec, b, rtol=rtol, maxiter=maxiter,
-                   preconditioner=preconditioner, refinements=refinements, cache=cache, point=point,
-                   symmetric=True, check_symmetric=check_symmetric)
+class CG(_Krylov):
+    """Conjugate gradients, for a symmetric positive definite ``J`` (probed unless
+    ``check_symmetric=False``)."""
+    name, method, symmetric = "cg", staticmethod(spla.cg), True
+    options = {**_Krylov.options, "check_symmetric": True}
 
 
-def gmres(matvec: MatVec, rmatvec: Optional[MatVec], b: onp.ndarray, *, rtol: float = 1e-11,
-          maxiter: Optional[int] = None, restart: int = 60, preconditioner: Preconditioner = None,
-          refinements: int = 3, cache: Optional[dict] = None, point=None, **_) -> onp.ndarray:
-    """Restarted GMRES(``restart``), for a general square ``A``; ``maxiter`` bounds the
-    total number of inner iterations over all restart cycles and refinement rounds.
-    """
-    return _krylov("gmres", spla.gmres, matvec, rmatvec, b, rtol=rtol, maxiter=maxiter,
-                   preconditioner=preconditioner, refinements=refinements, cache=cache, point=point,
-                   restart=min(restart, b.size))
+class MINRES(_Krylov):
+    """MINRES, for a symmetric (possibly indefinite) ``J``.  SciPy's MINRES stops on
+    a backward-error estimate; the refinement rounds close the gap to ``rtol``."""
+    name, method, symmetric = "minres", staticmethod(spla.minres), True
+    options = {**_Krylov.options, "check_symmetric": True}
 
 
-def bicgstab(matvec: MatVec, rmatvec: Optional[MatVec], b: onp.ndarray, *, rtol: float = 1e-11,
-             maxiter: Optional[int] = None, preconditioner: Preconditioner = None,
-             refinements: int = 3, cache: Optional[dict] = None, point=None, **_) -> onp.ndarray:
-    """BiCGSTAB, for a general square ``A``."""
-    return _krylov("bicgstab", spla.bicgstab, matvec, rmatvec, b, rtol=rtol, maxiter=maxiter,
-                   preconditioner=preconditioner, refinements=refinements, cache=cache, point=point)
+class GMRES(_Krylov):
+    """Restarted GMRES(``restart``) for a general square ``J``."""
+    name, method = "gmres", staticmethod(spla.gmres)
+    options = {**_Krylov.options, "restart": 60}
 
 
-cg.__doc__ += _KRYLOV_OPTIONS_DOC % _SPD_NOTE
-minres.__doc__ += _KRYLOV_OPTIONS_DOC % _SPD_NOTE
-gmres.__doc__ += _KRYLOV_OPTIONS_DOC % ""
-bicgstab.__doc__ += _KRYLOV_OPTIONS_DOC % ""
+class BiCGSTAB(_Krylov):
+    """BiCGSTAB for a general square ``J``."""
+    name, method = "bicgstab", staticmethod(spla.bicgstab)
 
 
-def lsmr(matvec: MatVec, rmatvec: MatVec, b: onp.ndarray, *, transpose: bool = False,
-         x_size: Optional[int] = None, rtol: float = 1e-12, maxiter: Optional[int] = None,
-         ridge: float = 0.0, cache: Optional[dict] = None, preconditioner: Preconditioner = None,
-         refinements: Optional[int] = None, **_) -> onp.ndarray:
-    """LSMR: ``argmin |A x - b|^2 + ridge |x|^2`` for any (also non-square) ``A``,
-    minimum-norm when ``ridge = 0``; uses both products.
+class _LSMRState(LinearSolverState):
+    exact = False
+
+    def __init__(self, solver, operator):
+        self.solver, self.operator = solver, operator
+
+    def solve(self, b, transpose=False):
+        b = np.asarray(b, dtype=float)
+        op, o = self.operator, self.solver.opts
+        mv, rmv = (op.rmv, op.mv) if transpose else (op.mv, op.rmv)
+        if mv is None or rmv is None:
+            raise UnsupportedError("lsmr needs both products of the operator (J and J^T)")
+        batch = b.shape[:-1]
+        xshape = batch + ((op.r if transpose else op.m),)
+        A = spla.LinearOperator(
+            (b.size, int(np.prod(xshape))), dtype=float,
+            matvec=lambda v: np.asarray(mv(np.asarray(v).reshape(xshape)), float).ravel(),
+            rmatvec=lambda u: np.asarray(rmv(np.asarray(u).reshape(b.shape)), float).ravel())
+        maxiter = o["maxiter"] or 10 * max(A.shape)
+        x, istop, itn = spla.lsmr(A, b.ravel(), damp=np.sqrt(o["ridge"]), atol=o["rtol"],
+                                  btol=o["rtol"], conlim=1e14, maxiter=maxiter)[:3]
+        if istop in (3, 6, 7):
+            reason = {3: "the operator's estimated condition number exceeded conlim=1e14",
+                      6: "the condition number exceeded 1/eps",
+                      7: f"maxiter={maxiter} was reached"}[istop]
+            raise _error(LinearSolveError, SolveStatus.MAX_STEPS_REACHED if istop == 7
+                         else SolveStatus.ILL_CONDITIONED,
+                         f"lsmr did not converge after {itn} iterations: {reason}. "
+                         f"Raise maxiter, add ridge=..., or use linear_solver='lstsq'.")
+        return x.reshape(xshape)
+
+
+class LSMR(LinearSolver):
+    """LSMR: ``argmin |J x - b|^2 + ridge |x|^2`` for any (also non-square) ``J``,
+    minimum-norm when ``ridge = 0``; uses both products; never exact.
 
     It takes neither ``preconditioner`` nor ``refinements``: a preconditioner
     changes which least-squares / minimum-norm solution is found, and the true
-    residual of an inconsistent system never reaches ``rtol``; LSMR stops on its
-    own least-squares criteria (``atol = btol = rtol``).
+    residual of an inconsistent system never reaches ``rtol``.
     """
-    if preconditioner is not None or refinements is not None:
-        raise UnsupportedError("lsmr takes no preconditioner or refinements (they would change the "
-                               "least-squares solution); use 'gmres' or 'minres' for a square, "
-                               "nonsingular J_F,y.")
-    if rmatvec is None:
-        raise UnsupportedError("lsmr needs both products of the operator (matvec and rmatvec)")
-    batch = b.shape[:-1]
-    k = b.shape[-1]
-    m = x_size or k
-    bshape, xshape = batch + (k,), batch + (m,)
-    op = spla.LinearOperator(
-        (int(onp.prod(bshape)), int(onp.prod(xshape))), dtype=float,
-        matvec=lambda v: onp.asarray(matvec(onp.asarray(v).reshape(xshape)), float).ravel(),
-        rmatvec=lambda u: onp.asarray(rmatvec(onp.asarray(u).reshape(bshape)), float).ravel())
-    maxiter = maxiter or 10 * max(op.shape)
-    if cache is not None:
-        cache["pseudo_inverse"] = True
-    x, istop, itn = spla.lsmr(op, b.ravel(), damp=onp.sqrt(ridge), atol=rtol, btol=rtol,
-                              conlim=1e14, maxiter=maxiter)[:3]
-    if istop in (3, 6, 7):
-        reason = {3: "the operator's estimated condition number exceeded conlim=1e14",
-                  6: "the condition number exceeded 1/eps",
-                  7: f"maxiter={maxiter} was reached"}[istop]
-        raise LinearSolveError(f"lsmr did not converge after {itn} iterations: {reason}. "
-                               f"Raise maxiter, add ridge=..., or use linear_solver='lstsq'.")
-    return x.reshape(xshape)
 
+    name = "lsmr"
+    options = {"rtol": 1e-12, "maxiter": None, "ridge": 0.0, "preconditioner": None,
+               "refinements": None}
+
+    def _validate(self):
+        super()._validate()
+        if self.opts["preconditioner"] is not None or self.opts["refinements"] is not None:
+            raise UnsupportedError("lsmr takes no preconditioner or refinements (they would change "
+                                   "the least-squares solution); use 'gmres' or 'minres' for a "
+                                   "square, nonsingular J_F,y.")
+
+    def init(self, operator, aux=None):
+        return _LSMRState(self, operator)
+
+
+SOLVER_CLASSES = {cls.name: cls for cls in (LU, Cholesky, Lstsq, CG, MINRES, GMRES, BiCGSTAB, LSMR)}
+DENSE_NAMES = ("lu", "cholesky", "lstsq")
+
+
+# --------------------------------------------------------------------------
+# the deprecated callable protocol: the only place of the old cache dict
+# --------------------------------------------------------------------------
+
+class _LegacyOperator(CallbackOperator):
+    """The operator of an old-protocol call: ``matvec = A``, ``A = J^T`` if transpose."""
+
+    def __init__(self, matvec, rmatvec, b, transpose, x_size, point, J):
+        k = b.shape[-1]
+        r, m = ((x_size or k), k) if transpose else (k, (x_size or k))
+        mv, rmv = (rmatvec, matvec) if transpose else (matvec, rmatvec)
+        batch = b.shape[:-1]
+        if len(batch) > 1:
+            raise ShapeError(f"a right-hand side of shape {b.shape}: one instance (k,) or a batch "
+                             f"(B, k)")
+        super().__init__(mv, rmv, r, m, batch[0] if batch else None, point, J)
+
+
+def _legacy_call(cls, matvec, rmatvec, b, transpose, x_size, cache, point, opts):
+    """Old protocol -> new: build (once per ``cache``) the state and solve."""
+    opts = {k: v for k, v in opts.items() if k not in ("x_size", "cache", "point", "transpose")}
+    b = np.asarray(b, dtype=float)
+    key = ("nimplicit.linear_solvers", cls.name)
+    state = cache.get(key) if cache is not None else None
+    if state is None:
+        J = cache.get("J") if cache is not None else None
+        state = cls(**opts).init(_LegacyOperator(matvec, rmatvec, b, transpose, x_size, point, J))
+        if cache is not None:
+            cache[key] = state
+            if not state.exact:
+                cache["pseudo_inverse"] = True
+    return state.solve(b, transpose=transpose)
+
+
+def legacy_function(cls):
+    """The deprecated callable form ``solve(matvec, rmatvec, b, *, transpose, x_size, cache,
+    point, **opts)`` of a :class:`LinearSolver` class (its state kept in ``cache``)."""
+    def solve(matvec: Optional[MatVec], rmatvec: Optional[MatVec], b: np.ndarray, *,
+              transpose: bool = False, x_size: Optional[int] = None, cache: Optional[dict] = None,
+              point=None, **opts) -> np.ndarray:
+        return _legacy_call(cls, matvec, rmatvec, b, transpose, x_size, cache, point, opts)
+    solve.__name__ = solve.__qualname__ = cls.name
+    solve.__doc__ = (f"Deprecated callable form of :class:`{cls.__name__}` "
+                     f"(``solve(matvec, rmatvec, b, *, transpose, x_size, cache, point, **opts)``, "
+                     f"``matvec = A``, ``A = J^T`` when ``transpose``).\n\n{cls.__doc__}")
+    solve.solver_class = cls
+    return solve
+
+
+lu = legacy_function(LU)
+cholesky = legacy_function(Cholesky)
+lstsq = legacy_function(Lstsq)
+cg = legacy_function(CG)
+minres = legacy_function(MINRES)
+gmres = legacy_function(GMRES)
+bicgstab = legacy_function(BiCGSTAB)
+lsmr = legacy_function(LSMR)
 
 DENSE = {"lu": lu, "cholesky": cholesky, "lstsq": lstsq}
 MATRIX_FREE = {"cg": cg, "minres": minres, "gmres": gmres, "bicgstab": bicgstab, "lsmr": lsmr}
 SOLVERS = {**DENSE, **MATRIX_FREE}
-
-# Solvers whose solution x = A^{-1} b has the derivative dx = -A^{-1} dA x used by
-# the implicit node for higher orders; the least-squares family does not.
 INVERTIBLE = {"lu", "cholesky", "cg", "minres", "gmres", "bicgstab"}
 
 
+class _LegacyState(LinearSolverState):
+    def __init__(self, fn, operator, options):
+        self.fn, self.operator, self.options = fn, operator, options
+        self.cache: dict = {}      # the old per-point dict, for this callable only
+
+    @property
+    def exact(self):
+        return not self.cache.get("pseudo_inverse")
+
+    def solve(self, b, transpose=False):
+        op = self.operator
+        mv, rmv = (op.rmv, op.mv) if transpose else (op.mv, op.rmv)
+        b = np.asarray(b, dtype=float)
+        return self.fn(mv, rmv, b, transpose=transpose, x_size=op.r if transpose else op.m,
+                       cache=self.cache, point=op.point, **self.options)
+
+
+class LegacySolver(LinearSolver):
+    """Deprecated: a callable ``solve(matvec, rmatvec, b, *, transpose, x_size, cache, point,
+    **opts)`` used as a linear solver.  ``cache`` is a dict per forward point;
+    ``cache["pseudo_inverse"] = True`` marks a non-exact solve.  Write a
+    :class:`LinearSolver` subclass instead.
+    """
+
+    name = "legacy"
+
+    def __init__(self, fn: Callable, **options):
+        if not callable(fn):
+            raise OptionError(f"a legacy linear solver must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.opts = dict(options)    # passed through to the callable, as before
+
+    def init(self, operator, aux=None):
+        return _LegacyState(self.fn, operator, self.opts)
+
+    def __repr__(self):
+        return f"LegacySolver({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+    def __eq__(self, other):
+        return type(other) is LegacySolver and other.fn is self.fn and other.opts == self.opts
+
+    __hash__ = object.__hash__
+
+
+def make_solver(spec: Union[str, LinearSolver, type, Callable], options: Optional[dict] = None
+                ) -> LinearSolver:
+    """A :class:`LinearSolver` from a name, a class, an instance or a (deprecated) callable.
+
+    ``options`` are the solver's options (``linear_solver_options``); with an
+    instance they must be empty.
+    """
+    options = dict(options or {})
+    if isinstance(spec, LinearSolver):
+        if options:
+            raise OptionError(f"linear_solver_options={sorted(options)} given together with a "
+                              f"constructed solver {spec!r}: pass the options to its constructor")
+        return spec
+    if isinstance(spec, type) and issubclass(spec, LinearSolver):
+        return spec(**options)
+    if isinstance(spec, str):
+        try:
+            return SOLVER_CLASSES[spec](**options)
+        except KeyError:
+            raise OptionError(f"unknown linear_solver {spec!r}; choose one of "
+                              f"{sorted(SOLVER_CLASSES)}, a LinearSolver instance, or "
+                              f"(deprecated) a callable solve(matvec, rmatvec, b, **opts)") from None
+    if callable(spec):
+        cls = getattr(spec, "solver_class", None)
+        if cls is not None:        # the callable form of a protocol class
+            return cls(**options)
+        return LegacySolver(spec, **options)
+    raise OptionError(f"linear_solver must be a name, a LinearSolver or a callable, got "
+                      f"{type(spec).__name__}")
+
+
 def get(name_or_callable):
-    """Resolve a linear solver given by name (see ``SOLVERS``) or as a callable."""
+    """Deprecated: the old-protocol function of a solver name (or a callable as is)."""
     if callable(name_or_callable):
         return name_or_callable
     try:
         return SOLVERS[name_or_callable]
     except KeyError:
-        raise ValueError(f"unknown linear_solver {name_or_callable!r}; choose one of "
-                         f"{sorted(SOLVERS)} or pass a callable "
-                         f"solve(matvec, rmatvec, b, **opts)") from None
+        raise OptionError(f"unknown linear_solver {name_or_callable!r}; choose one of "
+                          f"{sorted(SOLVERS)} or pass a callable "
+                          f"solve(matvec, rmatvec, b, **opts)") from None

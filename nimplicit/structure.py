@@ -79,3 +79,15 @@ class Structure:
                     piece = np.reshape(piece, (self.batch_size,) + tuple(shape))
                 parts.append(np.moveaxis(piece, 0, self.batch_axis % (len(shape) + 1)))
         return tuple(parts) if self.is_tuple else parts[0]
+
+
+def substitute(args, positions, values) -> list:
+    """``list(args)`` with ``args[positions[i]]`` replaced by ``values[i]``.
+
+    The one helper for "differentiate with respect to some arguments only":
+    ``f_of(sel) = f(*substitute(args, argnums, sel))``.
+    """
+    full = list(args)
+    for i, v in zip(positions, values):
+        full[i] = v
+    return full

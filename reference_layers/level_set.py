@@ -81,11 +81,12 @@ from autograd.tracer import getval
 
 from nimplicit import implicit_layer
 from nimplicit.errors import NonFiniteError, ShapeError, SingularJacobianError
-from nimplicit.linear_solvers import form_jacobian
+from nimplicit.errors import OptionError, check_backward, check_options, renamed
+from nimplicit.linear_solvers import LinearSolver, LinearSolverState, legacy_function
 
 from .kernels.marching_cubes import MCResult, marching_cubes
 
-__all__ = ["iso_surface_layer", "iso_surface", "solve_vertex_blocks", "cell_origins",
+__all__ = ["iso_surface_layer", "iso_surface", "VertexBlocks", "solve_vertex_blocks", "cell_origins",
            "trilinear", "surrogate_gradient", "MODES"]
 
 MODES = ("edge", "normal")
@@ -100,33 +101,46 @@ _UNIT_COLUMNS = [onp.eye(3)[:, k:k + 1] for k in range(3)]
 # the closed-form block solver
 # ------------------------------------------------------------------------------
 
-def solve_vertex_blocks(matvec, rmatvec, b, *, transpose: bool = False, x_size=None,
-                        cache: Optional[dict] = None, point=None, **_) -> onp.ndarray:
+class _VertexBlocksState(LinearSolverState):
+    def __init__(self, g: onp.ndarray, inv_norm2: onp.ndarray):
+        self.g, self.inv_norm2 = g, inv_norm2
+        self.exact = g.shape[1] == 1     # a pseudo-inverse (m > 1) has no higher-order rule
+
+    def solve(self, b, transpose=False):
+        b = onp.asarray(b, dtype=float)
+        if b.ndim != 2:
+            raise ShapeError(f"VertexBlocks expects a batch of blocks (batch_axis=0), got a "
+                             f"right-hand side of shape {b.shape}")
+        if transpose:       # b (V, m) -> x (V, 1)
+            return (onp.einsum("ij,ij->i", self.g, b) * self.inv_norm2)[:, None]
+        return self.g * (b[:, 0] * self.inv_norm2)[:, None]      # b (V, 1) -> x (V, m)
+
+
+class VertexBlocks(LinearSolver):
     r"""Minimum-norm solve of a batch of ``1 x m`` blocks ``J_n = g_n^T``.
 
-    The user-solver signature of :mod:`nimplicit.linear_solvers`.  The rows
-    ``g_n`` of all ``V`` blocks come from one batched product with ``J^T`` (the
-    core's :func:`~nimplicit.linear_solvers.form_jacobian` with ``r = 1``) and
-    are cached per forward point.  Then, for every block at once,
+    :meth:`init` forms the rows ``g_n`` of all ``V`` blocks with one batched
+    product with ``J^T`` (``operator.dense()`` with ``r = 1``).  Then, for
+    every block at once,
 
     .. math::  J x = b:\ x_n = g_n\, b_n / |g_n|^2, \qquad
                J^T x = b:\ x_n = g_n^\top b_n / |g_n|^2,
 
-    the exact inverse for ``m = 1`` and the minimum-norm (pseudo-inverse)
-    solution for ``m > 1``.  A block with ``g_n = 0`` raises
+    the exact inverse for ``m = 1`` (``state.exact``) and the minimum-norm
+    (pseudo-inverse) solution for ``m > 1``.  A block with ``g_n = 0`` raises
     :class:`~nimplicit.errors.SingularJacobianError`.
     """
-    if b.ndim != 2:
-        raise ShapeError(f"solve_vertex_blocks expects a batch of blocks (batch_axis=0), "
-                         f"got a right-hand side of shape {b.shape}")
-    if cache is not None and "vertex_rows" in cache:
-        g, inv_norm2 = cache["vertex_rows"]
-    else:
-        J = form_jacobian(matvec, rmatvec, b, transpose, x_size)      # (V, r, m)
-        if J.shape[1] != 1:
-            raise ShapeError(f"solve_vertex_blocks solves 1 x m blocks, got {J.shape[1]} x "
-                             f"{J.shape[2]}; use a core solver such as 'lstsq'")
-        g = J[:, 0, :]
+
+    name = "vertex_blocks"
+    options: dict = {}
+
+    def init(self, operator, aux=None):
+        if operator.batch_size is None:
+            raise ShapeError("VertexBlocks expects a batch of blocks (batch_axis=0)")
+        if operator.r != 1:
+            raise ShapeError(f"VertexBlocks solves 1 x m blocks, got {operator.r} x "
+                             f"{operator.m}; use a core solver such as 'lstsq'")
+        g = operator.dense()[:, 0, :]                      # (V, m)
         norm2 = onp.einsum("ij,ij->i", g, g)
         bad = onp.flatnonzero(~(norm2 > 0))
         if bad.size:
@@ -134,14 +148,11 @@ def solve_vertex_blocks(matvec, rmatvec, b, *, transpose: bool = False, x_size=N
                 f"dF/dy vanishes at vertex {int(bad[0])} ({bad.size} vertices): the field's "
                 f"gradient is zero there, so the vertex's derivative is undefined. Perturb phi "
                 f"or the level away from this degenerate configuration.")
-        inv_norm2 = 1.0 / norm2
-        if cache is not None:
-            cache["vertex_rows"] = (g, inv_norm2)
-            # a pseudo-inverse (m > 1) has no higher-order rule in the core
-            cache["pseudo_inverse"] = g.shape[1] != 1
-    if transpose:       # b (V, m) -> x (V, 1)
-        return (onp.einsum("ij,ij->i", g, b) * inv_norm2)[:, None]
-    return g * (b[:, 0] * inv_norm2)[:, None]      # b (V, 1) -> x (V, m)
+        return _VertexBlocksState(g, 1.0 / norm2)
+
+
+#: deprecated callable form of :class:`VertexBlocks` (the old linear-solver protocol)
+solve_vertex_blocks = legacy_function(VertexBlocks)
 
 
 # ------------------------------------------------------------------------------
@@ -293,9 +304,21 @@ def _gather(phi, points: onp.ndarray):
 def iso_surface(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
                 mode: str = "edge",
                 linear_solver: Union[str, Callable, None] = None):
-    """Like :func:`iso_surface_layer`, but also returns the kernel's
-    :class:`~reference_layers.kernels.marching_cubes.MCResult` (raw numbers:
-    edge indices and ``t`` of every vertex): ``(verts, faces, mc)``.
+    """Deprecated: ``iso_surface_layer(..., full_output=True)``.
+
+    Returns ``(verts, faces, mc)`` with the kernel's
+    :class:`~reference_layers.kernels.marching_cubes.MCResult`.
+    """
+    renamed("iso_surface(...)", "iso_surface_layer(..., full_output=True)", "level_set", None)
+    backward = "structured" if linear_solver is None or linear_solver is solve_vertex_blocks \
+        else "generic"
+    return _iso_surface(phi, level, spacing, mode, backward,
+                        None if backward == "structured" else linear_solver, None)
+
+
+def _iso_surface(phi, level, spacing, mode: str, backward: str, linear_solver,
+                 linear_solver_options: Optional[dict]):
+    """The level-set layer: ``(verts, faces, mc)``.
 
     The implicit node's inputs are the grid values the residual reads,
     gathered from ``phi`` by one autograd fancy index (``(V, 2)`` edge ends,
@@ -304,16 +327,20 @@ def iso_surface(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
     thus works on ``O(V)`` numbers, never on the whole grid.
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise OptionError(f"mode must be one of {MODES}, got {mode!r}")
     phi_raw, level_raw, sp = _validate(getval(phi), getval(level), spacing)
     mc = _extract(phi_raw, level_raw, sp)
-    if linear_solver is None:
-        linear_solver = solve_vertex_blocks
+    if backward == "structured":
+        linear_solver = VertexBlocks()
+    elif linear_solver is None:
+        linear_solver = "lstsq"
+    solver_kw = dict(linear_solver=linear_solver, linear_solver_options=linear_solver_options)
     if len(mc.verts) == 0:
         return _empty_verts(phi, level), mc.faces, mc
     if mode == "edge":
         layer = implicit_layer(_edge_residual, lambda ends, level_: mc.t, batch_axis=0,
-                               linear_solver=linear_solver, diagnostics=_edge_margin_diagnostic)
+                               diagnostics=_edge_margin_diagnostic, check_independence=False,
+                               **solver_kw)
         t = layer(_gather(phi, mc.edge_vertices), level)
         c0 = mc.edge_vertices[:, 0, :]
         step = mc.edge_vertices[:, 1, :] - c0
@@ -325,14 +352,17 @@ def iso_surface(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
             return trilinear(corners, v / sp - origins) - level_
 
         layer = implicit_layer(residual, lambda corners, level_: mc.verts, batch_axis=0,
-                               linear_solver=linear_solver)
+                               check_independence=False, **solver_kw)
         verts = layer(_gather(phi, origins[:, None, :] + _CORNERS[None, :, :]), level)
     return verts, mc.faces, mc
 
 
 def iso_surface_layer(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
-                      mode: str = "edge",
-                      linear_solver: Union[str, Callable, None] = None):
+                      mode: str = "edge", full_output: bool = False,
+                      backward: Optional[str] = None,
+                      linear_solver: Union[str, Callable, None] = None,
+                      linear_solver_options: Optional[dict] = None,
+                      solver_options: Optional[dict] = None):
     r"""The ``level`` iso-surface of a grid field as a differentiable triangle mesh.
 
     Parameters
@@ -350,10 +380,20 @@ def iso_surface_layer(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0)
         ``"edge"`` moves each vertex along its grid edge (the exact derivative
         of the forward), ``"normal"`` along the normal of the trilinear
         surrogate (minimum-norm solution of ``phi_tri(v) = level``).
-    linear_solver : str or callable
-        Solver of the per-vertex blocks: ``None`` for the closed-form
-        :func:`solve_vertex_blocks` (default), or a core solver name
-        (``'lstsq'`` gives the same result; ``'lu'`` works for ``"edge"``).
+    full_output : bool
+        Also return the kernel's :class:`~reference_layers.kernels.marching_cubes.MCResult`
+        (raw numbers: edge indices and ``t`` of every vertex): ``(verts, faces, mc)``.
+    backward : {"structured", "generic"}
+        ``"structured"`` (default): the closed-form per-vertex blocks
+        (:class:`VertexBlocks`); ``"generic"``: the core's ``linear_solver``
+        (default ``'lstsq'``, the same result; ``'lu'`` works for ``"edge"``)
+        on the autograd Jacobian.  ``"fast"`` is a deprecated alias of "structured".
+    linear_solver, linear_solver_options
+        Only with ``backward="generic"``; passed to the core.  (A
+        ``linear_solver`` without ``backward`` is the deprecated spelling of
+        ``backward="generic"``.)
+    solver_options : dict, optional
+        The forward (marching cubes) has no options: must be empty or None.
 
     Returns
     -------
@@ -384,5 +424,16 @@ def iso_surface_layer(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0)
     >>> g.shape
     (16, 16, 16)
     """
-    verts, faces, _ = iso_surface(phi, level, spacing, mode=mode, linear_solver=linear_solver)
-    return verts, faces
+    check_options(solver_options, {}, "iso_surface_layer solver_options")
+    if linear_solver is solve_vertex_blocks:
+        linear_solver = None
+    if backward is None and linear_solver is not None:
+        backward = renamed("linear_solver without backward", "backward='generic'",
+                           "iso_surface_layer", "generic")
+    backward = check_backward(backward or "structured", "iso_surface_layer")
+    if backward == "structured" and (linear_solver is not None or linear_solver_options):
+        raise OptionError("iso_surface_layer: linear_solver / linear_solver_options are only "
+                          "meaningful with backward='generic'")
+    verts, faces, mc = _iso_surface(phi, level, spacing, mode, backward, linear_solver,
+                                    linear_solver_options)
+    return (verts, faces, mc) if full_output else (verts, faces)

@@ -25,8 +25,8 @@ def test_residual_not_met_names_norm_and_tolerance():
     with pytest.raises(ResidualError) as info:
         layer(onp.array([1.0, 2.0]))
     msg = str(info.value)
-    assert "residual is not met" in msg and "max|F(y*, x)| = 0.001" in msg
-    assert "tolerance 5e-06" in msg     # residual_tol 1e-6 times the scale 1 + max|y*| + max|x| = 5
+    assert "residual is not met" in msg and "|F_0(y*, x)| = 0.001" in msg
+    assert "residual_tol * (1 + s)" in msg and "size of the terms of that equation" in msg
     # a looser residual_tol accepts it; check_residual=False skips the check
     implicit_layer(lambda y, x: y - x, lambda x: x + 1e-3, residual_tol=1e-3)(onp.array([1.0, 2.0]))
     implicit_layer(lambda y, x: y - x, lambda x: x + 1e-3, check_residual=False)(onp.array([1.0]))

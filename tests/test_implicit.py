@@ -18,9 +18,11 @@ import scipy.optimize
 from autograd import elementwise_grad, grad, hessian, jacobian, make_jvp, make_vjp
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import (assert_close, assert_grad_matches_fd, fd_directional, fd_grad, fd_jacobian, newton_solve,
+from helpers import (assert_close, assert_grad_matches_fd, fd_directional, fd_grad, fd_jacobian, newton_solve,
                       random_direction, vdot)
-from nimplicit import ForwardPoint, implicit_layer, linear_solvers, record_points
+from nimplicit import (ForwardPoint, Solution, implicit_layer, intercept_forward, linear_solvers,
+                       record_points)
+from nimplicit.errors import OptionError, ResidualError, UnsupportedError
 
 RTOL = 1e-6
 
@@ -486,3 +488,127 @@ def test_random_batched_linear_residuals(n_inst, m, batch_axis, seed):
     for b in range(n_inst):
         expected[b, :, b, :] = onp.linalg.solve(A[b], onp.diag(1 - onp.tanh(xb[b]) ** 2))
     assert_close(J, expected, 1e-10, "batched jacobian vs closed form")
+
+
+# ------------------------------------------------------------------------------
+# forward byproducts, the linear-solver protocol, recording and intercepting
+# ------------------------------------------------------------------------------
+
+class _AuxLU(linear_solvers.LinearSolver):
+    """A structured solver that takes J from the forward's byproducts (aux)."""
+
+    name = "aux_lu"
+    options = {"scale": 1.0}
+    inits: list = []
+
+    def init(self, operator, aux=None):
+        type(self).inits.append(aux)
+        return linear_solvers.LU().init(linear_solvers.MatrixOperator(aux["J"] * self.opts["scale"]))
+
+
+def _linear_solver_with_aux(A, x):
+    y = onp.linalg.solve(A, x)
+    return Solution(y, aux={"J": A.copy()}, status="direct solve")
+
+
+def test_solution_aux_reaches_the_solver_once_per_point_and_is_not_differentiated():
+    rng = onp.random.default_rng(1)
+    A = onp.eye(4) * 3 + 0.3 * rng.standard_normal((4, 4))
+    x = rng.standard_normal(4)
+    _AuxLU.inits.clear()
+    layer = implicit_layer(lambda y, A, x: np.dot(A, y) - x, _linear_solver_with_aux,
+                           linear_solver=_AuxLU())
+    with record_points() as points:
+        J = jacobian(lambda x: layer(A, x))(x)
+    assert_close(J, onp.linalg.inv(A), 1e-12, "dy/dx = A^{-1} through the aux factorization")
+    assert len(_AuxLU.inits) == 1 and _AuxLU.inits[0]["J"] is points[0].aux["J"]
+    assert points[0].status == "direct solve"
+    loss = lambda A: np.sum(np.sin(layer(A, x)))
+    assert_grad_matches_fd(loss, A, grad(loss)(A), rng, 2, RTOL, "grad A with aux solver")
+    # the plain y is what the layer returns
+    assert_close(layer(A, x), onp.linalg.solve(A, x), 1e-14, "forward value")
+
+
+def test_linear_solver_options_are_validated():
+    with pytest.raises(OptionError, match=r"unknown option\(s\) \['tol'\].*max_condition"):
+        implicit_layer(cubic_residual, cubic_solver, linear_solver="lu",
+                       linear_solver_options={"tol": 1e-3})
+    with pytest.raises(TypeError):      # OptionError is a TypeError too
+        linear_solvers.GMRES(rtl=1e-3)
+    with pytest.raises(OptionError, match="unknown linear_solver 'bogus'"):
+        implicit_layer(cubic_residual, cubic_solver, linear_solver="bogus")
+    with pytest.raises(OptionError, match="rtol must be a positive finite"):
+        linear_solvers.MINRES(rtol=float("nan"))
+    with pytest.raises(OptionError, match="unknown option"):   # under auto: no candidate takes it
+        implicit_layer(cubic_residual, cubic_solver, linear_solver_options={"bogus": 1})
+
+
+def test_exactness_is_a_property_of_the_state():
+    J = onp.array([[2.0, 0.0], [0.0, 1.0]])
+    assert linear_solvers.LU().init(linear_solvers.MatrixOperator(J)).exact
+    assert linear_solvers.Lstsq().init(linear_solvers.MatrixOperator(J)).exact
+    assert not linear_solvers.Lstsq(ridge=1e-3).init(linear_solvers.MatrixOperator(J)).exact
+    assert not linear_solvers.Lstsq().init(linear_solvers.MatrixOperator(J[:1])).exact
+    assert not linear_solvers.LSMR().init(linear_solvers.MatrixOperator(J)).exact
+
+
+def test_layer_keeps_no_forward_state():
+    layer = implicit_layer(cubic_residual, cubic_solver)
+    before = dict(vars(layer))
+    grad(layer)(0.3)
+    layer(0.5)
+    assert vars(layer).keys() == before.keys()
+    assert all(vars(layer)[k] is before[k] for k in before)
+    with pytest.raises(AttributeError, match="record_points"):
+        layer.last_point
+
+
+def test_record_points_is_context_local():
+    import threading
+    layer = implicit_layer(cubic_residual, cubic_solver)
+    seen_in_thread = []
+
+    def other():
+        with record_points() as mine:
+            layer(0.1)
+        seen_in_thread.append(len(mine))
+
+    with record_points() as points:
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        layer(0.2)
+    assert len(points) == 1 and seen_in_thread == [1]
+
+
+def test_intercept_forward_replaces_the_solution_without_patching():
+    layer = implicit_layer(cubic_residual, cubic_solver)
+    hits = []
+
+    def perturb(lay, raw_inputs, solution):
+        hits.append(lay)
+        return Solution(solution.y + 1e-3, solution.aux, solution.status)
+
+    with intercept_forward(perturb, check_residual=False):
+        y_moved = layer(0.5)
+    assert hits == [layer] and abs(y_moved - cubic_solver(0.5) - 1e-3) < 1e-15
+    with pytest.raises(ResidualError):          # the residual check stays on unless turned off
+        with intercept_forward(perturb):
+            layer(0.5)
+    assert abs(layer(0.5) - cubic_solver(0.5)) == 0.0   # nothing left behind
+
+
+def test_legacy_callable_protocol_still_works_and_marks_pseudo_inverse():
+    """The deprecated solve(matvec, rmatvec, b, *, transpose, x_size, cache, point)."""
+    calls = []
+
+    def legacy(matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None, point=None):
+        calls.append(point)
+        cache["pseudo_inverse"] = True
+        return linear_solvers.lu(matvec, rmatvec, b, transpose=transpose, x_size=x_size, cache=cache)
+
+    layer = implicit_layer(cubic_residual, cubic_solver, linear_solver=legacy)
+    assert_close(grad(layer)(0.4), fd_grad(cubic, 0.4), RTOL, "legacy solver gradient")
+    assert isinstance(calls[0], ForwardPoint)
+    with pytest.raises(UnsupportedError, match="order >= 2"):
+        grad(grad(layer))(0.4)
