@@ -9,8 +9,8 @@ affinity ``M``, with the implicit residual (eq. 42, symmetric signs)
 
 Data flow of one call: one validation pass over ``M`` (also giving ``M 1``)
 -> forward eigensolver (:mod:`.eigen`, chosen by size and gap) -> its
-byproducts (eigenbasis or nothing) in a store private to this call's layer
--> the structured backward (:mod:`.bordered`) reads them.
+byproducts (eigenbasis or Krylov data) as ``aux`` of :class:`nimplicit.Solution`
+-> the structured backward (:class:`.bordered.BorderedKKT`) gets them in ``init``.
 """
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ import numpy as np
 from autograd.builtins import tuple as autograd_tuple
 from autograd.tracer import getval, isbox
 
-from nimplicit import implicit_layer
+from nimplicit import Solution, implicit_layer
 from nimplicit.spectral import DEFAULT_GAP_TOL, check_gap_tol, require_simple_eigenvalue
 
-from .bordered import KKT_DENSE_MAX, bordered_solver
+from .bordered import KKT_DENSE_MAX, BorderedKKT
 from .eigen import DENSE_MAX, EIG_METHODS, dense_eigendata, leading_eigendata
 from .validation import (as_real_array, check_affinity, choice, deprecated, parse_options,
                          positive_float, positive_int, resolve_backward)
@@ -52,7 +52,9 @@ def _sm_residual(z, M):
 def _sm_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
     def solver(M):
         batched = M.ndim == 3
+        # the validation pass's row sums, used once (the layer keeps no input after the call)
         rows = store.get("row_sums") if store.get("M") is M else None
+        store.clear()
         if rows is None:
             rows = check_affinity(M, batched=batched)
         data = []
@@ -67,9 +69,7 @@ def _sm_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
             data.append(e)
         y = np.stack([e.y for e in data]) if batched else data[0].y
         lam = np.array([e.lam for e in data]) if batched else np.array(data[0].lam)
-        store.clear()
-        store.update(y=y, eigen=data)
-        return y, lam
+        return Solution((y, lam), aux=data)
     return solver
 
 
@@ -169,7 +169,8 @@ def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[
     batched = Mv.ndim == 3
     store = {"M": Mv, "row_sums": check_affinity(Mv, batched=batched)}
     if backward == "structured":
-        solve = bordered_solver("sm", dense_max, store)
+        solve = BorderedKKT(kind="sm", dense_max=dense_max, **(linear_solver_options or {}))
+        linear_solver_options = None
     else:
         solve = "auto" if linear_solver is None else linear_solver
     layer = implicit_layer(
