@@ -48,7 +48,8 @@ from nimplicit.errors import NonFiniteError, ShapeError
 from nimplicit.spectral import DEFAULT_GAP_TOL, check_gap_tol, require_simple_eigenvalue
 
 from .bordered import BorderedKKT
-from .eigen import DENSE_MAX, EigenData, dense_eigendata, fix_sign, krylov_eigendata
+from .eigen import (DENSE_MAX, EigenData, default_tol, dense_eigendata, fix_sign,
+                    krylov_eigendata)
 from .errors import ConstraintRankError, DegenerateEigenvalueError, InfeasibleConstraintsError
 from .spectral import SOLVER_CHECKS, SOLVER_DEFAULTS
 from .validation import (as_real_array, check_affinity, deprecated, parse_options, positive_float,
@@ -160,7 +161,8 @@ def _smac_solver(opts: dict, gap_tol: float, dense_max: int, precomputed: dict):
             rows = store.get("row_sums") if store.get("M") is M else None
             start_product = proj(rows) if rows is not None and np.abs(v0 - 1).max() <= 1e-12 \
                 else None
-            e = krylov_eigendata(lambda v: proj(M @ proj(v)), N, tol=opts["tol"],
+            e = krylov_eigendata(lambda v: proj(M @ proj(v)), N,
+                                 tol=default_tol(opts["tol"], N),
                                  max_iter=opts["max_iter"], start=v0, start_product=start_product)
         if not e.lam > gap_tol * e.scale:
             raise DegenerateEigenvalueError(

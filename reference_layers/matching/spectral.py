@@ -30,10 +30,10 @@ from .validation import (as_real_array, check_affinity, choice, deprecated, pars
                          positive_float, positive_int, resolve_backward)
 
 #: the forward's options (``solver_options``) with their defaults
-SOLVER_DEFAULTS = {"eig_method": "auto", "tol": 1e-10, "max_iter": 300}
+SOLVER_DEFAULTS = {"eig_method": "auto", "tol": None, "max_iter": 300}
 SOLVER_CHECKS = {
     "eig_method": lambda k, v: choice(k, v, EIG_METHODS),
-    "tol": lambda k, v: positive_float(k, v, upper=1.0),
+    "tol": lambda k, v: None if v is None else positive_float(k, v, upper=1.0),
     "max_iter": lambda k, v: positive_int(k, v),
 }
 GAP_HINT = ("Break the symmetry (add node affinities) or use power_iteration_layer, whose output "
@@ -119,7 +119,8 @@ def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[
         The forward's options: ``eig_method`` in ``{'auto', 'dense',
         'krylov'}`` (default ``'auto'``: Lanczos from ``1``, dense ``eigh`` when
         Lanczos is slow on a small ``M``), ``tol`` (Lanczos stops at
-        ``|M y - lam y| <= tol lam``, default 1e-10; the implicit gradient's
+        ``|M y - lam y| <= tol lam``, default ``None``: 1e-13 up to 100 unknowns
+        (products are cheap there), 1e-10 above; the implicit gradient's
         error is of order ``tol lam / (lam - lam_2)``; the core's residual check
         ``residual_tol`` must allow it), ``max_iter`` (Lanczos steps, 300).
         An unknown key raises :class:`~.errors.UnknownOptionError` (a ``TypeError``).
