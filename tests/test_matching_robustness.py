@@ -15,7 +15,8 @@ from nimplicit import spectral
 from nimplicit.errors import NimplicitError, NonFiniteError
 from reference_layers import graph_matching as gm
 from verification import check_grad
-from verification.strategies.graph_matching import positive_affinity, random_affinity_input
+from verification.strategies.graph_matching import (all_sums_constraints, positive_affinity,
+                                                     random_affinity_input)
 
 
 def sym_exp(X, s=1.0):
@@ -78,8 +79,7 @@ def test_gradient_at_extreme_scales_against_fd(name, s):
 
 def all_sums(n):
     """All n row sums and all n column sums of an n x n assignment: rank 2n - 1."""
-    C = np.concatenate([np.kron(np.eye(n), np.ones((1, n))), np.kron(np.ones((1, n)), np.eye(n))])
-    return C, np.ones(2 * n)
+    return all_sums_constraints(n, n)
 
 
 @pytest.mark.parametrize("options", [{}, {"solver_options": {"eig_method": "krylov"},
@@ -253,3 +253,13 @@ def test_deflated_cg_backward_agrees_with_the_eigenbasis_backward(layer):
         b = make_vjp(dense)(X)[0](g)
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-9 * max(1.0, np.abs(b).max()))
     assert check_grad(krylov, X, modes=("rev",)).passed
+
+
+def test_smac_rectangular_all_sums_equals_the_reduced_constraints():
+    rng = np.random.default_rng(12)
+    C, d = all_sums_constraints(3, 5)
+    assert np.linalg.matrix_rank(C) == 3 + 5 - 1
+    M = positive_affinity(rng, 15)
+    x = gm.smac_layer(M, C, d)
+    np.testing.assert_allclose(x, gm.smac_layer(M, shape=(3, 5)), atol=1e-10)
+    np.testing.assert_allclose(C @ x, d, atol=1e-12)
