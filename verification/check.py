@@ -105,6 +105,10 @@ class CheckResult:
         derivative is zero at the resolution of finite differences (e.g. the
         Hessian of a piecewise-linear map) and ``max_rel_error`` compares noise
         with noise: read ``max_abs_error`` and ``passed`` instead.
+    worst_noise_error : the part of the worst entry's FD error bound due to the
+        forward's noise measured by ECnoise (0 when none was measured).
+    kinks : compared entries whose finite difference was one-sided because the
+        forward is piecewise linear with a kink inside the stencil.
     """
     input: int
     mode: str
@@ -122,6 +126,15 @@ class CheckResult:
     fd_error: float
     passed: bool
     resolvable: bool = True
+    worst_noise_error: float = 0.0
+    kinks: int = 0
+
+    @property
+    def noise_suspect(self) -> bool:
+        """Failed, but the forward's measured noise is at least a tenth of the
+        worst gap: the mismatch may come from the noise, not the derivative."""
+        gap = abs(self.worst_ad - self.worst_fd)
+        return (not self.passed) and self.worst_noise_error >= 0.1 * gap and gap > 0
 
     @property
     def label(self) -> str:
@@ -177,7 +190,14 @@ class GradCheckReport:
                 f"{r.input:>5} {r.label:<17} {r.kind:<8} {r.n_compared:>5} {r.max_abs_error:>11.3e} "
                 f"{r.max_rel_error:>11.3e} {r.fd_error:>9.1e}  {r.worst_where}: {r.worst_ad:.12g} vs "
                 f"{r.worst_fd:.12g} ({r.worst_fd_error:.2g}, {r.worst_tolerance:.2g}) "
-                f"{'ok' if r.passed else 'FAIL'}{'' if r.resolvable else ' (zero at FD resolution)'}")
+                f"{'ok' if r.passed else 'FAIL'}{'' if r.resolvable else ' (zero at FD resolution)'}"
+                f"{f' [{r.kinks} one-sided at kinks]' if r.kinks else ''}")
+            if r.noise_suspect:
+                lines.append(
+                    f"      -> noise, not the derivative, may be the cause: the forward's measured "
+                    f"noise contributes {r.worst_noise_error:.2g} to the FD error bound of the worst "
+                    f"entry, against a gap of {abs(r.worst_ad - r.worst_fd):.2g}; tighten the forward "
+                    f"solver's tolerance, or declare its accuracy with noise= (relative to |f|)")
         verdict = "PASS" if self.passed else f"FAIL ({len(self.failures())} of {len(self.results)})"
         lines.append(f"{verdict}: {self.n_evals} function evaluations for finite differences, "
                      f"{self.seconds:.2f} s, seed {self.seed}")
@@ -188,7 +208,8 @@ class GradCheckReport:
     def to_dict(self) -> Dict[str, Any]:
         return {"passed": self.passed, "n_evals": self.n_evals, "seconds": self.seconds,
                 "seed": self.seed, "rtol": self.rtol, "atol": self.atol,
-                "results": [dict(asdict(r), label=r.label, worst_index=list(r.worst_index))
+                "results": [dict(asdict(r), label=r.label, worst_index=list(r.worst_index),
+                                 noise_suspect=r.noise_suspect)
                             for r in self.results]}
 
 
@@ -269,6 +290,7 @@ class _Settings:
     full_max: int
     fd_step: Optional[float]
     fd_levels: int
+    auto_noise: bool = True
 
 
 class _Group:
@@ -284,32 +306,36 @@ class _Group:
         self.input, self.mode, self.order, self.kind = input, mode, order, kind
         self.rows: list = []
 
-    def add(self, prefix: Tuple[int, ...], ad, fd, err, describe: Callable, extra=0.0):
+    def add(self, prefix: Tuple[int, ...], ad, fd, err, describe: Callable, extra=0.0,
+            noise_err=0.0, kinks=0):
         ad = onp.atleast_1d(onp.asarray(ad, dtype=float)).ravel()
         fd = onp.atleast_1d(onp.asarray(fd, dtype=float)).ravel()
         err = onp.broadcast_to(onp.asarray(err, dtype=float) + extra, fd.shape)
+        noise_err = onp.broadcast_to(onp.asarray(noise_err, dtype=float), fd.shape)
         if ad.shape != fd.shape:
             raise ValueError(f"AD and FD values of different sizes {ad.shape} vs {fd.shape}")
-        self.rows.append((prefix, ad, fd, err, describe))
+        self.rows.append((prefix, ad, fd, err, describe, noise_err))
+        self.kinks = getattr(self, "kinks", 0) + int(kinks)
 
     def finish(self, cfg: _Settings) -> CheckResult:
         scale = max((float(onp.max(onp.maximum(onp.abs(fd), onp.where(onp.isfinite(ad),
                                                                       onp.abs(ad), 0.0))))
-                     for _, ad, fd, _, _ in self.rows), default=0.0)
+                     for _, ad, fd, _, _, _ in self.rows), default=0.0)
         best_ratio, best = -1.0, None
         max_abs, max_err, n = 0.0, 0.0, 0
-        for prefix, ad, fd, err, describe in self.rows:
+        for prefix, ad, fd, err, describe, noise_err in self.rows:
             diff = onp.where(onp.isfinite(ad), onp.abs(ad - fd), onp.inf)
             tol = err + cfg.ad_rtol * scale + cfg.atol + cfg.rtol * onp.abs(fd)
             with onp.errstate(divide="ignore", invalid="ignore"):
                 ratio = onp.where(diff == 0, 0.0, diff / tol)
             k = int(onp.argmax(ratio))
             if ratio[k] > best_ratio:
-                best_ratio, best = float(ratio[k]), (prefix, k, ad[k], fd[k], err[k], tol[k], describe)
+                best_ratio, best = float(ratio[k]), (prefix, k, ad[k], fd[k], err[k], tol[k], describe,
+                                                     noise_err[k])
             max_abs = max(max_abs, float(diff.max()))
             max_err = max(max_err, float(err.max()))
             n += ad.size
-        prefix, k, ad_k, fd_k, err_k, tol_k, describe = best
+        prefix, k, ad_k, fd_k, err_k, tol_k, describe, noise_k = best
         tiny = onp.finfo(float).tiny
         return CheckResult(
             input=self.input, mode=self.mode, order=self.order, kind=self.kind, n_compared=n,
@@ -317,7 +343,8 @@ class _Group:
             worst_index=tuple(int(p) for p in prefix) + (k,), worst_where=describe(prefix, k),
             worst_ad=float(ad_k), worst_fd=float(fd_k), worst_fd_error=float(err_k),
             worst_tolerance=float(tol_k), fd_error=max_err / max(scale, tiny),
-            passed=bool(best_ratio <= 1.0), resolvable=bool(scale > max_err))
+            passed=bool(best_ratio <= 1.0), resolvable=bool(scale > max_err),
+            worst_noise_error=float(noise_k), kinks=int(getattr(self, "kinks", 0)))
 
 
 # ------------------------------------------------------------------------------
@@ -418,7 +445,8 @@ def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODE
     cfg = _Settings(modes=modes, rtol=0.0 if rtol is None else float(rtol),
                     atol=0.0 if atol is None else float(atol), ad_rtol=float(ad_rtol),
                     noise=NOISE if noise is None else float(noise), n_directions=int(n_directions),
-                    full_max=int(full_jacobian_max), fd_step=fd_step, fd_levels=int(fd_levels))
+                    full_max=int(full_jacobian_max), fd_step=fd_step, fd_levels=int(fd_levels),
+                    auto_noise=noise is None)
     inputs = list(inputs)
     argnums = differentiable_argnums(inputs) if argnums is None else list(argnums)
     if not argnums:
@@ -484,7 +512,9 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
     # A declared output noise also enters the finite differences' own error model,
     # which knows the steps actually taken (they shrink for entries below the floor,
     # where the base-step noise term below would underestimate the amplification).
-    fd_noise = cfg.noise * f_max if cfg.noise > NOISE else 0.0
+    # Without a declared noise, the finite differences measure the forward's noise
+    # along each direction (ECnoise) and size their steps and error bars from it.
+    fd_noise = "auto" if cfg.auto_noise else (cfg.noise * f_max if cfg.noise > NOISE else 0.0)
     fd_kw = dict(step=cfg.fd_step, levels=cfg.fd_levels, noise=fd_noise)
     if n <= cfg.full_max:
         # the whole Jacobian J (M x n) by finite differences, column by column
@@ -494,6 +524,8 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
         noise = onp.array([_noise_error(cfg, f_max, x_arr, _unit(shape, j)) for j in range(n)])
         J_fd_err = onp.asarray(jac.error, dtype=float).reshape(M, n)
         J_err = J_fd_err + noise[None, :]
+        J_noise = _flat_or_zero(jac.noise_error, (M, n))
+        J_kink = _flat_or_zero(jac.kinks, (M, n)).astype(bool)
         n_u = 0 if M <= FULL_ROWS_MAX else max(cfg.n_directions, 1)
         U = rng.standard_normal((n_u, M))
         if "fwd" in cfg.modes:
@@ -501,7 +533,8 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
             for j in range(n):
                 ad = make_jvp(target)(x)(_as_input(x, _unit(shape, j)))[1]
                 group.add((j,), ad, J_fd[:, j], J_err[:, j],
-                          lambda p, k: f"d {layout.describe(k)} / d {_describe_input(i, shape, p[0])}")
+                          lambda p, k: f"d {layout.describe(k)} / d {_describe_input(i, shape, p[0])}",
+                          noise_err=J_noise[:, j], kinks=J_kink[:, j].sum())
             report.results.append(group.finish(cfg))
         if "rev" in cfg.modes:
             vjp = make_vjp(target)(x)[0]
@@ -510,13 +543,15 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
                 for k in range(M):
                     ad = vjp(_unit((M,), k))
                     group.add((k,), ad, J_fd[k], J_err[k],
-                              lambda p, j: f"d {layout.describe(p[0])} / d {_describe_input(i, shape, j)}")
+                              lambda p, j: f"d {layout.describe(p[0])} / d {_describe_input(i, shape, j)}",
+                              noise_err=J_noise[k], kinks=J_kink[k].sum())
             else:
                 group = _Group(i, "rev", order, "vjp")
                 for d, u in enumerate(U):
                     group.add((d,), vjp(u), u @ J_fd,
                               onp.abs(u) @ J_fd_err + NOISE_SIGMAS * onp.linalg.norm(u) * noise,
-                              lambda p, j: f"cotangent {p[0]}, {_describe_input(i, shape, j)}")
+                              lambda p, j: f"cotangent {p[0]}, {_describe_input(i, shape, j)}",
+                              noise_err=onp.abs(u) @ J_noise, kinks=J_kink.any(axis=0).sum())
             report.results.append(group.finish(cfg))
         return
 
@@ -531,7 +566,9 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
         for d, (v, res, noise) in enumerate(zip(V, fds, noises)):
             group.add((d,), make_jvp(target)(x)(v)[1], res.value,
                       onp.asarray(res.error, dtype=float).ravel() + noise,
-                      lambda p, k: f"direction {p[0]}, {layout.describe(k)}")
+                      lambda p, k: f"direction {p[0]}, {layout.describe(k)}",
+                      noise_err=_flat_or_zero(res.noise_error, (M,)),
+                      kinks=_flat_or_zero(res.kinks, (M,)).astype(bool).sum())
         report.results.append(group.finish(cfg))
     if "rev" in cfg.modes:
         vjp = make_vjp(target)(x)[0]
@@ -543,8 +580,21 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
             # the dot product sums |u_k (J v)_k|: its rounding allowance is taken on that sum
             group.add((d,), ad, u @ fd_value, fd_err + NOISE_SIGMAS * onp.linalg.norm(u) * noise,
                       lambda p, k: f"<u_{p[0]}, J v_{p[0]}>",
-                      extra=cfg.ad_rtol * float(onp.abs(u) @ onp.abs(fd_value)))
+                      extra=cfg.ad_rtol * float(onp.abs(u) @ onp.abs(fd_value)),
+                      noise_err=float(onp.abs(u) @ _flat_or_zero(res.noise_error, (M,))),
+                      kinks=_flat_or_zero(res.kinks, (M,)).astype(bool).sum())
         report.results.append(group.finish(cfg))
+
+
+def _flat_or_zero(parts, shape) -> onp.ndarray:
+    """An FDResult field (array or tuple of arrays, or None) as one array of
+    ``shape`` (flattened outputs first); zeros when the field is None."""
+    if parts is None:
+        return onp.zeros(shape)
+    pieces = parts if isinstance(parts, tuple) else (parts,)
+    lead = shape[1:]
+    flat = [onp.asarray(p, dtype=float).reshape((-1,) + lead) for p in pieces]
+    return onp.concatenate(flat, axis=0).reshape(shape)
 
 
 @dataclass
