@@ -269,7 +269,7 @@ NOISE_POINTS = 9
 #: Relative spacing of the ECnoise sample along ``v`` (in units of the scale
 #: of ``x`` along ``v``): small enough that the smooth part of ``f`` has
 #: negligible 3rd to 6th differences, large enough for ``f`` to move.
-NOISE_STEP = 2.0**-20
+NOISE_STEP = 2.0**-24
 # Largest relative step the noise-derived step may take.
 _MAX_NOISE_STEP = 2.0**-7
 # A noise estimate below this multiple of eps |f| is taken as plain rounding
@@ -341,7 +341,13 @@ def _noise_levels(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def _estimate_noise_flat(call: "_Evaluator", x: np.ndarray, v: np.ndarray, scales: np.ndarray,
                          h: float | None = None) -> NoiseEstimate:
     s = _scale_along(v, scales)
-    h_abs = _pow2_floor((NOISE_STEP if h is None else h) * s)
+    nz = v != 0
+    if np.all(x[nz] != 0):
+        # Entries below the floor may be the scale f varies on: sample at the
+        # smaller of the floored and the raw scales, so that smooth variation
+        # is not mistaken for noise.
+        s = min(s, 1.0 / float(np.max(np.abs(v[nz]) / np.abs(x[nz]))))
+    h_abs = _pow2_floor(max((NOISE_STEP if h is None else h) * s, 1e-280))
     half = NOISE_POINTS // 2
     start = call.n_evals
     samples = np.stack([call(x + (k * h_abs) * v, k * h_abs, label="x + k*h*v (noise sample)")
@@ -362,8 +368,9 @@ def estimate_noise(f: Callable[[Any], Any], x: Any, v: Any, *, h: float | None =
 
     ``f`` is sampled at the ``9`` points ``x + k h_a v``, ``k = -4 .. 4``, with
     ``h_a = h s`` rounded down to a power of two (``s`` the scale of ``x``
-    along ``v``, as for the steps of :func:`directional_derivative`; default
-    ``h = NOISE_STEP = 2**-20``).  Per output, the difference table gives
+    along ``v``, as for the steps of :func:`directional_derivative`, or the
+    raw one from ``|x_i|`` when smaller and no entry on ``v``'s support is 0; default
+    ``h = NOISE_STEP = 2**-24``).  Per output, the difference table gives
     the levels
 
     .. math::
