@@ -35,6 +35,24 @@ a forward solver is accurate to a few ulps times its conditioning) on a
 difference with base step ``t``; ``ad_rtol`` = 1e-12 is the rounding
 allowance of the AD side, taken norm-wise over one comparison group; ``rtol``
 and ``atol`` are explicit and default to 0.
+
+**Noisy forwards** (issue 10 item 7).  Without an explicit ``noise=``, the
+finite differences first *measure* the forward's noise along every direction
+from a difference table (Moré & Wild's ECnoise,
+:func:`verification.finite_differences.estimate_noise`), put it in ``e``, take a
+step that balances it against truncation, never shrink the step into it, and
+take one-sided differences where the output is piecewise linear with a kink
+inside the stencil.  A failure whose gap is within ten times the noise part of
+its bound is reported as possibly caused by noise.
+
+**Inaccurate forwards** (item 8).  The finite differences differentiate the
+solver's actual output map, whose stopping error ``e(x)`` has a derivative of
+its own.  :func:`forward_error` measures the relative solution error
+``tau = |J^{-1} F(y)| / |y|`` of every implicit layer inside ``fn`` (one Newton
+correction, a-posteriori); ``min(FORWARD_AMPLIFICATION tau, FORWARD_ALLOWANCE_MAX)``
+(``1e3 tau``, at most ``1e-5``) is added to ``ad_rtol``, and the report says
+whether a failing gap lies within ``1e3 tau`` (explained by the forward) or not.
+:func:`verification.diagnose` gives the finer error bar of the IFT gradient itself.
 """
 from __future__ import annotations
 
@@ -443,7 +461,9 @@ def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODE
         with more than ``full_jacobian_max`` entries.
     seed : seeds every random direction, cotangent and reduction.
     argnums : inputs to differentiate (default: every float input).
-    noise : relative accuracy of ``fn``'s output (default ``NOISE`` = 64 eps):
+    noise : relative accuracy of ``fn``'s output.  Default ``None``: the noise is
+        measured (ECnoise, per direction and output, see the module notes) on
+        top of ``NOISE`` = 64 eps.  An explicit value overrides the measurement:
         a forward solver's output is accurate to a few ulps times the
         condition of its problem, not to one ulp as the finite-difference
         rounding estimate assumes, and at order 2 the differenced function is
