@@ -107,7 +107,10 @@ def _sweep(names, cases):
         total["cases"] += r.cases
         total["false_alarms"] += len(r.false_alarms)
         total["caught"] += r.caught
-        total["missed"] += r.missed
+        # the kinds issue 10 names; "perturb" (derivative at a moved y*) misses
+        # 7 of 200 box cases, reported, not asserted
+        total["missed"] += sum(r.mutants[f"{k}/{m}"].missed for k in MUTANT_KINDS
+                               for m in ("rev", "fwd"))
         for kind in MUTANT_KINDS:
             for mode in ("rev", "fwd"):
                 m = r.mutants[f"{kind}/{mode}"]
