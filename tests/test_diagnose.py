@@ -107,3 +107,71 @@ def test_ill_posed_instances_raise_a_typed_error_or_are_flagged(name):
         assert not d.ok, f"{name}: ill-posed instance neither raised nor was flagged\n{d}"
         assert finite_gradient or not d.ok
     run()
+
+
+# ------------------------------------------------------------------------------
+# item 8: the a-posteriori error bar of the implicit gradient
+# ------------------------------------------------------------------------------
+
+def _picard(tol):
+    """The tanh equilibrium by Picard iteration stopped at max|T(y) - y| <= tol:
+    a deliberately inaccurate forward when tol is large."""
+    def solve(x, W, b):
+        y = onp.zeros_like(x)
+        for _ in range(10000):
+            t = onp.tanh(W @ y + x + b)
+            if onp.abs(t - y).max() <= tol:
+                return t
+            y = t
+        raise SolverError("Picard did not converge")
+    return solve
+
+
+def _inaccurate_deq(tol):
+    from nimplicit import fixed_point_layer
+    return fixed_point_layer(core.tanh_map, solver=_picard(tol), linear_solver="lu",
+                             name=f"deq-picard-{tol:g}")
+
+
+def _ift_gradient(layer, inputs, u):
+    """d<u, y>/d(x, W, b) through the layer (the IFT gradient at its forward's y)."""
+    vjp = make_vjp(lambda *a: layer(*a), argnum=(0, 1, 2))(*inputs)[0]
+    return onp.concatenate([onp.ravel(g) for g in vjp(u)])
+
+
+@pytest.mark.parametrize("tol", [1e-5, 1e-8])
+def test_error_bar_predicts_the_gradient_error_of_an_inaccurate_forward(tol):
+    inputs = core.deq_generate(onp.random.default_rng(4), n=6, contraction=0.9)
+    sloppy, exact = _inaccurate_deq(tol), core.deq_tanh
+    d = diagnose(sloppy, *inputs)
+    (p,) = d.points
+    bar = p.error_bar
+    assert bar is not None and bar.forward_error <= bar.forward_bound * 1.01
+    # the actual error of the IFT gradient at the sloppy y, against the exact one
+    u = onp.random.default_rng(0).standard_normal(6)      # the cotangent the bar uses (seed 0)
+    g_sloppy, g_exact = _ift_gradient(sloppy, inputs, u), _ift_gradient(exact, inputs, u)
+    actual = onp.linalg.norm(g_sloppy - g_exact) / onp.linalg.norm(g_exact)
+    assert actual > 100 * bar.rounding                    # the forward's error dominates
+    assert actual / 3 <= bar.relative <= 3 * actual, (actual, bar)
+    assert d.explains(0.5 * actual) and not d.explains(1e3 * actual)
+    assert "gradient error bar" in d.summary()
+
+
+def test_error_bar_of_an_accurate_forward_is_rounding():
+    inputs = core.deq_generate(onp.random.default_rng(4))
+    (p,) = diagnose(core.deq_tanh, *inputs).points
+    assert p.error_bar.relative < 1e-13
+
+
+def test_check_report_says_whether_the_forward_explains_a_gap():
+    from verification.check import check_grad
+    from verification.mutants import make_mutant
+    inputs = core.deq_generate(onp.random.default_rng(4), n=6, contraction=0.9)
+    layer = _inaccurate_deq(1e-7)
+    rep = check_grad(layer, *inputs)
+    assert rep.forward_error > 1e-10
+    assert "forward solution error" in rep.summary()
+    # a real fault (VJP scaled by 1 + 1e-4) is far outside that bar: flagged, not explained
+    mutant = make_mutant(layer, inputs, "scale", "rev", seed=0)
+    bad = check_grad(mutant, *inputs, modes=("rev",))
+    assert not bad.passed and "is NOT explained by it" in bad.summary()

@@ -35,6 +35,24 @@ a forward solver is accurate to a few ulps times its conditioning) on a
 difference with base step ``t``; ``ad_rtol`` = 1e-12 is the rounding
 allowance of the AD side, taken norm-wise over one comparison group; ``rtol``
 and ``atol`` are explicit and default to 0.
+
+**Noisy forwards** (issue 10 item 7).  Without an explicit ``noise=``, the
+finite differences first *measure* the forward's noise along every direction
+from a difference table (Moré & Wild's ECnoise,
+:func:`verification.finite_differences.estimate_noise`), put it in ``e``, take a
+step that balances it against truncation, never shrink the step into it, and
+take one-sided differences where the output is piecewise linear with a kink
+inside the stencil.  A failure whose gap is within ten times the noise part of
+its bound is reported as possibly caused by noise.
+
+**Inaccurate forwards** (item 8).  The finite differences differentiate the
+solver's actual output map, whose stopping error ``e(x)`` has a derivative of
+its own.  :func:`forward_error` measures the relative solution error
+``tau = |J^{-1} F(y)| / |y|`` of every implicit layer inside ``fn`` (one Newton
+correction, a-posteriori); ``min(FORWARD_AMPLIFICATION tau, FORWARD_ALLOWANCE_MAX)``
+(``1e3 tau``, at most ``1e-5``) is added to ``ad_rtol``, and the report says
+whether a failing gap lies within ``1e3 tau`` (explained by the forward) or not.
+:func:`verification.diagnose` gives the finer error bar of the IFT gradient itself.
 """
 from __future__ import annotations
 
@@ -58,6 +76,14 @@ NOISE = 64 * float(onp.finfo(float).eps)
 # bounded by NOISE_SIGMAS standard deviations, |u|_2 |e|_inf, not by |u|_1 |e|_inf.
 NOISE_SIGMAS = 3.0
 FULL_JACOBIAN_MAX = 8
+#: The finite differences differentiate the solver's *actual* output map, whose
+#: stopping error e(x) (relative size tau) has a derivative of up to about
+#: (iterations / convergence rate) * tau; this factor bounds that ratio.
+FORWARD_AMPLIFICATION = 1e3
+#: Forward errors below this are rounding, already in the FD error model.
+FORWARD_MIN = 1e-12
+#: The forward allowance never exceeds this: a 1e-4 relative error stays visible.
+FORWARD_ALLOWANCE_MAX = 1e-5
 FULL_ROWS_MAX = 64
 MODES = ("rev", "fwd")
 
@@ -105,6 +131,10 @@ class CheckResult:
         derivative is zero at the resolution of finite differences (e.g. the
         Hessian of a piecewise-linear map) and ``max_rel_error`` compares noise
         with noise: read ``max_abs_error`` and ``passed`` instead.
+    worst_noise_error : the part of the worst entry's FD error bound due to the
+        forward's noise measured by ECnoise (0 when none was measured).
+    kinks : compared entries whose finite difference was one-sided because the
+        forward is piecewise linear with a kink inside the stencil.
     """
     input: int
     mode: str
@@ -122,6 +152,15 @@ class CheckResult:
     fd_error: float
     passed: bool
     resolvable: bool = True
+    worst_noise_error: float = 0.0
+    kinks: int = 0
+
+    @property
+    def noise_suspect(self) -> bool:
+        """Failed, but the forward's measured noise is at least a tenth of the
+        worst gap: the mismatch may come from the noise, not the derivative."""
+        gap = abs(self.worst_ad - self.worst_fd)
+        return (not self.passed) and self.worst_noise_error >= 0.1 * gap and gap > 0
 
     @property
     def label(self) -> str:
@@ -137,6 +176,8 @@ class GradCheckReport:
     seed: int = 0
     rtol: float = 0.0
     atol: float = 0.0
+    forward_error: float = 0.0
+    forward_allowance: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -177,7 +218,16 @@ class GradCheckReport:
                 f"{r.input:>5} {r.label:<17} {r.kind:<8} {r.n_compared:>5} {r.max_abs_error:>11.3e} "
                 f"{r.max_rel_error:>11.3e} {r.fd_error:>9.1e}  {r.worst_where}: {r.worst_ad:.12g} vs "
                 f"{r.worst_fd:.12g} ({r.worst_fd_error:.2g}, {r.worst_tolerance:.2g}) "
-                f"{'ok' if r.passed else 'FAIL'}{'' if r.resolvable else ' (zero at FD resolution)'}")
+                f"{'ok' if r.passed else 'FAIL'}{'' if r.resolvable else ' (zero at FD resolution)'}"
+                f"{f' [{r.kinks} one-sided at kinks]' if r.kinks else ''}")
+            if r.noise_suspect:
+                lines.append(
+                    f"      -> noise, not the derivative, may be the cause: the forward's measured "
+                    f"noise contributes {r.worst_noise_error:.2g} to the FD error bound of the worst "
+                    f"entry, against a gap of {abs(r.worst_ad - r.worst_fd):.2g}; tighten the forward "
+                    f"solver's tolerance, or declare its accuracy with noise= (relative to |f|)")
+        if self.forward_error > FORWARD_MIN:
+            lines.append(self._forward_note())
         verdict = "PASS" if self.passed else f"FAIL ({len(self.failures())} of {len(self.results)})"
         lines.append(f"{verdict}: {self.n_evals} function evaluations for finite differences, "
                      f"{self.seconds:.2f} s, seed {self.seed}")
@@ -185,10 +235,28 @@ class GradCheckReport:
 
     __str__ = summary
 
+    def _forward_note(self) -> str:
+        """The a-posteriori error bar of the forward, and whether it explains the gaps."""
+        bar = FORWARD_AMPLIFICATION * self.forward_error
+        note = (f"forward solution error |J^-1 F(y)| / |y| = {self.forward_error:.2g} (a-posteriori, "
+                f"from the residual): finite differences of the solver's output may differ from the "
+                f"implicit gradient by up to ~{bar:.2g} relative; allowance used {self.forward_allowance:.2g}")
+        failed = [r for r in self.failures() if r.resolvable]
+        if failed:
+            worst = max(r.max_rel_error for r in failed)
+            if worst <= bar:
+                note += (f"; the worst failing gap ({worst:.2g}) IS within that bar: the forward's "
+                         f"accuracy, not the derivative, may be the cause (tighten the solver)")
+            else:
+                note += f"; the worst failing gap ({worst:.2g}) is NOT explained by it"
+        return note
+
     def to_dict(self) -> Dict[str, Any]:
         return {"passed": self.passed, "n_evals": self.n_evals, "seconds": self.seconds,
+                "forward_error": self.forward_error, "forward_allowance": self.forward_allowance,
                 "seed": self.seed, "rtol": self.rtol, "atol": self.atol,
-                "results": [dict(asdict(r), label=r.label, worst_index=list(r.worst_index))
+                "results": [dict(asdict(r), label=r.label, worst_index=list(r.worst_index),
+                                 noise_suspect=r.noise_suspect)
                             for r in self.results]}
 
 
@@ -269,6 +337,8 @@ class _Settings:
     full_max: int
     fd_step: Optional[float]
     fd_levels: int
+    auto_noise: bool = True
+    forward_rtol: float = 0.0
 
 
 class _Group:
@@ -284,32 +354,37 @@ class _Group:
         self.input, self.mode, self.order, self.kind = input, mode, order, kind
         self.rows: list = []
 
-    def add(self, prefix: Tuple[int, ...], ad, fd, err, describe: Callable, extra=0.0):
+    def add(self, prefix: Tuple[int, ...], ad, fd, err, describe: Callable, extra=0.0,
+            noise_err=0.0, kinks=0):
         ad = onp.atleast_1d(onp.asarray(ad, dtype=float)).ravel()
         fd = onp.atleast_1d(onp.asarray(fd, dtype=float)).ravel()
         err = onp.broadcast_to(onp.asarray(err, dtype=float) + extra, fd.shape)
+        noise_err = onp.broadcast_to(onp.asarray(noise_err, dtype=float), fd.shape)
         if ad.shape != fd.shape:
             raise ValueError(f"AD and FD values of different sizes {ad.shape} vs {fd.shape}")
-        self.rows.append((prefix, ad, fd, err, describe))
+        self.rows.append((prefix, ad, fd, err, describe, noise_err))
+        self.kinks = getattr(self, "kinks", 0) + int(kinks)
 
     def finish(self, cfg: _Settings) -> CheckResult:
         scale = max((float(onp.max(onp.maximum(onp.abs(fd), onp.where(onp.isfinite(ad),
                                                                       onp.abs(ad), 0.0))))
-                     for _, ad, fd, _, _ in self.rows), default=0.0)
+                     for _, ad, fd, _, _, _ in self.rows), default=0.0)
         best_ratio, best = -1.0, None
         max_abs, max_err, n = 0.0, 0.0, 0
-        for prefix, ad, fd, err, describe in self.rows:
+        for prefix, ad, fd, err, describe, noise_err in self.rows:
             diff = onp.where(onp.isfinite(ad), onp.abs(ad - fd), onp.inf)
-            tol = err + cfg.ad_rtol * scale + cfg.atol + cfg.rtol * onp.abs(fd)
+            tol = (err + (cfg.ad_rtol + cfg.forward_rtol) * scale + cfg.atol
+                   + cfg.rtol * onp.abs(fd))
             with onp.errstate(divide="ignore", invalid="ignore"):
                 ratio = onp.where(diff == 0, 0.0, diff / tol)
             k = int(onp.argmax(ratio))
             if ratio[k] > best_ratio:
-                best_ratio, best = float(ratio[k]), (prefix, k, ad[k], fd[k], err[k], tol[k], describe)
+                best_ratio, best = float(ratio[k]), (prefix, k, ad[k], fd[k], err[k], tol[k], describe,
+                                                     noise_err[k])
             max_abs = max(max_abs, float(diff.max()))
             max_err = max(max_err, float(err.max()))
             n += ad.size
-        prefix, k, ad_k, fd_k, err_k, tol_k, describe = best
+        prefix, k, ad_k, fd_k, err_k, tol_k, describe, noise_k = best
         tiny = onp.finfo(float).tiny
         return CheckResult(
             input=self.input, mode=self.mode, order=self.order, kind=self.kind, n_compared=n,
@@ -317,7 +392,8 @@ class _Group:
             worst_index=tuple(int(p) for p in prefix) + (k,), worst_where=describe(prefix, k),
             worst_ad=float(ad_k), worst_fd=float(fd_k), worst_fd_error=float(err_k),
             worst_tolerance=float(tol_k), fd_error=max_err / max(scale, tiny),
-            passed=bool(best_ratio <= 1.0), resolvable=bool(scale > max_err))
+            passed=bool(best_ratio <= 1.0), resolvable=bool(scale > max_err),
+            worst_noise_error=float(noise_k), kinks=int(getattr(self, "kinks", 0)))
 
 
 # ------------------------------------------------------------------------------
@@ -385,7 +461,9 @@ def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODE
         with more than ``full_jacobian_max`` entries.
     seed : seeds every random direction, cotangent and reduction.
     argnums : inputs to differentiate (default: every float input).
-    noise : relative accuracy of ``fn``'s output (default ``NOISE`` = 64 eps):
+    noise : relative accuracy of ``fn``'s output.  Default ``None``: the noise is
+        measured (ECnoise, per direction and output, see the module notes) on
+        top of ``NOISE`` = 64 eps.  An explicit value overrides the measurement:
         a forward solver's output is accurate to a few ulps times the
         condition of its problem, not to one ulp as the finite-difference
         rounding estimate assumes, and at order 2 the differenced function is
@@ -418,7 +496,8 @@ def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODE
     cfg = _Settings(modes=modes, rtol=0.0 if rtol is None else float(rtol),
                     atol=0.0 if atol is None else float(atol), ad_rtol=float(ad_rtol),
                     noise=NOISE if noise is None else float(noise), n_directions=int(n_directions),
-                    full_max=int(full_jacobian_max), fd_step=fd_step, fd_levels=int(fd_levels))
+                    full_max=int(full_jacobian_max), fd_step=fd_step, fd_levels=int(fd_levels),
+                    auto_noise=noise is None)
     inputs = list(inputs)
     argnums = differentiable_argnums(inputs) if argnums is None else list(argnums)
     if not argnums:
@@ -434,6 +513,12 @@ def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODE
     flat_fn = lambda *args: layout.flatten(fn(*args))
     report = GradCheckReport(seed=seed, rtol=cfg.rtol, atol=cfg.atol)
     cache = fd_cache if fd_cache is not None else {}
+    if ("forward_error",) not in cache:
+        cache[("forward_error",)] = forward_error(fn, inputs)
+    report.forward_error = cache[("forward_error",)]
+    if report.forward_error > FORWARD_MIN:
+        cfg.forward_rtol = min(FORWARD_AMPLIFICATION * report.forward_error, FORWARD_ALLOWANCE_MAX)
+        report.forward_allowance = cfg.forward_rtol
 
     for i in argnums:
         _check_input(report, cfg, _Target(flat_fn, inputs, i), inputs[i], i, layout, 1, rng,
@@ -462,6 +547,41 @@ def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODE
     return report
 
 
+def forward_error(fn: Callable[..., Any], inputs: Sequence[Any]) -> float:
+    r"""A-posteriori relative error of the implicit layers' solutions inside ``fn``.
+
+    For each layer evaluated by ``fn(*inputs)`` (``nimplicit.record_points``),
+    with residual ``r = F(y, x)`` at the solver's output ``y``, the Newton
+    correction ``dy = -J_{F,y}^{-1} r`` (the layer's own linear solver) is
+    ``y* - y`` to first order, so ``|dy| / |y|`` estimates the forward's
+    relative error (bounded by ``cond(J) |r| / (|J| |y|)``).  Returns the
+    largest over the layers (0.0 when there are none or a solve fails).
+
+    Finite differences see the solver's output map ``x -> y(x)``, whose
+    derivative differs from the implicit gradient by ``de/dx`` of the stopping
+    error ``e = y - y*``; ``check_grad`` allows ``FORWARD_AMPLIFICATION`` times
+    this error for it (capped at ``FORWARD_ALLOWANCE_MAX``).
+    """
+    from nimplicit import record_points
+    worst = 0.0
+    try:
+        with record_points() as points:
+            fn(*inputs)
+    except NimplicitError:
+        return 0.0
+    for point in points:
+        try:
+            if point.r != point.m or not onp.any(point.res_flat):
+                continue
+            dy = point.solve_raw(onp.asarray(point.res_flat, dtype=float), transpose=False)
+        except (NimplicitError, ArithmeticError, ValueError, RuntimeError, TypeError):
+            continue
+        y_norm = float(onp.linalg.norm(point.y_flat))
+        if y_norm > 0 and onp.all(onp.isfinite(dy)):
+            worst = max(worst, float(onp.linalg.norm(dy)) / y_norm)
+    return worst
+
+
 def _fd(report: GradCheckReport, cache: dict, key, compute):
     """The finite difference ``compute()``, from ``cache`` when already there."""
     if key not in cache:
@@ -484,7 +604,9 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
     # A declared output noise also enters the finite differences' own error model,
     # which knows the steps actually taken (they shrink for entries below the floor,
     # where the base-step noise term below would underestimate the amplification).
-    fd_noise = cfg.noise * f_max if cfg.noise > NOISE else 0.0
+    # Without a declared noise, the finite differences measure the forward's noise
+    # along each direction (ECnoise) and size their steps and error bars from it.
+    fd_noise = "auto" if cfg.auto_noise else (cfg.noise * f_max if cfg.noise > NOISE else 0.0)
     fd_kw = dict(step=cfg.fd_step, levels=cfg.fd_levels, noise=fd_noise)
     if n <= cfg.full_max:
         # the whole Jacobian J (M x n) by finite differences, column by column
@@ -494,6 +616,8 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
         noise = onp.array([_noise_error(cfg, f_max, x_arr, _unit(shape, j)) for j in range(n)])
         J_fd_err = onp.asarray(jac.error, dtype=float).reshape(M, n)
         J_err = J_fd_err + noise[None, :]
+        J_noise = _flat_or_zero(jac.noise_error, (M, n))
+        J_kink = _flat_or_zero(jac.kinks, (M, n)).astype(bool)
         n_u = 0 if M <= FULL_ROWS_MAX else max(cfg.n_directions, 1)
         U = rng.standard_normal((n_u, M))
         if "fwd" in cfg.modes:
@@ -501,7 +625,8 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
             for j in range(n):
                 ad = make_jvp(target)(x)(_as_input(x, _unit(shape, j)))[1]
                 group.add((j,), ad, J_fd[:, j], J_err[:, j],
-                          lambda p, k: f"d {layout.describe(k)} / d {_describe_input(i, shape, p[0])}")
+                          lambda p, k: f"d {layout.describe(k)} / d {_describe_input(i, shape, p[0])}",
+                          noise_err=J_noise[:, j], kinks=J_kink[:, j].sum())
             report.results.append(group.finish(cfg))
         if "rev" in cfg.modes:
             vjp = make_vjp(target)(x)[0]
@@ -510,13 +635,15 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
                 for k in range(M):
                     ad = vjp(_unit((M,), k))
                     group.add((k,), ad, J_fd[k], J_err[k],
-                              lambda p, j: f"d {layout.describe(p[0])} / d {_describe_input(i, shape, j)}")
+                              lambda p, j: f"d {layout.describe(p[0])} / d {_describe_input(i, shape, j)}",
+                              noise_err=J_noise[k], kinks=J_kink[k].sum())
             else:
                 group = _Group(i, "rev", order, "vjp")
                 for d, u in enumerate(U):
                     group.add((d,), vjp(u), u @ J_fd,
                               onp.abs(u) @ J_fd_err + NOISE_SIGMAS * onp.linalg.norm(u) * noise,
-                              lambda p, j: f"cotangent {p[0]}, {_describe_input(i, shape, j)}")
+                              lambda p, j: f"cotangent {p[0]}, {_describe_input(i, shape, j)}",
+                              noise_err=onp.abs(u) @ J_noise, kinks=J_kink.any(axis=0).sum())
             report.results.append(group.finish(cfg))
         return
 
@@ -531,7 +658,9 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
         for d, (v, res, noise) in enumerate(zip(V, fds, noises)):
             group.add((d,), make_jvp(target)(x)(v)[1], res.value,
                       onp.asarray(res.error, dtype=float).ravel() + noise,
-                      lambda p, k: f"direction {p[0]}, {layout.describe(k)}")
+                      lambda p, k: f"direction {p[0]}, {layout.describe(k)}",
+                      noise_err=_flat_or_zero(res.noise_error, (M,)),
+                      kinks=_flat_or_zero(res.kinks, (M,)).astype(bool).sum())
         report.results.append(group.finish(cfg))
     if "rev" in cfg.modes:
         vjp = make_vjp(target)(x)[0]
@@ -543,8 +672,21 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
             # the dot product sums |u_k (J v)_k|: its rounding allowance is taken on that sum
             group.add((d,), ad, u @ fd_value, fd_err + NOISE_SIGMAS * onp.linalg.norm(u) * noise,
                       lambda p, k: f"<u_{p[0]}, J v_{p[0]}>",
-                      extra=cfg.ad_rtol * float(onp.abs(u) @ onp.abs(fd_value)))
+                      extra=cfg.ad_rtol * float(onp.abs(u) @ onp.abs(fd_value)),
+                      noise_err=float(onp.abs(u) @ _flat_or_zero(res.noise_error, (M,))),
+                      kinks=_flat_or_zero(res.kinks, (M,)).astype(bool).sum())
         report.results.append(group.finish(cfg))
+
+
+def _flat_or_zero(parts, shape) -> onp.ndarray:
+    """An FDResult field (array or tuple of arrays, or None) as one array of
+    ``shape`` (flattened outputs first); zeros when the field is None."""
+    if parts is None:
+        return onp.zeros(shape)
+    pieces = parts if isinstance(parts, tuple) else (parts,)
+    lead = shape[1:]
+    flat = [onp.asarray(p, dtype=float).reshape((-1,) + lead) for p in pieces]
+    return onp.concatenate(flat, axis=0).reshape(shape)
 
 
 @dataclass

@@ -14,6 +14,10 @@ and reports for each
   matrix-free operator (or skipped, with a note, if that fails),
 - the layer's declared measures ``point.layer.diagnostics(point)`` (a
   strict-complementarity margin, an eigen-gap, ...),
+- an a-posteriori error bar on the implicit gradient itself
+  (:class:`GradientErrorBar`, :func:`gradient_error_bar`): what the forward
+  residual and the backward solve's residual, amplified by the conditioning of
+  ``J_{F,y}``, leave of its accuracy,
 
 and flags the instance (``ok = False``) with the reasons.
 """
@@ -24,6 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as onp
 import scipy.sparse.linalg as spla
+from autograd import jacobian as ag_jacobian
+from autograd import make_vjp
 from nimplicit import record_points
 from nimplicit.errors import NimplicitError
 from nimplicit.linear_solvers import form_jacobian
@@ -50,6 +56,7 @@ class PointDiagnosis:
     sigma_max: Optional[float]
     condition: Optional[float]
     method: str
+    error_bar: Optional["GradientErrorBar"] = None
     measures: Dict[str, Tuple[float, bool, str]] = field(default_factory=dict)
     flags: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
@@ -78,6 +85,18 @@ class Diagnosis:
         return not self.flags
 
     @property
+    def gradient_error(self) -> float:
+        """Largest a-posteriori relative error bar of the implicit gradients
+        (NaN when none could be computed)."""
+        bars = [p.error_bar.relative for p in self.points if p.error_bar is not None]
+        return max(bars, default=float("nan"))
+
+    def explains(self, gap: float) -> bool:
+        """Is a relative AD/FD gap ``gap`` within the implicit gradients' error bar?"""
+        bar = self.gradient_error
+        return bool(onp.isfinite(bar) and gap <= bar)
+
+    @property
     def worst_condition(self) -> float:
         conds = [p.condition for p in self.points if p.condition is not None]
         return max(conds, default=float("nan"))
@@ -93,6 +112,8 @@ class Diagnosis:
                          f" {'ok' if p.ok else 'FLAGGED'}")
             for name, (value, ok, why) in p.measures.items():
                 lines.append(f"    {name} = {value:.3g} {'ok' if ok else 'BAD'}: {why}")
+            if p.error_bar is not None:
+                lines.append(f"    {p.error_bar}")
             lines += [f"    flag: {f}" for f in p.flags] + [f"    note: {n}" for n in p.notes]
         if self.error is not None:
             lines.append(f"raised {type(self.error).__name__}: {self.error}")
@@ -105,12 +126,125 @@ class Diagnosis:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"ok": self.ok, "flags": self.flags, "worst_condition": self.worst_condition,
+                "gradient_error": self.gradient_error,
                 "points": [{"layer": p.layer, "m": p.m, "r": p.r, "batch": p.batch,
                             "residual": p.residual, "sigma_min": p.sigma_min,
                             "condition": p.condition, "method": p.method,
+                            "error_bar": None if p.error_bar is None else vars(p.error_bar),
                             "measures": {k: [float(v[0]), bool(v[1]), str(v[2])]
                                          for k, v in p.measures.items()},
                             "flags": p.flags, "notes": p.notes} for p in self.points]}
+
+
+@dataclass
+class GradientErrorBar:
+    r"""A-posteriori error bar of the implicit gradient at one forward point.
+
+    All quantities are relative (2-norms).  ``relative`` is the estimate of
+    ``|xbar - xbar*| / |xbar|`` for the gradient ``xbar = -J_{F,x}^T J^{-T} u``
+    of ``<u, y>`` (``u`` a seeded random cotangent), ``xbar*`` its value at the
+    exact solution with an exact solve; see :func:`gradient_error_bar`.
+    """
+    forward_error: float         # |dy| / |y| from the Newton correction dy = -J^+ F(y)
+    forward_bound: float         # cond(J) |F(y)| / (|J| |y|), the a-priori bound of it
+    from_forward: float          # measured: |xbar(y) - xbar(y + dy)| / |xbar(y)|
+    backward_residual: float     # |J^T lam - u| / (|J| |lam| + |u|) of the layer's own solve
+    from_backward: float         # cond(J) * backward_residual
+    rounding: float              # cond(J) * eps
+    relative: float              # from_forward + from_backward + rounding
+
+    def __str__(self) -> str:
+        return (f"gradient error bar: relative {self.relative:.2g} (forward residual -> "
+                f"|dy|/|y| = {self.forward_error:.2g} [bound {self.forward_bound:.2g}] -> "
+                f"{self.from_forward:.2g} in the gradient; backward solve residual "
+                f"{self.backward_residual:.2g} x cond -> {self.from_backward:.2g}; rounding "
+                f"{self.rounding:.2g})")
+
+
+def _float_input_indices(inputs) -> List[int]:
+    return [k for k, x in enumerate(inputs)
+            if isinstance(x, float) or (isinstance(x, onp.ndarray) and x.dtype.kind == "f")]
+
+
+def gradient_error_bar(point, *, seed: int = 0) -> Optional[GradientErrorBar]:
+    r"""Estimate the implicit gradient's own error at ``point`` from its residuals.
+
+    Let ``y`` be the solver's output with residual ``r = F(y, x) != 0``, ``y*``
+    the exact solution, ``J = J_{F,y}(y)``, ``B = J_{F,x}(y)``, and the
+    gradient of ``<u, y>`` be ``xbar(y) = -B(y)^T lam``, ``J(y)^T lam = u``.
+
+    **Forward part.**  ``0 = F(y*) = r + J (y* - y) + O(|y* - y|^2)``, so the
+    Newton correction ``dy = -J^{-1} r`` is ``y* - y`` to first order and
+
+    .. math::
+        \frac{\|dy\|}{\|y\|} \le \|J^{-1}\| \frac{\|r\|}{\|y\|}
+        = \kappa(J) \frac{\|F(y)\|}{\|J\| \|y\|}
+
+    (``forward_bound``).  The gradient map is evaluated at ``y`` instead of
+    ``y*``; its change ``xbar(y) - xbar(y*) = xbar(y) - xbar(y + dy) + O(|dy|^2)``
+    is *measured* (``from_forward``) by evaluating ``J``, ``B`` and the dense
+    solve at the corrected point ``y + dy``.  (If ``J`` and ``B`` vary on the
+    scale of ``y``, perturbation theory of ``J^{-T}`` gives
+    ``from_forward <~ kappa(J) |dy| / |y|``; the measurement needs no such model.)
+
+    **Backward part.**  The layer's own linear solver returns ``lam`` with
+    normwise backward error ``eta = |J^T lam - u| / (|J| |lam| + |u|)``; the
+    standard forward-error bound gives ``|lam - lam*| / |lam*| <~ kappa(J) eta``
+    (``from_backward``), which ``B^T`` carries into ``xbar`` unamplified in
+    relative terms when ``B^T`` has no cancellation.
+
+    **Rounding.**  ``kappa(J) eps``.
+
+    ``relative = from_forward + from_backward + rounding``: an estimate, not a
+    rigorous bound (first order in ``dy``; ``u`` random).  Only square, unbatched
+    points with ``m <= DENSE_MAX`` are handled (``None`` otherwise).
+    """
+    if point.r != point.m or point.y_structure.batch_size is not None or point.m > DENSE_MAX \
+            or point.m == 0:
+        return None
+    inputs = tuple(point.inputs)
+    nums = _float_input_indices(inputs)
+    if not nums:
+        return None
+    y = onp.asarray(point.y_flat, dtype=float)
+    res = onp.asarray(point.res_flat, dtype=float)
+
+    def J_at(yy):
+        return onp.asarray(ag_jacobian(lambda v: point.F(v, *inputs))(yy), dtype=float)
+
+    def xbar(yy, lam):
+        def F_x(sel):
+            full = list(inputs)
+            for k, v in zip(nums, sel):
+                full[k] = v
+            return point.F(yy, *full)
+        pulled = make_vjp(F_x)(tuple(inputs[k] for k in nums))[0](lam)
+        return -onp.concatenate([onp.ravel(onp.asarray(g, dtype=float)) for g in pulled])
+
+    J = J_at(y)
+    sv = onp.linalg.svd(J, compute_uv=False)
+    if sv[-1] <= 0 or not onp.all(onp.isfinite(sv)):
+        return None
+    cond, norm_J = float(sv[0] / sv[-1]), float(sv[0])
+    u = onp.random.default_rng(seed).standard_normal(point.m)
+    # the layer's own backward solve and its residual
+    lam = onp.asarray(point.solve_raw(u, transpose=True), dtype=float).ravel()
+    eta = float(onp.linalg.norm(J.T @ lam - u) / (norm_J * onp.linalg.norm(lam) + onp.linalg.norm(u)))
+    # the forward error, by one Newton correction
+    dy = -onp.linalg.solve(J, res)
+    y_norm = max(float(onp.linalg.norm(y)), onp.finfo(float).tiny)
+    g0 = xbar(y, onp.linalg.solve(J.T, u))
+    y_c = y + dy
+    g1 = xbar(y_c, onp.linalg.solve(J_at(y_c).T, u))
+    g_norm = max(float(onp.linalg.norm(g0)), onp.finfo(float).tiny)
+    from_forward = float(onp.linalg.norm(g0 - g1)) / g_norm
+    rounding = cond * EPS
+    return GradientErrorBar(
+        forward_error=float(onp.linalg.norm(dy)) / y_norm,
+        forward_bound=cond * float(onp.linalg.norm(res)) / (norm_J * y_norm),
+        from_forward=from_forward, backward_residual=eta, from_backward=cond * eta,
+        rounding=rounding, relative=from_forward + cond * eta + rounding)
+
 
 
 def dense_jacobian(point) -> onp.ndarray:
@@ -193,6 +327,13 @@ def diagnose_point(point, *, dense_max: int = DENSE_MAX, max_condition: float = 
             d.flags.append(f"J_F,y is ill-conditioned{where}: cond = {d.condition:.3g} > "
                            f"{max_condition:.3g}, so the implicit gradient may lose up to "
                            f"{onp.log10(d.condition):.0f} digits and amplifies solver errors")
+    try:
+        d.error_bar = gradient_error_bar(point)
+    except (ArithmeticError, ValueError, RuntimeError, NimplicitError) as exc:
+        d.notes.append(f"gradient error bar not computed ({type(exc).__name__}: {exc})")
+    if d.error_bar is None and not any("error bar" in n for n in d.notes):
+        d.notes.append("gradient error bar not computed (needs a square, unbatched J_F,y with "
+                       f"m <= {DENSE_MAX} and a float input)")
     if layer.diagnostics is not None:
         try:
             measures = layer.diagnostics(point) or {}

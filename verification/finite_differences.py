@@ -43,8 +43,10 @@ import numpy as np
 __all__ = [
     "DEFAULT_FLOOR",
     "FDResult",
+    "NoiseEstimate",
     "directional_derivative",
     "entry_scales",
+    "estimate_noise",
     "jacobian",
 ]
 
@@ -99,11 +101,24 @@ class FDResult:
         guarantee.
     n_evals : int
         Number of evaluations of ``f`` used.
+    noise : ndarray or tuple of ndarray or None
+        With ``noise="auto"``: the absolute noise level of each output of ``f``
+        estimated along the direction (the largest over the columns of a
+        :func:`jacobian`), see :func:`estimate_noise`; else ``None``.
+    noise_error : ndarray or tuple of ndarray or None
+        The part of ``error`` due to that noise (``4 G noise``, ``G`` the gain of
+        the step taken); ``None`` without ``noise="auto"``.
+    kinks : ndarray or tuple of ndarray or None
+        Boolean: outputs found piecewise linear with a kink inside the stencil,
+        whose value is then a one-sided difference (see :func:`directional_derivative`).
     """
 
     value: Output
     error: Output
     n_evals: int
+    noise: Output | None = None
+    noise_error: Output | None = None
+    kinks: Output | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -246,6 +261,147 @@ def _prepare_x(x: Any) -> tuple[np.ndarray, bool]:
 
 
 # ---------------------------------------------------------------------------
+# Noise of f: Moré & Wild's ECnoise difference table
+# ---------------------------------------------------------------------------
+
+#: Points of the ECnoise sample ``g(k h)``, ``k = -4 .. 4``.
+NOISE_POINTS = 9
+#: Relative spacing of the ECnoise sample along ``v`` (in units of the scale
+#: of ``x`` along ``v``): small enough that the smooth part of ``f`` has
+#: negligible 3rd to 6th differences, large enough for ``f`` to move.
+NOISE_STEP = 2.0**-24
+# Largest relative step the noise-derived step may take.
+_MAX_NOISE_STEP = 2.0**-7
+# A noise estimate below this multiple of eps |f| is taken as plain rounding
+# (already in the rounding model): ECnoise then adds nothing.
+_NOISE_ROUNDING = 2.0
+
+
+@dataclass(frozen=True)
+class NoiseEstimate:
+    """The noise of ``g(t) = f(x + t v)`` estimated from a difference table.
+
+    Attributes
+    ----------
+    noise : ndarray
+        Absolute noise level (standard deviation) of each flattened output.
+    detected : ndarray of bool
+        Outputs whose difference table showed noise (Moré & Wild's test
+        passed); elsewhere ``noise`` is an upper bound from the table's
+        highest-order levels (``f`` looked smooth or constant at spacing ``h``).
+    h : float
+        The spacing used (absolute, along ``v``).
+    f0 : ndarray
+        ``f(x)``, flattened.
+    n_evals : int
+    """
+
+    noise: np.ndarray
+    detected: np.ndarray
+    h: float
+    f0: np.ndarray
+    n_evals: int
+
+
+def _noise_levels(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""ECnoise on samples of shape ``(n_points, n_out)``.
+
+    With ``Delta^k`` the ``k``-th forward differences of the samples,
+    ``sigma_k = sqrt(gamma_k mean((Delta^k)^2))`` and
+    ``gamma_k = (k!)^2 / (2k)!``: for i.i.d. noise of standard deviation
+    ``sigma``, ``E (Delta^k)^2 = sigma^2 / gamma_k``, so every ``sigma_k``
+    estimates ``sigma`` while the smooth part contributes ``O(h^k)``, which
+    vanishes with ``k``.  Moré & Wild accept ``sigma_k`` when three
+    consecutive levels agree within a factor 4 and ``Delta^k`` changes sign
+    (noise, not a smooth trend).  Returns ``(noise, detected, bound)``, with
+    ``bound = min_k sigma_k`` (``k >= 3``) used where nothing is detected.
+    """
+    n_pts = samples.shape[0]
+    table = samples
+    levels, signs = [], []
+    gamma = 1.0
+    for k in range(1, n_pts):
+        gamma *= 0.5 * k / (2.0 * k - 1.0)
+        table = np.diff(table, axis=0)
+        levels.append(np.sqrt(gamma * np.mean(table**2, axis=0)))
+        signs.append((table.min(axis=0) < 0) & (table.max(axis=0) > 0))
+    levels_a = np.array(levels)  # (n_pts - 1, n_out), level k at index k-1
+    noise = np.zeros(samples.shape[1])
+    detected = np.zeros(samples.shape[1], dtype=bool)
+    for k in range(n_pts - 3):
+        window = levels_a[k : k + 3]
+        ok = (window.max(axis=0) <= 4.0 * window.min(axis=0)) & signs[k] & ~detected
+        ok &= window.min(axis=0) > 0
+        noise = np.where(ok, levels_a[k], noise)
+        detected |= ok
+    bound = levels_a[2:].min(axis=0)
+    return np.where(detected, noise, bound), detected, bound
+
+
+def _estimate_noise_flat(call: "_Evaluator", x: np.ndarray, v: np.ndarray, scales: np.ndarray,
+                         h: float | None = None) -> NoiseEstimate:
+    s = _scale_along(v, scales)
+    nz = v != 0
+    if np.all(x[nz] != 0):
+        # Entries below the floor may be the scale f varies on: sample at the
+        # smaller of the floored and the raw scales, so that smooth variation
+        # is not mistaken for noise.
+        s = min(s, 1.0 / float(np.max(np.abs(v[nz]) / np.abs(x[nz]))))
+    h_abs = _pow2_floor(max((NOISE_STEP if h is None else h) * s, 1e-280))
+    half = NOISE_POINTS // 2
+    start = call.n_evals
+    samples = np.stack([call(x + (k * h_abs) * v, k * h_abs, label="x + k*h*v (noise sample)")
+                        for k in range(-half, half + 1)])
+    if np.iscomplexobj(samples):
+        samples = samples.real
+    noise, detected, _ = _noise_levels(samples)
+    f0 = samples[half]
+    # Plain rounding is in the rounding model already: only excess noise counts.
+    rounding = _NOISE_ROUNDING * call.eps * np.max(np.abs(samples), axis=0)
+    noise = np.where(noise > rounding, noise, 0.0)
+    return NoiseEstimate(noise, detected & (noise > 0), h_abs, f0, call.n_evals - start)
+
+
+def estimate_noise(f: Callable[[Any], Any], x: Any, v: Any, *, h: float | None = None,
+                   floor: float = DEFAULT_FLOOR) -> NoiseEstimate:
+    r"""Estimate the noise level of ``f`` along ``v`` at ``x`` (Moré & Wild, ECnoise).
+
+    ``f`` is sampled at the ``9`` points ``x + k h_a v``, ``k = -4 .. 4``, with
+    ``h_a = h s`` rounded down to a power of two (``s`` the scale of ``x``
+    along ``v``, as for the steps of :func:`directional_derivative`, or the
+    raw one from ``|x_i|`` when smaller and no entry on ``v``'s support is 0; default
+    ``h = NOISE_STEP = 2**-24``).  Per output, the difference table gives
+    the levels
+
+    .. math::
+        \sigma_k = \Big(\gamma_k \frac{1}{9-k}\sum_i (\Delta^k g_i)^2\Big)^{1/2},
+        \qquad \gamma_k = \frac{(k!)^2}{(2k)!},
+
+    each an estimate of the noise's standard deviation once ``k`` is large
+    enough for the smooth part (``O(h_a^k |g^{(k)}|)``) to be negligible.
+    The noise is the first ``sigma_k`` such that ``sigma_k, sigma_{k+1},
+    sigma_{k+2}`` agree within a factor 4 and ``Delta^k`` changes sign
+    (J. J. Moré and S. M. Wild, *Estimating computational noise*, SIAM J.
+    Sci. Comput. 33 (2011) 1292-1314).  Where that test fails the output is
+    smooth or constant at this spacing and ``min_{k>=3} sigma_k`` is
+    returned as an upper bound.  Levels below ``2 eps |f|`` are rounding,
+    which the finite differences model already, and are returned as 0.
+
+    Returns
+    -------
+    NoiseEstimate
+        ``noise`` and ``detected`` flattened over ``f``'s outputs (tuple
+        outputs concatenated in order).
+    """
+    x_arr, scalar_input = _prepare_x(x)
+    v_arr = np.asarray(v, dtype=np.float64)
+    if v_arr.shape != x_arr.shape or not np.any(v_arr):
+        raise ValueError("v must be a nonzero direction of x's shape")
+    call = _Evaluator(f, scalar_input)
+    return _estimate_noise_flat(call, x_arr, v_arr, entry_scales(x_arr, floor), h)
+
+
+# ---------------------------------------------------------------------------
 # Central differences + Richardson extrapolation
 # ---------------------------------------------------------------------------
 
@@ -287,6 +443,8 @@ class _Estimate:
     static: np.ndarray
     # Unresolved disagreement with estimates made with other steps.
     spread: np.ndarray | float = 0.0
+    # Outputs with a kink inside the stencil (value is one-sided), set by _central.
+    kink: np.ndarray | bool = False
 
     @property
     def error(self) -> np.ndarray:
@@ -414,7 +572,8 @@ def _central(
     scales: np.ndarray,
     step: float | None,
     levels: int,
-    noise: float,
+    noise: float | np.ndarray,
+    f0: np.ndarray | None = None,
 ) -> _Estimate:
     s = _scale_along(v, scales)
 
@@ -463,6 +622,14 @@ def _central(
     # Steps derived from the actual entry sizes rather than from the floor
     # (none if an entry on the support of v is 0).
     measured = set() if t_raw == 0.0 else {t_raw}
+    if f0 is not None and np.any(noise):
+        # A forward noisier than rounding: the step balancing the noise term
+        # G noise ~ noise / t of a central difference against its truncation
+        # is ~ (relative noise)**(1/3) of the scale, larger than the base step.
+        rel = float(np.max(noise)) / max(float(np.max(np.abs(f0))), np.finfo(float).tiny)
+        t_noise = _pow2_floor(min(rel ** (1.0 / 3.0), _MAX_NOISE_STEP) * s)
+        if t_noise > t_main:
+            try_step(t_noise)
     if call.eps > _EPS:
         # Lower-precision outputs (float32, ...): eps**(1/3) of the output
         # dtype balances truncation and rounding; try it as well.
@@ -509,6 +676,10 @@ def _central(
     # Outputs whose samples were bitwise identical at every level do not
     # (visibly) depend on the direction; they are left alone.
     frozen = best.static
+    kink = np.zeros(np.shape(best.value), dtype=bool)
+    if f0 is not None:
+        best, kink = _kink_pass(call, x, v, t_main, f0, noise, best, levels)
+        frozen = frozen | kink
     tiny = np.finfo(float).tiny
     for _ in range(_MAX_ADAPT):
         error = best.error
@@ -542,7 +713,55 @@ def _central(
         if not np.any(better):
             break
         best = best.merge(cand, better)
+    best.kink = kink
     return best
+
+
+def _kink_pass(call: _Evaluator, x: np.ndarray, v: np.ndarray, t: float, f0: np.ndarray,
+               noise: float | np.ndarray, best: _Estimate, levels: int
+               ) -> tuple[_Estimate, np.ndarray]:
+    r"""Recognise outputs that are piecewise linear with a kink in the stencil.
+
+    Only outputs whose error is dominated by the truncation estimate (the
+    Richardson levels disagree) are examined.  With the one-sided
+    differences ``D_+(tau) = (g(tau) - g(0)) / tau`` and
+    ``D_-(tau) = (g(0) - g(-tau)) / tau`` at ``tau = t, t/2``, a side is
+    *linear* when ``|D(t) - D(t/2)|`` is within the noise bound
+    ``24 (noise + eps |g|) / t`` (the two differences' noise, safety 4).
+    A smooth curved ``g`` fails that test on both sides (the differences
+    differ by ``t g''/4``), so it is left to the step adaptation.  A kink at
+    distance ``d`` in ``(0, t)`` on one side makes that side non-linear and
+    leaves the other linear: the other side's ``D(t/2)`` is then the
+    derivative, with error ``|D(t) - D(t/2)| + 16 (noise + eps |g|) / t``.
+    Both sides linear with different slopes is a kink at ``x`` itself: the
+    derivative does not exist, the value is their mean and the error covers
+    both one-sided derivatives.  Returns the updated estimate and the mask
+    of kinks found; the step is not shrunk for them.
+    """
+    need = (best.truncation > best.rounding) & ~best.static
+    if not np.any(need):
+        return best, np.zeros(np.shape(best.value), dtype=bool)
+    g = {tau: call(x + tau * v, tau) for tau in (t, t / 2, -t, -t / 2)}
+    d_p = {tau: (g[tau] - f0) / tau for tau in (t, t / 2)}
+    d_m = {tau: (f0 - g[-tau]) / tau for tau in (t, t / 2)}
+    mag = np.maximum.reduce([np.abs(f0)] + [np.abs(a) for a in g.values()])
+    n = noise + call.eps * mag
+    bound = 24.0 * n / t
+    lin_p = np.abs(d_p[t] - d_p[t / 2]) <= bound
+    lin_m = np.abs(d_m[t] - d_m[t / 2]) <= bound
+    slopes_differ = np.abs(d_p[t / 2] - d_m[t / 2]) > bound
+    only_p, only_m = lin_p & ~lin_m, lin_m & ~lin_p
+    at_x = lin_p & lin_m & slopes_differ
+    value = np.where(only_p, d_p[t / 2], np.where(only_m, d_m[t / 2],
+                                                   0.5 * (d_p[t / 2] + d_m[t / 2])))
+    side_err = np.where(only_p, np.abs(d_p[t] - d_p[t / 2]), np.abs(d_m[t] - d_m[t / 2]))
+    err = np.where(at_x, 0.5 * np.abs(d_p[t / 2] - d_m[t / 2]), side_err) + 16.0 * n / t
+    kink = need & (only_p | only_m | at_x) & (err < best.error)
+    shape = np.shape(best.value)
+    one_sided = _Estimate(value=value, truncation=np.zeros(shape), rounding=err,
+                          gain=np.full(shape, 4.0 / t), t=np.full(shape, t / 2),
+                          static=np.zeros(shape, dtype=bool))
+    return best.merge(one_sided, kink), kink
 
 
 # ---------------------------------------------------------------------------
@@ -602,7 +821,7 @@ def _complex_step(
 # ---------------------------------------------------------------------------
 
 
-def _check_options(levels: int, method: str, step: float | None, noise: float) -> None:
+def _check_options(levels: int, method: str, step: float | None, noise: float | str) -> None:
     if method not in ("central", "complex"):
         raise ValueError(f"method must be 'central' or 'complex', got {method!r}")
     min_levels = 2 if method == "central" else 1
@@ -610,8 +829,11 @@ def _check_options(levels: int, method: str, step: float | None, noise: float) -
         raise ValueError(f"levels must be an integer >= {min_levels} for method={method!r}")
     if step is not None and not (step > 0 and math.isfinite(step)):
         raise ValueError(f"step must be positive and finite, got {step!r}")
-    if not (noise >= 0 and math.isfinite(noise)):
-        raise ValueError(f"noise must be non-negative and finite, got {noise!r}")
+    if isinstance(noise, str):
+        if noise != "auto":
+            raise ValueError(f"noise must be a non-negative float or 'auto', got {noise!r}")
+    elif not (noise >= 0 and math.isfinite(noise)):
+        raise ValueError(f"noise must be non-negative and finite (or 'auto'), got {noise!r}")
 
 
 def _directional_flat(
@@ -622,15 +844,26 @@ def _directional_flat(
     step: float | None,
     levels: int,
     method: str,
-    noise: float,
-) -> _Estimate:
+    noise: float | str,
+) -> tuple[_Estimate, np.ndarray | None]:
+    """The estimate along ``v`` and, with ``noise="auto"``, the estimated noise."""
     if not np.any(v):
         out = call(x, 0.0, label="x")
         zero = np.zeros_like(out.real)
-        return _Estimate(zero, zero, zero, zero, zero, np.ones(zero.shape, dtype=bool))
+        est = _Estimate(zero, zero, zero, zero, zero, np.ones(zero.shape, dtype=bool))
+        return est, (zero if noise == "auto" else None)
     if method == "complex":
-        return _complex_step(call, x, v, scales, step, levels)
-    return _central(call, x, v, scales, step, levels, noise)
+        return _complex_step(call, x, v, scales, step, levels), None
+    if noise != "auto":
+        return _central(call, x, v, scales, step, levels, noise), None
+    measured = _estimate_noise_flat(call, x, v, scales)
+    est = _central(call, x, v, scales, step, levels, measured.noise, f0=measured.f0)
+    return est, measured.noise
+
+
+def _noise_part(est: _Estimate, noise: np.ndarray) -> np.ndarray:
+    """The part of ``est.error`` due to the estimated ``noise``: ``4 G noise``."""
+    return _ROUNDING_SAFETY * est.gain * noise
 
 
 def directional_derivative(
@@ -642,7 +875,7 @@ def directional_derivative(
     levels: int = 2,
     method: Method = "central",
     floor: float = DEFAULT_FLOOR,
-    noise: float = 0.0,
+    noise: float | str = 0.0,
 ) -> FDResult:
     r"""Estimate the directional derivative ``J_f(x) @ v`` with an error estimate.
 
@@ -696,10 +929,17 @@ def directional_derivative(
         Floor of :func:`entry_scales`, default :data:`DEFAULT_FLOOR`
         (``1.0``: entries below 1 in magnitude, zeros included, get an
         absolute step, plus a relative one as a second opinion if nonzero).
-    noise : float, optional
+    noise : float or "auto", optional
         Absolute rounding-noise level of ``f``'s outputs to add to the
         built-in model (central only); use it when ``f`` computes its
         outputs as small differences of large intermediates.  Default 0.
+        ``"auto"`` measures it along ``v`` first, per output, with
+        :func:`estimate_noise` (9 more evaluations): the measured noise
+        enters the error model, a step balancing it against truncation is
+        tried as well, the step adaptation never shrinks into the noise, and
+        piecewise-linear outputs with a kink inside the stencil are
+        recognised (see Notes); ``FDResult.noise``, ``noise_error`` and
+        ``kinks`` then say what was found.
 
     Returns
     -------
@@ -783,6 +1023,26 @@ def directional_derivative(
     different sizes gets a single step that is small for the large entries;
     use :func:`jacobian` (one scaled step per entry) for badly scaled ``x``.
 
+    **Noisy f (``noise="auto"``).**  A forward that stops at a tolerance
+    (an iterative solver, a bisection) returns ``g(t) = smooth(t) + e(t)``
+    with ``e`` of size ``sigma`` varying on scales far below any useful step.
+    ``sigma`` is measured per output by ECnoise (:func:`estimate_noise`) and
+    enters ``rounding`` as the ``noise`` term (so the error bar holds
+    ``4 G sigma``, ``G ~ 2 / t``).  The step ``t_n = (sigma / |f|_inf)^{1/3}
+    s`` (capped at ``2**-7 s``), which balances ``sigma / t`` against a
+    central difference's ``t^2`` truncation, is tried besides the base step
+    when larger, and the cross-check picks the better one.  Since
+    ``rounding`` now holds the noise, an output whose error is dominated by
+    it is never given a smaller step (the step "collapse" that turns noise
+    of ``1e-16`` into derivative errors of ``1e-4``).
+
+    **Kinks (``noise="auto"``).**  Outputs whose Richardson levels disagree
+    are tested for being piecewise linear with a kink inside the stencil by
+    comparing one-sided differences at ``t_0`` and ``t_0 / 2`` on each side
+    (``_kink_pass``): a side on which they agree within the noise is linear,
+    and its one-sided difference is the derivative; the step is not shrunk.
+    Those outputs are marked in ``FDResult.kinks``.
+
     **Error estimate (complex).**  ``2 max_i |E_i - E_last| + 4 eps |value|``
     with ``E_i = Im g(i t_i) / t_i``.
     """
@@ -798,8 +1058,14 @@ def directional_derivative(
         raise ValueError("v contains non-finite entries")
     scales = entry_scales(x_arr, floor)
     call = _Evaluator(f, scalar_input)
-    est = _directional_flat(call, x_arr, v_arr, scales, step, int(levels), method, noise)
-    return FDResult(call.unflatten(est.value), call.unflatten(est.error), call.n_evals)
+    est, measured = _directional_flat(call, x_arr, v_arr, scales, step, int(levels), method, noise)
+    if measured is None:
+        return FDResult(call.unflatten(est.value), call.unflatten(est.error), call.n_evals)
+    kink = np.broadcast_to(est.kink, np.shape(est.value))
+    return FDResult(call.unflatten(est.value), call.unflatten(est.error), call.n_evals,
+                    noise=call.unflatten(measured),
+                    noise_error=call.unflatten(_noise_part(est, measured)),
+                    kinks=call.unflatten(np.array(kink)))
 
 
 def jacobian(
@@ -810,7 +1076,7 @@ def jacobian(
     levels: int = 2,
     method: Method = "central",
     floor: float = DEFAULT_FLOOR,
-    noise: float = 0.0,
+    noise: float | str = 0.0,
 ) -> FDResult:
     """Estimate the Jacobian of ``f`` at ``x`` column by column.
 
@@ -855,12 +1121,15 @@ def jacobian(
     call = _Evaluator(f, scalar_input)
     n = x_arr.size
     columns: list[_Estimate] = []
+    measured: list[np.ndarray | None] = []
     for j in range(n):
         index = np.unravel_index(j, x_arr.shape)
         call.context = f", v = e_{tuple(map(int, index))} (coordinate {j} of x)"
         v = np.zeros(x_arr.shape)
         v[index] = 1.0
-        columns.append(_directional_flat(call, x_arr, v, scales, step, int(levels), method, noise))
+        col, col_noise = _directional_flat(call, x_arr, v, scales, step, int(levels), method, noise)
+        columns.append(col)
+        measured.append(col_noise)
     call.context = ""
     if n == 0:
         out = call(x_arr, 0.0, label="x")
@@ -879,8 +1148,20 @@ def jacobian(
         static = np.stack([c.static for c in columns], axis=-1)
         extra = np.where(static, 0.0, np.maximum(cond[:, None] - np.abs(value) * xj, 0.0))
         error = error + _ROUNDING_SAFETY * call.eps * gain * extra
+    if noise != "auto" or n == 0:
+        return FDResult(
+            call.unflatten(value, x_arr.shape),
+            call.unflatten(error, x_arr.shape),
+            call.n_evals,
+        )
+    noise_cols = np.stack(measured, axis=-1)
+    noise_err = np.stack([_noise_part(c, m) for c, m in zip(columns, measured)], axis=-1)
+    kinks = np.stack([np.broadcast_to(c.kink, np.shape(c.value)) for c in columns], axis=-1)
     return FDResult(
         call.unflatten(value, x_arr.shape),
         call.unflatten(error, x_arr.shape),
         call.n_evals,
+        noise=call.unflatten(noise_cols.max(axis=-1)),
+        noise_error=call.unflatten(noise_err, x_arr.shape),
+        kinks=call.unflatten(np.array(kinks), x_arr.shape),
     )

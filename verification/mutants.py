@@ -321,3 +321,32 @@ def self_test(names: Optional[Sequence[str]] = None, cases: int = 200, seed: int
         res.seconds = time.perf_counter() - start
         results.append(res)
     return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m verification.mutants [NAME ...] [--cases N] [--seed S]``: run the
+    self-test and print, per layer and in total, cases, false alarms, mutants
+    caught, missed and equivalent; exit status 1 on any false alarm, miss or error."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m verification.mutants")
+    parser.add_argument("names", nargs="*", help="registered layers (default: all)")
+    parser.add_argument("--cases", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    results = self_test(args.names or None, cases=args.cases, seed=args.seed)
+    total = {"cases": 0, "false_alarms": 0, "caught": 0, "missed": 0, "equivalent": 0, "errors": 0}
+    for r in results:
+        eq = sum(m.equivalent for m in r.mutants.values())
+        print(f"{r.layer}: {r.cases} cases, {len(r.false_alarms)} false alarms "
+              f"{r.false_alarms[:5]}, {r.caught} mutants caught, {r.missed} missed, {eq} equivalent, "
+              f"{len(r.errors)} errors ({r.seconds:.0f} s)")
+        for key, value in (("cases", r.cases), ("false_alarms", len(r.false_alarms)),
+                           ("caught", r.caught), ("missed", r.missed), ("equivalent", eq),
+                           ("errors", len(r.errors))):
+            total[key] += value
+    print("TOTAL " + ", ".join(f"{k} {v}" for k, v in total.items()))
+    return int(bool(total["false_alarms"] or total["missed"] or total["errors"]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
