@@ -39,7 +39,6 @@ Results: ``examples/results/qp_digits-<date>.json`` (or ``qp_mnist-...``) and th
 from __future__ import annotations
 
 import argparse
-import gzip
 import importlib.util
 import os
 import time
@@ -86,25 +85,10 @@ def load_digits_split(seed: int = 0):
     return Xtr, ytr, Xte, yte
 
 
-def _read_idx(path: str) -> onp.ndarray:
-    for candidate in (path, path + ".gz"):
-        if os.path.exists(candidate):
-            opener = gzip.open if candidate.endswith(".gz") else open
-            with opener(candidate, "rb") as f:
-                data = f.read()
-            ndim = data[3]
-            shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-            return onp.frombuffer(data, dtype=onp.uint8, offset=4 + 4 * ndim).reshape(shape)
-    raise FileNotFoundError(f"no IDX file {path}(.gz); --mnist expects a directory with "
-                            f"train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                            f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte")
-
-
 def load_mnist(root: str):
-    r = lambda name: _read_idx(os.path.join(os.path.expanduser(root), name))
-    Xtr = r("train-images-idx3-ubyte").reshape(-1, 784) / 255.0
-    Xte = r("t10k-images-idx3-ubyte").reshape(-1, 784) / 255.0
-    return Xtr, r("train-labels-idx1-ubyte").astype(int), Xte, r("t10k-labels-idx1-ubyte").astype(int)
+    """MNIST from local IDX files (:func:`examples.datasets.load_mnist`; never downloaded)."""
+    from examples.datasets import load_mnist as _load
+    return _load(root)
 
 
 # ----------------------------------------------------------------------------- model
