@@ -226,18 +226,18 @@ def _flat(tree):
     return onp.concatenate([onp.ravel(tree[k]) for k in sorted(tree)])
 
 
-def gradient_agreement(params, batch) -> Dict[str, float]:
+def gradient_agreement(params, batch, branches) -> Dict[str, float]:
     """Cosine between each branch's gradient and SM's at the initial weights."""
-    g = {b: _flat(grad(batch_loss)(params, batch, b)) for b in BRANCHES}
+    g = {b: _flat(grad(batch_loss)(params, batch, b)) for b in set(branches) | {"SM"}}
     return {b: float(g[b] @ g["SM"] / (onp.linalg.norm(g[b]) * onp.linalg.norm(g["SM"])))
-            for b in BRANCHES}
+            for b in branches}
 
 
 def run_branches(init, pool, test, args, label: str) -> dict:
     """Train every branch from ``init`` on the same batches; print and return the curves."""
     out = {"curves": {}, "ms_per_iteration": {}, "skipped_steps": {}, "failures": {},
            "trained": {}}
-    for branch in BRANCHES:
+    for branch in args.branches:
         t0 = time.perf_counter()
         params, curve, ms, failures = train(branch, init, lambda it: pool[(it - 1) % len(pool)],
                                             lambda p, b: evaluate(p, test, b), args.iterations,
@@ -275,7 +275,7 @@ def synthetic_experiment(args, results: dict, figures: dict):
         print(f"\n== synthetic, {graphs} graphs: {args.inliers} inliers + {args.outliers} "
               f"outliers, noise {args.noise}, {args.iterations} iterations x batch "
               f"{args.batch}, test {args.test_size} ==", flush=True)
-        cos = gradient_agreement(init, pool[0])
+        cos = gradient_agreement(init, pool[0], args.branches)
         print("  cosine of each branch's initial gradient with SM's: "
               + ", ".join(f"{b} {c:.4f}" for b, c in cos.items()), flush=True)
         run = run_branches(init, pool, test, args, graphs)
@@ -290,7 +290,7 @@ def synthetic_experiment(args, results: dict, figures: dict):
     for noise in args.noise_levels:
         insts = [with_topology(synthetic_pair(sweep_rng, noise=noise, **cfg), main_graphs)
                  for _ in range(args.test_size)]
-        noise_table[str(noise)] = {b: evaluate(trained[b], insts, b)["pck"] for b in BRANCHES}
+        noise_table[str(noise)] = {b: evaluate(trained[b], insts, b)["pck"] for b in trained}
         print(f"  noise {noise:.3f}: " + "  ".join(f"{b} {a:.3f}"
                                                   for b, a in noise_table[str(noise)].items()),
               flush=True)
@@ -478,7 +478,7 @@ def plot_fig8(figures: dict, out: Results) -> None:
     plt = _plt()
     if plt is None:
         return
-    show = ["PI-10", "SM", "SMAC"]
+    show = [b for b in ("PI-10", "SM", "SMAC") if b in figures["branches"]]
     if "stereo" in figures:
         run, inst, (left, right) = figures["stereo"]
         fig, axes = plt.subplots(1, 1 + len(show), figsize=(4.2 * (1 + len(show)), 3.6))
@@ -549,34 +549,41 @@ def main(argv=None):
     ap.add_argument("--graphs", nargs="+", choices=["delaunay", "full"],
                     default=None, help="graph topologies (the first is the main one)")
     ap.add_argument("--iterations", type=int, default=None)
+    ap.add_argument("--test-size", type=int, default=None)
+    ap.add_argument("--branches", nargs="+", choices=BRANCHES, default=None,
+                    help="train only these branches (default: all)")
+    ap.add_argument("--stereo-iterations", type=int, default=None)
     ap.add_argument("--no-stereo", action="store_true")
     ap.add_argument("--cub", metavar="PATH", default=None,
                     help="a local CUB-200-2011 folder (images/, parts/part_locs.txt, ...)")
     ap.add_argument("--cub-iterations", type=int, default=100)
     ap.add_argument("--out", default=None, help="results folder (default examples/results)")
     args = ap.parse_args(argv)
+    args.branches = [b for b in BRANCHES if b in (args.branches or BRANCHES)]
     q = args.quick
     args.graphs = args.graphs or (["delaunay"] if q else ["delaunay", "full"])
     args.inliers, args.outliers, args.noise = 10, 2, 0.05
     args.iterations = args.iterations or (20 if q else 100)
     args.batch = 4
-    args.test_size = 8 if q else 20
+    args.test_size = args.test_size or (8 if q else 20)
     args.eval_every = 5 if q else 10
     args.lr = 0.05
     args.noise_levels = [0.0, 0.1] if q else [0.0, 0.05, 0.1, 0.15]
+    args.eval_every = min(args.eval_every, args.iterations)
     args.stereo_nodes = 10
     args.stereo_outliers = 4
-    args.stereo_iterations = 10 if q else 60
+    args.stereo_iterations = args.stereo_iterations or (10 if q else 60)
     out = Results("graph_matching", args, args.seed, out_dir=args.out, tag="quick" if q else "")
     out.set_command(argv)
-    results, figures = {}, {}
+    results, figures = {}, {"branches": args.branches}
     t0 = time.perf_counter()
     trained, test = synthetic_experiment(args, results, figures)
     if not args.no_stereo:
         stereo_experiment(args, results, figures)
     if args.cub:
         cub_experiment(args, results, figures)
-    pygmtools_comparison(results, trained["SM"], test)
+    if "SM" in trained:
+        pygmtools_comparison(results, trained["SM"], test)
     plot_fig9(figures, out)
     plot_fig8(figures, out)
     rows = summary_rows(results)

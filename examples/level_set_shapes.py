@@ -320,6 +320,8 @@ def format_results(results: Dict[str, Dict], categories=CATEGORIES) -> str:
     lines = [f"{'category':<14}{'IoU voxel':>10}{'IoU level set':>15}"
              f"{'Chamfer voxel':>15}{'Chamfer level set':>19}   (Chamfer x 1e3, lower is better)"]
     for name in tuple(categories) + ("mean",):
+        if name not in results["voxel"]:        # no test shape of this category
+            continue
         v, s = results["voxel"][name], results["level_set"][name]
         lines.append(f"{name:<14}{v['iou']:>10.3f}{s['iou']:>15.3f}"
                      f"{v['chamfer_x1e3']:>15.2f}{s['chamfer_x1e3']:>19.2f}")
@@ -404,7 +406,8 @@ def main(argv=None):
         models[name] = params
         results[name] = evaluate(params, test_set, mean, basis, categories)
         info[name] = {"seconds": time.time() - t0, "empty_training_surfaces": n_empty,
-                      "skipped_steps": failures.skipped, "failures": failures.as_dict(),
+                      "skipped_steps": failures.skipped, "updates": len(history),
+                      "failures": failures.as_dict(),
                       "final_loss": float(onp.mean(history[-20:])) if history else None}
         print(f"  {name}: {info[name]['seconds']:.1f} s", flush=True)
     results["mean_shape"] = evaluate(

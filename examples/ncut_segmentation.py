@@ -424,6 +424,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--radius", type=float, default=1.5)
     parser.add_argument("--floor", type=float, default=1e-3)
+    parser.add_argument("--tune", type=int, default=100,
+                        help="training images used to tune the classical s_I")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hazysky", metavar="PATH", default=None,
                         help="a local HazySky-style folder (images/ + masks/) instead of "
@@ -455,8 +457,8 @@ def main(argv=None):
     print(f"{source}: {n_train} train / {n_test} test images of {args.size}x{args.size} pixels, "
           f"{len(graph.edges)} edges per graph", flush=True)
 
-    # classical baseline: s_I tuned on (up to) 100 training scenes
-    tune = slice(0, min(100, n_train))
+    # classical baseline: s_I tuned on (up to) --tune training scenes
+    tune = slice(0, min(args.tune, n_train))
     scores = {}
     for sigma_i in (0.03, 0.06, 0.1, 0.2, 0.4):
         scores[sigma_i] = evaluate(graph, lambda img: graph.classical_weights(img, sigma_i),
