@@ -28,7 +28,7 @@ def _save_png(path, array):
 def _sky_scene(rng, h, w, horizon):
     img = np.zeros((h, w, 3))
     img[:horizon] = [0.2, 0.4, 0.9]
-    img[horizon:] = [0.3, 0.5, 0.1]
+    img[horizon:] = [0.15, 0.25, 0.05]          # darker: the grey levels differ too
     img += 0.02 * rng.standard_normal(img.shape)
     mask = np.zeros((h, w))
     mask[:horizon] = 1.0
