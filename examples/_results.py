@@ -46,9 +46,16 @@ def _versions() -> Dict[str, str]:
                  "torch", "qpth"):
         try:
             mod = __import__(name)
-            out[name] = str(getattr(mod, "__version__", "unknown"))
         except ImportError:
             continue
+        version = getattr(mod, "__version__", None)
+        if version is None:
+            try:
+                from importlib.metadata import version as _dist_version
+                version = _dist_version(name)
+            except Exception:
+                version = "unknown"
+        out[name] = str(version)
     return out
 
 
@@ -111,11 +118,11 @@ class Results:
         os.makedirs(self.out_dir, exist_ok=True)
 
     def set_command(self, argv) -> None:
-        """Record the exact arguments the example was called with."""
-        argv = [] if argv is None else list(argv)
-        if not argv and sys.argv and sys.argv[0].endswith(".py"):
-            argv = sys.argv[1:]
-        self.data["command"] = " ".join(["python", "-m", f"examples.{self.example}"] + argv)
+        """Record the example's arguments: ``argv`` as given to ``main`` (``None``: the
+        command line of this process), and the process's own command line."""
+        args = sys.argv[1:] if argv is None else list(argv)
+        self.data["command"] = " ".join(["python", "-m", f"examples.{self.example}"] + args)
+        self.data["invoked_as"] = " ".join(["python"] + sys.argv)
 
     def figure_path(self, name: str) -> str:
         """Path for a PNG (recorded in the JSON's ``figures``)."""

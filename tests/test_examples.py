@@ -97,7 +97,7 @@ def test_ncut_reduced_run_trains_through_the_backward(tmp_path):
     data = _results_file(str(tmp_path), "ncut_segmentation")
     assert data["metrics"]["steps"] == 16
     assert data["metrics"]["learned_test_iou"] == pytest.approx(res["learned"]["iou_threshold0"])
-    assert "NCUT_SMALL" not in data["command"] and "--size 12" in data["command"]
+    assert data["command"].startswith("python -m examples.ncut_segmentation --train 16")
 
 
 def test_ncut_backward_failures_are_skipped_and_counted(tmp_path, monkeypatch):
