@@ -30,16 +30,6 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "NUMBA_NUM_THREADS")
 
 
-def pin_threads(n: int = 1) -> None:
-    """Default the BLAS/OpenMP thread counts to ``n`` (call before numpy is used heavily).
-
-    Results are deterministic for a given seed *and* thread count; a caller that
-    sets these variables keeps its own values.
-    """
-    for var in THREAD_VARS[:3]:
-        os.environ.setdefault(var, str(n))
-
-
 def _versions() -> Dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("numpy", "scipy", "autograd", "numba", "matplotlib", "skimage", "sklearn",
