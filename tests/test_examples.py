@@ -1,0 +1,311 @@
+"""The examples in reduced but real configurations (many Adam steps through each
+layer's backward), their skip-and-count of typed failures, their results files,
+and their ``--quick`` runs (slow-marked where they take more than ~20 s)."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import autograd.numpy as anp
+import numpy as np
+import pytest
+from autograd import value_and_grad
+from autograd.extend import defvjp, primitive
+
+from examples import _results
+from nimplicit.errors import LinearSolveError, NimplicitError, SolverError
+
+REQUIRED = ("command", "seed", "config", "environment", "wall_seconds", "metrics", "paper",
+            "differences", "figures")
+
+
+def _results_file(folder, stem):
+    files = sorted(glob.glob(os.path.join(folder, f"{stem}-2*.json")))
+    assert len(files) == 1, files
+    with open(files[0]) as f:
+        data = json.load(f)
+    for key in REQUIRED:
+        assert key in data, key
+    assert data["environment"]["versions"]["numpy"] == np.__version__
+    assert "OMP_NUM_THREADS" in data["environment"]["threads"]
+    assert data["differences"] and data["paper"]
+    return data
+
+
+class _Poison:
+    """An identity primitive whose backward raises LinearSolveError on every k-th call."""
+
+    def __init__(self, every: int):
+        self.every, self.calls = every, 0
+
+        @primitive
+        def ident(x):
+            return x
+
+        def vjp(ans, x):
+            def g(v):
+                self.calls += 1
+                if self.calls % self.every == 0:
+                    raise LinearSolveError(f"injected backward failure #{self.calls}")
+                return v
+            return g
+
+        defvjp(ident, vjp)
+        self.ident = ident
+
+
+# ------------------------------------------------------------------------------ the guard
+
+
+def test_guarded_step_counts_forward_and_backward_failures():
+    poison = _Poison(every=2)
+
+    def loss(x, fail_forward):
+        if fail_forward:
+            raise SolverError("injected forward failure")
+        return anp.sum(poison.ident(x) ** 2)
+
+    counter = _results.SkipCounter()
+    f = value_and_grad(loss)
+    out = _results.guarded_step(f, np.ones(3), False, counter=counter)
+    np.testing.assert_allclose(out[1], 2 * np.ones(3))
+    assert _results.guarded_step(f, np.ones(3), False, counter=counter) is None   # backward
+    assert _results.guarded_step(f, np.ones(3), True, counter=counter) is None    # forward
+    assert counter.skipped == 2
+    assert counter.by_type == {"LinearSolveError": 1, "SolverError": 1}
+    with pytest.raises(ZeroDivisionError):        # a bug in user code is not swallowed
+        _results.guarded_step(lambda: 1 / 0, counter=counter)
+
+
+# ------------------------------------------------------------------------------ NCut
+
+
+NCUT_SMALL = ["--train", "16", "--test", "3", "--epochs", "2", "--batch", "2", "--size", "12",
+              "--tune", "3"]
+
+
+def test_ncut_reduced_run_trains_through_the_backward(tmp_path):
+    from examples import ncut_segmentation as ex
+    res = ex.main(NCUT_SMALL + ["--out", str(tmp_path)])
+    hist = res["history"]
+    assert hist["steps"] == 16
+    assert len(hist["step_loss"]) + hist["skipped_steps"] == 16
+    assert len(hist["step_loss"]) >= 12 and np.isfinite(hist["step_loss"]).all()
+    # training moved the alignment loss down
+    assert np.mean(hist["step_loss"][-4:]) < np.mean(hist["step_loss"][:4])
+    data = _results_file(str(tmp_path), "ncut_segmentation")
+    assert data["metrics"]["steps"] == 16
+    assert data["metrics"]["learned_test_iou"] == pytest.approx(res["learned"]["iou_threshold0"])
+    assert data["command"].startswith("python -m examples.ncut_segmentation --train 16")
+
+
+def test_ncut_backward_failures_are_skipped_and_counted(tmp_path, monkeypatch):
+    from examples import ncut_segmentation as ex
+    # 2 graphs per step; a raising vjp ends that step's backward, so the 5th, 10th, ...
+    # call falls in steps 3, 6, 9, 12, 15
+    poison = _Poison(every=5)
+    original = ex.alignment_loss
+    monkeypatch.setattr(ex, "alignment_loss", lambda v, d, m: original(poison.ident(v), d, m))
+    res = ex.main(NCUT_SMALL + ["--out", str(tmp_path)])
+    hist = res["history"]
+    assert hist["skipped_steps"] == 5
+    assert hist["failures"]["by_type"] == {"LinearSolveError": 5}
+    assert hist["failures"]["first_failure"].startswith("epoch 1 step 3:")
+    assert len(hist["step_loss"]) == 11
+    data = _results_file(str(tmp_path), "ncut_segmentation")
+    assert data["metrics"]["skipped_steps"] == 5
+
+
+# ------------------------------------------------------------------------------ level set
+
+
+LEVEL_SET_SMALL = ["--per-category", "4", "--steps", "12", "--batch", "4", "--basis", "8"]
+
+
+def test_level_set_reduced_run_and_determinism(tmp_path):
+    from examples import level_set_shapes as ex
+    a = ex.main(LEVEL_SET_SMALL + ["--out", str(tmp_path / "a")])
+    b = ex.main(LEVEL_SET_SMALL + ["--out", str(tmp_path / "b")])
+    for run in (a, b):
+        info = run["metrics"]["training"]
+        assert info["level_set"]["skipped_steps"] == 0 and info["voxel"]["skipped_steps"] == 0
+    assert a["metrics"]["results"] == b["metrics"]["results"]   # same seed, same threads
+    data = _results_file(str(tmp_path / "a"), "level_set_shapes")
+    table = data["metrics"]["results"]
+    assert "mean" in table["level_set"]
+    assert set(table["level_set"]) <= {"superquadric", "torus", "capsule", "union", "mean"}
+    assert 0 <= table["level_set"]["mean"]["iou"] <= 1
+
+
+def test_level_set_step_failures_are_skipped(tmp_path, monkeypatch):
+    from examples import level_set_shapes as ex
+    poison = _Poison(every=7)
+    original = ex.chamfer_distance
+    monkeypatch.setattr(ex, "chamfer_distance", lambda v, p: original(poison.ident(v), p))
+    res = ex.main(LEVEL_SET_SMALL + ["--out", str(tmp_path)])
+    info = res["metrics"]["training"]["level_set"]
+    assert info["skipped_steps"] >= 2
+    assert info["skipped_steps"] + info["updates"] == 12
+    assert info["failures"]["by_type"] == {"LinearSolveError": info["skipped_steps"]}
+    assert res["metrics"]["training"]["voxel"]["skipped_steps"] == 0
+
+
+# ------------------------------------------------------------------------------ QP
+
+
+def test_qp_quick_run_and_results(tmp_path):
+    from examples import qp_digits as ex
+    hist = ex.main(["--quick", "--no-qpth", "--out", str(tmp_path)])
+    ours = hist["nimplicit qp_layer"]
+    assert len(ours) == 3 and ours[-1]["test_acc"] > 0.8
+    data = _results_file(str(tmp_path), "qp_digits-quick")
+    assert data["metrics"]["skipped_steps"] == 0
+    assert data["metrics"]["qpth"] == "skipped (--no-qpth)"
+
+
+def test_qp_equality_option(tmp_path):
+    from examples import qp_digits as ex
+    hist = ex.main(["--quick", "--no-qpth", "--eq", "2", "--epochs", "1",
+                    "--out", str(tmp_path)])
+    assert hist["nimplicit qp_layer"][-1]["test_acc"] > 0.5
+    data = _results_file(str(tmp_path), "qp_digits-quick")
+    assert data["config"]["eq"] == 2
+
+
+def test_qp_equality_only_is_clear(tmp_path):
+    from examples import qp_digits as ex
+    try:
+        ex.main(["--quick", "--no-qpth", "--ineq", "0", "--eq", "2", "--out", str(tmp_path)])
+    except NimplicitError as exc:        # equality-only QPs not supported by the layer yet
+        assert "--ineq" in str(exc) and "equality-only" in str(exc)
+    else:
+        _results_file(str(tmp_path), "qp_digits-quick")
+
+
+def test_qp_optnet_preset_and_qpth_message(monkeypatch):
+    from examples import qp_digits as ex
+    assert ex.OPTNET_PRESET["ineq"] > 20 and ex.OPTNET_PRESET["eq"] == 0
+    present = {"torch", "qpth"}
+    monkeypatch.setattr(ex.importlib.util, "find_spec",
+                        lambda name: object() if name in present else None)
+    msg = ex.qpth_status()
+    assert "cvxpy is missing" in msg and "qpth and torch are installed" in msg
+    present.clear()
+    assert "torch, qpth, cvxpy are not installed" in ex.qpth_status()
+
+
+# ------------------------------------------------------------------------------ graph matching
+
+
+def test_graph_matching_reduced_run(tmp_path):
+    from examples import graph_matching as ex
+    branches = ["PI-5", "SM", "SMAC"]
+    res = ex.main(["--iterations", "5", "--test-size", "2", "--no-stereo", "--branches",
+                   *branches, "--graphs", "delaunay", "--out", str(tmp_path)])
+    run = res["synthetic"]["delaunay"]
+    assert list(run["curves"]) == branches
+    for branch, curve in run["curves"].items():
+        assert curve[0][0] == 0 and curve[-1][0] == 5
+        assert all(0 <= pck <= 1 for _, pck, _ in curve)
+        assert run["skipped_steps"][branch] == 0
+    data = _results_file(str(tmp_path), "graph_matching")
+    assert "graph_matching-fig9.png" in data["figures"]
+    assert os.path.exists(tmp_path / "graph_matching-fig9.png")
+    assert os.path.exists(tmp_path / "graph_matching-fig8.png")
+
+
+def test_delaunay_edges_are_symmetric_and_planar():
+    from examples.graph_matching import delaunay_edges
+    pts = np.random.default_rng(0).uniform(-1, 1, (12, 2))
+    E = delaunay_edges(pts)
+    pairs = {tuple(e) for e in E}
+    assert all((j, i) in pairs for i, j in pairs)
+    # a planar triangulation has at most 3n - 6 undirected edges; a full graph has n(n-1)/2
+    assert len(pairs) // 2 <= 3 * 12 - 6 < 12 * 11 // 2
+    assert len(delaunay_edges(np.array([[0, 0], [1, 1], [2, 2], [3, 3.0]]))) == 12   # collinear
+
+
+# ------------------------------------------------------------------------------ --quick runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ncut_segmentation", "level_set_shapes", "graph_matching"])
+def test_quick_runs(name, tmp_path):
+    import importlib
+    importlib.import_module(f"examples.{name}").main(["--quick", "--out", str(tmp_path)])
+    _results_file(str(tmp_path), f"{name}-quick")
+
+
+# ------------------------------------------------------------------------------ real-data paths
+
+
+def test_ncut_reads_a_hazysky_folder(tmp_path):
+    from test_loaders import _save_png, _sky_scene
+    from examples import ncut_segmentation as ex
+    rng = np.random.default_rng(0)
+    for k in range(10):
+        img, mask = _sky_scene(rng, 24, 24, int(rng.integers(6, 18)))
+        _save_png(str(tmp_path / "sky" / "images" / f"{k:03d}.png"), img)
+        _save_png(str(tmp_path / "sky" / "masks" / f"{k:03d}.png"), mask)
+    res = ex.main(["--hazysky", str(tmp_path / "sky"), "--train", "6", "--test", "2",
+                   "--epochs", "1", "--batch", "2", "--size", "12", "--tune", "2",
+                   "--out", str(tmp_path / "out")])
+    assert res["data"].startswith("HazySky-style folder")
+    assert res["n_train"] == 6 and res["n_test"] == 2 and res["history"]["steps"] == 3
+    # two flat colours split by a horizon: even the classical affinity finds the sky
+    assert res["classical"]["iou_threshold0"] > 0.8
+
+
+def test_level_set_reads_shapenet_voxels(tmp_path):
+    from test_loaders import _write_binvox
+    from examples import datasets, level_set_shapes as ex
+    rng = np.random.default_rng(1)
+    x = np.linspace(-1, 1, 32)
+    X, Y, Z = np.meshgrid(x, x, x, indexing="ij")
+    for cat in ("car", "sofa"):
+        for k in range(5):
+            a, b, c = rng.uniform(0.3, 0.8, 3) * (1.0 if cat == "car" else [1.0, 0.6, 0.6])
+            vox = (X / a) ** 2 + (Y / b) ** 2 + (Z / c) ** 2 < 1
+            _write_binvox(str(tmp_path / "ShapeNetVox32" / datasets.SHAPENET_SYNSETS[cat]
+                              / f"m{k}" / "model.binvox"), vox)
+    res = ex.main(["--shapenet", str(tmp_path), "--steps", "4", "--batch", "2", "--basis", "4",
+                   "--out", str(tmp_path / "out")])
+    assert res["metrics"]["categories"] == ["car", "sofa"]
+    table = res["metrics"]["results"]["level_set"]
+    assert "mean" in table and set(table) <= {"car", "sofa", "mean"}
+    assert res["metrics"]["training"]["level_set"]["updates"] == 4
+
+
+def test_graph_matching_reads_cub(tmp_path):
+    from test_loaders import _write_cub
+    from examples import graph_matching as ex
+    _write_cub(tmp_path / "cub", np.random.default_rng(2), n_images=6, size=(40, 50))
+    res = ex.main(["--cub", str(tmp_path / "cub"), "--iterations", "2", "--cub-iterations",
+                   "3", "--test-size", "2", "--branches", "SM", "--no-stereo",
+                   "--graphs", "delaunay", "--out", str(tmp_path / "out")])
+    cub = res["cub"]
+    assert list(cub["curves"]) == ["SM"] and cub["curves"]["SM"][-1][0] == 3
+    assert cub["skipped_steps"]["SM"] == 0
+
+
+# ------------------------------------------------------------------------------ gradients
+
+
+@pytest.mark.parametrize("branch", ["PI-10", "SM", "SMAC"])
+def test_graph_matching_pipeline_gradient_matches_finite_differences(branch):
+    """The Fig. 7 chain (affinity -> branch -> Sinkhorn layer -> voting -> displacement
+    loss) of one instance, differentiated in the node map and the kernel weights."""
+    from verification import check_grad
+    from verification.strategies.graph_matching import mixing_matrix, synthetic_pair
+    from examples import graph_matching as ex
+    rng = np.random.default_rng(7)
+    inst = ex.with_topology(synthetic_pair(rng, n=5, outliers=1, mixing=mixing_matrix(rng, 16)),
+                            "delaunay")
+    params = ex.init_params(np.random.default_rng(8), 16)
+
+    def loss(W, log_w):
+        return ex.instance_loss(dict(params, W=W, log_w=log_w), inst, branch)
+
+    report = check_grad(loss, params["W"], params["log_w"], modes=("rev",), noise=1e-9)
+    assert report.passed, report
