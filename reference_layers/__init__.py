@@ -6,9 +6,10 @@ name                        what it returns                        module
 ``qp_layer``                argmin of a convex QP (and its duals)  :mod:`reference_layers.qp`
 ``ncut_layer``              normalized-cut eigenpair ``(v, lam)``  :mod:`reference_layers.ncut`
 ``iso_surface_layer``       marching-cubes mesh ``(verts, faces)``  :mod:`reference_layers.level_set`
-``spectral_matching_layer`` leading eigenvector of an affinity     :mod:`reference_layers.graph_matching`
-``smac_layer``              spectral matching, affine constraints  :mod:`reference_layers.graph_matching`
-``power_iteration_layer``   unrolled power iteration (baseline)    :mod:`reference_layers.graph_matching`
+``spectral_matching_layer`` leading eigenvector of an affinity     :mod:`reference_layers.matching.spectral`
+``smac_layer``              spectral matching, affine constraints  :mod:`reference_layers.matching.smac`
+``power_iteration_layer``   unrolled power iteration (baseline)    :mod:`reference_layers.matching.power_iteration`
+``sinkhorn_layer``          implicit bistochastic normalization    :mod:`reference_layers.matching.sinkhorn`
 ==========================  =====================================  ===============================
 
 Submodules are imported on first use, so importing this package is cheap and
@@ -20,9 +21,10 @@ _WHERE = {
     "qp_layer": "qp",
     "ncut_layer": "ncut",
     "iso_surface_layer": "level_set",
-    "spectral_matching_layer": "graph_matching",
-    "smac_layer": "graph_matching",
-    "power_iteration_layer": "graph_matching",
+    "spectral_matching_layer": "matching.spectral",
+    "smac_layer": "matching.smac",
+    "power_iteration_layer": "matching.power_iteration",
+    "sinkhorn_layer": "matching.sinkhorn",
 }
 
 __all__ = sorted(_WHERE)

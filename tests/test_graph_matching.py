@@ -191,33 +191,34 @@ def test_node_affinity_and_edge_features():
 def test_sm_forward_is_the_signed_leading_eigenvector():
     rng = onp.random.default_rng(5)
     M = positive_affinity(rng, 12)
-    y, lam = gm.spectral_matching_layer(M, return_eigenvalue=True)
+    y, lam = gm.spectral_matching_layer(M, full_output=True)
     w, V = onp.linalg.eigh(M)
     assert lam == pytest.approx(w[-1], rel=1e-12)
     assert onp.linalg.norm(y) == pytest.approx(1.0)
     assert y.sum() > 0
     onp.testing.assert_allclose(y, V[:, -1] * onp.sign(V[:, -1].sum()), atol=1e-10)
-    y_k = gm.spectral_matching_layer(M, eig_method="krylov")
+    y_k = gm.spectral_matching_layer(M, solver_options={"eig_method": "krylov"})
     onp.testing.assert_allclose(y_k, y, atol=1e-9)
-    y_loose, lam_loose = gm.spectral_matching_layer(M, eig_method="krylov", eig_tol=1e-7,
-                                                    return_eigenvalue=True)
+    y_loose, lam_loose = gm.spectral_matching_layer(M, solver_options={"eig_method": "krylov",
+                                                                       "tol": 1e-7},
+                                                    full_output=True)
     assert onp.abs(M @ y_loose - lam_loose * y_loose).max() <= 1e-7 * lam_loose
     # a looser eigen-solve than the layer's residual check allows is caught by the core
     with pytest.raises(ResidualError):
-        gm.spectral_matching_layer(M, eig_method="krylov", eig_tol=1e-4)
+        gm.spectral_matching_layer(M, solver_options={"eig_method": "krylov", "tol": 1e-4})
 
 
 @pytest.mark.parametrize("options", [
     {},                                              # dense eigh + bordered LU
-    {"eig_method": "krylov", "kkt_dense_max": 0},   # Lanczos + projected CG
-    {"linear_solver": "minres"},                     # core MINRES: the bordered J is symmetric
-    {"linear_solver": "lu"},                         # core LU formed by VJPs
+    {"solver_options": {"eig_method": "krylov"}, "dense_max": 0},   # Lanczos + projected CG
+    {"backward": "generic", "linear_solver": "minres"},                     # core MINRES: the bordered J is symmetric
+    {"backward": "generic", "linear_solver": "lu"},                         # core LU formed by VJPs
 ])
 def test_sm_derivatives_against_fd(options):
     rng = onp.random.default_rng(6)
     X = random_affinity_input(rng, 9)
     def f(X):   # (y, lam) as one vector
-        y, lam = gm.spectral_matching_layer(sym_exp(X), return_eigenvalue=True, **options)
+        y, lam = gm.spectral_matching_layer(sym_exp(X), full_output=True, **options)
         return np.concatenate([y, np.reshape(lam, (1,))])
     check_directional(f, X, rng)
 
@@ -247,10 +248,10 @@ def test_sm_batched_equals_per_instance():
 
 def test_sm_large_uses_krylov_and_matches_fd():
     rng = onp.random.default_rng(9)
-    n = 12   # nm = 144 > EIG_DENSE_MAX and KKT_DENSE_MAX: Lanczos + projected CG
+    n = 12   # nm = 144 > DENSE_MAX: Lanczos + projected CG
     inst = matching_instance(rng, n)
     M = inst["M"]
-    assert M.shape[0] > gm.EIG_DENSE_MAX
+    assert M.shape[0] > gm.DENSE_MAX
     S = rng.uniform(size=M.shape)
     D = (S + S.T) * M                # a direction that keeps M symmetric and non-negative
     g = rng.standard_normal(M.shape[0])
@@ -289,11 +290,13 @@ def test_smac_forward_solves_the_constrained_ratio_problem():
     for _ in range(200):
         assert ratio(Z.T @ (x - x0) + 0.1 * rng.standard_normal(Z.shape[1])) <= best + 1e-12
     # eigen-route and the Krylov route agree
-    onp.testing.assert_allclose(gm.smac_layer(M, eig_method="krylov"), x, atol=1e-8)
+    onp.testing.assert_allclose(gm.smac_layer(M, solver_options={"eig_method": "krylov"}), x,
+                                atol=1e-8)
 
 
-@pytest.mark.parametrize("options", [{}, {"eig_method": "krylov", "kkt_dense_max": 0},
-                                     {"linear_solver": "minres"}])
+@pytest.mark.parametrize("options", [{}, {"solver_options": {"eig_method": "krylov"},
+                                          "dense_max": 0},
+                                     {"backward": "generic", "linear_solver": "minres"}])
 def test_smac_derivatives_against_fd(options):
     rng = onp.random.default_rng(11)
     X = random_affinity_input(rng, 9)
@@ -405,8 +408,11 @@ def test_smac_constraint_errors():
     M = positive_affinity(rng, 9)
     C, d = gm.one_to_one_constraints(3, 3)
     full = onp.concatenate([C, onp.kron(onp.ones((1, 3)), onp.eye(3))[-1:]])  # redundant row back
-    with pytest.raises(gm.ConstraintRankError, match="linearly dependent"):
-        gm.smac_layer(M, full, onp.concatenate([d, [1.0]]))
+    # rank-deficient but consistent (all row and all column sums): accepted, same output
+    onp.testing.assert_allclose(gm.smac_layer(M, full, onp.concatenate([d, [1.0]])),
+                                gm.smac_layer(M, C, d), atol=1e-12)
+    with pytest.raises(gm.ConstraintRankError, match="no freedom"):
+        gm.smac_layer(M, onp.eye(9), onp.ones(9))
     with pytest.raises(gm.InfeasibleConstraintsError, match="inconsistent"):
         gm.smac_layer(M, full, onp.concatenate([d, [2.0]]))
     # a single constraint orthogonal to the leading eigenvector: C y = 0, no maximizer on C y = d
@@ -452,7 +458,7 @@ def test_layers_declare_the_eigen_gap_diagnostic():
 @given(affinity_strategy(max_batch=2, max_size=10))
 def test_sm_property_residual_and_gradient(M):
     rng = onp.random.default_rng(0)
-    y, lam = gm.spectral_matching_layer(M, return_eigenvalue=True)
+    y, lam = gm.spectral_matching_layer(M, full_output=True)
     My = onp.einsum("...ij,...j->...i", M, y)
     assert onp.abs(My - lam[..., None] * y).max() <= 1e-8 * onp.abs(M).max()
     S = rng.uniform(size=M.shape)
@@ -470,4 +476,4 @@ def test_krylov_forward_detects_repeated_leading_eigenvalue_when_start_is_an_eig
     B = circulant(onp.r_[2.0, 1.0, onp.zeros(57), 1.0])
     M = onp.kron(onp.eye(2), B)
     with pytest.raises(DegenerateEigenvalueError, match="not simple"):
-        gm.spectral_matching_layer(M, eig_method="krylov")
+        gm.spectral_matching_layer(M, solver_options={"eig_method": "krylov"})

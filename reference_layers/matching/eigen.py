@@ -1,0 +1,209 @@
+r"""The forward eigensolvers of spectral matching: Lanczos and dense ``eigh``.
+
+Both return an :class:`EigenData`, the forward's byproducts: the leading pair
+``(y, lam)``, the next eigenvalue ``lam2`` (for the gap test), a spectral scale
+``s = max |eigenvalue|`` seen (so the gap test of :mod:`nimplicit.spectral` is
+relative), and what the backward can reuse: the full eigenbasis (dense) or the
+Lanczos basis (Krylov).
+
+Choice (``eig_method='auto'``, "by size and gap"): Lanczos from the row sums
+``M 1`` (close to the Perron vector of a non-negative ``M``, and free: the
+validation pass computes them), with an iteration budget; when the gap is small
+and Lanczos would need many steps on a matrix of at most ``dense_max`` rows, the
+dense ``eigh`` takes over.  ``'dense'`` and ``'krylov'`` force one of them.
+
+Sign rule (:func:`fix_sign`): ``sum(y) > 0``; when the sum is zero to within
+``SIGN_TOL sqrt(N)`` (e.g. SMAC with ``d = 0`` and a sum constraint), the first
+entry with ``|y_i| >= max|y| / 2`` is made positive.  Both rules are decided
+by quantities far above rounding noise, so ``y`` does not flip under tiny
+perturbations (only an entry within rounding of ``max|y| / 2`` could).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from nimplicit.errors import NotConvergedError, finite_or_raise
+from nimplicit.spectral import relative_gap
+
+#: above this many unknowns (nm) the dense paths (eigh fallback, LU backward) are not used
+DENSE_MAX = 100
+EIG_DENSE_MAX = DENSE_MAX   # the old name, kept for one release
+#: |sum(y)| below SIGN_TOL * sqrt(N) counts as zero for the sign rule
+SIGN_TOL = 1e-6
+#: Lanczos steps tried before the dense fallback (auto, N <= dense_max)
+AUTO_LANCZOS_STEPS = 40
+EIG_METHODS = ("auto", "dense", "krylov")
+
+
+class EigenData:
+    """The forward's byproducts for one instance (never differentiated).
+
+    Attributes: ``y`` (unit, signed), ``lam``, ``lam2``, ``scale`` (largest
+    ``|eigenvalue|`` seen), ``w, V`` (full ``eigh`` of the matrix solved,
+    ascending; dense only), ``basis`` (the orthonormal basis the matrix was
+    expressed in, SMAC: ``Z0``; else ``None``).
+    """
+
+    __slots__ = ("y", "lam", "lam2", "scale", "w", "V", "basis", "steps")
+
+    def __init__(self, y, lam, lam2, scale, w=None, V=None, basis=None, steps=0):
+        self.y, self.lam, self.lam2, self.scale = y, float(lam), float(lam2), float(scale)
+        self.w, self.V, self.basis, self.steps = w, V, basis, steps
+
+    @property
+    def gap(self) -> float:
+        return relative_gap(self.lam, [self.lam2], self.scale)
+
+
+def fix_sign(y: np.ndarray) -> np.ndarray:
+    """Apply the sign rule of the module docstring to a unit vector ``y``."""
+    s = float(y.sum())
+    if abs(s) > SIGN_TOL * np.sqrt(y.size):
+        return y if s > 0 else -y
+    big = np.abs(y)
+    first = int(np.argmax(big >= 0.5 * big.max()))
+    return y if y[first] > 0 else -y
+
+
+def _lanczos(matvec, v0, tol: float, maxiter: int, w0=None):
+    """Lanczos with full reorthogonalization; see :func:`lanczos_top`.
+
+    Returns ``(y, theta_1, theta_2, theta_min, steps)`` or ``None`` when
+    ``maxiter`` steps did not reach the tolerance.  ``w0 = matvec(v0 / |v0|)``
+    may be passed when the caller already has it (saves one product).
+    """
+    N = v0.shape[0]
+    kmax = min(maxiter, N)
+    Q = np.empty((kmax + 1, N))
+    nv0 = np.linalg.norm(v0)
+    Q[0] = v0 / nv0
+    alphas = np.empty(kmax)
+    betas = np.empty(kmax)
+    for k in range(kmax):
+        w = np.array(w0, dtype=float) if (k == 0 and w0 is not None) else \
+            np.asarray(matvec(Q[k]), dtype=float)
+        alphas[k] = Q[k] @ w
+        Qk = Q[:k + 1]
+        w -= Qk.T @ (Qk @ w)
+        w -= Qk.T @ (Qk @ w)     # full reorthogonalization, twice is enough
+        beta = float(np.linalg.norm(w))
+        T = np.diag(alphas[:k + 1])
+        if k:
+            T += np.diag(betas[:k], 1) + np.diag(betas[:k], -1)
+        theta, S = np.linalg.eigh(T)   # tiny; cheaper than eigh_tridiagonal's LAPACK lookup
+        top = theta[-1]
+        spread = max(abs(top), abs(theta[0]))
+        if beta * abs(S[-1, -1]) <= tol * abs(top) or beta <= 1e-14 * spread or k + 1 == N:
+            y = Qk.T @ S[:, -1]
+            return (y / np.linalg.norm(y), float(top), float(theta[-2]) if k else -np.inf,
+                    float(theta[0]), k + 1)
+        betas[k] = beta
+        Q[k + 1] = w / beta
+    return None
+
+
+def lanczos_top(matvec, v0: np.ndarray, *, tol: float = 1e-10,
+                maxiter: int = 300) -> Tuple[np.ndarray, float, float]:
+    r"""Largest eigenpair of a symmetric operator by Lanczos with full
+    reorthogonalization, stopped as soon as the Ritz residual
+    ``|M y - theta y| = beta_k |s_k|`` is at most ``tol * |theta|``.
+
+    Returns ``(y, theta_1, theta_2)``; ``theta_2`` is the second Ritz value, a
+    lower bound of ``lam_2`` (so the gap it gives is an over-estimate, and an
+    exactly repeated leading eigenvalue is seen once by a single-vector Krylov
+    method: only the dense path detects exact multiplicity).
+    """
+    out = _lanczos(matvec, np.asarray(v0, dtype=float), tol, maxiter)
+    if out is None:
+        raise NotConvergedError(
+            f"Lanczos did not reach the relative residual {tol:g} in {maxiter} iterations on the "
+            f"{v0.shape[0]} x {v0.shape[0]} matrix (tiny eigen-gap?); use "
+            f"solver_options={{'eig_method': 'dense'}} or raise 'max_iter'.")
+    return out[:3]
+
+
+def dense_eigendata(A: np.ndarray, basis: Optional[np.ndarray] = None) -> EigenData:
+    """Leading eigenpair of a symmetric dense ``A`` by ``eigh`` (full basis kept)."""
+    w, V = np.linalg.eigh(A)
+    y = V[:, -1].copy()
+    if basis is not None:
+        y = basis @ y
+    lam2 = float(w[-2]) if w.size > 1 else -np.inf
+    scale = float(max(abs(w[0]), abs(w[-1]))) if w.size else 0.0
+    return EigenData(fix_sign(y), w[-1], lam2, scale, w=w, V=V, basis=basis)
+
+
+def krylov_eigendata(matvec, N: int, *, tol: float, max_iter: int, start=None,
+                     start_product=None, raise_on_fail: bool = True) -> Optional[EigenData]:
+    """Leading eigenpair by Lanczos from ``start`` (default ``1``)."""
+    v0 = np.ones(N) if start is None else np.asarray(start, dtype=float)
+    if not np.any(v0):
+        v0, start_product = np.ones(N), None
+    w0 = None if start_product is None else start_product / np.linalg.norm(v0)
+    out = _lanczos(matvec, v0, tol, max_iter, w0=w0)
+    if out is None:
+        if raise_on_fail:
+            raise NotConvergedError(
+                f"Lanczos did not reach the relative residual {tol:g} in max_iter={max_iter} "
+                f"iterations on the {N} x {N} matrix (tiny eigen-gap?); use "
+                f"solver_options={{'eig_method': 'dense'}} or raise 'max_iter'.")
+        return None
+    y, lam, lam2, lam_min, steps = out
+    if lam2 == -np.inf and N > 1:
+        # The start vector was already an eigenvector, so Lanczos saw one
+        # eigenvalue only; estimate lam_2 as the top of M deflated by y, so
+        # that a repeated leading eigenvalue is caught by the gap check.
+        deflate = lambda v: v - y * (y @ v)
+        r = np.random.default_rng(0).standard_normal(N)
+        _, lam2, _ = lanczos_top(lambda v: deflate(matvec(deflate(v))), deflate(r), tol=1e-8,
+                                 maxiter=max_iter)
+    scale = max(abs(lam), abs(lam_min), abs(lam2) if np.isfinite(lam2) else 0.0)
+    return EigenData(fix_sign(y), lam, lam2, scale, steps=steps)
+
+
+def leading_eigendata(M: np.ndarray, *, method: str = "auto", tol: float = 1e-10,
+                      max_iter: int = 300, dense_max: int = DENSE_MAX,
+                      row_sums: Optional[np.ndarray] = None) -> EigenData:
+    """The forward eigensolver of SM, chosen by ``method``, size and gap (module docstring)."""
+    N = M.shape[0]
+    if method == "dense" or N < 4:
+        return dense_eigendata(M)
+    matvec = lambda v: M @ v
+    if method == "krylov" or N > dense_max:
+        return krylov_eigendata(matvec, N, tol=tol, max_iter=max_iter, start_product=row_sums)
+    data = krylov_eigendata(matvec, N, tol=tol, max_iter=min(max_iter, AUTO_LANCZOS_STEPS),
+                            start_product=row_sums, raise_on_fail=False)
+    return data if data is not None else dense_eigendata(M)
+
+
+def leading_eigenpair(M, *, method: str = "auto", tol: float = 1e-10,
+                      dense_max: int = DENSE_MAX) -> Tuple[np.ndarray, float, float]:
+    """Largest eigenvalue ``lam``, its unit eigenvector ``y`` (sign rule of
+    :func:`fix_sign`) and the second largest eigenvalue ``lam2`` of a
+    symmetric ``M`` (array, or anything with ``M @ v``).
+
+    ``method='dense'`` uses ``numpy.linalg.eigh``; ``'krylov'`` Lanczos
+    (:func:`lanczos_top`) from ``1`` (whose first product ``M 1`` is close to
+    the Perron vector of a non-negative ``M``); ``'auto'`` Lanczos first and,
+    up to ``dense_max`` rows, the dense ``eigh`` when Lanczos needs many steps.
+    """
+    if not isinstance(M, np.ndarray):
+        N = M.shape[0]
+        if method == "dense":
+            return leading_eigenpair(M @ np.eye(N), method="dense")
+        data = krylov_eigendata(lambda v: M @ v, N, tol=tol, max_iter=300)
+    else:
+        data = leading_eigendata(M, method=method, tol=tol, dense_max=dense_max)
+    return data.y, data.lam, data.lam2
+
+
+def eigen_gap(M: np.ndarray) -> float:
+    """Relative gap ``(lam_1 - lam_2) / max|eigenvalue|`` of a symmetric matrix
+    (or batch: the smallest over the batch); zero when the leading eigenvalue
+    is repeated.  Computed densely (exact multiplicity is seen)."""
+    M = np.asarray(M, dtype=float)
+    finite_or_raise(M, "the affinity M")
+    gaps = [dense_eigendata(Mb).gap for Mb in M.reshape((-1,) + M.shape[-2:])]
+    return float(min(gaps))

@@ -1,0 +1,34 @@
+"""Typed errors of the graph-matching layers.
+
+:class:`DegenerateEigenvalueError` is the one class of :mod:`nimplicit.spectral`
+(shared with NCut).  Option errors are also ``TypeError`` (an unknown keyword)
+or ``ValueError`` (a bad value), so callers catching the builtin kinds keep working.
+"""
+from __future__ import annotations
+
+from nimplicit.errors import NimplicitError, SolverError
+from nimplicit.spectral import DegenerateEigenvalueError
+
+__all__ = ["AffinityError", "DegenerateEigenvalueError", "InfeasibleConstraintsError",
+           "ConstraintRankError", "UnknownOptionError", "InvalidOptionError"]
+
+
+class AffinityError(NimplicitError, ValueError):
+    """The affinity matrix is not a valid graph-matching affinity (not square,
+    not real, not symmetric, negative entries, or all zero)."""
+
+
+class InfeasibleConstraintsError(SolverError):
+    """``C y = d`` has no solution, or the relaxed problem has no maximizer on it."""
+
+
+class ConstraintRankError(NimplicitError, ValueError):
+    """The constraints leave no freedom (rank ``C`` >= number of unknowns)."""
+
+
+class UnknownOptionError(NimplicitError, TypeError):
+    """An option dictionary has a key the layer does not know."""
+
+
+class InvalidOptionError(NimplicitError, ValueError):
+    """An option has a value outside its domain (unknown enum value, NaN, <= 0, ...)."""

@@ -1,0 +1,186 @@
+r"""Spectral matching (Leordeanu and Hebert 2005) as an implicit layer.
+
+The relaxation ``max y'My  s.t.  y'y = 1``: the leading eigenvector of the
+affinity ``M``, with the implicit residual (eq. 42, symmetric signs)
+
+.. math::
+    F(y, \lambda; M) = \begin{pmatrix} M y - \lambda y \\
+                                       \tfrac12 (1 - y^\top y) \end{pmatrix} = 0 .
+
+Data flow of one call: one validation pass over ``M`` (also giving ``M 1``)
+-> forward eigensolver (:mod:`.eigen`, chosen by size and gap) -> its
+byproducts (eigenbasis or nothing) in a store private to this call's layer
+-> the structured backward (:mod:`.bordered`) reads them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import autograd.numpy as anp
+import numpy as np
+from autograd.builtins import tuple as autograd_tuple
+from autograd.tracer import getval, isbox
+
+from nimplicit import implicit_layer
+from nimplicit.spectral import DEFAULT_GAP_TOL, check_gap_tol, require_simple_eigenvalue
+
+from .bordered import KKT_DENSE_MAX, bordered_solver
+from .eigen import DENSE_MAX, EIG_METHODS, dense_eigendata, leading_eigendata
+from .validation import (as_real_array, check_affinity, choice, deprecated, parse_options,
+                         positive_float, positive_int, resolve_backward)
+
+#: the forward's options (``solver_options``) with their defaults
+SOLVER_DEFAULTS = {"eig_method": "auto", "tol": 1e-10, "max_iter": 300}
+SOLVER_CHECKS = {
+    "eig_method": lambda k, v: choice(k, v, EIG_METHODS),
+    "tol": lambda k, v: positive_float(k, v, upper=1.0),
+    "max_iter": lambda k, v: positive_int(k, v),
+}
+GAP_HINT = ("Break the symmetry (add node affinities) or use power_iteration_layer, whose output "
+            "is always defined.")
+
+
+def _sm_residual(z, M):
+    """Eq. (42) with the symmetric sign: ``(M y - lam y, (1 - y'y)/2)``."""
+    y, lam = z
+    if anp.ndim(M) == 3:
+        My = anp.einsum("bij,bj->bi", M, y)
+        return My - lam[:, None] * y, 0.5 * (1.0 - anp.sum(y * y, axis=1))
+    return anp.dot(M, y) - lam * y, 0.5 * (1.0 - anp.dot(y, y))
+
+
+def _sm_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
+    def solver(M):
+        batched = M.ndim == 3
+        rows = store.get("row_sums") if store.get("M") is M else None
+        if rows is None:
+            rows = check_affinity(M, batched=batched)
+        data = []
+        for b, Mb in enumerate(M.reshape((-1,) + M.shape[-2:])):
+            e = leading_eigendata(Mb, method=opts["eig_method"], tol=opts["tol"],
+                                  max_iter=opts["max_iter"], dense_max=dense_max,
+                                  row_sums=rows[b])
+            require_simple_eigenvalue(e.lam, [e.lam2], e.scale, gap_tol=gap_tol,
+                                      what="the affinity M",
+                                      where=f" (batch instance {b})" if batched else "",
+                                      hint=GAP_HINT)
+            data.append(e)
+        y = np.stack([e.y for e in data]) if batched else data[0].y
+        lam = np.array([e.lam for e in data]) if batched else np.array(data[0].lam)
+        store.clear()
+        store.update(y=y, eigen=data)
+        return y, lam
+    return solver
+
+
+def _sm_diagnostics(point):
+    M = np.asarray(point.inputs[0], dtype=float)
+    gap = min(dense_eigendata(Mb).gap for Mb in M.reshape((-1,) + M.shape[-2:]))
+    scale = float(np.abs(M).max())
+    asym = float(np.abs(M - np.swapaxes(M, -1, -2)).max()) / scale
+    return {
+        "eigen_gap": (gap, gap > 1e-6, "relative gap (lam1 - lam2)/max|lam| of M; the "
+                                       "derivative blows up as it tends to 0"),
+        "asymmetry": (asym, asym <= 1e-10, "max|M - M'| / max|M|"),
+        "min_entry": (float(M.min()) / scale, M.min() >= -1e-12 * scale,
+                      "smallest entry of M relative to max|M| (must be >= 0)"),
+    }
+
+
+def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[str] = None,
+                            linear_solver=None, linear_solver_options: Optional[dict] = None,
+                            solver_options: Optional[dict] = None, dense_max: int = DENSE_MAX,
+                            gap_tol: float = DEFAULT_GAP_TOL, residual_tol: float = 1e-6,
+                            return_eigenvalue: Optional[bool] = None,
+                            eig_method: Optional[str] = None, eig_tol: Optional[float] = None,
+                            eig_dense_max: Optional[int] = None,
+                            kkt_dense_max: Optional[int] = None):
+    r"""Spectral matching: the leading eigenvector of the affinity ``M``.
+
+    Parameters
+    ----------
+    M : array, shape (nm, nm) or (B, nm, nm)
+        Real, symmetric, non-negative affinity (a batch along axis 0).
+    full_output : bool
+        Return ``(y, lam)`` (an autograd tuple) with the leading eigenvalue
+        ``lam = y' M y`` (differentiable), instead of ``y``.
+    backward : {'structured', 'generic'}
+        ``'structured'`` (default): the bordered KKT system solved from the
+        forward's eigenbasis (dense forward), by a balanced LU (up to
+        ``dense_max`` unknowns) or by projected CG.  ``'generic'``: the core's
+        ``linear_solver`` on the autograd Jacobian (``'minres'`` works: the
+        Jacobian ``[[M - lam I, -y], [-y', 0]]`` is symmetric).  ``'fast'`` is a
+        deprecated alias of ``'structured'``.
+    linear_solver, linear_solver_options
+        The core solver and its options (``backward='generic'``; the
+        options also reach the structured solver: ``rtol``, ``maxiter``,
+        ``max_condition``).
+    solver_options : dict, optional
+        The forward's options: ``eig_method`` in ``{'auto', 'dense',
+        'krylov'}`` (default ``'auto'``: Lanczos from ``1``, dense ``eigh`` when
+        Lanczos is slow on a small ``M``), ``tol`` (Lanczos stops at
+        ``|M y - lam y| <= tol lam``, default 1e-10; the implicit gradient's
+        error is of order ``tol lam / (lam - lam_2)``; the core's residual check
+        ``residual_tol`` must allow it), ``max_iter`` (Lanczos steps, 300).
+        An unknown key raises :class:`~.errors.UnknownOptionError` (a ``TypeError``).
+    dense_max : int
+        Dense eigen fallback and dense backward up to this many unknowns.
+    gap_tol : float
+        Raise :class:`~nimplicit.spectral.DegenerateEigenvalueError` when
+        ``(lam_1 - lam_2) / max|lam_i| <= gap_tol`` (scale-free).
+    return_eigenvalue, eig_method, eig_tol, eig_dense_max, kkt_dense_max
+        Deprecated aliases of ``full_output``, ``solver_options['eig_method']``,
+        ``solver_options['tol']`` and ``dense_max`` (``DeprecationWarning``).
+
+    Returns
+    -------
+    y : array, shape (nm,) or (B, nm)
+        Unit leading eigenvector, sign rule ``sum(y) > 0`` (see
+        :func:`~reference_layers.matching.eigen.fix_sign`); with
+        ``full_output``, the tuple ``(y, lam)``.
+
+    Notes
+    -----
+    The derivative with respect to ``M`` is that of the map ``M -> y(M)`` on
+    all square matrices near ``M``; for a symmetric parameterization
+    ``M(theta)`` autograd's chain rule gives the right gradient.
+    Finite-difference checks must perturb ``M`` symmetrically (non-symmetric
+    ``M`` is rejected by the forward check).
+    """
+    layer_name = "spectral_matching_layer"
+    full_output = bool(deprecated("return_eigenvalue", "full_output", return_eigenvalue,
+                                  full_output, layer=layer_name))
+    solver_options = dict(solver_options or {})
+    for old, key, value in (("eig_method", "eig_method", eig_method), ("eig_tol", "tol", eig_tol)):
+        if value is not None:
+            solver_options[key] = deprecated(old, f"solver_options={{'{key}': ...}}", value,
+                                             layer=layer_name)
+    for old, value in (("eig_dense_max", eig_dense_max), ("kkt_dense_max", kkt_dense_max)):
+        dense_max = deprecated(old, "dense_max", value, dense_max, layer=layer_name)
+    opts = parse_options(solver_options, SOLVER_DEFAULTS, SOLVER_CHECKS, layer_name)
+    dense_max = positive_int("dense_max", dense_max, minimum=0)
+    gap_tol = check_gap_tol(gap_tol)
+    residual_tol = positive_float("residual_tol", residual_tol)
+    backward = resolve_backward(backward, linear_solver, layer=layer_name)
+
+    Mv = as_real_array(getval(M), "the affinity M")
+    if Mv is not getval(M) and not isbox(M):
+        M = Mv
+    batched = Mv.ndim == 3
+    store = {"M": Mv, "row_sums": check_affinity(Mv, batched=batched)}
+    if backward == "structured":
+        solve = bordered_solver("sm", dense_max, store)
+    else:
+        solve = "auto" if linear_solver is None else linear_solver
+    layer = implicit_layer(
+        _sm_residual, _sm_solver(opts, gap_tol, dense_max, store), linear_solver=solve,
+        batch_axis=0 if batched else None, residual_tol=residual_tol,
+        linear_solver_options=linear_solver_options, diagnostics=_sm_diagnostics,
+        name="spectral-matching")
+    y, lam = layer(M)
+    if full_output:
+        return autograd_tuple((y, lam)) if isbox(y) else (y, lam)
+    return y
+
+
+__all__ = ["spectral_matching_layer", "KKT_DENSE_MAX"]

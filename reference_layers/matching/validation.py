@@ -1,0 +1,160 @@
+"""Input and option checks of the graph-matching layers.
+
+:func:`check_affinity` validates an affinity in ONE pass over each instance
+(numba :func:`~reference_layers.kernels.affinity.affinity_stats`: finiteness,
+symmetry, sign, scale and the row sums that the forward eigensolver reuses).
+The option helpers implement the keyword convention of the reference layers:
+``solver_options`` validated against the allowed keys, ``backward`` in
+``{'structured', 'generic'}`` (``'fast'`` a deprecated alias), deprecated
+keyword aliases with a ``DeprecationWarning`` naming the new keyword.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+
+from nimplicit.errors import NonFiniteError
+
+from .errors import AffinityError, InvalidOptionError, UnknownOptionError
+
+BACKWARDS = ("structured", "generic")
+
+
+def as_real_array(value, what: str) -> np.ndarray:
+    """``value`` as a float64 array; complex, object, string and boolean input
+    raise :class:`AffinityError` (a ``ValueError``) instead of being cast."""
+    arr = np.asarray(value)
+    if arr.dtype.kind == "c":
+        raise AffinityError(f"{what} is complex ({arr.dtype}): the graph-matching layers work on "
+                            f"real affinities. Pass the real part explicitly if that is meant.")
+    if arr.dtype.kind not in "fiu":
+        raise AffinityError(f"{what} must be a real numeric array, got dtype {arr.dtype}")
+    return arr.astype(float, copy=False)
+
+
+def check_affinity(M: np.ndarray, *, batched: bool, allow_negative: bool = False) -> list:
+    """Validate a real affinity (``(N, N)``, or ``(B, N, N)`` when ``batched``)
+    and return the row sums ``M 1`` of each instance (the validation pass computes them)."""
+    if M.ndim != (3 if batched else 2) or M.shape[-1] != M.shape[-2] or M.shape[-1] == 0:
+        want = "(B, nm, nm)" if batched else "(nm, nm)"
+        raise AffinityError(f"the affinity must be a non-empty square matrix of shape {want}, "
+                            f"got shape {M.shape}")
+    if batched and M.shape[0] == 0:
+        raise AffinityError("the batch of affinities is empty (B = 0)")
+    from ..kernels.affinity import affinity_stats
+    row_sums = []
+    for b, Mb in enumerate(M.reshape((-1,) + M.shape[-2:])):
+        where = f" (batch instance {b})" if batched else ""
+        scale, asym, low, bad, rows = affinity_stats(np.ascontiguousarray(Mb, dtype=float))
+        if bad:
+            raise NonFiniteError(f"the affinity matrix{where} contains {bad} non-finite pair(s) "
+                                 f"(NaN or Inf). Check the affinity builder's inputs.")
+        if scale == 0.0:
+            raise AffinityError(f"the affinity matrix is all zero{where}: every vector is a "
+                                f"leading eigenvector and nothing is matched. Check the affinity "
+                                f"builder (kernel bandwidths, edge lists).")
+        if asym > 1e-10 * scale:
+            raise AffinityError(
+                f"the affinity matrix is not symmetric{where}: max|M - M'| = {asym:.3g} (max|M| = "
+                f"{scale:.3g}). Graph-matching affinities are symmetric; build M with both "
+                f"directions of every edge, or pass (M + M.T) / 2.")
+        if not allow_negative and low < -1e-12 * scale:
+            raise AffinityError(
+                f"the affinity matrix has negative entries{where} (min {low:.3g}): spectral "
+                f"matching needs M >= 0 (Perron-Frobenius: a non-negative leading eigenvector). "
+                f"Use a non-negative kernel (e.g. exp(-distance)).")
+        row_sums.append(rows)
+    return row_sums
+
+
+# ------------------------------------------------------------------------------
+# options
+# ------------------------------------------------------------------------------
+
+def positive_float(name: str, value, *, upper: Optional[float] = None) -> float:
+    """A finite float ``> 0`` (and ``< upper`` if given), else :class:`InvalidOptionError`."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"{name} must be a positive number, got {value!r}") from None
+    if not (math.isfinite(v) and v > 0 and (upper is None or v < upper)):
+        rng = f"in (0, {upper:g})" if upper is not None else "> 0 and finite"
+        raise InvalidOptionError(f"{name} must be {rng}, got {value!r}")
+    return v
+
+
+def positive_int(name: str, value, *, minimum: int = 1) -> int:
+    """An integer ``>= minimum`` (bools refused), else :class:`InvalidOptionError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidOptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def choice(name: str, value, allowed) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidOptionError(f"{name} must be one of {', '.join(map(repr, allowed))}; got "
+                                 f"{value!r}")
+    return value
+
+
+def parse_options(solver_options: Optional[dict], defaults: Dict[str, Any],
+                  checks: Dict[str, Callable[[str, Any], Any]], layer: str) -> Dict[str, Any]:
+    """``defaults`` updated by ``solver_options``; an unknown key raises
+    :class:`UnknownOptionError` naming the allowed ones, each value is
+    validated by ``checks[key](key, value)``."""
+    if solver_options is None:
+        solver_options = {}
+    if not isinstance(solver_options, dict):
+        raise UnknownOptionError(f"{layer}: solver_options must be a dict or None, got "
+                                 f"{type(solver_options).__name__}")
+    unknown = sorted(set(solver_options) - set(defaults))
+    if unknown:
+        raise UnknownOptionError(f"{layer}: unknown solver_options {unknown}; the allowed keys "
+                                 f"are {sorted(defaults)}")
+    out = dict(defaults)
+    out.update(solver_options)
+    return {k: checks[k](k, v) for k, v in out.items()}
+
+
+_MISSING = object()
+
+
+def deprecated(old: str, new: str, value, current=_MISSING, *, layer: str):
+    """Map a deprecated keyword's ``value`` to its new keyword (``DeprecationWarning``).
+
+    Returns ``value`` (when given) or ``current``; giving both is an error."""
+    if value is None:
+        return current
+    warnings.warn(f"{layer}: the keyword {old}= is deprecated and will be removed in the next "
+                  f"release; use {new} instead.", DeprecationWarning, stacklevel=3)
+    return value
+
+
+def resolve_backward(backward: Optional[str], linear_solver, *, layer: str,
+                     has_structured: bool = True) -> str:
+    """The backward choice of the keyword convention.
+
+    ``None`` means ``'structured'`` (where the layer has one), except that an
+    explicit ``linear_solver`` other than ``'auto'`` (the old way to pick a
+    core solver) means ``'generic'`` with a ``DeprecationWarning``.
+    """
+    if backward == "fast":
+        warnings.warn(f"{layer}: backward='fast' is deprecated; use backward='structured'.",
+                      DeprecationWarning, stacklevel=3)
+        backward = "structured"
+    if backward is None:
+        if linear_solver not in (None, "auto"):
+            warnings.warn(f"{layer}: choosing a core solver by linear_solver= alone is "
+                          f"deprecated; pass backward='generic', linear_solver={linear_solver!r}.",
+                          DeprecationWarning, stacklevel=3)
+            return "generic"
+        return "structured" if has_structured else "generic"
+    backward = choice("backward", backward, BACKWARDS if has_structured else ("generic",))
+    if backward == "structured" and linear_solver not in (None, "auto"):
+        raise InvalidOptionError(f"{layer}: linear_solver={linear_solver!r} is only used with "
+                                 f"backward='generic' (the structured backward is the layer's "
+                                 f"own solver).")
+    return backward
