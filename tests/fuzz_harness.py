@@ -222,10 +222,13 @@ def rescaled(fn: Callable, in_scales: Sequence[float], out_scale: float) -> Call
     differences to resolve steps of 1e-150 or 1e150."""
     import autograd.numpy as anp
 
+    from autograd.builtins import tuple as ag_tuple
+    from autograd.tracer import getval
+
     def wrapped(*x0):
         out = fn(*[s * x for s, x in zip(in_scales, x0)])
-        if isinstance(out, (tuple, list)):
-            return tuple(anp.asarray(o) / out_scale for o in out)
+        if isinstance(getval(out), (tuple, list)):
+            return ag_tuple(out[k] / out_scale for k in range(len(getval(out))))
         return out / out_scale
     return wrapped
 
@@ -329,14 +332,21 @@ PER_CLASS_DEFAULT = int(os.environ.get("FUZZ_PER_CLASS", "2"))
 PER_CLASS_SLOW = int(os.environ.get("FUZZ_PER_CLASS_SLOW", "25"))
 
 
-def hostile_tests(entry: str, builders: dict, xfail: Optional[dict] = None):
+_WARMED: set = set()
+
+
+def hostile_tests(entry: str, builders: dict, xfail: Optional[dict] = None,
+                  warm_up: Optional[Callable[[], Any]] = None):
     """Two pytest functions over every bad-input class of ``entry``.
 
     ``builders[klass](rng, draw) -> Case`` builds one example from a seeded
     generator and hypothesis' ``draw``.  The default test runs
     ``PER_CLASS_DEFAULT`` derandomized examples per class, the ``slow`` one
     ``PER_CLASS_SLOW`` random ones.  ``xfail`` maps a class to the reason of a
-    known open defect (strict: the test fails once it is fixed).
+    known open defect (strict: the test fails once it is fixed).  ``warm_up()``
+    runs once, outside the time bound, before the first example: numba's
+    first compilation of a kernel is not a hang (and a SIGALRM inside it
+    would corrupt numba's state).
     """
     import pytest
     from hypothesis import HealthCheck, given, settings, strategies as st, Phase
@@ -346,6 +356,9 @@ def hostile_tests(entry: str, builders: dict, xfail: Optional[dict] = None):
               if k in xfail else k for k in sorted(builders)]
 
     def body(klass, data):
+        if warm_up is not None and entry not in _WARMED:
+            _WARMED.add(entry)
+            warm_up()
         seed = data.draw(st.integers(0, 2 ** 32 - 1), label="seed")
         case = builders[klass](np.random.default_rng(seed), data.draw)
         case.entry, case.klass = entry, klass

@@ -160,7 +160,21 @@ def qp_options(rng, draw):
 QP = {"nan-inf": qp_nonfinite, "dtype": qp_dtype, "layout": qp_layout, "scale": qp_scale,
       "empty": qp_empty, "infeasible": qp_infeasible, "unbounded/non-convex": qp_unbounded,
       "degenerate": qp_degenerate, "mixed-batch": qp_mixed_batch, "options": qp_options}
-test_qp_layer, test_qp_layer_slow = hostile_tests("qp_layer", QP)
+def _warm_qp():
+    rng = np.random.default_rng(0)
+    args = _qp(rng)
+    grad_check(lambda *a: rl.qp_layer(*a), *args, noise=QP_NOISE)
+    grad_check(lambda *a: rl.qp_layer(*a, backward="generic"), *args, noise=QP_NOISE)
+    for how in sorted(LAYOUTS):                   # numba compiles one specialization per layout
+        grad_check(lambda *a: rl.qp_layer(*a), *[LAYOUTS[how](a) for a in args], noise=QP_NOISE)
+    try:                                          # the equality-only kernels (may raise: a defect)
+        Q, q = args[:2]
+        rl.qp_layer(Q, q, np.zeros((0, Q.shape[0])), np.zeros(0), np.ones((1, Q.shape[0])), np.ones(1))
+    except Exception:                             # noqa: BLE001 - counted by the example itself
+        pass
+
+
+test_qp_layer, test_qp_layer_slow = hostile_tests("qp_layer", QP, warm_up=_warm_qp)
 
 
 # ------------------------------------------------------------------------------
@@ -214,7 +228,7 @@ def nc_shapes(rng, draw):
         return case(lambda: rl.ncut_layer(W), words=("sparse", "edges"),
                     describe="ncut_layer with a scipy.sparse W")
     W = {"0x0": np.zeros((0, 0)), "1x1": np.ones((1, 1)), "2x2": np.ones((2, 2)),
-         "3x3": _affinity(rng, 3), "non-square": np.ones((3, 4)),
+         "3x3": 0.5 + 0.5 * np.eye(3) + rng.uniform(0, 0.1, (3, 3)), "non-square": np.ones((3, 4)),
          "empty-batch": np.zeros((0, 5, 5))}[kind]
     grad = (lambda out: grad_check(_ncut, W)) if kind == "3x3" else None
     return case(lambda: rl.ncut_layer(W), grad=grad, words=("shape", "size", "N", "nodes", "square", "empty"),
@@ -254,7 +268,8 @@ def nc_options(rng, draw):
 
 NCUT = {"nan-inf": nc_nonfinite, "dtype": nc_dtype, "layout": nc_layout, "scale": nc_scale,
         "shapes": nc_shapes, "degenerate": nc_degenerate, "options": nc_options}
-test_ncut_layer, test_ncut_layer_slow = hostile_tests("ncut_layer", NCUT)
+test_ncut_layer, test_ncut_layer_slow = hostile_tests(
+    "ncut_layer", NCUT, warm_up=lambda: grad_check(_ncut, _affinity(np.random.default_rng(0))))
 
 
 # ------------------------------------------------------------------------------
@@ -339,7 +354,15 @@ def iso_options(rng, draw):
 
 ISO = {"nan-inf": iso_nonfinite, "dtype": iso_dtype, "layout": iso_layout, "scale": iso_scale,
        "shapes/degenerate": iso_shapes, "options": iso_options}
-test_iso_surface_layer, test_iso_surface_layer_slow = hostile_tests("iso_surface_layer", ISO)
+def _warm_iso():
+    phi, level = _field(np.random.default_rng(0))
+    grad_check(_verts, phi, level)
+    grad_check(_verts, np.asfortranarray(phi), level)
+    grad_check(_verts, phi.astype(np.float32).astype(float), level)
+
+
+test_iso_surface_layer, test_iso_surface_layer_slow = hostile_tests("iso_surface_layer", ISO,
+                                                                    warm_up=_warm_iso)
 
 
 # ------------------------------------------------------------------------------
@@ -351,54 +374,56 @@ def _M(rng, N=6):
     return np.exp(_sym(X))
 
 
-def _matching_cases(name, call, has_options, extra=None):
+def _matching_cases(name, call, has_options, extra=None, N=6):
     """The classes shared by the three affinity layers; ``call(M, **options)``."""
     sym_call = lambda M: call(_sym(M))
+    MN = lambda rng: _M(rng, N)
 
     def nonfinite(rng, draw):
-        M = _M(rng)
-        i, j, value = _int(draw, 0, 5, "i"), _int(draw, 0, 5, "j"), _pick(draw, NONFINITE, "value")
+        M = MN(rng)
+        i, j, value = _int(draw, 0, N - 1, "i"), _int(draw, 0, N - 1, "j"), _pick(draw, NONFINITE, "value")
         M[i, j] = M[j, i] = value
         return case(lambda: call(M), words=NONFINITE_WORDS, describe=f"{name} M[{i},{j}]={value}")
 
     def dtype(rng, draw):
         d = _pick(draw, BAD_DTYPES, "dtype")
-        M = as_dtype(_M(rng), d)
+        M = as_dtype(MN(rng), d)
         grad = (lambda out: grad_check(sym_call, np.asarray(M, float))) if d in ("float32", "float16") else None
         return case(lambda: call(M), grad=grad, describe=f"{name} M as {d}")
 
     def layout(rng, draw):
         how = _pick(draw, sorted(LAYOUTS), "layout")
-        M = LAYOUTS[how](_M(rng))
+        M = LAYOUTS[how](MN(rng))
         return case(lambda: call(M), grad=lambda out: grad_check(sym_call, M), describe=f"{name} {how} M")
 
     def scale(rng, draw):
         s = _pick(draw, EXTREME + (1e5,), "scale")
-        M = _M(rng)
+        M = MN(rng)
         return case(lambda: call(s * M), grad=lambda out: grad_check(rescaled(sym_call, (s,), 1.0), M),
                     describe=f"{name} M*{s:g}")
 
     def shapes(rng, draw):
         kind = _pick(draw, ("0x0", "1x1", "non-square", "empty-batch", "3-d-mixed"), "kind")
         if kind == "3-d-mixed":
-            M = np.stack([_M(rng), _M(rng)])
+            M = np.stack([MN(rng), MN(rng)])
             M[1, 0, 0] = np.nan
             return case(lambda: call(M), must_raise=True, words=("instance", "1") + NONFINITE_WORDS,
                         describe=f"{name} batch with a NaN instance")
         M = {"0x0": np.zeros((0, 0)), "1x1": np.ones((1, 1)), "non-square": np.ones((3, 4)),
              "empty-batch": np.zeros((0, 4, 4))}[kind]
         grad = (lambda out: grad_check(sym_call, M)) if kind == "1x1" else None
-        return case(lambda: call(M), grad=grad, words=("shape", "size", "square", "empty", "entries"),
+        return case(lambda: call(M), grad=grad, words=("shape", "size", "square", "empty", "entries",
+                                                       "rank", "unknowns"),
                     describe=f"{name} M {kind}")
 
     def degenerate(rng, draw):
         kind = _pick(draw, ("identity", "zero", "asymmetric", "negative"), "kind")
-        M = {"identity": np.eye(6), "zero": np.zeros((6, 6))}.get(kind)
+        M = {"identity": np.eye(N), "zero": np.zeros((N, N))}.get(kind)
         if kind == "asymmetric":
-            M = _M(rng)
+            M = MN(rng)
             M[0, 1] += 1.0
         elif kind == "negative":
-            M = _M(rng)
+            M = MN(rng)
             M[0, 1] = M[1, 0] = -5.0
         return case(lambda: call(M), grad=lambda out: grad_check(sym_call, M),
                     words=("degenerate", "eigen", "gap", "symmetric", "negative", "zero", "nonneg"),
@@ -408,7 +433,7 @@ def _matching_cases(name, call, has_options, extra=None):
              "shapes": shapes, "degenerate": degenerate}
     if has_options:
         def options(rng, draw):
-            M = _M(rng)
+            M = MN(rng)
             opts = _pick(draw, has_options, "options")
             return _options_case(lambda **o: call(M, **o), opts)
         cases["options"] = options
@@ -421,7 +446,8 @@ _EIG_OPTIONS = ({"backward": "bogus"}, {"solver_options": {"eig_method": "bogus"
                 {"residual_tol": float("nan")}, {"linear_solver": "bogus", "backward": "generic"})
 
 SM = _matching_cases("spectral_matching_layer", lambda M, **o: rl.spectral_matching_layer(M, **o), _EIG_OPTIONS)
-test_spectral_matching_layer, test_spectral_matching_layer_slow = hostile_tests("spectral_matching_layer", SM)
+test_spectral_matching_layer, test_spectral_matching_layer_slow = hostile_tests(
+    "spectral_matching_layer", SM, warm_up=lambda: _warm_matching())
 
 
 def _one_to_one(n):
@@ -464,8 +490,16 @@ def smac_constraints(rng, draw):
 
 
 SMAC = _matching_cases("smac_layer", lambda M, **o: rl.smac_layer(M, **o), _EIG_OPTIONS,
-                       {"constraints": smac_constraints})
-test_smac_layer, test_smac_layer_slow = hostile_tests("smac_layer", SMAC)
+                       {"constraints": smac_constraints}, N=9)
+
+
+def _warm_matching():
+    M = _M(np.random.default_rng(0), 9)
+    for layer in (rl.spectral_matching_layer, rl.smac_layer, rl.power_iteration_layer):
+        grad_check(lambda M: layer(_sym(M)), M)
+
+
+test_smac_layer, test_smac_layer_slow = hostile_tests("smac_layer", SMAC, warm_up=_warm_matching)
 
 PI = _matching_cases("power_iteration_layer", lambda M, **o: rl.power_iteration_layer(M, **o),
                      ({"iterations": -1}, {"iterations": 0}, {"iterations": 2.5}, {"iterations": "ten"}))
