@@ -106,3 +106,44 @@ def where(batch_index, batched: bool = True) -> str:
     if not batched or batch_index is None:
         return ""
     return f" (batch instance {int(batch_index)})"
+
+
+# ------------------------------------------------------------------------------
+# the keyword convention of the reference layers (issue 12 item 4)
+# ------------------------------------------------------------------------------
+
+BACKWARDS = ("structured", "generic")
+
+
+def check_options(options, allowed: dict, what: str) -> dict:
+    """``{**allowed, **options}`` after checking that ``options`` (a dict or None)
+    has only keys of ``allowed`` (a dict of defaults); :class:`OptionError` otherwise."""
+    if options is None:
+        return dict(allowed)
+    if not isinstance(options, dict):
+        raise OptionError(f"{what} must be a dict or None, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise OptionError(f"{what} got unknown key(s) {unknown}; allowed: "
+                          f"{sorted(allowed) if allowed else 'none'}")
+    return {**allowed, **options}
+
+
+def check_backward(backward: str, layer: str, *, structured: bool = True) -> str:
+    """Validate ``backward`` ("structured" | "generic"; "fast" is a deprecated alias)."""
+    if backward == "fast":
+        warnings.warn(f"{layer}: backward='fast' is deprecated, use backward='structured'",
+                      DeprecationWarning, stacklevel=3)
+        backward = "structured"
+    if backward not in BACKWARDS:
+        raise OptionError(f"{layer}: backward must be one of {BACKWARDS}, got {backward!r}")
+    if backward == "structured" and not structured:
+        raise OptionError(f"{layer} has no structured backward; use backward='generic'")
+    return backward
+
+
+def renamed(old: str, new: str, layer: str, value):
+    """Warn that keyword ``old`` is deprecated in favour of ``new``; return ``value``."""
+    warnings.warn(f"{layer}: the keyword {old!r} is deprecated, use {new} instead",
+                  DeprecationWarning, stacklevel=3)
+    return value

@@ -692,7 +692,8 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
     inputs that are not differentiated).  The solver sees the inputs as given;
     when every component of its output is float32 the layer's (undifferentiated)
     output is float32 too, while the residual check and every derivative are
-    computed in float64 (so gradients are float64 arrays).  float16, complex
+    computed in float64 (autograd returns a gradient in its input's dtype, so
+    a float32 input gets a float32 gradient rounded from the float64 one).  float16, complex
     and object inputs, and integer inputs that are differentiated, raise
     :class:`~nimplicit.errors.DTypeError`.
     """

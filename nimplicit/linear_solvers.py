@@ -304,16 +304,71 @@ class _BlockState(LinearSolverState):
         return x.reshape(b.shape)
 
 
+def _pow2(x: np.ndarray) -> np.ndarray:
+    return np.exp2(np.round(np.log2(x)))
+
+
+def equilibrate(block: np.ndarray, sweeps: int = 40, column_scale: Optional[np.ndarray] = None):
+    """Row and column scalings ``r, c`` (powers of two, so exact) with ``diag(r) J diag(c)``
+    of rows and columns of max-norm ~1: Ruiz's iteration, ``r_i <- r_i / sqrt(max row i)``,
+    ``c_j <- c_j / sqrt(max column j)`` until balanced (each sweep halves the log-imbalance).
+    The condition test of :class:`LU` is then invariant to the scales of the equations and
+    of the unknowns.  ``column_scale`` (e.g. the magnitudes of the solution's components,
+    the unknowns' natural units) starts the iteration: max-norm balancing alone has
+    unbalanced fixed points such as ``[[eps A, b], [b^T, 0]]`` (a bordered eigen-system
+    whose eigenvector has size 1e75)."""
+    a = np.abs(block)
+    r = np.ones(a.shape[0])
+    c = np.ones(a.shape[1]) if column_scale is None else np.asarray(column_scale, float).copy()
+    rmax = (a * c[None, :]).max(axis=1)
+    r = 1.0 / np.where(rmax > 0, rmax, 1.0)          # rows to max-norm 1 in the given units
+    for _ in range(sweeps):
+        scaled = a * r[:, None] * c[None, :]
+        rmax, cmax = scaled.max(axis=1), scaled.max(axis=0)
+        if np.all((rmax == 0) | ((rmax > 0.5) & (rmax < 2))) and \
+                np.all((cmax == 0) | ((cmax > 0.5) & (cmax < 2))):
+            break
+        r = r / np.sqrt(np.where(rmax > 0, rmax, 1.0))
+        c = c / np.sqrt(np.where(cmax > 0, cmax, 1.0))
+    return _pow2(r), _pow2(c)
+
+
+def _unknown_units(operator, n_blocks: int) -> list:
+    """Per block, the RMS size of each component of the solution (1 where 0 or unknown)."""
+    point = operator.point
+    structure = getattr(point, "y_structure", None)
+    if structure is None:
+        return [None] * n_blocks
+    y = np.asarray(point.y_flat, float).reshape(n_blocks, -1)
+    units = np.ones_like(y)
+    for lo, hi in zip(structure.offsets[:-1], structure.offsets[1:]):
+        rms = np.sqrt(np.mean(y[:, lo:hi] ** 2, axis=1)) if hi > lo else np.zeros(len(y))
+        good = np.isfinite(rms) & (rms > 0)
+        units[:, lo:hi] = np.where(good, rms, 1.0)[:, None]
+    return list(units)
+
+
 class _LUState(_BlockState):
-    def _solve_block(self, f, bi, transpose):
-        return scipy.linalg.lu_solve(f, bi, trans=1 if transpose else 0, check_finite=False)
+    def solve(self, b, transpose=False):
+        b = np.asarray(b, dtype=float)
+        bb = b.reshape(len(self.factors), -1)
+        out = []
+        for (f, r, c), bi in zip(self.factors, bb):
+            if transpose:   # J^T x = b:  (RJC)^T (R^-1 x) = C b
+                out.append(r * scipy.linalg.lu_solve(f, c * bi, trans=1, check_finite=False))
+            else:           # J x = b:    (RJC) (C^-1 x) = R b
+                out.append(c * scipy.linalg.lu_solve(f, r * bi, trans=0, check_finite=False))
+        return np.stack(out).reshape(b.shape)
 
 
 class LU(LinearSolver):
     """``J x = b`` by an LU factorization of each block, formed and factored once.
 
-    The 1-norm condition number of every block is estimated (LAPACK ``gecon``);
-    above ``max_condition`` a :class:`SingularJacobianError` is raised.
+    Each block is first equilibrated by exact power-of-two row and column
+    scalings (:func:`equilibrate`), so the 1-norm condition number estimated
+    (LAPACK ``gecon``) is that of ``R J C``: scale-invariant, relative to the
+    sizes of the equations and unknowns.  Above ``max_condition`` a
+    :class:`SingularJacobianError` is raised.
     """
 
     name = "lu"
@@ -323,14 +378,17 @@ class LU(LinearSolver):
         J = operator.dense()
         _check_square(J)
         factors = []
+        units = _unknown_units(operator, len(_blocks(J)))
         for i, block in enumerate(_blocks(J)):
+            r, c = equilibrate(block, column_scale=units[i])
+            scaled = block * r[:, None] * c[None, :]
             with warnings.catch_warnings():   # singularity is reported below, as a typed error
                 warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-                lu_piv = scipy.linalg.lu_factor(block, check_finite=False)
-            cond = lu_condition(lu_piv, block)
+                lu_piv = scipy.linalg.lu_factor(scaled, check_finite=False)
+            cond = lu_condition(lu_piv, scaled)
             if not cond <= self.opts["max_condition"]:
                 raise condition_error(cond, i if J.ndim == 3 else None, self.opts["max_condition"])
-            factors.append(lu_piv)
+            factors.append((lu_piv, r, c))
         return _LUState(factors, J.shape)
 
 

@@ -81,6 +81,7 @@ from autograd.tracer import getval
 
 from nimplicit import implicit_layer
 from nimplicit.errors import NonFiniteError, ShapeError, SingularJacobianError
+from nimplicit.errors import OptionError, check_backward, check_options, renamed
 from nimplicit.linear_solvers import LinearSolver, LinearSolverState, legacy_function
 
 from .kernels.marching_cubes import MCResult, marching_cubes
@@ -303,9 +304,21 @@ def _gather(phi, points: onp.ndarray):
 def iso_surface(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
                 mode: str = "edge",
                 linear_solver: Union[str, Callable, None] = None):
-    """Like :func:`iso_surface_layer`, but also returns the kernel's
-    :class:`~reference_layers.kernels.marching_cubes.MCResult` (raw numbers:
-    edge indices and ``t`` of every vertex): ``(verts, faces, mc)``.
+    """Deprecated: ``iso_surface_layer(..., full_output=True)``.
+
+    Returns ``(verts, faces, mc)`` with the kernel's
+    :class:`~reference_layers.kernels.marching_cubes.MCResult`.
+    """
+    renamed("iso_surface(...)", "iso_surface_layer(..., full_output=True)", "level_set", None)
+    backward = "structured" if linear_solver is None or linear_solver is solve_vertex_blocks \
+        else "generic"
+    return _iso_surface(phi, level, spacing, mode, backward,
+                        None if backward == "structured" else linear_solver, None)
+
+
+def _iso_surface(phi, level, spacing, mode: str, backward: str, linear_solver,
+                 linear_solver_options: Optional[dict]):
+    """The level-set layer: ``(verts, faces, mc)``.
 
     The implicit node's inputs are the grid values the residual reads,
     gathered from ``phi`` by one autograd fancy index (``(V, 2)`` edge ends,
@@ -314,17 +327,20 @@ def iso_surface(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
     thus works on ``O(V)`` numbers, never on the whole grid.
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise OptionError(f"mode must be one of {MODES}, got {mode!r}")
     phi_raw, level_raw, sp = _validate(getval(phi), getval(level), spacing)
     mc = _extract(phi_raw, level_raw, sp)
-    if linear_solver is None or linear_solver is solve_vertex_blocks:
+    if backward == "structured":
         linear_solver = VertexBlocks()
+    elif linear_solver is None:
+        linear_solver = "lstsq"
+    solver_kw = dict(linear_solver=linear_solver, linear_solver_options=linear_solver_options)
     if len(mc.verts) == 0:
         return _empty_verts(phi, level), mc.faces, mc
     if mode == "edge":
         layer = implicit_layer(_edge_residual, lambda ends, level_: mc.t, batch_axis=0,
-                               linear_solver=linear_solver, diagnostics=_edge_margin_diagnostic,
-                               check_independence=False)
+                               diagnostics=_edge_margin_diagnostic, check_independence=False,
+                               **solver_kw)
         t = layer(_gather(phi, mc.edge_vertices), level)
         c0 = mc.edge_vertices[:, 0, :]
         step = mc.edge_vertices[:, 1, :] - c0
@@ -336,14 +352,17 @@ def iso_surface(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
             return trilinear(corners, v / sp - origins) - level_
 
         layer = implicit_layer(residual, lambda corners, level_: mc.verts, batch_axis=0,
-                               linear_solver=linear_solver, check_independence=False)
+                               check_independence=False, **solver_kw)
         verts = layer(_gather(phi, origins[:, None, :] + _CORNERS[None, :, :]), level)
     return verts, mc.faces, mc
 
 
 def iso_surface_layer(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
-                      mode: str = "edge",
-                      linear_solver: Union[str, Callable, None] = None):
+                      mode: str = "edge", full_output: bool = False,
+                      backward: Optional[str] = None,
+                      linear_solver: Union[str, Callable, None] = None,
+                      linear_solver_options: Optional[dict] = None,
+                      solver_options: Optional[dict] = None):
     r"""The ``level`` iso-surface of a grid field as a differentiable triangle mesh.
 
     Parameters
@@ -361,10 +380,20 @@ def iso_surface_layer(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0)
         ``"edge"`` moves each vertex along its grid edge (the exact derivative
         of the forward), ``"normal"`` along the normal of the trilinear
         surrogate (minimum-norm solution of ``phi_tri(v) = level``).
-    linear_solver : str or callable
-        Solver of the per-vertex blocks: ``None`` for the closed-form
-        :func:`solve_vertex_blocks` (default), or a core solver name
-        (``'lstsq'`` gives the same result; ``'lu'`` works for ``"edge"``).
+    full_output : bool
+        Also return the kernel's :class:`~reference_layers.kernels.marching_cubes.MCResult`
+        (raw numbers: edge indices and ``t`` of every vertex): ``(verts, faces, mc)``.
+    backward : {"structured", "generic"}
+        ``"structured"`` (default): the closed-form per-vertex blocks
+        (:class:`VertexBlocks`); ``"generic"``: the core's ``linear_solver``
+        (default ``'lstsq'``, the same result; ``'lu'`` works for ``"edge"``)
+        on the autograd Jacobian.  ``"fast"`` is a deprecated alias of "structured".
+    linear_solver, linear_solver_options
+        Only with ``backward="generic"``; passed to the core.  (A
+        ``linear_solver`` without ``backward`` is the deprecated spelling of
+        ``backward="generic"``.)
+    solver_options : dict, optional
+        The forward (marching cubes) has no options: must be empty or None.
 
     Returns
     -------
@@ -395,5 +424,16 @@ def iso_surface_layer(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0)
     >>> g.shape
     (16, 16, 16)
     """
-    verts, faces, _ = iso_surface(phi, level, spacing, mode=mode, linear_solver=linear_solver)
-    return verts, faces
+    check_options(solver_options, {}, "iso_surface_layer solver_options")
+    if linear_solver is solve_vertex_blocks:
+        linear_solver = None
+    if backward is None and linear_solver is not None:
+        backward = renamed("linear_solver without backward", "backward='generic'",
+                           "iso_surface_layer", "generic")
+    backward = check_backward(backward or "structured", "iso_surface_layer")
+    if backward == "structured" and (linear_solver is not None or linear_solver_options):
+        raise OptionError("iso_surface_layer: linear_solver / linear_solver_options are only "
+                          "meaningful with backward='generic'")
+    verts, faces, mc = _iso_surface(phi, level, spacing, mode, backward, linear_solver,
+                                    linear_solver_options)
+    return (verts, faces, mc) if full_output else (verts, faces)

@@ -27,6 +27,8 @@ from scipy.spatial import cKDTree
 
 from nimplicit.errors import NimplicitError, NonFiniteError, ShapeError
 
+EPS = onp.finfo(float).eps
+
 __all__ = ["chamfer_distance", "surface_area", "enclosed_volume", "EmptyMeshError"]
 
 
@@ -84,13 +86,21 @@ def _corners(verts, faces):
 def surface_area(verts, faces):
     r"""Total area :math:`\tfrac12 \sum_f |(b - a) \times (c - a)|` (0 for no faces).
 
-    Differentiable wherever no triangle is degenerate (zero area).
+    Differentiable wherever no triangle is degenerate.  A degenerate triangle
+    (zero area to rounding: ``|n|^2 <= (eps |b - a| |c - a|)^2`` with
+    ``n = (b - a) x (c - a)``; marching cubes produces them when the level
+    equals grid values) contributes 0 and the gradient 0 -- the minimum-norm
+    subgradient of ``|n|`` at ``n = 0`` -- instead of ``n / |n| = 0/0``.
     """
     if len(faces) == 0:
         return np.sum(verts) * 0.0
     a, b, c = _corners(verts, faces)
     n = np.cross(b - a, c - a)
-    return 0.5 * np.sum(np.sqrt(np.sum(n * n, axis=1)))
+    nn = np.sum(n * n, axis=1)
+    ab, ac = np.sum((b - a) ** 2, axis=1), np.sum((c - a) ** 2, axis=1)
+    degenerate = onp.asarray(getval(nn)) <= (EPS ** 2) * onp.asarray(getval(ab * ac))
+    safe = np.sqrt(np.where(degenerate, 1.0, nn))
+    return 0.5 * np.sum(np.where(degenerate, 0.0, safe))
 
 
 def enclosed_volume(verts, faces):

@@ -85,8 +85,9 @@ from autograd.extend import defjvp, defvjp, primitive
 
 from nimplicit import implicit_layer
 from nimplicit.linear_solvers import LinearSolver, LinearSolverState, per_point
-from nimplicit.errors import (NimplicitError, NotConvergedError, ShapeError,
-                              SingularJacobianError, finite_or_raise)
+from nimplicit.errors import (NimplicitError, NotConvergedError, OptionError, ShapeError,
+                              SingularJacobianError, check_backward, check_options,
+                              finite_or_raise, renamed, where)
 
 __all__ = ["ncut_layer", "make_ncut_layer", "SparseNCut", "grid_graph_edges", "ncut_spectrum",
            "InvalidGraphError", "DisconnectedGraphError", "EigenGapError", "DEFAULT_SIGN_SEED"]
@@ -95,6 +96,8 @@ __all__ = ["ncut_layer", "make_ncut_layer", "SparseNCut", "grid_graph_edges", "n
 DEFAULT_SIGN_SEED = 20240527
 #: relative asymmetry ``max|W - W^T| / max|W|`` above which ``W`` is rejected
 SYMMETRY_TOL = 1e-10
+#: sparse graphs with at most this many nodes get a dense generalized eigh (ARPACK needs k < N)
+SMALL_SPARSE_N = 8
 #: diagnostics flag a gap below this (derivatives are amplified by ~1/gap)
 GAP_WARN = 1e-4
 #: diagnostics flag ``sign_margin * sqrt(N)`` below this
@@ -216,7 +219,8 @@ def _incidence(edges: onp.ndarray, n_nodes: int) -> sp.csr_matrix:
 
 
 def _sparse_spectrum(weights: onp.ndarray, incidence: sp.csr_matrix, abs_incidence: sp.csr_matrix,
-                     *, eig_tol: float = 1e-10, where: str = "") -> Tuple[onp.ndarray, onp.ndarray]:
+                     *, eig_tol: float = 1e-10, where: str = "", dense_max: int = 8
+                     ) -> Tuple[onp.ndarray, onp.ndarray]:
     """Three smallest generalized eigenpairs of ``(L, D)`` by shift-invert Lanczos.
 
     ``L - sigma D`` with ``sigma = -1e-6`` is positive definite for a connected
@@ -227,6 +231,9 @@ def _sparse_spectrum(weights: onp.ndarray, incidence: sp.csr_matrix, abs_inciden
     L = (incidence @ sp.diags(weights) @ incidence.T).tocsc()
     D = sp.diags(d).tocsc()
     n = len(d)
+    if n <= max(dense_max, 4):   # ARPACK needs k < n; a dense eigh is exact and cheap here
+        lams, vecs = scipy.linalg.eigh(L.toarray(), onp.diag(d), subset_by_index=[0, 2])
+        return lams, vecs
     sigma = -1e-6
     v0 = onp.random.default_rng(0).standard_normal(n) + 1.0
     try:
@@ -294,25 +301,41 @@ def _constraint(v, Dv, normalization: str):
     return -0.5 * (np.sum(v * v, axis=-1) - 1.0)
 
 
-def _dense_residual(normalization: str) -> Callable:
-    def residual(y, W):
+class _DenseResidual:
+    """``F((v, lam), W)`` of the dense layer (a class, so that layers pickle)."""
+
+    def __init__(self, normalization: str):
+        self.normalization = normalization
+
+    def __call__(self, y, W):
         v, lam = y
         S = 0.5 * (W + np.swapaxes(W, -1, -2))    # the layer is a function of sym(W)
         d = np.sum(S, axis=-1)
         Dv = d * v
         Lv = Dv - np.matmul(S, v[..., None])[..., 0]
-        return Lv - lam[..., None] * Dv, _constraint(v, Dv, normalization)
-    return residual
+        return Lv - lam[..., None] * Dv, _constraint(v, Dv, self.normalization)
 
 
-def _sparse_residual(A: _FixedSparse, absA: _FixedSparse, normalization: str) -> Callable:
-    def residual(y, weights):
+def _dense_residual(normalization: str) -> Callable:
+    return _DenseResidual(normalization)
+
+
+class _SparseResidual:
+    """``F((v, lam), weights)`` of the sparse layer (a class, so that layers pickle)."""
+
+    def __init__(self, A: "_FixedSparse", absA: "_FixedSparse", normalization: str):
+        self.A, self.absA, self.normalization = A, absA, normalization
+
+    def __call__(self, y, weights):
         v, lam = y
-        d = _sparse_apply(absA, weights)
+        d = _sparse_apply(self.absA, weights)
         Dv = d * v
-        Lv = _sparse_apply(A, weights * _sparse_apply(A.T, v))
-        return Lv - lam * Dv, _constraint(v, Dv, normalization)
-    return residual
+        Lv = _sparse_apply(self.A, weights * _sparse_apply(self.A.T, v))
+        return Lv - lam * Dv, _constraint(v, Dv, self.normalization)
+
+
+def _sparse_residual(A: "_FixedSparse", absA: "_FixedSparse", normalization: str) -> Callable:
+    return _SparseResidual(A, absA, normalization)
 
 
 # ------------------------------------------------------------------------------
@@ -420,16 +443,51 @@ def _check_normalization(normalization: str) -> None:
         raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
 
 
-def make_ncut_layer(*, batched: bool = False, normalization: str = "degree",
+class _DenseForward:
+    """The dense forward ``W -> (v, lam)`` and its diagnostics (picklable)."""
+
+    def __init__(self, batched: bool, normalization: str, sign_reference, gap_tol: float):
+        self.batched, self.normalization = batched, normalization
+        self.sign_reference, self.gap_tol = sign_reference, gap_tol
+
+    def _instance(self, W, at):
+        _validate_dense(W, at)
+        lams, vecs = _dense_spectrum(W)
+        _gap_check(lams, self.gap_tol, at)
+        r = _sign_reference(len(W), self.sign_reference)
+        return lams, _fix_sign_and_scale(vecs[:, 1], W.sum(axis=1), r, self.normalization)
+
+    def __call__(self, W):
+        W = onp.asarray(W, dtype=float)
+        if not self.batched:
+            lams, v = self._instance(W, "")
+            return v, onp.asarray(lams[1])
+        if W.ndim != 3:
+            raise ShapeError(f"the batched NCut layer needs W of shape (B, N, N), got {W.shape}")
+        out = [self._instance(Wb, where(b)) for b, Wb in enumerate(W)]
+        return onp.stack([v for _, v in out]), onp.array([lams[1] for lams, _ in out])
+
+    def diagnostics(self, point):
+        W = onp.asarray(point.inputs[0], dtype=float)
+        Ws = W if self.batched else W[None]
+        v = onp.asarray(point.y[0]).reshape(len(Ws), -1)
+        lams = [_dense_spectrum(Wb)[0] for Wb in Ws]
+        margins = [_margin(_sign_reference(Wb.shape[0], self.sign_reference), vb)
+                   for Wb, vb in zip(Ws, v)]
+        return _gap_diagnostics(lams, margins)
+
+
+def make_ncut_layer(*, batch_axis: Optional[int] = None, normalization: str = "degree",
                     sign_reference: Optional[onp.ndarray] = None, gap_tol: float = 1e-8,
-                    linear_solver: str = "lu", **layer_options):
+                    linear_solver: str = "lu", batched: Optional[bool] = None, **layer_options):
     r"""The dense NCut layer ``W -> (v, lam)`` as an :class:`nimplicit.ImplicitLayer`.
 
     Parameters
     ----------
-    batched : bool
-        ``W`` of shape ``(B, N, N)`` (``batch_axis=0``; ``v`` is ``(B, N)``,
-        ``lam`` is ``(B,)``) instead of ``(N, N)``.
+    batch_axis : {None, 0}
+        ``0``: ``W`` of shape ``(B, N, N)`` (``v`` is ``(B, N)``, ``lam`` is
+        ``(B,)``) instead of ``(N, N)``.  (``batched=True`` is the deprecated
+        spelling.)  The layer returns ``(v, lam)``.
     normalization : {"degree", "unit"}
         ``v^T D v = 1`` (symmetric bordered Jacobian) or the paper's ``v^T v = 1``.
     sign_reference : array (N,), optional
@@ -444,31 +502,14 @@ def make_ncut_layer(*, batched: bool = False, normalization: str = "degree",
         ``linear_solver_options``, ...).
     """
     _check_normalization(normalization)
+    if batched is not None:
+        batch_axis = renamed("batched", "batch_axis=0", "make_ncut_layer", 0 if batched else None)
+    if batch_axis not in (None, 0):
+        raise OptionError(f"make_ncut_layer: batch_axis must be None or 0, got {batch_axis!r}")
+    batched = batch_axis == 0
 
-    def instance(W, where):
-        _validate_dense(W, where)
-        lams, vecs = _dense_spectrum(W)
-        _gap_check(lams, gap_tol, where)
-        r = _sign_reference(len(W), sign_reference)
-        return lams, _fix_sign_and_scale(vecs[:, 1], W.sum(axis=1), r, normalization)
-
-    def solver(W):
-        W = onp.asarray(W, dtype=float)
-        if not batched:
-            lams, v = instance(W, "")
-            return v, onp.asarray(lams[1])
-        if W.ndim != 3:
-            raise ShapeError(f"the batched NCut layer needs W of shape (B, N, N), got {W.shape}")
-        out = [instance(Wb, f" (batch instance {b})") for b, Wb in enumerate(W)]
-        return onp.stack([v for _, v in out]), onp.array([lams[1] for lams, _ in out])
-
-    def diagnostics(point):
-        W = onp.asarray(point.inputs[0], dtype=float)
-        Ws = W if batched else W[None]
-        v = onp.asarray(point.y[0]).reshape(len(Ws), -1)
-        lams = [_dense_spectrum(Wb)[0] for Wb in Ws]
-        margins = [_margin(_sign_reference(Wb.shape[0], sign_reference), vb) for Wb, vb in zip(Ws, v)]
-        return _gap_diagnostics(lams, margins)
+    forward = _DenseForward(batched, normalization, sign_reference, gap_tol)
+    solver, diagnostics = forward, forward.diagnostics
 
     layer_options.setdefault("name", "ncut-batched" if batched else "ncut-dense")
     return implicit_layer(_dense_residual(normalization), solver, linear_solver=linear_solver,
@@ -513,9 +554,28 @@ class SparseNCut:
 
     def __init__(self, edges, n_nodes: int, *, normalization: str = "degree",
                  sign_reference: Optional[onp.ndarray] = None, gap_tol: float = 1e-8,
-                 linear_solver: Optional[Union[str, Callable]] = None, eig_tol: float = 1e-10,
-                 **layer_options):
+                 backward: Optional[str] = None,
+                 linear_solver: Optional[Union[str, Callable]] = None,
+                 solver_options: Optional[dict] = None, dense_max: int = SMALL_SPARSE_N,
+                 full_output: bool = True, eig_tol: Optional[float] = None, **layer_options):
         _check_normalization(normalization)
+        if eig_tol is not None:
+            solver_options = {**(solver_options or {}),
+                              "eig_tol": renamed("eig_tol", "solver_options={'eig_tol': ...}",
+                                                 "SparseNCut", eig_tol)}
+        solver_options = check_options(solver_options, {"eig_tol": 1e-10}, "SparseNCut solver_options")
+        eig_tol = float(solver_options["eig_tol"])
+        if not (onp.isfinite(eig_tol) and eig_tol > 0):
+            raise OptionError(f"SparseNCut: solver_options['eig_tol'] must be positive, got {eig_tol}")
+        if linear_solver in ("splu", "krylov"):
+            new = "backward='structured'" if linear_solver == "splu" else "backward='generic'"
+            backward = renamed(f"linear_solver={linear_solver!r}", new, "SparseNCut",
+                               "structured" if linear_solver == "splu" else "generic")
+            linear_solver = None
+        backward = check_backward(backward or "generic", "SparseNCut")
+        if backward == "structured" and linear_solver is not None:
+            raise OptionError("SparseNCut: linear_solver is only meaningful with backward='generic'")
+        self.backward, self.dense_max, self.full_output = backward, int(dense_max), bool(full_output)
         edges = onp.asarray(edges)
         if edges.ndim != 2 or edges.shape[1] != 2 or edges.shape[0] == 0:
             raise ShapeError(f"edges must be a non-empty integer array of shape (E, 2), got {edges.shape}")
@@ -542,12 +602,12 @@ class SparseNCut:
         self.abs_incidence = abs(self.incidence).tocsr()
         A, absA = _FixedSparse(self.incidence), _FixedSparse(self.abs_incidence)
         self._abs_op = absA
-        if linear_solver is None or linear_solver == "krylov":
+        if backward == "structured":
+            linear_solver = BorderedSplu(self.incidence, self.abs_incidence, normalization)
+        elif linear_solver is None:
             linear_solver = "minres" if normalization == "degree" else "gmres"
             layer_options["linear_solver_options"] = {
                 **self.krylov_options(), **(layer_options.get("linear_solver_options") or {})}
-        elif linear_solver == "splu":
-            linear_solver = BorderedSplu(self.incidence, self.abs_incidence, normalization)
         layer_options.setdefault("name", "ncut-sparse")
         self.layer = implicit_layer(_sparse_residual(A, absA, normalization), self._solve,
                                     linear_solver=linear_solver, diagnostics=self._diagnostics,
@@ -599,7 +659,8 @@ class SparseNCut:
         """The three smallest generalized eigenpairs ``(lams (3,), vecs (N, 3))`` of ``(L, D)``."""
         w = onp.asarray(weights, dtype=float)
         self.validate(w)
-        return _sparse_spectrum(w, self.incidence, self.abs_incidence, eig_tol=self.eig_tol)
+        return _sparse_spectrum(w, self.incidence, self.abs_incidence, eig_tol=self.eig_tol,
+                                dense_max=self.dense_max)
 
     def _solve(self, weights):
         w = onp.asarray(weights, dtype=float)
@@ -614,12 +675,16 @@ class SparseNCut:
         return _gap_diagnostics(lams, [_margin(self.sign_reference, onp.asarray(point.y[0]))])
 
     def __call__(self, weights):
-        return self.layer(weights)
+        v, lam = self.layer(weights)
+        return _outputs(v, lam, self.full_output)
 
 
 def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: str = "degree",
                sign_reference: Optional[onp.ndarray] = None, gap_tol: float = 1e-8,
-               linear_solver: Optional[Union[str, Callable]] = None, **layer_options):
+               full_output: Optional[bool] = None, backward: Optional[str] = None,
+               linear_solver: Optional[Union[str, Callable]] = None,
+               solver_options: Optional[dict] = None, dense_max: Optional[int] = None,
+               **layer_options):
     r"""Second-smallest generalized eigenpair ``(v, lam)`` of ``(D - W, D)``, differentiable in ``W``.
 
     Solves ``(L - lam D) v = 0`` with ``v^T D v = 1`` (``normalization="degree"``,
@@ -632,17 +697,41 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
         Symmetric non-negative affinity (the layer is a function of
         ``(W + W^T)/2``, so its gradient is symmetric), a batch of them, or the
         weights of a sparse graph.
+        A ``scipy.sparse`` matrix is read as a sparse graph (the upper triangle
+        of ``(W + W^T)/2``; the result equals the dense one, but a sparse matrix
+        is data, not differentiable: pass its weights with ``edges=`` for that).
     edges : int array (E, 2), optional
         Fixed edge list of a sparse graph (then ``W`` holds its weights and
         ``n_nodes`` is required); for repeated calls build a :class:`SparseNCut`
         once instead.
-    normalization, sign_reference, gap_tol, linear_solver, **layer_options
+    normalization, sign_reference, gap_tol
         See :func:`make_ncut_layer` and :class:`SparseNCut`.
+    full_output : bool, optional
+        ``True``: return ``(v, lam)``; ``False``: ``v`` only.  The default
+        (``None``) returns ``(v, lam)`` as before; it becomes ``False`` in the
+        next release (the keyword convention of the reference layers).
+    backward : {"generic", "structured"}, optional
+        ``"generic"`` (default): the core's linear solver on the autograd
+        Jacobian (``linear_solver``, default ``'lu'`` dense, Krylov sparse);
+        ``"structured"``: the sparse LU of the bordered system (sparse graphs
+        only).  ``"fast"`` is a deprecated alias of ``"structured"``.
+    linear_solver : str, LinearSolver or callable, optional
+        Only with ``backward="generic"``; with ``linear_solver_options``
+        passed to the core.
+    solver_options : dict, optional
+        Forward options: ``{"eig_tol": 1e-10}`` (sparse graphs); the dense
+        forward (LAPACK ``eigh``) has none.  Unknown keys raise
+        :class:`~nimplicit.errors.OptionError`.
+    dense_max : int, optional
+        Sparse graphs with at most this many nodes use a dense ``eigh``.
+    **layer_options
+        Passed to :func:`nimplicit.implicit_layer` (``residual_tol``,
+        ``linear_solver_options``, ...).
 
     Returns
     -------
     v : array (N,) or (B, N)
-    lam : array () or (B,)
+    lam : array () or (B,), when ``full_output`` is not False
 
     Examples
     --------
@@ -654,17 +743,47 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
     if edges is not None:
         if n_nodes is None:
             raise ValueError("the sparse form needs n_nodes together with edges")
-        return SparseNCut(edges, n_nodes, normalization=normalization,
-                          sign_reference=sign_reference, gap_tol=gap_tol,
-                          linear_solver=linear_solver, **layer_options)(W)
+        return SparseNCut(edges, n_nodes, **sparse_kw)(W)
+    full = True if full_output is None else bool(full_output)
+    sparse_kw = dict(normalization=normalization, sign_reference=sign_reference, gap_tol=gap_tol,
+                     backward=backward, linear_solver=linear_solver, solver_options=solver_options,
+                     full_output=full, **({} if dense_max is None else {"dense_max": dense_max}),
+                     **layer_options)
+    if sp.issparse(W):
+        edges, weights, n = _sparse_to_edges(W)
+        return SparseNCut(edges, n, **sparse_kw)(weights)
+    check_options(solver_options, {}, "ncut_layer (dense W) solver_options")
+    if check_backward(backward or "generic", "ncut_layer") == "structured":
+        raise OptionError("ncut_layer: backward='structured' needs a sparse graph (edges= or a "
+                          "scipy.sparse W); the dense layer's backward is the core's LU")
     ndim = onp.ndim(W)
     if ndim not in (2, 3):
         raise ShapeError(f"W must have shape (N, N) or (B, N, N) (or pass edges= for weights), "
                          f"got {onp.shape(W)}")
-    layer = make_ncut_layer(batched=ndim == 3, normalization=normalization,
+    layer = make_ncut_layer(batch_axis=0 if ndim == 3 else None, normalization=normalization,
                             sign_reference=sign_reference, gap_tol=gap_tol,
                             linear_solver=linear_solver or "lu", **layer_options)
-    return layer(W)
+    v, lam = layer(W)
+    return _outputs(v, lam, full)
+
+
+def _outputs(v, lam, full_output: bool):
+    if full_output:
+        return v, lam      # already an autograd-boxed tuple under tracing
+    return v
+
+
+def _sparse_to_edges(W) -> Tuple[onp.ndarray, onp.ndarray, int]:
+    """The edge form ``(edges, weights, N)`` of a symmetric scipy.sparse ``W``: the
+    upper triangle of ``(W + W^T)/2`` (a sparse ``W`` is data, not differentiable)."""
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise ShapeError(f"a sparse W must be square (N, N), got {W.shape}")
+    if W.dtype.kind not in "fiu":
+        raise ShapeError(f"a sparse W must be real, got dtype {W.dtype}")
+    sym = sp.triu((W + W.T) * 0.5, k=1).tocoo()
+    keep = sym.data != 0
+    edges = onp.stack([sym.row[keep], sym.col[keep]], axis=1).astype(onp.int64)
+    return edges, onp.asarray(sym.data[keep], dtype=float), W.shape[0]
 
 
 def ncut_spectrum(W) -> Tuple[onp.ndarray, onp.ndarray]:

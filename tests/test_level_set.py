@@ -12,7 +12,7 @@ import pytest
 from autograd import grad, make_jvp
 from hypothesis import HealthCheck, given, settings
 
-from nimplicit.errors import NonFiniteError, ShapeError, UnsupportedError
+from nimplicit.errors import NonFiniteError, OptionError, ShapeError, UnsupportedError
 from reference_layers.kernels.marching_cubes import marching_cubes
 from reference_layers.level_set import (cell_origins, iso_surface, iso_surface_layer,
                                         surrogate_gradient, trilinear)
@@ -100,8 +100,8 @@ def test_edge_mode_second_order():
 def test_edge_mode_linear_solvers_agree():
     phi, level = field(onp.random.default_rng(2), "smooth", n=7)
     w = onp.random.default_rng(0).standard_normal(iso_surface_layer(phi, level)[0].shape)
-    grads = [grad(lambda p: np.sum(w * iso_surface_layer(p, level, linear_solver=s)[0]))(phi)
-             for s in (None, "lu", "lstsq")]
+    kw = [{}, dict(backward="generic", linear_solver="lu"), dict(backward="generic")]
+    grads = [grad(lambda p: np.sum(w * iso_surface_layer(p, level, **k)[0]))(phi) for k in kw]
     for g in grads[1:]:
         onp.testing.assert_allclose(g, grads[0], rtol=1e-10, atol=1e-12)
 
@@ -112,7 +112,7 @@ def test_grid_value_equal_to_level_gives_one_sided_derivative():
     phi = _sphere(8, 0.55)
     k = (2, 4, 4)
     phi[k] = 0.0
-    verts, faces, mc = iso_surface(phi, 0.0)
+    verts, faces, mc = iso_surface_layer(phi, 0.0, full_output=True)
     assert (mc.t == 0).any()
     v = onp.zeros_like(phi)
     v[k] = -1.0
@@ -135,7 +135,7 @@ def test_normal_mode_is_consistent_with_the_surrogate(phi_level):
     sp = onp.array([0.3, 0.2, 0.5])
     rng = onp.random.default_rng(0)
     dphi, dlevel = rng.standard_normal(phi.shape), 0.7
-    verts, faces, mc = iso_surface(phi, level, sp)
+    verts, faces, mc = iso_surface_layer(phi, level, sp, full_output=True)
     origins = cell_origins(mc.edge_vertices, phi.shape)
     corners_of = lambda p: p[tuple((origins[:, None, :] + onp.array(
         [[c & 1, (c >> 1) & 1, c >> 2] for c in range(8)])[None]).transpose(2, 0, 1))]
@@ -163,8 +163,8 @@ def test_normal_mode_is_consistent_with_the_surrogate(phi_level):
 def test_normal_mode_closed_form_equals_core_lstsq_and_vjp_matches_jvp():
     phi, level = field(onp.random.default_rng(4), "torus", n=9)
     w = onp.random.default_rng(1).standard_normal(iso_surface_layer(phi, level)[0].shape)
-    loss = lambda p, s=None: np.sum(w * iso_surface_layer(p, level, mode="normal",
-                                                          linear_solver=s)[0])
+    loss = lambda p, s=None: np.sum(w * iso_surface_layer(
+        p, level, mode="normal", **({} if s is None else dict(backward="generic", linear_solver=s)))[0])
     g_blocks, g_lstsq = grad(loss)(phi), grad(lambda p: loss(p, "lstsq"))(phi)
     onp.testing.assert_allclose(g_blocks, g_lstsq, rtol=1e-9, atol=1e-12)
     d = onp.random.default_rng(2).standard_normal(phi.shape)
@@ -180,7 +180,7 @@ def test_normal_mode_second_order_is_refused():
 
 def test_cell_rule_uses_forward_differences_across_the_edge():
     phi, level = field(onp.random.default_rng(6), "smooth", n=7)
-    _, _, mc = iso_surface(phi, level)
+    _, _, mc = iso_surface_layer(phi, level, full_output=True)
     g = surrogate_gradient(phi, mc)
     c0, c1 = mc.edge_vertices[:, 0], mc.edge_vertices[:, 1]
     axis = onp.argmax(onp.abs(c1 - c0), axis=1)
@@ -305,3 +305,36 @@ def test_diagnose_reports_the_edge_margin():
     report = diagnose(lambda p: iso_surface_layer(p, 0.0)[0], phi)
     assert not report.ok and "edge_margin" in str(report)
 
+
+
+def test_surface_area_at_zero_area_triangles_is_finite_with_zero_subgradient():
+    """Issue 11 item 10: degenerate triangles (the level on grid values) contribute
+    0 and the minimum-norm subgradient 0, not NaN blamed on "the cotangent"."""
+    verts = onp.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [2, 0, 0], [0.5, 0.5, 1.0]])
+    faces = onp.array([[0, 1, 2], [0, 1, 3], [1, 2, 4]])      # face 1 is collinear: zero area
+    g = grad(lambda v: surface_area(v, faces))(verts)
+    g_without = grad(lambda v: surface_area(v, faces[[0, 2]]))(verts)
+    assert onp.all(onp.isfinite(g))
+    onp.testing.assert_allclose(g, g_without, rtol=0, atol=1e-15)
+    onp.testing.assert_allclose(surface_area(verts, faces), surface_area(verts, faces[[0, 2]]))
+    # away from degeneracy the gradient matches finite differences
+    check = check_grad(lambda v: surface_area(v, faces[[0, 2]]), verts)
+    assert check.passed, check
+
+
+def test_keyword_convention_and_deprecated_aliases():
+    phi = _sphere(10)
+    loss = lambda p, **kw: np.sum(iso_surface_layer(p, 0.0, **kw)[0] ** 2)
+    g = grad(loss)(phi)
+    g_generic = grad(lambda p: loss(p, backward="generic"))(phi)
+    onp.testing.assert_allclose(g_generic, g, rtol=1e-10, atol=1e-12)
+    with pytest.warns(DeprecationWarning, match="backward='generic'"):
+        g_old = grad(lambda p: loss(p, linear_solver="lstsq"))(phi)
+    onp.testing.assert_allclose(g_old, g, rtol=1e-10, atol=1e-12)
+    with pytest.warns(DeprecationWarning, match="full_output=True"):
+        v3, f3, _ = iso_surface(phi, 0.0)
+    onp.testing.assert_array_equal(v3, iso_surface_layer(phi, 0.0)[0])
+    with pytest.raises(OptionError, match="unknown key"):
+        iso_surface_layer(phi, 0.0, solver_options={"step": 1})
+    with pytest.raises(OptionError, match="only meaningful with backward='generic'"):
+        iso_surface_layer(phi, 0.0, backward="structured", linear_solver="lu")

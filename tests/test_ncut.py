@@ -12,7 +12,7 @@ from autograd import grad, make_jvp
 from helpers import assert_close, fd_directional
 from hypothesis import HealthCheck, assume, given, settings
 
-from nimplicit.errors import (LinearSolveError, NonFiniteError, ShapeError,
+from nimplicit.errors import (LinearSolveError, NonFiniteError, OptionError, ShapeError,
                               SingularJacobianError)
 from reference_layers.ncut import (DEFAULT_SIGN_SEED, DisconnectedGraphError, EigenGapError,
                                    InvalidGraphError, SparseNCut, _sparse_apply, _FixedSparse,
@@ -154,18 +154,18 @@ def test_dense_second_order_matches_finite_differences():
 def test_batched_gradients_match_finite_differences():
     rng = onp.random.default_rng(7)
     W = block_affinity_batch(rng, batch=3, n=6)
-    f = invariants(make_ncut_layer(batched=True), rng.standard_normal((6, 6)), rng.standard_normal(6))
+    f = invariants(make_ncut_layer(batch_axis=0), rng.standard_normal((6, 6)), rng.standard_normal(6))
     E = sym_direction(rng, W)
     assert_close(onp.sum(grad(f)(W) * E), fd_directional(f, W, E, FD_STEP), 1e-8, "batched")
 
 
 @pytest.mark.parametrize("solver,normalization,rtol", [
-    ("krylov", "degree", 1e-7), ("krylov", "unit", 1e-7), ("splu", "degree", 1e-8),
-    ("splu", "unit", 1e-8)])
+    ("generic", "degree", 1e-7), ("generic", "unit", 1e-7), ("structured", "degree", 1e-8),
+    ("structured", "unit", 1e-8)])
 def test_sparse_gradients_match_finite_differences(solver, normalization, rtol):
     rng = onp.random.default_rng(8)
     edges, weights, n = image_graph(rng, 5, 6)
-    layer = SparseNCut(edges, n, normalization=normalization, linear_solver=solver)
+    layer = SparseNCut(edges, n, normalization=normalization, backward=solver)
     f = invariants(layer, rng.standard_normal((n, n)), rng.standard_normal(n))
     E = rng.standard_normal(weights.shape) * weights
     fd = fd_directional(f, weights, E, FD_STEP)
@@ -173,11 +173,11 @@ def test_sparse_gradients_match_finite_differences(solver, normalization, rtol):
     assert_close(make_jvp(f)(weights)(E)[1], fd, rtol, "forward mode")
 
 
-@pytest.mark.parametrize("solver", ["krylov", "splu"])
+@pytest.mark.parametrize("solver", ["generic", "structured"])
 def test_sparse_second_order_matches_finite_differences(solver):
     rng = onp.random.default_rng(9)
     edges, weights, n = image_graph(rng, 4, 5)
-    layer = SparseNCut(edges, n, linear_solver=solver)
+    layer = SparseNCut(edges, n, backward=solver)
     f = invariants(layer, rng.standard_normal((n, n)), rng.standard_normal(n))
     U, E = rng.standard_normal(weights.shape), rng.standard_normal(weights.shape) * weights
     directional = lambda w: np.dot(grad(f)(w), U)
@@ -193,7 +193,7 @@ def test_bordered_jacobian_symmetric_only_for_degree_normalization():
     edges, weights, n = image_graph(rng, 3, 4, contrast=0.3, floor=0.5)
     c = rng.standard_normal(n)
     f = lambda layer: (lambda w: np.sum(c * layer(w)[0] ** 2))
-    ref = grad(f(SparseNCut(edges, n, linear_solver="splu")))(weights)
+    ref = grad(f(SparseNCut(edges, n, backward="structured")))(weights)
     plain = SparseNCut(edges, n, linear_solver="minres", linear_solver_options={"rtol": 1e-13})
     assert_close(grad(f(plain))(weights), ref, 1e-8, "core minres")
     unit = SparseNCut(edges, n, normalization="unit", linear_solver="minres")
@@ -205,7 +205,7 @@ def test_sparse_gradient_equals_dense_gradient_on_the_same_graph():
     rng = onp.random.default_rng(10)
     edges, weights, n = image_graph(rng, 4, 4)
     C = rng.standard_normal((n, n))
-    g_sparse = grad(invariants(SparseNCut(edges, n, linear_solver="splu"), C, 0.0))(weights)
+    g_sparse = grad(invariants(SparseNCut(edges, n, backward="structured"), C, 0.0))(weights)
     g_dense = grad(invariants(make_ncut_layer(), C, 0.0))(weights_to_dense(weights, edges, n))
     # w_e enters W_ij and W_ji
     expected = g_dense[edges[:, 0], edges[:, 1]] + g_dense[edges[:, 1], edges[:, 0]]
@@ -238,8 +238,8 @@ def test_larger_image_graph_gradient():
 def test_4096_pixel_graph_gradient():
     rng = onp.random.default_rng(13)
     edges, weights, n = image_graph(rng, 64, 64, contrast=1.0, floor=0.02)
-    for solver in ("krylov", "splu"):
-        layer = SparseNCut(edges, n, linear_solver=solver)
+    for solver in ("generic", "structured"):
+        layer = SparseNCut(edges, n, backward=solver)
         c = rng.standard_normal(n)
         f = lambda w: (lambda vl: vl[1] + np.sum(c * vl[0] ** 2) / np.sum(vl[0] ** 2))(layer(w))
         E = rng.standard_normal(weights.shape) * weights
@@ -444,3 +444,83 @@ def test_segmentation_example_end_to_end_gradient():
     E = rng.standard_normal(W2.shape)
     assert_close(onp.sum(grad(loss)(W2) * E), fd_directional(loss, W2, E, FD_STEP), 1e-6,
                  "example loss")
+
+
+# ------------------------------------------------------------------------------
+# issue 11: N = 3 sparse graphs, scipy.sparse W, extreme scales
+# ------------------------------------------------------------------------------
+
+def _dense_W(n=6, seed=0):
+    rng = onp.random.default_rng(seed)
+    W = rng.uniform(0.1, 1.0, (n, n))
+    W = 0.5 * (W + W.T)
+    onp.fill_diagonal(W, 0.0)
+    return W
+
+
+def test_sparse_ncut_with_three_nodes_matches_the_dense_layer():
+    edges = onp.array([[0, 1], [1, 2], [0, 2]])
+    w = onp.array([1.0, 2.0, 3.0])
+    W = onp.zeros((3, 3))
+    W[edges[:, 0], edges[:, 1]] = w
+    W = W + W.T
+    v_s, lam_s = SparseNCut(edges, 3)(w)
+    v_d, lam_d = ncut_layer(W)
+    assert_close(lam_s, lam_d, 1e-12, "lam, N = 3")
+    assert_close(v_s, v_d, 1e-10, "v, N = 3")
+    f = lambda w: SparseNCut(edges, 3)(w)[1]
+    g = grad(f)(w)
+    assert_close(g @ onp.array([0.3, -0.2, 0.5]), fd_directional(f, w, onp.array([0.3, -0.2, 0.5])),
+                 1e-6, "dlam/dw, N = 3")
+
+
+def test_scipy_sparse_W_is_read_as_a_graph():
+    import scipy.sparse as sps
+    W = _dense_W()
+    v_s, lam_s = ncut_layer(sps.csr_matrix(W))
+    v_d, lam_d = ncut_layer(W)
+    assert_close(lam_s, lam_d, 1e-10, "lam of sparse W")
+    assert_close(v_s, v_d, 1e-8, "v of sparse W")
+
+
+@pytest.mark.parametrize("scale", [1e150, 1e-150])
+def test_dense_ncut_at_extreme_scales_is_scale_invariant(scale):
+    """Issue 11 item 5: no degeneracy reported at 1e+-150 (the tests are relative);
+    (v, lam) is invariant to scaling W and dlam/dW scales as 1/scale."""
+    W = _dense_W()
+    v, lam = ncut_layer(W * scale)
+    v1, lam1 = ncut_layer(W)
+    assert_close(lam, lam1, 1e-12, "lam at scale")
+    assert_close(v * onp.sqrt(scale), v1, 1e-8, "v (degree normalization scales with D)")
+    g = grad(lambda W: ncut_layer(W)[1])(W * scale)
+    g1 = grad(lambda W: ncut_layer(W)[1])(W)
+    assert_close(g * scale, g1, 1e-8, "dlam/dW at scale")
+
+
+def test_keyword_convention_and_deprecated_aliases():
+    W = _dense_W()
+    v, lam = ncut_layer(W)
+    assert_close(ncut_layer(W, full_output=False), v, 0.0, "full_output=False gives v")
+    v_t, lam_t = ncut_layer(W, full_output=True)
+    assert_close(lam_t, lam, 0.0, "full_output=True gives (v, lam)")
+    with pytest.raises(OptionError, match=r"unknown key\(s\) \['eig_tol'\]"):
+        ncut_layer(W, solver_options={"eig_tol": 1e-8})        # the dense forward has none
+    with pytest.raises(OptionError, match="backward must be one of"):
+        ncut_layer(W, backward="bogus")
+    edges = grid_graph_edges(3, 3)
+    w = onp.linspace(0.5, 1.5, len(edges))
+    with pytest.warns(DeprecationWarning, match="backward='structured'"):
+        old = SparseNCut(edges, 9, linear_solver="splu")
+    with pytest.warns(DeprecationWarning, match="backward='structured'"):
+        fast = SparseNCut(edges, 9, backward="fast")
+    new = SparseNCut(edges, 9, backward="structured", solver_options={"eig_tol": 1e-9})
+    assert_close(grad(lambda w: old(w)[1])(w), grad(lambda w: new(w)[1])(w), 1e-12, "splu alias")
+    assert_close(grad(lambda w: fast(w)[1])(w), grad(lambda w: new(w)[1])(w), 1e-12, "fast alias")
+    with pytest.warns(DeprecationWarning, match="solver_options"):
+        SparseNCut(edges, 9, eig_tol=1e-9)
+    with pytest.warns(DeprecationWarning, match="batch_axis=0"):
+        make_ncut_layer(batched=True)
+    with pytest.raises(OptionError, match="unknown key"):
+        SparseNCut(edges, 9, solver_options={"tol": 1})
+    with pytest.raises(OptionError, match="only meaningful with backward='generic'"):
+        SparseNCut(edges, 9, backward="structured", linear_solver="gmres")
