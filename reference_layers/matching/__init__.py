@@ -22,14 +22,15 @@ Layers
     written with the factor ``-1/2`` on the norm constraint so that its
     Jacobian, the bordered matrix
     ``[[M - lam I, -y], [-y', 0]]``, is symmetric (MINRES/CG applicable).
-    ``lam`` is a second output (``return_eigenvalue=True``), not eliminated.
+    ``lam`` is a second output (``full_output=True``), not eliminated.
 
 :func:`smac_layer` (Cour, Srinivasan and Shi 2007)
     The relaxation with affine constraints ``max y'My / y'y  s.t.  C y = d``.
     With a pivot row ``k`` (``argmax |d_k|``) the constraint ``C y ∝ d`` is the
     homogeneous ``C_eq y = 0``, ``C_eq = C_{-k} - d_{-k} C_k / d_k``; as the
     ratio is scale-invariant, its maximizer is the leading eigenvector ``y``
-    of ``P M P`` with ``P = I - C_eq'(C_eq C_eq')^{-1} C_eq``, rescaled so that
+    of ``M`` on ``null(C_eq)`` (``C`` may have dependent rows: the one-to-one
+    constraints with all row and all column sums are accepted), rescaled so that
     the output satisfies the constraint exactly:
 
     .. math::
@@ -58,23 +59,35 @@ potentials), :func:`voting_layer` (row softmax with temperature),
 (:func:`gaussian_affinity`, :func:`assemble_affinity`, numba forward with numba
 VJPs; :func:`node_affinity`, :func:`edge_features`).
 
-Backward passes
----------------
-The bordered KKT systems of SM and SMAC are solved by a structured solver that
-reads ``M`` directly (never an autograd-traced product): for ``nm`` up to
-``dense_max`` an LU factorization of the explicitly formed bordered matrix
-(condition-checked), above it projected conjugate gradients on the
-constraint null space, where ``-(M - lam I)`` is positive definite exactly when
-the leading eigenvalue is simple.  Any core solver (``'lu'``, ``'minres'``,
-``'gmres'``, ...) may be passed instead as ``linear_solver=``.
+Data flow and backward passes
+-----------------------------
+One validation pass over ``M`` (numba: finite, symmetric, non-negative, and the
+row sums ``M 1``, which are the forward's first Lanczos product) -> the forward
+eigensolver (:mod:`.eigen`: Lanczos from ``1``, dense ``eigh`` for small ``M``
+with a slow Lanczos or on request) -> its byproducts (the dense eigenbasis, or
+the Ritz vectors and the Lanczos relation) in a store private to the call's
+layer -> the structured solver of the bordered KKT systems (:mod:`.bordered`):
+from the eigenbasis (two products), by a balanced, scale-free LU up to
+``dense_max`` unknowns, or by CG on the constraint null space deflated with
+the forward's Ritz vectors.  ``backward='generic'`` passes the core's
+``linear_solver`` instead (``'lu'``, ``'minres'``, ``'gmres'``, ...).
+
+Keywords follow the reference layers' convention: ``full_output``,
+``backward`` (``'structured'``/``'generic'``; ``'fast'`` deprecated),
+``linear_solver`` and ``linear_solver_options``, ``solver_options`` (validated
+keys), ``dense_max``; ``return_eigenvalue``, ``eig_method``, ``eig_tol``,
+``eig_dense_max``, ``kkt_dense_max`` (and Sinkhorn's ``tol``, ``max_iter``)
+are deprecated aliases.
 
 Ill-posed input raises typed errors: :class:`AffinityError` (not square, not
-symmetric, negative entries, all zero), :class:`DegenerateEigenvalueError`
-(leading eigenvalue not simple: no unique derivative),
-:class:`InfeasibleConstraintsError` (``C y = d`` inconsistent, or the ratio's
-maximum not attained on ``C y = d``), :class:`ConstraintRankError`
-(redundant constraint rows).  The layers declare ``diagnostics=`` with the
-relative eigen-gap, read by ``verification.diagnose``.
+real, not symmetric, negative entries, all zero), :class:`DegenerateEigenvalueError`
+(leading eigenvalue not simple relative to the spectral scale, the one test of
+:mod:`nimplicit.spectral`), :class:`InfeasibleConstraintsError` (``C y = d``
+inconsistent, or the ratio's maximum not attained on ``C y = d``),
+:class:`ConstraintRankError` (no freedom left), :class:`UnknownOptionError`
+(``TypeError``) and :class:`InvalidOptionError` (``ValueError``) for options.
+The layers declare ``diagnostics=`` with the relative eigen-gap, read by
+``verification.diagnose``.
 """
 from __future__ import annotations
 

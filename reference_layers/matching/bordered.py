@@ -18,7 +18,14 @@ ways to solve on ``null(B')``, chosen per instance:
     scaling ``M`` or ``C``: an absolute estimate reported a singular matrix
     for ``1e-150 M`` and SMAC at ``|M| >= 1e8``.
 ``'cg'``
-    Above ``dense_max``: projected conjugate gradients on ``-P A P``.
+    Above ``dense_max``: conjugate gradients on ``-P A P`` (``P`` the projector
+    onto ``null(B')``), *deflated* by the forward's Krylov data when the forward
+    was Lanczos: with the non-leading Ritz vectors ``W`` (orthonormal, in
+    ``null(B')``) the Lanczos relation gives ``-P A W = W diag(lam - theta) -
+    beta q s'`` without a product with ``M``, and deflated CG (Saad, Yeung,
+    Erhel and Guyomarc'h 2000) iterates only on the part of the spectrum the
+    forward did not resolve, which removes the small eigenvalues
+    ``lam - lam_2, ...`` of ``-P A P`` that slow plain CG down.
 """
 from __future__ import annotations
 
@@ -26,7 +33,6 @@ from typing import Optional
 
 import numpy as np
 import scipy.linalg
-import scipy.sparse.linalg as spla
 
 from nimplicit.errors import LinearSolveError
 
@@ -44,13 +50,28 @@ class BorderedSystem:
         self.M, self.lam, self.B = M, float(lam), B
         self.N, self.q = B.shape
         self.mode = mode
-        self.G = scipy.linalg.cho_factor(B.T @ B, check_finite=False)
+        # (B'B)^{-1} B' once: q is small (1 for SM), so the projector is two GEMVs per
+        # product without scipy's per-call overhead
+        self.Bpinv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(B.T @ B, check_finite=False),
+                                            B.T, check_finite=False)
+        self.krylov = None
         if mode == "eigen":
             Zfull = eigen.V if eigen.basis is None else eigen.basis @ eigen.V
             self.Z = Zfull[:, :-1]
             self.D = eigen.w[:-1] - self.lam
         elif mode == "lu":
             self._factor_balanced(scale, max_condition)
+        elif eigen is not None and eigen.krylov is not None and eigen.krylov.W.shape[1]:
+            self._deflation(eigen.krylov)
+
+    def _deflation(self, kd) -> None:
+        """``W``, ``A_p W`` and ``E = W' A_p W`` for deflated CG (``A_p = -P A P``)."""
+        E = self.lam - kd.theta
+        if not (E > 0).all():      # a Ritz value above lam: not a usable deflation space
+            return
+        W = kd.W - self.B @ (self.Bpinv @ kd.W)   # P W (= W to rounding)
+        AW = W * E - kd.beta * np.outer(kd.q, kd.s)
+        self.krylov = (W, AW, E)
 
     def _factor_balanced(self, scale: float, max_condition: float) -> None:
         s = scale if scale > 0 else 1.0
@@ -77,7 +98,7 @@ class BorderedSystem:
         return self.M @ v - self.lam * v
 
     def _proj(self, v):
-        return v - self.B @ scipy.linalg.cho_solve(self.G, self.B.T @ v)
+        return v - self.B @ (self.Bpinv @ v)
 
     def solve(self, rhs, rtol: float, maxiter: Optional[int]):
         N = self.N
@@ -86,31 +107,67 @@ class BorderedSystem:
             x = scipy.linalg.lu_solve(self.lu, b_s, check_finite=False)
             return np.concatenate([x[:N], self.s * x[N:] / self.colnorm])
         b, c = rhs[:N], rhs[N:]
-        u_par = -self.B @ scipy.linalg.cho_solve(self.G, c)
-        r = b - self._A(u_par)
+        if np.any(c):
+            u_par = -self.Bpinv.T @ c          # -B (B'B)^{-1} c
+            Au_par = self._A(u_par)
+        else:   # e.g. a cotangent of y alone: saves a product with M
+            u_par = Au_par = np.zeros(N)
+        r = b - Au_par
         if self.mode == "eigen":
             u = u_par + self.Z @ ((self.Z.T @ r) / self.D)
+            Au = self._A(u)
         else:
-            u = u_par + self._cg(self._proj(r), rtol, maxiter)
-        w = scipy.linalg.cho_solve(self.G, self.B.T @ (self._A(u) - b))
+            z = self._cg(-self._proj(r), rtol, maxiter)
+            Az = self._A(z)
+            res = np.linalg.norm(-self._proj(Az) + self._proj(r))
+            rnorm = np.linalg.norm(self._proj(r))
+            if rnorm and not res <= 100 * rtol * rnorm:
+                raise LinearSolveError(
+                    f"projected CG on the bordered eigen-KKT system did not converge (relative "
+                    f"residual {res / rnorm:.3g}): the eigen-gap is tiny. Pass a larger "
+                    f"dense_max (dense solve) or raise linear_solver_options maxiter.")
+            u = u_par + z
+            Au = Au_par + Az
+        w = self.Bpinv @ (Au - b)
         return np.concatenate([u, w])
 
-    def _cg(self, r, rtol, maxiter):
-        rnorm = np.linalg.norm(r)
-        if rnorm == 0:
-            return np.zeros(self.N)
-        # -P (M - lam I) P is positive definite on the null space of B' iff lam is simple
-        op = spla.LinearOperator((self.N, self.N), dtype=float,
-                                 matvec=lambda v: -self._proj(self._A(self._proj(v))))
-        z, info = spla.cg(op, -r, rtol=rtol, atol=0.0, maxiter=maxiter or 10 * self.N)
-        z = self._proj(z)
-        res = np.linalg.norm(op.matvec(z) + r) / rnorm
-        if info != 0 or not res <= 100 * rtol:
-            raise LinearSolveError(
-                f"projected CG on the bordered eigen-KKT system did not converge (relative "
-                f"residual {res:.3g}, info={info}): the eigen-gap is tiny. Pass a larger "
-                f"dense_max (dense solve) or raise linear_solver_options maxiter.")
-        return z
+    def _cg(self, f, rtol, maxiter):
+        """Solve ``-P A P z = f`` (``f`` in ``null(B')``) by CG, deflated when the
+        forward's Krylov data is available; ``-P A P`` is positive definite on
+        ``null(B')`` iff ``lam`` is simple."""
+        fnorm = np.linalg.norm(f)
+        z = np.zeros(self.N)
+        if fnorm == 0:
+            return z
+        op = lambda v: -self._proj(self._A(v))
+        if self.krylov is not None:
+            W, AW, E = self.krylov
+            coef = (W.T @ f) / E
+            z = W @ coef
+            r = f - AW @ coef
+            deflate = lambda v: W @ ((AW.T @ v) / E)
+        else:
+            r = f.copy()
+            deflate = None
+        p = r - deflate(r) if deflate else r.copy()
+        rr = r @ r
+        for _ in range(maxiter or 10 * self.N):
+            if np.sqrt(rr) <= rtol * fnorm:
+                break
+            Ap = op(p)
+            pAp = p @ Ap
+            if not pAp > 0:
+                raise LinearSolveError(
+                    f"projected CG on the bordered eigen-KKT system met a direction of "
+                    f"non-positive curvature ({pAp:.3g}): the leading eigenvalue is not simple "
+                    f"or not the largest on the constraint subspace.")
+            alpha = rr / pAp
+            z += alpha * p
+            r -= alpha * Ap
+            rr_new = r @ r
+            p = r + (rr_new / rr) * p - (deflate(r) if deflate else 0.0)
+            rr = rr_new
+        return self._proj(z)
 
 
 def _instances(point, kind: str):

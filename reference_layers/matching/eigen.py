@@ -43,18 +43,33 @@ class EigenData:
     Attributes: ``y`` (unit, signed), ``lam``, ``lam2``, ``scale`` (largest
     ``|eigenvalue|`` seen), ``w, V`` (full ``eigh`` of the matrix solved,
     ascending; dense only), ``basis`` (the orthonormal basis the matrix was
-    expressed in, SMAC: ``Z0``; else ``None``).
+    expressed in, SMAC: ``Z0``; else ``None``), ``krylov`` (Lanczos only: a
+    :class:`KrylovData`, the other Ritz pairs and the Lanczos residual vector).
     """
 
-    __slots__ = ("y", "lam", "lam2", "scale", "w", "V", "basis", "steps")
+    __slots__ = ("y", "lam", "lam2", "scale", "w", "V", "basis", "steps", "krylov")
 
-    def __init__(self, y, lam, lam2, scale, w=None, V=None, basis=None, steps=0):
+    def __init__(self, y, lam, lam2, scale, w=None, V=None, basis=None, steps=0, krylov=None):
         self.y, self.lam, self.lam2, self.scale = y, float(lam), float(lam2), float(scale)
         self.w, self.V, self.basis, self.steps = w, V, basis, steps
+        self.krylov = krylov
 
     @property
     def gap(self) -> float:
         return relative_gap(self.lam, [self.lam2], self.scale)
+
+
+class KrylovData:
+    r"""The Lanczos relation ``A Q_k' = Q_k' T_k + beta q_{k+1} e_k'`` in Ritz form:
+    for the Ritz vectors ``W = Q_k' S_r`` other than the leading one (values
+    ``theta_r``), ``A W = W diag(theta_r) + beta q_{k+1} s_r'`` with
+    ``s_r = S[k, r]``: the backward's deflation space and its image, with no
+    product with ``A``."""
+
+    __slots__ = ("W", "theta", "s", "q", "beta")
+
+    def __init__(self, W, theta, s, q, beta):
+        self.W, self.theta, self.s, self.q, self.beta = W, theta, s, q, float(beta)
 
 
 def fix_sign(y: np.ndarray) -> np.ndarray:
@@ -70,7 +85,7 @@ def fix_sign(y: np.ndarray) -> np.ndarray:
 def _lanczos(matvec, v0, tol: float, maxiter: int, w0=None):
     """Lanczos with full reorthogonalization; see :func:`lanczos_top`.
 
-    Returns ``(y, theta_1, theta_2, theta_min, steps)`` or ``None`` when
+    Returns ``(y, theta_1, theta_2, theta_min, steps, krylov)`` or ``None`` when
     ``maxiter`` steps did not reach the tolerance.  ``w0 = matvec(v0 / |v0|)``
     may be passed when the caller already has it (saves one product).
     """
@@ -81,25 +96,41 @@ def _lanczos(matvec, v0, tol: float, maxiter: int, w0=None):
     Q[0] = v0 / nv0
     alphas = np.empty(kmax)
     betas = np.empty(kmax)
+    T = np.zeros((kmax, kmax))
+    # the Ritz test costs an eigh of T: every step when a product with M is dearer
+    every = 1 if N >= 1000 else 2
     for k in range(kmax):
         w = np.array(w0, dtype=float) if (k == 0 and w0 is not None) else \
             np.asarray(matvec(Q[k]), dtype=float)
         alphas[k] = Q[k] @ w
+        wn = float(np.linalg.norm(w))
         Qk = Q[:k + 1]
         w -= Qk.T @ (Qk @ w)
         w -= Qk.T @ (Qk @ w)     # full reorthogonalization, twice is enough
         beta = float(np.linalg.norm(w))
-        T = np.diag(alphas[:k + 1])
-        if k:
-            T += np.diag(betas[:k], 1) + np.diag(betas[:k], -1)
-        theta, S = np.linalg.eigh(T)   # tiny; cheaper than eigh_tridiagonal's LAPACK lookup
+        T[k, k] = alphas[k]
+        if (k + 1) % every and k + 1 < kmax and beta > 1e-10 * wn:
+            betas[k] = beta
+            T[k, k + 1] = T[k + 1, k] = beta
+            Q[k + 1] = w / beta
+            continue
+        theta, S = np.linalg.eigh(T[:k + 1, :k + 1])   # tiny; cheaper than eigh_tridiagonal
         top = theta[-1]
         spread = max(abs(top), abs(theta[0]))
         if beta * abs(S[-1, -1]) <= tol * abs(top) or beta <= 1e-14 * spread or k + 1 == N:
             y = Qk.T @ S[:, -1]
+            krylov = None
+            if k and beta > 0:
+                krylov = KrylovData(Qk.T @ S[:, :-1], theta[:-1], S[-1, :-1].copy(), w / beta,
+                                    beta)
+            elif k:
+                krylov = KrylovData(Qk.T @ S[:, :-1], theta[:-1], S[-1, :-1].copy(),
+                                    np.zeros(N), 0.0)
             return (y / np.linalg.norm(y), float(top), float(theta[-2]) if k else -np.inf,
-                    float(theta[0]), k + 1)
+                    float(theta[0]), k + 1, krylov)
         betas[k] = beta
+        if k + 1 < kmax:
+            T[k, k + 1] = T[k + 1, k] = beta
         Q[k + 1] = w / beta
     return None
 
@@ -150,7 +181,7 @@ def krylov_eigendata(matvec, N: int, *, tol: float, max_iter: int, start=None,
                 f"iterations on the {N} x {N} matrix (tiny eigen-gap?); use "
                 f"solver_options={{'eig_method': 'dense'}} or raise 'max_iter'.")
         return None
-    y, lam, lam2, lam_min, steps = out
+    y, lam, lam2, lam_min, steps, krylov = out
     if lam2 == -np.inf and N > 1:
         # The start vector was already an eigenvector, so Lanczos saw one
         # eigenvalue only; estimate lam_2 as the top of M deflated by y, so
@@ -160,7 +191,7 @@ def krylov_eigendata(matvec, N: int, *, tol: float, max_iter: int, start=None,
         _, lam2, _ = lanczos_top(lambda v: deflate(matvec(deflate(v))), deflate(r), tol=1e-8,
                                  maxiter=max_iter)
     scale = max(abs(lam), abs(lam_min), abs(lam2) if np.isfinite(lam2) else 0.0)
-    return EigenData(fix_sign(y), lam, lam2, scale, steps=steps)
+    return EigenData(fix_sign(y), lam, lam2, scale, steps=steps, krylov=krylov)
 
 
 def leading_eigendata(M: np.ndarray, *, method: str = "auto", tol: float = 1e-10,

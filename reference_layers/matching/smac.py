@@ -175,7 +175,7 @@ def _smac_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
         mu = scipy.linalg.solve_triangular(R, Q.T @ My) if Ceq.shape[0] else np.zeros(0)
         store.clear()
         store.update(y=y, eigen=[EigenData(y, e.lam, e.lam2, e.scale, w=e.w, V=e.V,
-                                           basis=e.basis)])
+                                           basis=e.basis, krylov=e.krylov)])
         return y, np.array(float(y @ My)), mu
     return solver
 
