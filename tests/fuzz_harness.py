@@ -93,6 +93,8 @@ class Case:
         of these (case-insensitive); empty means any message of MIN_MESSAGE chars.
     must_raise : the input is invalid, so a result is a failure (``accepted``)
         even when finite (e.g. an infeasible problem returning a point).
+    must_succeed : the input is valid and well posed (a layout, a rescaling of
+        a good problem), so a typed error is a false refusal (``refused``).
     describe : a one-line description for failure reports.
     """
     entry: str
@@ -102,6 +104,7 @@ class Case:
     expect_words: Sequence[str] = ()
     must_raise: bool = False
     describe: str = ""
+    must_succeed: bool = False
 
 
 @dataclass
@@ -149,6 +152,8 @@ def classify(case: Case) -> Outcome:
                 result = case.call()
             except NimplicitError as err:
                 msg = str(err)
+                if case.must_succeed:
+                    return Outcome("failure:refused", f"{type(err).__name__} on a valid input: {msg[:300]}")
                 if len(msg) < MIN_MESSAGE:
                     return Outcome("failure:vague-message", f"{type(err).__name__}: {msg!r}")
                 if case.expect_words and not any(w.lower() in msg.lower() for w in case.expect_words):
@@ -176,6 +181,9 @@ def classify(case: Case) -> Outcome:
                 except NimplicitError as err:
                     # the forward was fine; a typed refusal of the backward is still loud
                     msg = str(err)
+                    if case.must_succeed:
+                        return Outcome("failure:refused",
+                                       f"backward {type(err).__name__} on a valid input: {msg[:300]}")
                     if len(msg) < MIN_MESSAGE:
                         return Outcome("failure:vague-message", f"backward {type(err).__name__}: {msg!r}")
                     return Outcome("typed", f"backward {type(err).__name__}: {msg[:160]}")
@@ -384,7 +392,8 @@ def hostile_tests(entry: str, builders: dict, xfail: Optional[dict] = None,
 
 
 def case(call: Callable[[], Any], *, grad=None, words: Sequence[str] = (), must_raise: bool = False,
-         describe: str = "") -> Case:
+         must_succeed: bool = False, describe: str = "") -> Case:
     """A :class:`Case` whose entry and class :func:`hostile_tests` fills in."""
+    assert not (must_raise and must_succeed)
     return Case("", "", call, grad=grad, expect_words=tuple(words), must_raise=must_raise,
-                describe=describe)
+                describe=describe, must_succeed=must_succeed)

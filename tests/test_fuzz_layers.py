@@ -73,7 +73,8 @@ def qp_dtype(rng, draw):
 def qp_layout(rng, draw):
     how = _pick(draw, sorted(LAYOUTS), "layout")
     args = [LAYOUTS[how](a) for a in _qp(rng)]
-    return case(lambda: rl.qp_layer(*args), grad=_qp_grad(*args), describe=f"qp_layer {how} inputs")
+    return case(lambda: rl.qp_layer(*args), grad=_qp_grad(*args), must_succeed=True,
+                describe=f"qp_layer {how} inputs")
 
 
 def qp_scale(rng, draw):
@@ -83,7 +84,7 @@ def qp_scale(rng, draw):
     t = 10.0 ** rng.uniform(-4, 4, G.shape[0])
     fn = lambda Q, q, G, h: rl.qp_layer(s * Q, s * q, t[:, None] * G, t * h)
     return case(lambda: fn(Q, q, G, h), grad=lambda y: grad_check(fn, Q, q, G, h, noise=QP_NOISE),
-                describe=f"qp_layer objective*{s:g}, rows*10^U(-4,4)")
+                must_succeed=True, describe=f"qp_layer objective*{s:g}, rows*10^U(-4,4)")
 
 
 def qp_empty(rng, draw):
@@ -208,7 +209,7 @@ def nc_dtype(rng, draw):
 def nc_layout(rng, draw):
     how = _pick(draw, sorted(LAYOUTS), "layout")
     W = LAYOUTS[how](_affinity(rng))
-    return case(lambda: rl.ncut_layer(W), grad=lambda out: grad_check(_ncut, W),
+    return case(lambda: rl.ncut_layer(W), grad=lambda out: grad_check(_ncut, W), must_succeed=True,
                 describe=f"ncut_layer {how} W")
 
 
@@ -216,7 +217,7 @@ def nc_scale(rng, draw):
     s = _pick(draw, EXTREME, "scale")
     W = _affinity(rng)
     fn = rescaled(_ncut, (s,), 1.0)
-    return case(lambda: rl.ncut_layer(s * W), grad=lambda out: grad_check(fn, W),
+    return case(lambda: rl.ncut_layer(s * W), grad=lambda out: grad_check(fn, W), must_succeed=True,
                 describe=f"ncut_layer W*{s:g}")
 
 
@@ -312,7 +313,7 @@ def iso_layout(rng, draw):
     how = _pick(draw, sorted(LAYOUTS), "layout")
     phi = LAYOUTS[how](phi)
     return case(lambda: rl.iso_surface_layer(phi, level), grad=lambda out: grad_check(_verts, phi, level),
-                describe=f"iso_surface_layer {how} phi")
+                must_succeed=True, describe=f"iso_surface_layer {how} phi")
 
 
 def iso_scale(rng, draw):
@@ -320,7 +321,7 @@ def iso_scale(rng, draw):
     s = _pick(draw, EXTREME, "scale")
     fn = rescaled(_verts, (s, s), 1.0)
     return case(lambda: rl.iso_surface_layer(s * phi, s * level), grad=lambda out: grad_check(fn, phi, level),
-                describe=f"iso_surface_layer phi, level * {s:g}")
+                must_succeed=True, describe=f"iso_surface_layer phi, level * {s:g}")
 
 
 def iso_shapes(rng, draw):
@@ -394,13 +395,14 @@ def _matching_cases(name, call, has_options, extra=None, N=6):
     def layout(rng, draw):
         how = _pick(draw, sorted(LAYOUTS), "layout")
         M = LAYOUTS[how](MN(rng))
-        return case(lambda: call(M), grad=lambda out: grad_check(sym_call, M), describe=f"{name} {how} M")
+        return case(lambda: call(M), grad=lambda out: grad_check(sym_call, M), must_succeed=True,
+                    describe=f"{name} {how} M")
 
     def scale(rng, draw):
         s = _pick(draw, EXTREME + (1e5,), "scale")
         M = MN(rng)
         return case(lambda: call(s * M), grad=lambda out: grad_check(rescaled(sym_call, (s,), 1.0), M),
-                    describe=f"{name} M*{s:g}")
+                    must_succeed=True, describe=f"{name} M*{s:g}")
 
     def shapes(rng, draw):
         kind = _pick(draw, ("0x0", "1x1", "non-square", "empty-batch", "3-d-mixed"), "kind")
@@ -466,7 +468,8 @@ def smac_constraints(rng, draw):
     C, d = _one_to_one(n)
     if kind == "one-to-one":
         fn = lambda M: rl.smac_layer(_sym(M), C, d)
-        return case(lambda: fn(M), grad=lambda out: grad_check(fn, M), describe="smac one-to-one C (rank 2n-1)")
+        return case(lambda: fn(M), grad=lambda out: grad_check(fn, M), must_succeed=True,
+                    describe="smac one-to-one C (rank 2n-1)")
     if kind == "infeasible":
         d = d.copy()
         d[0] = 5.0                                  # row sums total 7 != column sums total 3
@@ -527,7 +530,8 @@ def sk_dtype(rng, draw):
 def sk_layout(rng, draw):
     how = _pick(draw, sorted(LAYOUTS), "layout")
     S = LAYOUTS[how](rng.uniform(-1, 1, (3, 4)))
-    return case(lambda: _sk(S), grad=lambda out: grad_check(_sk, S), describe=f"sinkhorn {how} S")
+    return case(lambda: _sk(S), grad=lambda out: grad_check(_sk, S), must_succeed=True,
+                describe=f"sinkhorn {how} S")
 
 
 def sk_scale(rng, draw):
@@ -537,7 +541,7 @@ def sk_scale(rng, draw):
     together = _pick(draw, (True, False), "tau scaled too")
     if together:
         fn = lambda S: rl.sinkhorn_layer(s * S, tau=0.8 * s)
-        return case(lambda: fn(S), grad=lambda out: grad_check(fn, S),
+        return case(lambda: fn(S), grad=lambda out: grad_check(fn, S), must_succeed=True,
                     describe=f"sinkhorn S*{s:g}, tau*{s:g}")
     return case(lambda: _sk(s * S), describe=f"sinkhorn S*{s:g}")
 
