@@ -267,7 +267,7 @@ def fp_no_fixed_point(rng, draw):
 
 def fp_options(rng, draw):
     opts = _pick(draw, ({"max_iter": -1}, {"tol": float("nan")}, {"tol": -1.0}, {"memory": 0},
-                        {"memory": -2}, {"max_iter": 2.5}, {"y0": np.zeros(7)},
+                        {"memory": -2}, {"max_iter": 2.5},
                         {"residual_tol": float("nan")}), "options")
     x = rng.standard_normal(4)
     key = sorted(opts)[0]
