@@ -3,7 +3,7 @@
 Usage (from the repository root)::
 
     NUMBA_CACHE_DIR=$PWD/.venv-numba python benchmarks/fuzz_counts.py [--slow] [--per-class N]
-        [--json verification/results/fuzz-<date>.json]
+        [--json verification/results/fuzz-<date>.json] [--by-class] [-k EXPR]
 
 Every example of tests/test_fuzz_*.py is run (outcomes are recorded, not
 asserted, so that hypothesis does not stop at the first failure) and the
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--slow", action="store_true", help="the large run (PER_CLASS_SLOW examples per class)")
     parser.add_argument("--per-class", type=int, default=None, help="examples per bad-input class")
     parser.add_argument("--json", default=None, help="write the counts to this file")
+    parser.add_argument("--by-class", action="store_true", help="also print the outcome of every class")
     parser.add_argument("-k", default=None, help="pytest -k expression (a subset of entry points)")
     args = parser.parse_args(argv)
     if args.per_class is not None:
@@ -49,6 +50,9 @@ def main(argv=None) -> int:
     pytest.main(pytest_args)
     print()
     print(H.format_table())
+    if args.by_class:
+        print()
+        print(H.format_class_table())
     if H.FAILURES:
         print("\nfirst example of each failure:")
         for (entry, klass, kind), text in sorted(H.FAILURES.items()):
@@ -64,6 +68,7 @@ def main(argv=None) -> int:
                            per_class=int(os.environ.get("FUZZ_PER_CLASS_SLOW" if args.slow else "FUZZ_PER_CLASS",
                                                         H.PER_CLASS_SLOW if args.slow else H.PER_CLASS_DEFAULT)),
                            rows=rows,
+                           classes={e: {k: dict(v) for k, v in c.items()} for e, c in H.COUNTS.items()},
                            failures={f"{e} / {k} / {w}": t[:600] for (e, k, w), t in sorted(H.FAILURES.items())}),
                       fh, indent=1)
         print(f"\nwrote {args.json}")

@@ -397,3 +397,15 @@ def case(call: Callable[[], Any], *, grad=None, words: Sequence[str] = (), must_
     assert not (must_raise and must_succeed)
     return Case("", "", call, grad=grad, expect_words=tuple(words), must_raise=must_raise,
                 describe=describe, must_succeed=must_succeed)
+
+
+def format_class_table(counts=None) -> str:
+    """Per entry point and bad-input class, what it got: ``typed n / documented n /
+    <failure kind> n`` (the material of the docs' bad-input table)."""
+    counts = COUNTS if counts is None else counts
+    lines = [f"{'entry point':<28} {'class':<22} outcomes"]
+    for entry in sorted(counts):
+        for klass in sorted(counts[entry]):
+            got = ", ".join(f"{k} {n}" for k, n in sorted(counts[entry][klass].items()))
+            lines.append(f"{entry:<28} {klass:<22} {got}")
+    return "\n".join(lines)

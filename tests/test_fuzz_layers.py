@@ -268,7 +268,19 @@ def nc_options(rng, draw):
     return _options_case(lambda **o: rl.ncut_layer(W, **o), opts)
 
 
-NCUT = {"nan-inf": nc_nonfinite, "dtype": nc_dtype, "layout": nc_layout, "scale": nc_scale,
+def nc_mixed_batch(rng, draw):
+    """A batch whose instance ``bad`` has three components (a degenerate second eigenvalue)."""
+    B, n = 3, 6
+    W = np.stack([_affinity(rng, n) for _ in range(B)])
+    bad = _int(draw, 0, B - 1, "bad instance")
+    W[bad] = 0.0
+    for blk in (slice(0, 2), slice(2, 4), slice(4, 6)):
+        W[bad, blk, blk] = 1.0
+    return case(lambda: rl.ncut_layer(W), must_raise=True, words=("instance",),
+                describe=f"batched ncut_layer, instance {bad} degenerate")
+
+
+NCUT = {"nan-inf": nc_nonfinite, "mixed-batch": nc_mixed_batch, "dtype": nc_dtype, "layout": nc_layout, "scale": nc_scale,
         "shapes": nc_shapes, "degenerate": nc_degenerate, "options": nc_options}
 test_ncut_layer, test_ncut_layer_slow = hostile_tests(
     "ncut_layer", NCUT, warm_up=lambda: grad_check(_ncut, _affinity(np.random.default_rng(0))))
