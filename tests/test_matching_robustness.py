@@ -15,7 +15,8 @@ from nimplicit import spectral
 from nimplicit.errors import NimplicitError, NonFiniteError
 from reference_layers import graph_matching as gm
 from verification import check_grad
-from verification.strategies.graph_matching import positive_affinity, random_affinity_input
+from verification.strategies.graph_matching import (all_sums_constraints, positive_affinity,
+                                                     random_affinity_input)
 
 
 def sym_exp(X, s=1.0):
@@ -78,8 +79,7 @@ def test_gradient_at_extreme_scales_against_fd(name, s):
 
 def all_sums(n):
     """All n row sums and all n column sums of an n x n assignment: rank 2n - 1."""
-    C = np.concatenate([np.kron(np.eye(n), np.ones((1, n))), np.kron(np.ones((1, n)), np.eye(n))])
-    return C, np.ones(2 * n)
+    return all_sums_constraints(n, n)
 
 
 @pytest.mark.parametrize("options", [{}, {"solver_options": {"eig_method": "krylov"},
@@ -235,3 +235,31 @@ def test_sinkhorn_deprecated_tol():
     with pytest.warns(DeprecationWarning, match="solver_options"):
         P = gm.sinkhorn_layer(S, tol=1e-12)
     np.testing.assert_allclose(P, gm.sinkhorn_layer(S, solver_options={"tol": 1e-12}))
+
+
+@pytest.mark.parametrize("layer", ["sm", "smac"])
+def test_deflated_cg_backward_agrees_with_the_eigenbasis_backward(layer):
+    # Lanczos forward + CG deflated by its Ritz vectors vs dense eigh + eigenbasis solve,
+    # also for a cotangent whose projected right-hand side is at rounding level (sum(x)
+    # is fixed by the constraints, so <1, dx> = 0: the CG must stop at its noise floor)
+    rng = np.random.default_rng(11)
+    X = random_affinity_input(rng, 18)
+    kw = {"shape": (3, 6)} if layer == "smac" else {}
+    fn = gm.smac_layer if layer == "smac" else gm.spectral_matching_layer
+    krylov = lambda X: fn(sym_exp(X), solver_options={"eig_method": "krylov"}, dense_max=0, **kw)
+    dense = lambda X: fn(sym_exp(X), solver_options={"eig_method": "dense"}, **kw)
+    for g in (rng.standard_normal(18), np.ones(18)):
+        a = make_vjp(krylov)(X)[0](g)
+        b = make_vjp(dense)(X)[0](g)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-9 * max(1.0, np.abs(b).max()))
+    assert check_grad(krylov, X, modes=("rev",)).passed
+
+
+def test_smac_rectangular_all_sums_equals_the_reduced_constraints():
+    rng = np.random.default_rng(12)
+    C, d = all_sums_constraints(3, 5)
+    assert np.linalg.matrix_rank(C) == 3 + 5 - 1
+    M = positive_affinity(rng, 15)
+    x = gm.smac_layer(M, C, d)
+    np.testing.assert_allclose(x, gm.smac_layer(M, shape=(3, 5)), atol=1e-10)
+    np.testing.assert_allclose(C @ x, d, atol=1e-12)

@@ -1,5 +1,8 @@
 r"""The structured backward of SM and SMAC: the bordered eigen-KKT system.
 
+Implemented as :class:`BorderedKKT`, a linear solver of the core's protocol:
+the forward's byproducts arrive as ``aux`` of :class:`nimplicit.Solution`.
+
 Both layers' Jacobians are ``K = [[A, -B], [-B', 0]]`` with ``A = M - lam I``
 and the border ``B = [y, C_eq']`` (SM: ``B = y``), symmetric, so ``J^T = J``.
 With ``B'u = -c`` split off as ``u_par = -B (B'B)^{-1} c``, the rest of ``u``
@@ -35,9 +38,14 @@ import numpy as np
 import scipy.linalg
 
 from nimplicit.errors import LinearSolveError
+from nimplicit.linear_solvers import LinearSolver, LinearSolverState
 
 from .errors import DegenerateEigenvalueError
 
+#: relative rounding floor of the projected CG (the projector and the products with M
+#: carry errors of a few hundred eps times |b| and the spectral scale): far below the
+#: forward's own accuracy (Lanczos tol 1e-10)
+NOISE = 1e-13
 #: above this many unknowns the backward uses projected CG instead of a dense solve
 KKT_DENSE_MAX = 100
 
@@ -50,6 +58,7 @@ class BorderedSystem:
         self.M, self.lam, self.B = M, float(lam), B
         self.N, self.q = B.shape
         self.mode = mode
+        self.spectral_scale = scale if scale > 0 else float(np.abs(M).sum(axis=1).max())
         # (B'B)^{-1} B' once: q is small (1 for SM), so the projector is two GEMVs per
         # product without scipy's per-call overhead
         self.Bpinv = scipy.linalg.cho_solve(scipy.linalg.cho_factor(B.T @ B, check_finite=False),
@@ -117,11 +126,16 @@ class BorderedSystem:
             u = u_par + self.Z @ ((self.Z.T @ r) / self.D)
             Au = self._A(u)
         else:
-            z = self._cg(-self._proj(r), rtol, maxiter)
+            # rounding floor of the projected residual: f = P(b - A u_par) and A z are formed
+            # to ~eps (|b| + s |u_par|) and ~eps s |z|, so a relative rtol below it is
+            # unreachable when f is much smaller than b (b nearly in range(B))
+            floor0 = NOISE * (np.linalg.norm(b) + self.spectral_scale * np.linalg.norm(u_par))
+            z = self._cg(-self._proj(r), rtol, maxiter, floor0)
             Az = self._A(z)
             res = np.linalg.norm(-self._proj(Az) + self._proj(r))
             rnorm = np.linalg.norm(self._proj(r))
-            if rnorm and not res <= 100 * rtol * rnorm:
+            floor = floor0 + NOISE * self.spectral_scale * np.linalg.norm(z)
+            if rnorm and not res <= max(100 * rtol * rnorm, 10 * floor):
                 raise LinearSolveError(
                     f"projected CG on the bordered eigen-KKT system did not converge (relative "
                     f"residual {res / rnorm:.3g}): the eigen-gap is tiny. Pass a larger "
@@ -131,7 +145,7 @@ class BorderedSystem:
         w = self.Bpinv @ (Au - b)
         return np.concatenate([u, w])
 
-    def _cg(self, f, rtol, maxiter):
+    def _cg(self, f, rtol, maxiter, floor0=0.0):
         """Solve ``-P A P z = f`` (``f`` in ``null(B')``) by CG, deflated when the
         forward's Krylov data is available; ``-P A P`` is positive definite on
         ``null(B')`` iff ``lam`` is simple."""
@@ -151,16 +165,16 @@ class BorderedSystem:
             deflate = None
         p = r - deflate(r) if deflate else r.copy()
         rr = r @ r
+        eps_s = NOISE * self.spectral_scale
         for _ in range(maxiter or 10 * self.N):
-            if np.sqrt(rr) <= rtol * fnorm:
+            if np.sqrt(rr) <= max(rtol * fnorm, floor0 + eps_s * np.linalg.norm(z)):
                 break
             Ap = op(p)
             pAp = p @ Ap
-            if not pAp > 0:
-                raise LinearSolveError(
-                    f"projected CG on the bordered eigen-KKT system met a direction of "
-                    f"non-positive curvature ({pAp:.3g}): the leading eigenvalue is not simple "
-                    f"or not the largest on the constraint subspace.")
+            if not pAp > NOISE * self.spectral_scale * (p @ p):
+                # breakdown: at the rounding floor (accepted by the caller's true-residual
+                # check) or an indefinite operator (rejected there)
+                break
             alpha = rr / pAp
             z += alpha * p
             r -= alpha * Ap
@@ -182,29 +196,47 @@ def _instances(point, kind: str):
     return [(M, float(lam), np.concatenate([y[:, None], Ceq.T], axis=1))]
 
 
-def bordered_solver(kind: str, dense_max: int, store: dict):
-    """A core linear solver (today's callable protocol) for the symmetric
-    bordered KKT Jacobian; ``store`` holds the forward's byproducts
-    (``store['y']`` is the forward's output ``y``, ``store['eigen']`` its
-    :class:`~reference_layers.matching.eigen.EigenData` per instance)."""
-    def solve(matvec, rmatvec, b, *, transpose=False, x_size=None, cache=None, point=None,
-              rtol: float = 1e-12, maxiter: Optional[int] = None, max_condition: float = 1e12):
-        data = None if cache is None else cache.get("matching_bordered")
-        if data is None:
-            eigen = store.get("eigen") if store.get("y") is point.y[0] else None
-            data = []
-            for k, (M, lam, B) in enumerate(_instances(point, kind)):
-                e = eigen[k] if eigen is not None else None
-                if e is not None and e.V is not None:
-                    mode = "eigen"
-                else:
-                    mode = "lu" if B.shape[0] <= dense_max else "cg"
-                scale = e.scale if e is not None else float(np.abs(M).sum(axis=1).max())
-                data.append(BorderedSystem(M, lam, B, mode=mode, scale=scale, eigen=e,
-                                           max_condition=max_condition))
-            if cache is not None:
-                cache["matching_bordered"] = data
-        rhs = b.reshape(len(data), -1)
-        x = np.stack([d.solve(r, rtol, maxiter) for d, r in zip(data, rhs)])
+class _BorderedState(LinearSolverState):
+    """The per-instance :class:`BorderedSystem` of one forward point (``J = J'``)."""
+
+    exact = True
+
+    def __init__(self, systems, rtol, maxiter):
+        self.systems, self.rtol, self.maxiter = systems, rtol, maxiter
+
+    def solve(self, b, transpose=False):
+        b = np.asarray(b, dtype=float)
+        rhs = b.reshape(len(self.systems), -1)
+        x = np.stack([d.solve(r, self.rtol, self.maxiter) for d, r in zip(self.systems, rhs)])
         return x.reshape(b.shape)
-    return solve
+
+
+class BorderedKKT(LinearSolver):
+    """The structured solver of the bordered eigen-KKT Jacobian of SM (``kind='sm'``)
+    and SMAC (``kind='smac'``), in the core's linear-solver protocol.
+
+    ``init(operator, aux)`` reads ``M`` and the solution from ``operator.point``
+    and the forward's byproducts from ``aux`` (one
+    :class:`~reference_layers.matching.eigen.EigenData` per instance: the
+    eigenbasis or the Krylov data), and picks per instance the ``'eigen'``,
+    ``'lu'`` or ``'cg'`` solve of the module docstring.  Options: ``rtol`` and
+    ``maxiter`` (CG), ``max_condition`` (LU), ``dense_max``, ``kind``.
+    """
+
+    name = "matching-bordered"
+    options = {"rtol": 1e-12, "maxiter": None, "max_condition": 1e12,
+               "dense_max": KKT_DENSE_MAX, "kind": "sm"}
+
+    def init(self, operator, aux=None):
+        o = self.opts
+        systems = []
+        for k, (M, lam, B) in enumerate(_instances(operator.point, o["kind"])):
+            e = aux[k] if aux is not None else None
+            if e is not None and e.V is not None:
+                mode = "eigen"
+            else:
+                mode = "lu" if B.shape[0] <= o["dense_max"] else "cg"
+            scale = e.scale if e is not None else float(np.abs(M).sum(axis=1).max())
+            systems.append(BorderedSystem(M, lam, B, mode=mode, scale=scale, eigen=e,
+                                          max_condition=o["max_condition"]))
+        return _BorderedState(systems, o["rtol"], o["maxiter"])

@@ -194,11 +194,21 @@ def krylov_eigendata(matvec, N: int, *, tol: float, max_iter: int, start=None,
     return EigenData(fix_sign(y), lam, lam2, scale, steps=steps, krylov=krylov)
 
 
-def leading_eigendata(M: np.ndarray, *, method: str = "auto", tol: float = 1e-10,
+def default_tol(tol: Optional[float], N: int) -> float:
+    """Lanczos' relative Ritz-residual target: ``tol``, or by default 1e-13 up to
+    ``DENSE_MAX`` unknowns (small: a few more products are cheap, and the result is as
+    accurate as a dense ``eigh``) and 1e-10 above."""
+    if tol is not None:
+        return tol
+    return 1e-13 if N <= DENSE_MAX else 1e-10
+
+
+def leading_eigendata(M: np.ndarray, *, method: str = "auto", tol: Optional[float] = None,
                       max_iter: int = 300, dense_max: int = DENSE_MAX,
                       row_sums: Optional[np.ndarray] = None) -> EigenData:
     """The forward eigensolver of SM, chosen by ``method``, size and gap (module docstring)."""
     N = M.shape[0]
+    tol = default_tol(tol, N)
     if method == "dense" or N < 4:
         return dense_eigendata(M)
     matvec = lambda v: M @ v

@@ -1,12 +1,12 @@
 """Typed errors of the graph-matching layers.
 
 :class:`DegenerateEigenvalueError` is the one class of :mod:`nimplicit.spectral`
-(shared with NCut).  Option errors are also ``TypeError`` (an unknown keyword)
-or ``ValueError`` (a bad value), so callers catching the builtin kinds keep working.
+(shared with NCut).  Option errors are the core's :class:`~nimplicit.errors.OptionError`
+(both ``TypeError`` and ``ValueError``), so callers catching the builtin kinds keep working.
 """
 from __future__ import annotations
 
-from nimplicit.errors import NimplicitError, SolverError
+from nimplicit.errors import NimplicitError, OptionError, SolverError
 from nimplicit.spectral import DegenerateEigenvalueError
 
 __all__ = ["AffinityError", "DegenerateEigenvalueError", "InfeasibleConstraintsError",
@@ -26,9 +26,10 @@ class ConstraintRankError(NimplicitError, ValueError):
     """The constraints leave no freedom (rank ``C`` >= number of unknowns)."""
 
 
-class UnknownOptionError(NimplicitError, TypeError):
-    """An option dictionary has a key the layer does not know."""
+class UnknownOptionError(OptionError):
+    """An option dictionary has a key the layer does not know (a ``TypeError``)."""
 
 
-class InvalidOptionError(NimplicitError, ValueError):
-    """An option has a value outside its domain (unknown enum value, NaN, <= 0, ...)."""
+class InvalidOptionError(OptionError):
+    """An option has a value outside its domain (unknown enum value, NaN, <= 0, ...;
+    a ``ValueError``)."""

@@ -43,12 +43,13 @@ import scipy.linalg
 from autograd.builtins import tuple as autograd_tuple
 from autograd.tracer import getval, isbox
 
-from nimplicit import implicit_layer
+from nimplicit import Solution, implicit_layer
 from nimplicit.errors import NonFiniteError, ShapeError
 from nimplicit.spectral import DEFAULT_GAP_TOL, check_gap_tol, require_simple_eigenvalue
 
-from .bordered import bordered_solver
-from .eigen import DENSE_MAX, EigenData, dense_eigendata, fix_sign, krylov_eigendata
+from .bordered import BorderedKKT
+from .eigen import (DENSE_MAX, EigenData, default_tol, dense_eigendata, fix_sign,
+                    krylov_eigendata)
 from .errors import ConstraintRankError, DegenerateEigenvalueError, InfeasibleConstraintsError
 from .spectral import SOLVER_CHECKS, SOLVER_DEFAULTS
 from .validation import (as_real_array, check_affinity, deprecated, parse_options, positive_float,
@@ -144,9 +145,11 @@ def _null_space(Ceq: np.ndarray, full: bool):
     return Q, R, None
 
 
-def _smac_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
+def _smac_solver(opts: dict, gap_tol: float, dense_max: int, precomputed: dict):
     def solver(M, Ceq):
         N = M.shape[0]
+        store = dict(precomputed)      # the validation pass's row sums, used once
+        precomputed.clear()
         dense = opts["eig_method"] == "dense" or (opts["eig_method"] == "auto" and N <= dense_max)
         Q, R, Z0 = _null_space(Ceq, dense)
         proj = lambda v: v - Q @ (Q.T @ v)
@@ -155,10 +158,11 @@ def _smac_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
             e = dense_eigendata(0.5 * (H + H.T), basis=Z0)
         else:
             v0 = proj(np.ones(N))
-            rows = store.get("row_sums")
+            rows = store.get("row_sums") if store.get("M") is M else None
             start_product = proj(rows) if rows is not None and np.abs(v0 - 1).max() <= 1e-12 \
                 else None
-            e = krylov_eigendata(lambda v: proj(M @ proj(v)), N, tol=opts["tol"],
+            e = krylov_eigendata(lambda v: proj(M @ proj(v)), N,
+                                 tol=default_tol(opts["tol"], N),
                                  max_iter=opts["max_iter"], start=v0, start_product=start_product)
         if not e.lam > gap_tol * e.scale:
             raise DegenerateEigenvalueError(
@@ -173,10 +177,9 @@ def _smac_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
         y = fix_sign(y / np.linalg.norm(y))
         My = M @ y
         mu = scipy.linalg.solve_triangular(R, Q.T @ My) if Ceq.shape[0] else np.zeros(0)
-        store.clear()
-        store.update(y=y, eigen=[EigenData(y, e.lam, e.lam2, e.scale, w=e.w, V=e.V,
-                                           basis=e.basis, krylov=e.krylov)])
-        return y, np.array(float(y @ My)), mu
+        aux = [EigenData(y, e.lam, e.lam2, e.scale, w=e.w, V=e.V, basis=e.basis,
+                         krylov=e.krylov)]
+        return Solution((y, np.array(float(y @ My)), mu), aux=aux)
     return solver
 
 
@@ -276,7 +279,7 @@ def smac_layer(M, C=None, d=None, *, shape: Optional[Tuple[int, int]] = None,
     Mv = as_real_array(getval(M), "the affinity M")
     if Mv is not getval(M) and not isbox(M):
         M = Mv
-    store = {"row_sums": check_affinity(Mv, batched=False)[0]}
+    store = {"M": Mv, "row_sums": check_affinity(Mv, batched=False)[0]}
     N = Mv.shape[0]
     if C is None:
         C, d = _default_constraints(N, shape, C, d)
@@ -295,8 +298,11 @@ def smac_layer(M, C=None, d=None, *, shape: Optional[Tuple[int, int]] = None,
     rows = independent_rows(Ceq_v)
     if len(rows) < Ceq_v.shape[0]:
         Ceq = Ceq[rows] if isbox(Ceq) else np.asarray(Ceq)[rows]
-    solve = bordered_solver("smac", dense_max, store) if backward == "structured" else \
-        ("auto" if linear_solver is None else linear_solver)
+    if backward == "structured":
+        solve = BorderedKKT(kind="smac", dense_max=dense_max, **(linear_solver_options or {}))
+        linear_solver_options = None
+    else:
+        solve = "auto" if linear_solver is None else linear_solver
     layer = implicit_layer(_smac_residual, _smac_solver(opts, gap_tol, dense_max, store),
                            linear_solver=solve, residual_tol=residual_tol,
                            linear_solver_options=linear_solver_options,

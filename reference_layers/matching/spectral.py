@@ -9,8 +9,8 @@ affinity ``M``, with the implicit residual (eq. 42, symmetric signs)
 
 Data flow of one call: one validation pass over ``M`` (also giving ``M 1``)
 -> forward eigensolver (:mod:`.eigen`, chosen by size and gap) -> its
-byproducts (eigenbasis or nothing) in a store private to this call's layer
--> the structured backward (:mod:`.bordered`) reads them.
+byproducts (eigenbasis or Krylov data) as ``aux`` of :class:`nimplicit.Solution`
+-> the structured backward (:class:`.bordered.BorderedKKT`) gets them in ``init``.
 """
 from __future__ import annotations
 
@@ -21,19 +21,19 @@ import numpy as np
 from autograd.builtins import tuple as autograd_tuple
 from autograd.tracer import getval, isbox
 
-from nimplicit import implicit_layer
+from nimplicit import Solution, implicit_layer
 from nimplicit.spectral import DEFAULT_GAP_TOL, check_gap_tol, require_simple_eigenvalue
 
-from .bordered import KKT_DENSE_MAX, bordered_solver
+from .bordered import KKT_DENSE_MAX, BorderedKKT
 from .eigen import DENSE_MAX, EIG_METHODS, dense_eigendata, leading_eigendata
 from .validation import (as_real_array, check_affinity, choice, deprecated, parse_options,
                          positive_float, positive_int, resolve_backward)
 
 #: the forward's options (``solver_options``) with their defaults
-SOLVER_DEFAULTS = {"eig_method": "auto", "tol": 1e-10, "max_iter": 300}
+SOLVER_DEFAULTS = {"eig_method": "auto", "tol": None, "max_iter": 300}
 SOLVER_CHECKS = {
     "eig_method": lambda k, v: choice(k, v, EIG_METHODS),
-    "tol": lambda k, v: positive_float(k, v, upper=1.0),
+    "tol": lambda k, v: None if v is None else positive_float(k, v, upper=1.0),
     "max_iter": lambda k, v: positive_int(k, v),
 }
 GAP_HINT = ("Break the symmetry (add node affinities) or use power_iteration_layer, whose output "
@@ -52,7 +52,9 @@ def _sm_residual(z, M):
 def _sm_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
     def solver(M):
         batched = M.ndim == 3
+        # the validation pass's row sums, used once (the layer keeps no input after the call)
         rows = store.get("row_sums") if store.get("M") is M else None
+        store.clear()
         if rows is None:
             rows = check_affinity(M, batched=batched)
         data = []
@@ -67,9 +69,7 @@ def _sm_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
             data.append(e)
         y = np.stack([e.y for e in data]) if batched else data[0].y
         lam = np.array([e.lam for e in data]) if batched else np.array(data[0].lam)
-        store.clear()
-        store.update(y=y, eigen=data)
-        return y, lam
+        return Solution((y, lam), aux=data)
     return solver
 
 
@@ -119,7 +119,8 @@ def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[
         The forward's options: ``eig_method`` in ``{'auto', 'dense',
         'krylov'}`` (default ``'auto'``: Lanczos from ``1``, dense ``eigh`` when
         Lanczos is slow on a small ``M``), ``tol`` (Lanczos stops at
-        ``|M y - lam y| <= tol lam``, default 1e-10; the implicit gradient's
+        ``|M y - lam y| <= tol lam``, default ``None``: 1e-13 up to 100 unknowns
+        (products are cheap there), 1e-10 above; the implicit gradient's
         error is of order ``tol lam / (lam - lam_2)``; the core's residual check
         ``residual_tol`` must allow it), ``max_iter`` (Lanczos steps, 300).
         An unknown key raises :class:`~.errors.UnknownOptionError` (a ``TypeError``).
@@ -169,7 +170,8 @@ def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[
     batched = Mv.ndim == 3
     store = {"M": Mv, "row_sums": check_affinity(Mv, batched=batched)}
     if backward == "structured":
-        solve = bordered_solver("sm", dense_max, store)
+        solve = BorderedKKT(kind="sm", dense_max=dense_max, **(linear_solver_options or {}))
+        linear_solver_options = None
     else:
         solve = "auto" if linear_solver is None else linear_solver
     layer = implicit_layer(

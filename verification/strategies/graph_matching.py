@@ -43,6 +43,16 @@ def random_affinity_input(rng: onp.random.Generator, N: int, spread: float = 1.0
     return spread * rng.uniform(-1.0, 1.0, (N, N))
 
 
+def all_sums_constraints(n: int, m: int) -> tuple:
+    """All ``n`` row sums and all ``m`` column sums of an ``n x m`` assignment
+    (row-major ``y = vec(X)``), with ``d = (1, .., 1, n/m, .., n/m)``: the
+    standard one-to-one constraints *with* their redundant row (rank
+    ``n + m - 1``), which ``smac_layer`` accepts."""
+    rows = onp.kron(onp.eye(n), onp.ones((1, m)))
+    cols = onp.kron(onp.ones((1, n)), onp.eye(m))
+    return (onp.concatenate([rows, cols]), onp.concatenate([onp.ones(n), onp.full(m, n / m)]))
+
+
 def mixing_matrix(rng: onp.random.Generator, dim: int) -> onp.ndarray:
     """A random orthogonal ``(dim, dim)`` matrix (QR of a Gaussian)."""
     Q, R = onp.linalg.qr(rng.standard_normal((dim, dim)))
