@@ -46,7 +46,7 @@ import numpy as np
 from nimplicit.errors import NimplicitError
 
 TIME_LIMIT = 20          # seconds per example (forward + gradient check)
-MIN_MESSAGE = 30         # a message shorter than this does not explain anything
+MIN_MESSAGE = 20         # a message shorter than this does not explain anything
 
 #: entry point -> bad-input class -> outcome ("typed", "documented", "failure:<kind>") -> count
 COUNTS: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))

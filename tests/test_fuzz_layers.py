@@ -430,7 +430,8 @@ def _matching_cases(name, call, has_options, extra=None, N=6):
         if kind == "3-d-mixed":
             M = np.stack([MN(rng), MN(rng)])
             M[1, 0, 0] = np.nan
-            return case(lambda: call(M), must_raise=True, words=("instance", "1") + NONFINITE_WORDS,
+            # a typed error naming the bad instance, or the shape for a layer without batches
+            return case(lambda: call(M), must_raise=True, words=("instance", "shape") + NONFINITE_WORDS,
                         describe=f"{name} batch with a NaN instance")
         M = {"0x0": np.zeros((0, 0)), "1x1": np.ones((1, 1)), "non-square": np.ones((3, 4)),
              "empty-batch": np.zeros((0, 4, 4))}[kind]
