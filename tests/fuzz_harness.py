@@ -261,7 +261,7 @@ def put_nonfinite(x: np.ndarray, index: int, value: float) -> np.ndarray:
 def as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
     """``x`` cast to a hostile dtype; complex gets a non-zero imaginary part."""
     x = np.asarray(x, dtype=float)
-    if dtype == "complex128":
+    if dtype == "complex128":                    # a real layer must refuse it (issue 11 item 7)
         return x + 1e-3j
     if dtype == "int64":
         return np.round(x * 3).astype(np.int64)

@@ -80,7 +80,8 @@ def il_dtype(rng, draw):
         (lambda y: grad_check(layer, np.asarray(A2, float), np.asarray(b2, float)))
     if dtype == "bool":
         grad = None
-    return case(lambda: layer(A2, b2), grad=grad, describe=f"implicit_layer {which} as {dtype}")
+    return case(lambda: layer(A2, b2), grad=grad, must_raise=(dtype == "complex128"),
+                describe=f"implicit_layer {which} as {dtype}")
 
 
 def il_layout(rng, draw):
@@ -234,7 +235,8 @@ def fp_dtype(rng, draw):
     layer = _fp_layer()
     grad = (lambda y: grad_check(layer, np.asarray(x, float), noise=FRONT_END_NOISE)) \
         if dtype in ("float16", "float32", "int64") else None
-    return case(lambda: layer(x), grad=grad, describe=f"fixed_point_layer x as {dtype}")
+    return case(lambda: layer(x), grad=grad, must_raise=(dtype == "complex128"),
+                describe=f"fixed_point_layer x as {dtype}")
 
 
 def fp_scale(rng, draw):
@@ -307,7 +309,8 @@ def am_dtype(rng, draw):
     layer = _am_layer()
     grad = (lambda y: grad_check(layer, np.asarray(x, float), noise=FRONT_END_NOISE)) \
         if dtype in ("float16", "float32", "int64") else None
-    return case(lambda: layer(x), grad=grad, describe=f"argmin_layer x as {dtype}")
+    return case(lambda: layer(x), grad=grad, must_raise=(dtype == "complex128"),
+                describe=f"argmin_layer x as {dtype}")
 
 
 def am_scale(rng, draw):
@@ -389,7 +392,8 @@ def ca_dtype(rng, draw):
     layer = _ca_layer()
     grad = (lambda z: grad_check(lambda x: layer(x)[0], np.asarray(x, float), noise=FRONT_END_NOISE)) \
         if dtype in ("float16", "float32", "int64") else None
-    return case(lambda: layer(x), grad=grad, describe=f"constrained_argmin_layer x as {dtype}")
+    return case(lambda: layer(x), grad=grad, must_raise=(dtype == "complex128"),
+                describe=f"constrained_argmin_layer x as {dtype}")
 
 
 def ca_scale(rng, draw):

@@ -67,7 +67,8 @@ def qp_dtype(rng, draw):
     k, dtype = _int(draw, 0, 3, "which"), _pick(draw, BAD_DTYPES, "dtype")
     args[k] = as_dtype(args[k], dtype)
     grad = _qp_grad(*[np.asarray(a, float) for a in args]) if dtype in ("float32", "float16") else None
-    return case(lambda: rl.qp_layer(*args), grad=grad, describe=f"qp_layer argument {k} as {dtype}")
+    return case(lambda: rl.qp_layer(*args), grad=grad, must_raise=(dtype == "complex128"),
+                describe=f"qp_layer argument {k} as {dtype}")
 
 
 def qp_layout(rng, draw):
@@ -204,7 +205,8 @@ def nc_dtype(rng, draw):
     dtype = _pick(draw, BAD_DTYPES, "dtype")
     W = as_dtype(_affinity(rng), dtype)
     grad = (lambda out: grad_check(_ncut, np.asarray(W, float))) if dtype in ("float32", "float16") else None
-    return case(lambda: rl.ncut_layer(W), grad=grad, describe=f"ncut_layer W as {dtype}")
+    return case(lambda: rl.ncut_layer(W), grad=grad, must_raise=(dtype == "complex128"),
+                describe=f"ncut_layer W as {dtype}")
 
 
 def nc_layout(rng, draw):
@@ -317,7 +319,7 @@ def iso_dtype(rng, draw):
     phi2 = as_dtype(phi, dtype)
     grad = (lambda out: grad_check(_verts, np.asarray(phi2, float), level)) \
         if dtype in ("float32",) else None
-    return case(lambda: rl.iso_surface_layer(phi2, level), grad=grad,
+    return case(lambda: rl.iso_surface_layer(phi2, level), grad=grad, must_raise=(dtype == "complex128"),
                 describe=f"iso_surface_layer phi as {dtype}")
 
 
@@ -411,7 +413,8 @@ def _matching_cases(name, call, has_options, extra=None, N=6):
         d = _pick(draw, BAD_DTYPES, "dtype")
         M = as_dtype(MN(rng), d)
         grad = (lambda out: grad_check(sym_call, np.asarray(M, float))) if d in ("float32", "float16") else None
-        return case(lambda: call(M), grad=grad, describe=f"{name} M as {d}")
+        return case(lambda: call(M), grad=grad, must_raise=(d == "complex128"),
+                describe=f"{name} M as {d}")
 
     def layout(rng, draw):
         how = _pick(draw, sorted(LAYOUTS), "layout")
@@ -546,7 +549,8 @@ def sk_dtype(rng, draw):
     d = _pick(draw, BAD_DTYPES, "dtype")
     S = as_dtype(rng.uniform(-1, 1, (3, 4)), d)
     grad = (lambda out: grad_check(_sk, np.asarray(S, float))) if d in ("float32", "float16", "int64") else None
-    return case(lambda: _sk(S), grad=grad, describe=f"sinkhorn S as {d}")
+    return case(lambda: _sk(S), grad=grad, must_raise=(d == "complex128"),
+                describe=f"sinkhorn S as {d}")
 
 
 def sk_layout(rng, draw):
