@@ -88,6 +88,15 @@ def qp_scale(rng, draw):
                 must_succeed=True, describe=f"qp_layer objective*{s:g}, rows*10^U(-4,4)")
 
 
+def qp_scale_extreme(rng, draw):
+    """Objective by s and constraints by t in 1e+-150: a finite, right y (checked relatively) or a typed error."""
+    Q, q, G, h = _qp(rng)
+    s, t = _pick(draw, EXTREME, "objective scale"), _pick(draw, EXTREME, "row scale")
+    fn = lambda Q, q, G, h: rl.qp_layer(s * Q, s * q, t * G, t * h)
+    return case(lambda: fn(Q, q, G, h), grad=lambda y: grad_check(fn, Q, q, G, h, noise=QP_NOISE),
+                describe=f"qp_layer objective*{s:g}, rows*{t:g}")
+
+
 def qp_empty(rng, draw):
     Q, q, G, h = _qp(rng)
     n = Q.shape[0]
@@ -160,6 +169,7 @@ def qp_options(rng, draw):
 
 
 QP = {"nan-inf": qp_nonfinite, "dtype": qp_dtype, "layout": qp_layout, "scale": qp_scale,
+      "scale-extreme": qp_scale_extreme,
       "empty": qp_empty, "infeasible": qp_infeasible, "unbounded/non-convex": qp_unbounded,
       "degenerate": qp_degenerate, "mixed-batch": qp_mixed_batch, "options": qp_options}
 def _warm_qp():
