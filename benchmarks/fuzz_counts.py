@@ -7,8 +7,8 @@ Usage (from the repository root)::
 
 Every example of tests/test_fuzz_*.py is run (outcomes are recorded, not
 asserted, so that hypothesis does not stop at the first failure) and the
-table "examples tried, typed errors, documented results, failures (and their
-classes)" is printed; ``--json`` also writes it, with the git commit, date
+table "examples tried, typed errors, documented results, user exceptions
+passed through, failures (and their classes)" is printed; ``--json`` also writes it, with the git commit, date
 and command.  The exit status is 1 when any failure was recorded.
 """
 from __future__ import annotations
@@ -60,8 +60,8 @@ def main(argv=None) -> int:
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=ROOT).stdout.strip()
-        rows = [dict(entry=e, tried=t, typed=ty, documented=d, failures=f, failure_kinds=k,
-                     failing_classes=c) for e, t, ty, d, f, k, c in H.summary_rows()]
+        rows = [dict(entry=e, tried=t, typed=ty, documented=d, user_exceptions=u, failures=f,
+                     failure_kinds=k, failing_classes=c) for e, t, ty, d, f, k, c, u in H.summary_rows()]
         with open(args.json, "w") as fh:
             json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                            commit=commit, command=" ".join(["python", "benchmarks/fuzz_counts.py"] + (argv or sys.argv[1:])),

@@ -13,6 +13,9 @@ and classifies what happened:
     a result whose every float entry is finite and, when the case gives a
     gradient check, whose derivatives agree with finite differences of the
     forward's actual output (:func:`verification.check_grad`);
+``user``
+    an exception raised by the user's own callable (residual, objective,
+    solver, defined in the tests) and passed through unchanged;
 ``failure``
     anything else: an untyped exception (``untyped:<Type>``), a non-finite
     output (``nan``), a gradient that disagrees with finite differences
@@ -142,6 +145,21 @@ def non_finite_leaf(value) -> Optional[str]:
     return None
 
 
+_TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_TESTS_DIR)
+
+
+def raised_in_user_code(tb) -> bool:
+    """True when the innermost project frame of ``tb`` is in the tests (the
+    user's residual, objective or solver): the library passed the user's own
+    exception through unchanged, which is not a crash inside the library."""
+    for frame in reversed(tb):
+        path = os.path.abspath(frame.filename)
+        if path.startswith(_ROOT) and "site-packages" not in path:
+            return path.startswith(_TESTS_DIR)
+    return False
+
+
 def classify(case: Case) -> Outcome:
     """Run ``case`` (time-bounded) and return its :class:`Outcome`."""
     caught: list = []
@@ -165,6 +183,8 @@ def classify(case: Case) -> Outcome:
             except Exception as err:          # noqa: BLE001 - the point is to catch them
                 tb = traceback.extract_tb(err.__traceback__)
                 where = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "?"
+                if raised_in_user_code(tb):
+                    return Outcome("user", f"{type(err).__name__} from the user's callable: {err!s:.200}")
                 return Outcome(f"failure:untyped:{type(err).__name__}", f"{err!s:.300} at {where}")
             complex_cast = [w for w in caught if "ComplexWarning" in type(w.message).__name__
                             or issubclass(w.category, getattr(np.exceptions, "ComplexWarning", ()))]
@@ -297,11 +317,11 @@ LAYOUTS = {"non-contiguous": non_contiguous, "read-only": read_only, "fortran": 
 
 
 def summary_rows(counts=None):
-    """``[(entry, tried, typed, documented, failures, {failure kind: n}, {class: n failed})]``."""
+    """``[(entry, tried, typed, documented, failures, {failure kind: n}, {class: n failed}, user)]``."""
     counts = COUNTS if counts is None else counts
     rows = []
     for entry in sorted(counts):
-        tried = typed = documented = failures = 0
+        tried = typed = documented = failures = user = 0
         kinds: dict = defaultdict(int)
         classes: dict = defaultdict(int)
         for klass, outcomes in counts[entry].items():
@@ -311,24 +331,27 @@ def summary_rows(counts=None):
                     typed += n
                 elif kind == "documented":
                     documented += n
+                elif kind == "user":
+                    user += n
                 else:
                     failures += n
                     kinds[kind.split(":", 1)[1]] += n
                     classes[klass] += n
-        rows.append((entry, tried, typed, documented, failures, dict(kinds), dict(classes)))
+        rows.append((entry, tried, typed, documented, failures, dict(kinds), dict(classes), user))
     return rows
 
 
 def format_table(counts=None) -> str:
-    lines = [f"{'entry point':<28} {'tried':>6} {'typed':>6} {'docum.':>6} {'fail':>5}  failing classes"]
-    total = [0, 0, 0, 0]
-    for entry, tried, typed, documented, failures, kinds, classes in summary_rows(counts):
-        total = [a + b for a, b in zip(total, (tried, typed, documented, failures))]
+    lines = [f"{'entry point':<28} {'tried':>6} {'typed':>6} {'docum.':>6} {'user':>5} {'fail':>5}  "
+             f"failing classes"]
+    total = [0, 0, 0, 0, 0]
+    for entry, tried, typed, documented, failures, kinds, classes, user in summary_rows(counts):
+        total = [a + b for a, b in zip(total, (tried, typed, documented, user, failures))]
         where = ", ".join(f"{k}x{n}" for k, n in sorted(classes.items()))
         why = ", ".join(f"{k}x{n}" for k, n in sorted(kinds.items()))
-        lines.append(f"{entry:<28} {tried:>6} {typed:>6} {documented:>6} {failures:>5}  "
+        lines.append(f"{entry:<28} {tried:>6} {typed:>6} {documented:>6} {user:>5} {failures:>5}  "
                      f"{where}{' [' + why + ']' if why else ''}")
-    lines.append(f"{'TOTAL':<28} {total[0]:>6} {total[1]:>6} {total[2]:>6} {total[3]:>5}")
+    lines.append(f"{'TOTAL':<28} {total[0]:>6} {total[1]:>6} {total[2]:>6} {total[3]:>5} {total[4]:>5}")
     return "\n".join(lines)
 
 
