@@ -637,7 +637,10 @@ def _krylov(name: str, method, apply: MatVec, apply_T: Optional[MatVec], b: np.n
     used, rounds, gap, info = 0, 0, 1.0, 0
     res = previous = 1.0
     while True:
-        asked = min(0.5, max(rtol / res / gap, EPS)) if rounds else rtol
+        # no residual below the smallest possible noise floor (|A| |x| >= |b|) can be
+        # certified: never ask a round for less, or an unattainable rtol burns maxiter
+        asked = (min(0.5, max(rtol / res / gap, EPS)) if rounds
+                 else max(rtol, 2 * NOISE_FACTOR * np.sqrt(n) * EPS))
         d, info, its = _one_krylov_solve(method, op, Mop, r, asked, maxiter - used, restart)
         used, rounds = used + its, rounds + 1
         x = x + d
