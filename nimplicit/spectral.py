@@ -27,10 +27,10 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
-from .errors import NimplicitError, SingularJacobianError
+from .errors import OptionError, SingularJacobianError
 
-__all__ = ["DegenerateEigenvalueError", "relative_gap", "require_simple_eigenvalue",
-           "check_gap_tol", "DEFAULT_GAP_TOL"]
+__all__ = ["DegenerateEigenvalueError", "GapToleranceError", "relative_gap",
+           "require_simple_eigenvalue", "check_gap_tol", "DEFAULT_GAP_TOL"]
 
 #: default relative gap below which an eigenvalue counts as repeated
 DEFAULT_GAP_TOL = 1e-8
@@ -41,8 +41,8 @@ class DegenerateEigenvalueError(SingularJacobianError):
     scale): its eigenvector, and hence the derivative, is not unique."""
 
 
-class GapToleranceError(NimplicitError, ValueError):
-    """``gap_tol`` is not a finite number in ``[0, 1)``."""
+class GapToleranceError(OptionError):
+    """``gap_tol`` is not a finite number in ``[0, 1)`` (an :class:`~nimplicit.errors.OptionError`)."""
 
 
 def check_gap_tol(gap_tol: float, name: str = "gap_tol") -> float:
