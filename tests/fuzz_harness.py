@@ -393,6 +393,7 @@ def hostile_tests(entry: str, builders: dict, xfail: Optional[dict] = None,
         seed = data.draw(st.integers(0, 2 ** 32 - 1), label="seed")
         case = builders[klass](np.random.default_rng(seed), data.draw)
         case.entry, case.klass = entry, klass
+        case.describe = f"{case.describe} [rng seed {seed}]"
         run_case(case)
 
     common = dict(deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
