@@ -64,24 +64,14 @@ def perturbed_solutions(seed: int, hits: list):
     """Within the block, every implicit layer's forward solution ``y*`` is moved by a
     relative ``1e-3`` (its residual check off): derivatives are then taken at a
     wrong point.  ``hits`` receives one entry per perturbed layer call."""
-    original = _implicit.ImplicitLayer.solve_forward
     rng = onp.random.default_rng(seed)
 
-    def solve_forward(self, *raw_inputs):
-        solver, check = self.solver, self.check_residual
-        self.solver = lambda *a: _perturb(solver(*a), rng)
-        self.check_residual = False
-        try:
-            hits.append(self)
-            return original(self, *raw_inputs)
-        finally:
-            self.solver, self.check_residual = solver, check
+    def intercept(layer, raw_inputs, solution):
+        hits.append(layer)
+        return _implicit.Solution(_perturb(solution.y, rng), solution.aux, solution.status)
 
-    _implicit.ImplicitLayer.solve_forward = solve_forward
-    try:
+    with _implicit.intercept_forward(intercept, check_residual=False):
         yield
-    finally:
-        _implicit.ImplicitLayer.solve_forward = original
 
 
 def make_mutant(fn: Callable, inputs: Sequence[Any], kind: str, mode: str, *,
