@@ -139,3 +139,34 @@ def test_every_well_posed_instance_passes(name):
         rep = check_grad(entry.fn, *inputs, order=entry.order, seed=1, n_directions=1)
         assert rep.passed, f"{name} {[onp.shape(x) for x in inputs]}\n{rep}"
     run()
+
+
+# --- typed errors for hostile input (fuzz fixes) ---
+import pytest as _pytest
+from nimplicit.errors import DTypeError as _DTypeError, NonFiniteError as _NonFinite, OptionError as _OptionError
+from verification.check import check_grad as _cg
+
+
+@_pytest.mark.parametrize("opts", [{"modes": ("bogus",)}, {"order": 3}, {"n_directions": 0},
+                                   {"argnums": (5,)}, {"rtol": float("nan")}, {"noise": float("nan")},
+                                   {"full_jacobian_max": -1}, {"fd_step": -1e-3}])
+def test_bad_options_raise_option_error(opts):
+    with _pytest.raises(_OptionError):
+        _cg(lambda x: x ** 2, [1.0 + _np_ones()], **opts)
+
+
+def _np_ones():
+    import numpy
+    return numpy.ones(3)
+
+
+def test_nan_input_and_output_raise_non_finite():
+    with _pytest.raises(_NonFinite):
+        _cg(lambda x: x ** 2, [_np_ones() * float("nan")], argnums=(0,))
+    with _pytest.raises(_NonFinite):
+        _cg(lambda x: x * float("nan"), [_np_ones()], argnums=(0,))
+
+
+def test_complex_output_raises_dtype_error():
+    with _pytest.raises(_DTypeError):
+        _cg(lambda x: x * 1j, [_np_ones()], argnums=(0,))

@@ -66,7 +66,8 @@ import autograd.numpy as anp
 import numpy as onp
 from autograd import grad as ag_grad
 from autograd import make_jvp, make_vjp
-from nimplicit.errors import NimplicitError
+from nimplicit.errors import (DTypeError, EmptyInputError, NimplicitError, NonFiniteError,
+                              OptionError, ShapeError)
 
 from . import finite_differences as fdiff
 
@@ -438,6 +439,74 @@ def _noise_error(cfg: _Settings, f_max: float, x, v) -> float:
     return 2.0 * cfg.noise * f_max / t
 
 
+
+def _validate_check_options(modes, order, n_directions, rtol, atol, noise, full_jacobian_max,
+                            fd_levels, ad_rtol, fd_step=None) -> Tuple[tuple, int]:
+    """Check :func:`check_grad`'s options; raise :class:`OptionError` naming the bad one."""
+    try:
+        modes = tuple(modes)
+    except TypeError:
+        raise OptionError(f"modes must be a non-empty subset of {MODES}, got {modes!r}") from None
+    if not modes or any(m not in MODES for m in modes):
+        raise OptionError(f"modes must be a non-empty subset of {MODES}, got {modes}")
+    if isinstance(order, bool) or order not in (1, 2):
+        raise OptionError(f"order must be 1 or 2, got {order!r}")
+
+    def integer(name, value, low):
+        if isinstance(value, bool) or not isinstance(value, (int, onp.integer)) or value < low:
+            raise OptionError(f"{name} must be an integer >= {low}, got {value!r}")
+        return int(value)
+
+    n_directions = integer("n_directions", n_directions, 1)
+    integer("full_jacobian_max", full_jacobian_max, 0)
+    integer("fd_levels", fd_levels, 1)
+    if fd_step is not None and (isinstance(fd_step, bool) or not isinstance(fd_step, Number)
+                                or not math.isfinite(float(fd_step)) or float(fd_step) <= 0):
+        raise OptionError(f"fd_step must be a positive finite float (or None), got {fd_step!r}")
+    for name, value in (("rtol", rtol), ("atol", atol), ("noise", noise), ("ad_rtol", ad_rtol)):
+        if value is None and name != "ad_rtol":
+            continue
+        if (isinstance(value, bool) or not isinstance(value, Number)
+                or not math.isfinite(float(value)) or float(value) < 0):
+            raise OptionError(f"{name} must be a finite non-negative float (or None), got {value!r}")
+    return modes, n_directions
+
+
+def _validate_argnums(argnums, n_inputs: int) -> List[int]:
+    """Return ``argnums`` as a list of valid input positions, or raise :class:`OptionError`."""
+    try:
+        out = list(argnums)
+    except TypeError:
+        raise OptionError(f"argnums must be a sequence of input positions, got {argnums!r}") from None
+    for k in out:
+        if isinstance(k, bool) or not isinstance(k, (int, onp.integer)) or not -n_inputs <= k < n_inputs:
+            raise OptionError(f"argnums entry {k!r} is not a position of one of the {n_inputs} inputs"
+                              f" (allowed: 0..{n_inputs - 1})")
+    return [int(k) % n_inputs for k in out]
+
+
+def _validate_output(value) -> None:
+    """fn must return finite real float arrays (complex outputs would be silently cast)."""
+    parts = list(value) if isinstance(value, (tuple, list)) else [value]
+    for k, p in enumerate(parts):
+        arr = onp.asarray(p)
+        if onp.iscomplexobj(arr) or not (onp.issubdtype(arr.dtype, onp.number) or arr.dtype == onp.bool_):
+            raise DTypeError(f"fn output {k} has dtype {arr.dtype}: check_grad needs real float outputs"
+                             " (split complex outputs into real and imaginary parts)")
+        if not onp.all(onp.isfinite(arr)):
+            raise NonFiniteError(f"fn output {k} contains NaN or Inf at the given inputs:"
+                                 " check at a point where fn is finite")
+
+
+def _validate_input(value, k: int) -> None:
+    """Differentiated inputs must be finite real numbers."""
+    arr = onp.asarray(value)
+    if not (onp.issubdtype(arr.dtype, onp.number) or arr.dtype == onp.bool_) or onp.iscomplexobj(arr):
+        raise DTypeError(f"input {k} must be a real float array to differentiate, got dtype {arr.dtype}")
+    if not onp.all(onp.isfinite(arr)):
+        raise NonFiniteError(f"input {k} contains NaN or Inf: pass finite inputs")
+
+
 def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODES, order: int = 1,
                rtol: Optional[float] = None, atol: Optional[float] = None, n_directions: int = 2,
                seed: int = 0, argnums: Optional[Sequence[int]] = None, noise: Optional[float] = None,
@@ -486,30 +555,29 @@ def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODE
         Per input, mode and order: max abs and relative error, the worst
         entry's index with its AD and FD values, the FD error estimate, pass/fail.
     """
-    modes = tuple(modes)
-    if not modes or any(m not in MODES for m in modes):
-        raise ValueError(f"modes must be a non-empty subset of {MODES}, got {modes}")
-    if order not in (1, 2):
-        raise ValueError(f"order must be 1 or 2, got {order!r}")
-    if int(n_directions) < 1:
-        raise ValueError(f"n_directions must be >= 1, got {n_directions!r}")
+    modes, n_directions = _validate_check_options(modes, order, n_directions, rtol, atol, noise,
+                                                  full_jacobian_max, fd_levels, ad_rtol, fd_step)
     cfg = _Settings(modes=modes, rtol=0.0 if rtol is None else float(rtol),
                     atol=0.0 if atol is None else float(atol), ad_rtol=float(ad_rtol),
                     noise=NOISE if noise is None else float(noise), n_directions=int(n_directions),
                     full_max=int(full_jacobian_max), fd_step=fd_step, fd_levels=int(fd_levels),
                     auto_noise=noise is None)
     inputs = list(inputs)
-    argnums = differentiable_argnums(inputs) if argnums is None else list(argnums)
+    argnums = differentiable_argnums(inputs) if argnums is None else _validate_argnums(argnums, len(inputs))
     if not argnums:
-        raise ValueError("fn has no float input to differentiate: pass argnums=")
+        raise OptionError("fn has no float input to differentiate: pass argnums=")
+    for k in argnums:
+        _validate_input(inputs[k], k)
     for k in argnums:
         if not _is_scalar(inputs[k]):
             inputs[k] = onp.asarray(inputs[k], dtype=float)
     start = time.perf_counter()
     rng = onp.random.default_rng(seed)
-    layout = OutputLayout(fn(*inputs))
+    out0 = fn(*inputs)
+    _validate_output(out0)
+    layout = OutputLayout(out0)
     if layout.size == 0:
-        raise ValueError("fn returned no output entries: nothing to check")
+        raise EmptyInputError("fn returned no output entries: nothing to check (return a non-empty array)")
     flat_fn = lambda *args: layout.flatten(fn(*args))
     report = GradCheckReport(seed=seed, rtol=cfg.rtol, atol=cfg.atol)
     cache = fd_cache if fd_cache is not None else {}

@@ -39,6 +39,7 @@ from numbers import Number
 from typing import Any, Callable, Literal, Union
 
 import numpy as np
+from nimplicit.errors import DTypeError, NonFiniteError, OptionError, ShapeError
 
 __all__ = [
     "DEFAULT_FLOOR",
@@ -147,7 +148,7 @@ def entry_scales(x: Any, floor: float = DEFAULT_FLOOR) -> np.ndarray:
         Float array of the same shape as ``x`` with entries ``>= floor``.
     """
     if not floor > 0 or not math.isfinite(floor):
-        raise ValueError(f"floor must be positive and finite, got {floor!r}")
+        raise OptionError(f"floor must be positive and finite, got {floor!r}")
     return np.maximum(np.abs(np.asarray(x)).astype(np.float64), float(floor))
 
 
@@ -175,7 +176,7 @@ def _pow2_floor(t: float) -> float:
 # ---------------------------------------------------------------------------
 
 
-class _NonFiniteError(ValueError):
+class _NonFiniteError(NonFiniteError):
     """f returned NaN or Inf at one of the sample points."""
 
 
@@ -208,7 +209,7 @@ class _Evaluator:
         parts = [np.asarray(o) for o in out] if is_tuple else [np.asarray(out)]
         for p in parts:
             if not (np.issubdtype(p.dtype, np.number) or p.dtype == np.bool_):
-                raise TypeError(f"f must return numeric arrays, got dtype {p.dtype}")
+                raise DTypeError(f"f must return numeric arrays, got dtype {p.dtype}")
         shapes = [p.shape for p in parts]
         if self.shapes is None:
             self.is_tuple, self.shapes = is_tuple, shapes
@@ -217,7 +218,7 @@ class _Evaluator:
                 if np.issubdtype(p.dtype, np.inexact):
                     self.eps = max(self.eps, float(np.finfo(p.dtype).eps))
         elif is_tuple != self.is_tuple or shapes != self.shapes:
-            raise ValueError(
+            raise ShapeError(
                 "f returned outputs of inconsistent structure/shapes: "
                 f"{shapes} (tuple={is_tuple}) vs {self.shapes} (tuple={self.is_tuple})"
             )
@@ -253,10 +254,10 @@ def _prepare_x(x: Any) -> tuple[np.ndarray, bool]:
     scalar_input = isinstance(x, Number)
     arr = np.asarray(x)
     if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
-        raise TypeError(f"x must be numeric, got dtype {arr.dtype}")
+        raise DTypeError(f"x must be numeric, got dtype {arr.dtype}")
     arr = arr.astype(np.complex128 if np.iscomplexobj(arr) else np.float64)
     if not np.all(np.isfinite(arr)):
-        raise ValueError("x contains non-finite entries")
+        raise NonFiniteError("x contains non-finite (NaN or Inf) entries: pass a finite point")
     return arr, scalar_input
 
 
@@ -778,7 +779,7 @@ def _complex_step(
     levels: int,
 ) -> _Estimate:
     if np.iscomplexobj(x) or np.iscomplexobj(v):
-        raise ValueError("method='complex' needs real x and v")
+        raise OptionError("method='complex' needs real x and v")
     base = COMPLEX_BASE_STEP if step is None else step
     # Keep clear of subnormal steps for entries with absurdly small scales.
     t0 = _pow2_floor(max(base * _scale_along(v, scales), 1e-280))
@@ -788,12 +789,12 @@ def _complex_step(
         try:
             out = call(x + (1j * t) * v, t, label="x + i*t*v")
         except TypeError as exc:
-            raise ValueError(
+            raise OptionError(
                 "method='complex' requires f to accept complex input "
                 f"(f raised TypeError: {exc}); use method='central'"
             ) from exc
         if not np.iscomplexobj(out):
-            raise ValueError(
+            raise OptionError(
                 "method='complex' requires a complex-safe f, but f returned a real "
                 "output for a complex input (it discards the imaginary part, e.g. "
                 "via .real, abs, astype(float) or float()); use method='central'"
@@ -823,17 +824,17 @@ def _complex_step(
 
 def _check_options(levels: int, method: str, step: float | None, noise: float | str) -> None:
     if method not in ("central", "complex"):
-        raise ValueError(f"method must be 'central' or 'complex', got {method!r}")
+        raise OptionError(f"method must be 'central' or 'complex', got {method!r}")
     min_levels = 2 if method == "central" else 1
     if int(levels) != levels or levels < min_levels:
-        raise ValueError(f"levels must be an integer >= {min_levels} for method={method!r}")
+        raise OptionError(f"levels must be an integer >= {min_levels} for method={method!r}")
     if step is not None and not (step > 0 and math.isfinite(step)):
-        raise ValueError(f"step must be positive and finite, got {step!r}")
+        raise OptionError(f"step must be positive and finite, got {step!r}")
     if isinstance(noise, str):
         if noise != "auto":
-            raise ValueError(f"noise must be a non-negative float or 'auto', got {noise!r}")
+            raise OptionError(f"noise must be a non-negative float or 'auto', got {noise!r}")
     elif not (noise >= 0 and math.isfinite(noise)):
-        raise ValueError(f"noise must be non-negative and finite (or 'auto'), got {noise!r}")
+        raise OptionError(f"noise must be non-negative and finite (or 'auto'), got {noise!r}")
 
 
 def _directional_flat(
