@@ -295,7 +295,9 @@ def nc_mixed_batch(rng, draw):
 NCUT = {"nan-inf": nc_nonfinite, "mixed-batch": nc_mixed_batch, "dtype": nc_dtype, "layout": nc_layout, "scale": nc_scale,
         "shapes": nc_shapes, "degenerate": nc_degenerate, "options": nc_options}
 test_ncut_layer, test_ncut_layer_slow = hostile_tests(
-    "ncut_layer", NCUT, warm_up=lambda: grad_check(_ncut, _affinity(np.random.default_rng(0))))
+    "ncut_layer", NCUT,
+    xfail={"options": "open defect: normalization='bogus' plain ValueError, gap_tol/n_nodes not validated; reference_layers/ncut.py"},
+    warm_up=lambda: grad_check(_ncut, _affinity(np.random.default_rng(0))))
 
 
 # ------------------------------------------------------------------------------

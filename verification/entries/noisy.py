@@ -72,12 +72,15 @@ def _simplex_tau(x: np.ndarray) -> float:
     return float(css[rho] / (rho + 1.0))
 
 
-def simplex_generate(rng, n: int = 5, margin: float = 0.02) -> tuple:
+def simplex_generate(rng, n: int = 5, margin: float = 0.02, min_support: int = 2) -> tuple:
     """``x ~ N(0, 1)`` redrawn until every ``|x_i - tau| >= margin`` (strictly
-    complementary: no weakly active constraint within ``margin``)."""
+    complementary: no weakly active constraint within ``margin``) and at least
+    ``min_support`` entries lie above ``tau`` (with one, the projection is a
+    vertex of the simplex and its Jacobian is zero: every mutant is equivalent)."""
     for _ in range(1000):
         x = rng.standard_normal(n)
-        if np.min(np.abs(x - _simplex_tau(x))) >= margin:
+        tau = _simplex_tau(x)
+        if np.min(np.abs(x - tau)) >= margin and np.sum(x > tau) >= min_support:
             return (x,)
     raise ValueError(f"could not draw a simplex instance with margin {margin}; lower it")
 
