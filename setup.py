@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "scipy>=1.11", "autograd>=1.6", "numba>=0.57"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6", "scikit-image>=0.21"],
+        "test": ["pytest>=7", "hypothesis>=6", "scikit-image>=0.21", "scikit-learn>=1.1", "matplotlib>=3.5"],
         "examples": ["scikit-learn>=1.1", "matplotlib>=3.5", "tqdm>=4", "scikit-image>=0.21"],
         # qpth pins an old numpy: install it with `pip install --no-deps qpth`
         "bench": ["jax[cpu]", "jaxopt", "cvxpylayers", "pygmtools", "PyMCubes",
