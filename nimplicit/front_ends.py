@@ -36,6 +36,9 @@ def _initial_guess(y0, inputs):
 # fixed points
 # ------------------------------------------------------------------------------
 
+_TINY = onp.finfo(float).tiny
+
+
 def anderson(T: Callable[[onp.ndarray], onp.ndarray], y0: onp.ndarray, *, memory: int = 5,
              max_iter: int = 1000, tol: float = 1e-12, mixing: float = 1.0,
              regularization: float = 1e-12) -> onp.ndarray:
@@ -45,7 +48,8 @@ def anderson(T: Callable[[onp.ndarray], onp.ndarray], y0: onp.ndarray, *, memory
     ``dF = [f_{i+1} - f_i]``, ``dG = [T(y_{i+1}) - T(y_i)]``:
     ``gamma = argmin |f_k - dF gamma|^2 + regularization |gamma|^2`` and
     ``y_{k+1} = T(y_k) - dG gamma`` (with ``mixing`` < 1 a damped step).
-    Stops when ``|f_k|_inf <= tol * (1 + |y_k|_inf)``; raises
+    Stops when ``|f_k|_inf <= tol * max(|y_k|_inf, |T(y_k)|_inf, tiny)``
+    (``tiny`` the smallest normal float); raises
     :class:`NotConvergedError` after ``max_iter`` steps and :class:`SolverError`
     when the iterates diverge (non-finite, or ``1e8`` times larger than ``y0``).
     """
@@ -69,7 +73,8 @@ def anderson(T: Callable[[onp.ndarray], onp.ndarray], y0: onp.ndarray, *, memory
             raise SolverError(f"the fixed-point iterates grew from max|y0| = {start_size:.3g} to "
                               f"{size:.3g} in {it} steps: T seems to have no fixed point near y0; "
                               f"pass a better y0 or solver=")
-        if err <= tol * (1 + size):
+        # relative to the iteration's own scale, so tiny fixed points (|y| ~ 1e-150) are resolved
+        if err <= tol * max(size, onp.abs(gy).max(), _TINY):
             return y.reshape(shape)
         if dF:
             Fm, Gm = onp.stack(dF, 1), onp.stack(dG, 1)
@@ -136,7 +141,8 @@ def fixed_point_layer(T: Callable, solver: Optional[Callable] = None, *, y0=None
     ``y0``), the layer pickles.
     """
     if solver is None:
-        solver = _AndersonSolver(T, y0, memory, max_iter, tol)
+        solver = _AndersonSolver(T, y0, _positive_int(memory, "memory"),
+                                 _positive_int(max_iter, "max_iter"), _positive(tol, "tol"))
     return implicit_layer(_FixedPointResidual(T), solver, **options)
 
 
@@ -238,11 +244,37 @@ def argmin_layer(objective: Callable, solver: Optional[Callable] = None, *, y0=N
     ``second_order_tol=None`` skips the test (it costs one Hessian per forward).
     """
     if solver is None:
-        solver = _MinimizeSolver(objective, y0, method, gtol, max_iter)
+        solver = _MinimizeSolver(objective, y0, _check_method(method), _positive(gtol, "gtol"),
+                                 _positive_int(max_iter, "max_iter"))
     if second_order_tol is not None:
         solver = _MinimumChecked(objective, solver, _nonnegative(second_order_tol,
                                                                  "second_order_tol"))
     return implicit_layer(_GradientResidual(objective), solver, **options)
+
+
+_MINIMIZE_METHODS = ("nelder-mead", "powell", "cg", "bfgs", "newton-cg", "l-bfgs-b", "tnc",
+                     "cobyla", "cobyqa", "slsqp", "trust-constr", "dogleg", "trust-ncg",
+                     "trust-exact", "trust-krylov")
+
+
+def _check_method(method) -> str:
+    if not isinstance(method, str) or method.lower() not in _MINIMIZE_METHODS:
+        raise InvalidOptionError(f"argmin_layer: method must be one of scipy.optimize.minimize's "
+                                 f"methods {_MINIMIZE_METHODS}, got {method!r}")
+    return method
+
+
+def _positive(value, name: str) -> float:
+    v = _nonnegative(value, name)
+    if v <= 0:
+        raise InvalidOptionError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, onp.integer)) or value < 1:
+        raise InvalidOptionError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def _nonnegative(value, name: str) -> float:
@@ -469,7 +501,9 @@ def constrained_argmin_layer(objective: Callable, eq: Optional[Callable] = None,
         second_order_tol = _nonnegative(second_order_tol, "second_order_tol")
     problem = _Problem(objective, eq, ineq)
     if solver is None:
-        solver = _SLSQPSolver(problem, y0, tol, active_tol, max_iter)
+        solver = _SLSQPSolver(problem, y0, _positive(tol, "tol"),
+                              _nonnegative(active_tol, "active_tol"),
+                              _positive_int(max_iter, "max_iter"))
     solver = _KKTChecked(problem, solver, kkt_tol, second_order_tol, weak_tol)
     base = options.pop("linear_solver", "lu")
     base_options = options.pop("linear_solver_options", None)

@@ -433,3 +433,32 @@ def test_front_end_layers_pickle_before_and_after_use(build):
         for a, b in zip(out if isinstance(out, tuple) else (out,),
                         got if isinstance(got, tuple) else (got,)):
             assert onp.array_equal(onp.asarray(a), onp.asarray(b))
+
+
+# --- option validation and scale-relative stopping (fuzz fixes) ---------------
+
+def test_option_errors_are_typed_and_named():
+    import pytest as _pt
+    from nimplicit.errors import OptionError
+    from nimplicit.front_ends import argmin_layer, constrained_argmin_layer, fixed_point_layer
+    import autograd.numpy as _anp
+    obj = lambda y, x: _anp.sum((y - x) ** 2)
+    T = lambda y, x: 0.5 * y + x
+    cases = [(lambda: argmin_layer(obj, y0=_anp.zeros(2), method="bogus"), "method"),
+             (lambda: argmin_layer(obj, y0=_anp.zeros(2), gtol=-1.0), "gtol"),
+             (lambda: argmin_layer(obj, y0=_anp.zeros(2), gtol=float("nan")), "gtol"),
+             (lambda: constrained_argmin_layer(obj, y0=_anp.zeros(2), tol=float("nan")), "tol"),
+             (lambda: constrained_argmin_layer(obj, y0=_anp.zeros(2), max_iter=-1), "max_iter"),
+             (lambda: fixed_point_layer(T, y0=_anp.zeros(2), memory=0), "memory"),
+             (lambda: fixed_point_layer(T, y0=_anp.zeros(2), memory=-2), "memory"),
+             (lambda: fixed_point_layer(T, y0=_anp.zeros(2), max_iter=2.5), "max_iter")]
+    for build, name in cases:
+        with _pt.raises(OptionError, match=name):
+            build()
+
+
+def test_anderson_resolves_tiny_fixed_points():
+    from nimplicit.front_ends import anderson
+    for x in (1e-150, 1e-300, 1.0):
+        y = anderson(lambda v: 0.5 * v + x, onp.zeros(3))
+        onp.testing.assert_allclose(y, 2 * x, rtol=1e-10)
