@@ -281,7 +281,7 @@ def fp_options(rng, draw):
 
 FIXED_POINT = {"nan-inf": fp_nonfinite, "dtype": fp_dtype, "scale": fp_scale, "layout": fp_layout,
                "no-fixed-point": fp_no_fixed_point, "options": fp_options}
-test_fixed_point_layer, test_fixed_point_layer_slow = hostile_tests("fixed_point_layer", FIXED_POINT, xfail={"scale": "open defect: anderson's stopping test is absolute (tol*(1+|y|)), x=1e-150 returns y=0; nimplicit/front_ends.py"})
+test_fixed_point_layer, test_fixed_point_layer_slow = hostile_tests("fixed_point_layer", FIXED_POINT)
 
 
 # ------------------------------------------------------------------------------
@@ -353,7 +353,7 @@ def am_options(rng, draw):
 
 ARGMIN = {"nan-inf": am_nonfinite, "dtype": am_dtype, "scale": am_scale,
           "non-convex": am_stationary_max, "unbounded": am_unbounded, "options": am_options}
-test_argmin_layer, test_argmin_layer_slow = hostile_tests("argmin_layer", ARGMIN, xfail={"options": "open defect: argmin_layer(method='bogus') untyped scipy ValueError, gtol not validated; nimplicit/front_ends.py"})
+test_argmin_layer, test_argmin_layer_slow = hostile_tests("argmin_layer", ARGMIN)
 
 
 # ------------------------------------------------------------------------------
@@ -447,5 +447,4 @@ CONSTRAINED = {"nan-inf": ca_nonfinite, "dtype": ca_dtype, "scale": ca_scale,
                "infeasible": ca_infeasible, "bad-multipliers": ca_bad_multipliers,
                "weakly-active": ca_weakly_active, "options": ca_options}
 test_constrained_argmin_layer, test_constrained_argmin_layer_slow = hostile_tests(
-    "constrained_argmin_layer", CONSTRAINED,
-    xfail={"options": "open defect: tol=nan accepted, max_iter=-1 error does not name it; nimplicit/front_ends.py"})
+    "constrained_argmin_layer", CONSTRAINED)
