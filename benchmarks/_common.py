@@ -42,8 +42,10 @@ import csv
 import gc
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -52,7 +54,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 __all__ = ["Timing", "Laps", "CLOCKS", "time_interleaved", "time_phases", "time_call",
            "peak_memory", "ratio", "Column", "format_table", "write_json", "write_csv", "progress",
-           "machine_info"]
+           "machine_info", "git_info"]
 
 
 @dataclass
@@ -250,9 +252,43 @@ def _jsonable(value):
     return value
 
 
+def git_info() -> dict:
+    """``{"commit": hash, "dirty": bool, "dirty_files": [...]}`` of this checkout.
+
+    ``dirty`` counts tracked files that differ from the commit, except the results
+    folders (``benchmarks/results``, ``examples/results``); ``commit`` and ``dirty``
+    are ``None`` outside a git checkout.  Same record as ``examples._results.git_info``.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if head is None:
+        return {"commit": None, "dirty": None, "dirty_files": []}
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 ":(exclude)benchmarks/results", ":(exclude)examples/results") or ""
+    files = [line[3:] for line in status.splitlines() if line.strip()]
+    return {"commit": head.strip(), "dirty": bool(files), "dirty_files": files[:20]}
+
+
 def write_json(path: str, payload: Any) -> None:
     """Write ``payload`` (dicts, lists, numbers, numpy scalars) as indented JSON;
-    NaN and infinities become ``null``."""
+    NaN and infinities become ``null``.  A dict payload gets the checkout's
+    :func:`git_info` under ``"git"`` and the thread settings under ``"threads"``
+    unless it has them already."""
+    if isinstance(payload, dict):
+        payload = dict(payload)
+        payload.setdefault("git", git_info())
+        payload.setdefault("threads", {var: os.environ.get(var) for var in
+                                       ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                        "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")})
     with open(path, "w") as f:
         json.dump(_jsonable(payload), f, indent=2)
         f.write("\n")
@@ -285,7 +321,6 @@ def machine_info() -> dict:
     info = {"python": sys.version.split()[0], "numpy": numpy.__version__,
             "platform": platform.platform(), "processor": platform.processor()}
     try:
-        import os
         info["cpus"] = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         pass

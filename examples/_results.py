@@ -2,7 +2,8 @@
 
 Every example writes ``examples/results/<example>-<YYYY-MM-DD>.json`` with the
 command line, the seed, the library versions, the thread settings, the wall
-time, its metrics and the paper's numbers beside ours, plus its PNG figures
+time, the git commit (and whether the work tree was dirty), its metrics and the
+paper's numbers beside ours, plus its PNG figures
 (``examples/results/<example>-<name>.png``).  The JSON is written with sorted
 keys and no timestamps inside the metrics, so two runs with the same seed and
 thread count give the same metrics (wall times differ, of course).
@@ -17,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -47,6 +49,40 @@ def _versions() -> Dict[str, str]:
                 version = "unknown"
         out[name] = str(version)
     return out
+
+
+#: results folders, left out of the dirty check (a run rewrites them itself)
+_RESULT_PATHS = ("examples/results", "benchmarks/results")
+
+
+def _git(args, cwd: str) -> Optional[str]:
+    try:
+        done = subprocess.run(["git"] + list(args), cwd=cwd, capture_output=True, text=True,
+                              timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def git_info(cwd: Optional[str] = None) -> Dict[str, Any]:
+    """The commit of the checkout the code runs from.
+
+    Returns ``{"commit": <40-hex hash>, "dirty": bool, "dirty_files": [...]}``:
+    ``dirty`` is true when tracked files differ from the commit (untracked files
+    and the results folders ``examples/results`` and ``benchmarks/results`` are
+    not counted, since a run writes there itself); ``dirty_files`` lists at most
+    20 of them.  Outside a git checkout (an installed copy) ``commit`` and
+    ``dirty`` are ``None``.
+    """
+    cwd = cwd or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = _git(["rev-parse", "HEAD"], cwd)
+    if head is None:
+        return {"commit": None, "dirty": None, "dirty_files": [],
+                "note": "not a git checkout (or git is not installed)"}
+    status = _git(["status", "--porcelain", "--untracked-files=no", "--", "."]
+                  + [f":(exclude){p}" for p in _RESULT_PATHS], cwd) or ""
+    files = [line[3:] for line in status.splitlines() if line.strip()]
+    return {"commit": head.strip(), "dirty": bool(files), "dirty_files": files[:20]}
 
 
 def environment() -> Dict[str, Any]:
@@ -103,7 +139,7 @@ class Results:
         cfg = vars(args) if hasattr(args, "__dict__") else dict(args)
         self.data: Dict[str, Any] = {
             "example": example, "command": f"python -m examples.{example}", "seed": seed, "config": dict(cfg),
-            "environment": environment(), "metrics": {}, "paper": {}, "differences": [],
+            "environment": environment(), "git": git_info(), "metrics": {}, "paper": {}, "differences": [],
             "figures": []}
         os.makedirs(self.out_dir, exist_ok=True)
 

@@ -291,7 +291,7 @@ def qpth_status() -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mnist", metavar="PATH", help="directory with the MNIST IDX files")
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=None, help="default 15 (3 with --quick)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=128)
@@ -309,8 +309,11 @@ def main(argv=None):
     ap.add_argument("--no-qpth", action="store_true", help="skip the qpth comparison")
     args = ap.parse_args(argv)
     if args.preset == "optnet":
-        for key, value in OPTNET_PRESET.items():
-            setattr(args, key, value)
+        # the preset replaces the defaults; options given on the command line still win
+        ap.set_defaults(**OPTNET_PRESET)
+        args = ap.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 3 if args.quick else 15
     if args.eq and not args.ineq:
         check_equality_only(10)
     # learned QPs routinely have a few weakly active constraints in a batch; the layer
@@ -323,7 +326,6 @@ def main(argv=None):
     Xtr, Xte = standardize(data[0], data[2])
     data = (Xtr, data[1], Xte, data[3])
     if args.quick:
-        args.epochs = 3
         data = (data[0][:600], data[1][:600], data[2][:300], data[3][:300])
     rng = onp.random.default_rng(args.seed)
     params0 = init_params(rng, data[0].shape[1], args.hidden, 10, args.ineq)
@@ -333,7 +335,8 @@ def main(argv=None):
           f"{args.epochs} epochs", flush=True)
     example = "qp_digits" if name == "digits" else "qp_mnist"
     out = Results("qp_digits", args, args.seed, out_dir=args.out)
-    out.stem = example + ("-quick" if args.quick else "")     # MNIST runs get their own file
+    # MNIST, preset and quick runs get their own file: never the default run's
+    out.stem = example + (f"-{args.preset}" if args.preset else "") + ("-quick" if args.quick else "")
     out.set_command(argv)
     failures = SkipCounter()
     t0 = time.perf_counter()

@@ -173,6 +173,78 @@ def test_qp_equality_option(tmp_path):
     assert data["config"]["eq"] == 2
 
 
+def test_qp_equality_constraints_hold_through_training():
+    """``--eq 5``: five learned equalities next to m = 20 inequalities; after Adam steps
+    through the layer's backward, the trained QP's solutions still satisfy ``A y = b``
+    and ``G y <= h`` (the equalities are in the layer, not only in the options)."""
+    from examples import qp_digits as ex
+    from reference_layers.qp import qp_layer
+    Xtr, ytr, Xte, yte = ex.load_digits_split(0)
+    Xtr, Xte = ex.standardize(Xtr, Xte)
+    data = (Xtr[:256], ytr[:256], Xte[:128], yte[:128])
+    rng = np.random.default_rng(0)
+    params = ex.init_equalities(rng, ex.init_params(rng, Xtr.shape[1], 32, 10, 20), 5)
+    failures = _results.SkipCounter()
+    trained, hist = ex.train_ours(params, data, 2, 32, 3e-3, 0, 0.0, 0.1, failures)
+    assert failures.skipped == 0
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert not np.allclose(trained["A"], params["A"])          # A is learned
+    q = ex.nn.dense(trained["fc2"], ex.nn.relu(ex.nn.dense(trained["fc1"], Xte[:64])))
+    Q, G, h, A, b = ex.qp_data(trained, 0.1)
+    y = qp_layer(Q, q, G, h, A, b)
+    assert A.shape == (5, 10) and y.shape == (64, 10)
+    assert np.max(np.abs(y @ A.T - b)) < 1e-8
+    assert np.max(y @ G.T - h) < 1e-8
+
+
+def test_qp_eq_option_end_to_end(tmp_path):
+    from examples import qp_digits as ex
+    hist = ex.main(["--quick", "--no-qpth", "--eq", "5", "--epochs", "1", "--out", str(tmp_path)])
+    ours = hist["nimplicit qp_layer"]
+    assert len(ours) == 1 and ours[0]["skipped_steps"] == 0
+    assert ours[0]["test_acc"] > 0.5                              # chance is 0.1
+    data = _results_file(str(tmp_path), "qp_digits-quick")
+    assert data["config"]["eq"] == 5 and data["config"]["ineq"] == 20
+    assert data["config"]["epochs"] == 1                          # --epochs wins over --quick's 3
+
+
+def test_qp_optnet_preset_end_to_end(tmp_path):
+    """``--preset optnet`` on the digits in a short configuration: OptNet's sizes (200
+    inequalities, eps 1e-4, 50 hidden units, batch 64, lr 1e-3) reach the layer, the
+    loss goes down, and the run gets its own results file; explicit options win."""
+    from examples import qp_digits as ex
+    hist = ex.main(["--quick", "--no-qpth", "--preset", "optnet", "--epochs", "2",
+                    "--out", str(tmp_path)])
+    ours = hist["nimplicit qp_layer"]
+    assert len(ours) == 2 and all(h["skipped_steps"] == 0 for h in ours)
+    assert ours[1]["train_loss"] < ours[0]["train_loss"]
+    data = _results_file(str(tmp_path), "qp_digits-optnet-quick")
+    for key, value in ex.OPTNET_PRESET.items():
+        assert data["config"][key] == value, key
+    assert not glob.glob(os.path.join(str(tmp_path), "qp_digits-quick-*.json"))
+    ex.main(["--quick", "--no-qpth", "--preset", "optnet", "--eq", "5", "--epochs", "1",
+             "--out", str(tmp_path / "eq")])
+    data = _results_file(str(tmp_path / "eq"), "qp_digits-optnet-quick")
+    assert data["config"]["eq"] == 5 and data["config"]["ineq"] == 200
+
+
+def test_results_record_the_git_commit(tmp_path):
+    import subprocess
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if head.returncode:
+        pytest.skip("not a git checkout")
+    out = _results.Results("demo", {"a": 1}, 0, out_dir=str(tmp_path))
+    with open(out.write()) as f:
+        git = json.load(f)["git"]
+    assert git["commit"] == head.stdout.strip()
+    assert isinstance(git["dirty"], bool) and git["dirty"] == bool(git["dirty_files"])
+    assert not any(p.startswith(("examples/results", "benchmarks/results"))
+                   for p in git["dirty_files"])
+    outside = _results.git_info(cwd=str(tmp_path))                 # not a checkout
+    assert outside["commit"] is None and outside["dirty"] is None
+
+
 def test_qp_equality_only_is_clear(tmp_path):
     from examples import qp_digits as ex
     try:
