@@ -170,3 +170,18 @@ def test_readme_stays_short_and_links_existing_pages():
     assert len(text.splitlines()) <= 200
     for page in re.findall(r"``(docs/[\w/]+\.rst)``", text):
         assert (ROOT / page).exists(), page
+
+
+def test_generated_results_pages_match_the_results_files():
+    """docs/_generated/*.rst are what ``python -m examples.report`` renders from the
+    newest results files now: a results file changed without re-rendering (or a page
+    edited by hand) fails here.  Fix: ``python -m examples.report`` and commit."""
+    from examples import report
+    for name, text in report.generated().items():
+        path = ROOT / "docs" / "_generated" / name
+        assert path.exists(), f"{path} is missing: run python -m examples.report"
+        assert path.read_text() == text, (
+            f"docs/_generated/{name} is stale (it differs from the results files): "
+            f"run python -m examples.report")
+    for page in ("experiments.rst", "benchmarks.rst"):          # the pages include them
+        assert f".. include:: _generated/{page}" in (ROOT / "docs" / page).read_text()

@@ -381,3 +381,49 @@ def test_graph_matching_pipeline_gradient_matches_finite_differences(branch):
 
     report = check_grad(loss, params["W"], params["log_w"], modes=("rev",), noise=1e-9)
     assert report.passed, report
+
+
+# ------------------------------------------------------------------------------ the report
+
+
+def _write(path, payload):
+    with open(path, "w") as f:
+        json.dump(payload, f)
+
+
+def test_report_renders_the_newest_untagged_results(tmp_path):
+    from examples import report
+    base = {"command": "python -m examples.qp_digits", "seed": 0, "wall_seconds": 90.0,
+            "environment": {"machine": "x86_64", "platform": "Linux", "cpu_count": 2,
+                            "threads": {"OMP_NUM_THREADS": "1"}, "versions": {"numpy": "2"}},
+            "git": {"commit": "a" * 40, "dirty": False, "dirty_files": []},
+            "paper": {"test_accuracy": "> 98%"}, "differences": ["data: digits"],
+            "table": "quantity  ours  paper\nacc  0.111  > 98%"}
+    _write(tmp_path / "qp_digits-2026-11-30.json", dict(base, table="old 0.999"))
+    _write(tmp_path / "qp_digits-2026-12-01.json", base)
+    _write(tmp_path / "qp_digits-quick-2026-12-02.json", dict(base, table="quick 0.222"))
+    _write(tmp_path / "qp_digits-optnet-2026-12-03.json", dict(base, table="preset 0.333"))
+    text = report.render_experiments(str(tmp_path))
+    assert "acc  0.111  > 98%" in text and "aaaaaaaaaaaa" in text and "clean work tree" in text
+    for other in ("0.999", "0.222", "0.333"):
+        assert other not in text
+    assert "90 s" in text and "OMP\\_NUM\\_THREADS=1" in text and "data: digits" in text
+    assert text.count("No results file") == 3                      # the other three examples
+    assert report.render_experiments(str(tmp_path)) == text        # no clock, deterministic
+
+
+def test_report_renders_benchmark_medians_and_ratios(tmp_path):
+    from examples import report
+    _write(tmp_path / "gm-20261201-100000.json", {"rows": [{"n": 1, "t": 9.0}]})
+    _write(tmp_path / "gm-20261201-120000.json",
+           {"machine": {"cpus": 2}, "clock": "cpu", "threads": {"OMP_NUM_THREADS": "1"},
+            "git": {"commit": "b" * 40, "dirty": True, "dirty_files": ["x.py"]},
+            "rows": [{"n": 10, "fwd": 0.001, "fwd_median": 0.00125, "vs_peer": 2.5}]})
+    _write(tmp_path / "qp-2026-12-01.json",
+           {"summary": {"one_thread": [{"impl": "ours", "total_ms": 26.2}]}})
+    text = report.render_benchmarks(str(tmp_path))
+    assert "gm-20261201-120000.json" in text and "100000" not in text
+    assert "fwd\\_median" in text and "0.00125" in text and "2.5" in text
+    assert "- fwd\n" not in text                   # the minimum is dropped for the median
+    assert "dirty work tree: x.py" in text and "bbbbbbbbbbbb" in text
+    assert "``one_thread``" in text and "26.2" in text and "2026-12-01" in text
