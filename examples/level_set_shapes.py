@@ -67,7 +67,8 @@ CATEGORIES = ("superquadric", "torus", "capsule", "union")
 # available to quote them exactly); its claim is recorded instead.
 PAPER = {"categories": ["car", "chair", "bottle", "sofa"], "resolution": 32,
          "claim": "the level-set model beats the voxel model in most categories (Table 1)",
-         "table1": "per-category numbers: see the paper's Table 1 (not quoted here)"}
+         "table1": ("per-category numbers not quoted: no text of the paper's Table 1 was "
+                    "found in the sources searched (2026-12-01), so only its claim is compared")}
 DIFFERENCES = [
     "data: four procedural shape categories (superquadric, torus, capsule, union) with "
     "depth-image views, not ShapeNet renders (pass --shapenet PATH for a local copy)",

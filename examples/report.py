@@ -208,9 +208,12 @@ def render_example(name: str, title: str, path: Optional[str]) -> str:
     if data.get("differences"):
         out += "Differences from the paper:\n\n"
         out += "".join(f"- {_escape(line)}\n" for line in data["differences"]) + "\n"
-    if data.get("figures"):
-        out += "Figures: " + ", ".join(_inline("examples/results/" + f)
-                                       for f in data["figures"]) + ".\n\n"
+    for fig in data.get("figures") or []:
+        if os.path.exists(os.path.join(os.path.dirname(path), fig)):
+            out += (f".. figure:: /../{_rel(os.path.join(os.path.dirname(path), fig))}\n"
+                    f"   :width: 90%\n\n   ``examples/results/{fig}``\n\n")
+        else:
+            out += f"Figure ``examples/results/{fig}``: listed in the file but missing.\n\n"
     return out
 
 
@@ -225,8 +228,12 @@ def _paper_value(value: Any) -> str:
 def render_experiments(folder: str = EXAMPLES_RESULTS) -> str:
     """``docs/_generated/experiments.rst`` from the newest results file of each example."""
     files = newest_files(folder, [name for name, _ in EXPERIMENTS])
-    return HEADER + "".join(render_example(name, title, files.get(name))
-                            for name, title in EXPERIMENTS)
+    walls = [_load(p).get("wall_seconds") for p in files.values()]
+    walls = [w for w in walls if isinstance(w, (int, float))]
+    total = (f"The {len(walls)} runs quoted here took {sum(walls) / 60:.0f} min of wall time "
+             f"in all (each run's machine and threads below).\n\n") if walls else ""
+    return HEADER + total + "".join(render_example(name, title, files.get(name))
+                                    for name, title in EXPERIMENTS)
 
 
 # ------------------------------------------------------------------------------ benchmarks
