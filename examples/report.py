@@ -157,6 +157,8 @@ def _number(value: Any) -> str:
     if isinstance(value, float):
         if value != value:
             return "-"
+        if abs(value) >= 1000:
+            return f"{value:.0f}"
         return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
     return _escape(value)
 
