@@ -427,3 +427,17 @@ def test_report_renders_benchmark_medians_and_ratios(tmp_path):
     assert "- fwd\n" not in text                   # the minimum is dropped for the median
     assert "dirty work tree: x.py" in text and "bbbbbbbbbbbb" in text
     assert "``one_thread``" in text and "26.2" in text and "2026-12-01" in text
+
+
+def test_benchmark_results_record_the_commit_and_threads(tmp_path, monkeypatch):
+    from benchmarks import _common
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    _common.write_json(str(tmp_path / "b.json"), {"rows": [{"n": 1}], "threads": None})
+    _common.write_json(str(tmp_path / "c.json"), {"rows": [{"n": 1}]})
+    with open(tmp_path / "b.json") as f:
+        kept = json.load(f)
+    with open(tmp_path / "c.json") as f:
+        added = json.load(f)
+    assert kept["threads"] is None                     # a payload's own value wins
+    assert added["threads"]["OMP_NUM_THREADS"] == "3"
+    assert added["git"] == _results.git_info()       # the same record as the examples'
