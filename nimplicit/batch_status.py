@@ -232,23 +232,39 @@ class _MaskedResidual:
 
 
 @primitive
-def _watched(x, k: int, failed: tuple):
+def _watched(x, k: int, failed: tuple, B, batch_axis):
     return x
 
 
-def _check_gradient(g, k: int, failed: tuple):
-    if not np.all(np.isfinite(getval(g))):
-        who = (f"the failed instance(s) {list(failed)}" if failed else "no failed instance")
-        raise NonFiniteError(
-            f"throw=False: the gradient with respect to input {k} is not finite although the "
-            f"failed instances are masked out; {who} is the likely cause: the residual's partial "
-            f"derivatives in input {k} are NaN/Inf there (0 * NaN). Drop the failed instances "
-            f"from the batch, or write the residual so it stays finite for them.")
-    return g
+def _check_gradient(g, k: int, failed: tuple, B, batch_axis):
+    """Input ``k``'s gradient, checked finite.  Non-finite entries that all lie in the failed
+    instances' slices of an input with ``B`` entries along ``batch_axis`` (an input batched
+    like ``y``: its residual's partials are NaN there, ``0 * NaN``) are the failed
+    instances' own zero contributions and are set to 0; any other raises."""
+    raw = np.asarray(getval(g))
+    bad = ~np.isfinite(raw)
+    if not bad.any():
+        return g
+    if failed and B is not None and raw.ndim and raw.shape[batch_axis % raw.ndim] == B:
+        rows = np.zeros(B, bool)
+        rows[list(failed)] = True
+        shape = [1] * raw.ndim
+        shape[batch_axis % raw.ndim] = B
+        in_failed = np.broadcast_to(rows.reshape(shape), raw.shape)
+        if not (bad & ~in_failed).any():
+            return anp.where(in_failed, 0.0, g)
+    who = (f"the failed instance(s) {list(failed)}" if failed else "no failed instance")
+    raise NonFiniteError(
+        f"throw=False: the gradient with respect to input {k} is not finite although the "
+        f"failed instances are masked out ({who}); the residual's partial derivatives in "
+        f"input {k} are NaN/Inf there (0 * NaN reaches an entry shared with other "
+        f"instances). Drop the failed instances from the batch, or write the residual so it "
+        f"stays finite for them.")
 
 
-defvjp(_watched, lambda ans, x, k, failed: lambda g: _check_gradient(g, k, failed))
-defjvp(_watched, lambda g, ans, x, k, failed: g)
+defvjp(_watched, lambda ans, x, k, failed, B, axis: lambda g: _check_gradient(g, k, failed, B,
+                                                                               axis))
+defjvp(_watched, lambda g, ans, x, k, failed, B, axis: g)
 
 
 def call_with_status(layer, inputs: tuple):
@@ -278,7 +294,8 @@ def call_with_status(layer, inputs: tuple):
         recorder.append(point)
 
     failed = tuple(int(k) for k in status.failed)
-    watched = [(_watched(x, k, failed) if isbox(x) and isinstance(getval(x), (np.ndarray, float))
+    B = point.y_structure.batch_size
+    watched = [(_watched(x, k, failed, B, layer.batch_axis) if isbox(x) and isinstance(getval(x), (np.ndarray, float))
                 else x) for k, x in enumerate(inputs)]
     flat = core._node(point, *watched)
     if failed:
