@@ -41,8 +41,13 @@ batch of the good instances alone (to rounding in sums over the batch).
 ``F`` is evaluated at finite rows only, so ``0 * NaN`` cannot reach a shared
 input's gradient through ``y``; a residual whose partial derivatives in an
 *input* are non-finite on a failed instance still would, and every input's
-gradient is checked: :class:`~nimplicit.errors.NonFiniteError` naming the
-failed instances.
+gradient is checked: non-finite entries that all lie in the failed instances'
+slices of an input with ``B`` entries along ``batch_axis`` (batched like ``y``)
+are those instances' own zero contribution and are set to 0; any other
+non-finite entry raises :class:`~nimplicit.errors.NonFiniteError` naming the
+failed instances.  With the dense LU the failed blocks of the formed ``J``
+are set to ``E`` exactly (so a NaN ``dF_b/dy_b`` there cannot reach the
+factorization); the matrix-free solvers see ``F~``'s products as they are.
 
 Without ``batch_axis`` the whole problem is one instance: ``status`` has length 1.
 What still raises with ``throw=False``: invalid inputs (dtype, NaN/Inf in an

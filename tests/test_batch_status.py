@@ -222,6 +222,44 @@ def test_nan_partials_of_a_batched_input_are_the_failed_rows_own():
             grad(lambda a: anp.sum(layer(X, a)[0][GOOD] ** 2))(1.3)
 
 
+def test_non_finite_residual_on_one_instance():
+    def log_residual(y, x):
+        return anp.log(y) - x
+
+    def solver(x):
+        y = np.exp(x)
+        y[2] = -1.0                           # finite, but log(-1) is NaN
+        return y
+    layer = implicit_layer(log_residual, solver, batch_axis=0, throw=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        y, status = layer(X)
+        assert status.failed.tolist() == [2] and status[2] == Outcome.NON_FINITE_RESIDUAL
+        np.testing.assert_allclose(y[GOOD], np.exp(X[GOOD]), **TIGHT)
+        g = grad(lambda x: anp.sum(layer(x)[0][GOOD]))(X)
+        assert np.all(g[2] == 0.0)
+        np.testing.assert_allclose(g[GOOD], np.exp(X[GOOD]), rtol=1e-14)
+        check_grad(lambda x: layer(x)[0][GOOD], X, modes=("rev", "fwd"), raise_on_fail=True)
+
+
+def test_coupling_still_raises_and_points_are_recorded():
+    from nimplicit import record_points
+    from nimplicit.errors import CouplingError
+
+    def coupled(y, x):
+        return y - x + 0.1 * anp.sum(y, axis=0, keepdims=True)
+
+    def solver(x):
+        return np.linalg.solve(np.eye(len(x)) + 0.1, x)
+    layer = implicit_layer(coupled, solver, batch_axis=0, throw=False)
+    x = np.abs(X)
+    with record_points() as points:
+        y, status = layer(x)
+    assert status.ok.all() and len(points) == 1
+    with pytest.raises(CouplingError):
+        grad(lambda x: anp.sum(layer(x)[0]))(x)
+
+
 # -- no batch axis: one instance ----------------------------------------------
 
 def test_unbatched_is_one_instance():
