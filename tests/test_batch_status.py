@@ -195,6 +195,20 @@ def test_singular_block_of_the_jacobian():
         grad(lambda a: anp.sum(good(x, a)))(1.3)
 
 
+def test_failed_block_is_replaced_by_the_identity_for_any_linear_solver():
+    """A wrong row at a singular point (J_b = 0): Cholesky needs the masked block."""
+    def solver(x, a):
+        y = cube_solver(x, a)
+        y[2] = 0.0                            # residual -a x != 0 and dF/dy = 0 there
+        return y
+    x = np.abs(X)
+    layer = implicit_layer(cube_residual, solver, batch_axis=0, throw=False,
+                           linear_solver="cholesky")
+    good = implicit_layer(cube_residual, cube_solver, batch_axis=0, linear_solver="cholesky")
+    _, status = assert_like_good_only(layer, good, x, 1.3)
+    assert status[2] == Outcome.RESIDUAL_NOT_MET
+
+
 # -- residuals whose partials are NaN on the failed instance ------------------
 
 def root_residual(y, x, a):
@@ -373,3 +387,30 @@ def test_qp_with_equalities_and_a_failed_instance():
     np.testing.assert_allclose(lam[k], lam_good, **TIGHT)
     check_grad(lambda b: qp_layer(Q, q, G, h, A, b, throw=False)[0][k], b,
                modes=("rev", "fwd"), raise_on_fail=True)
+
+
+def test_qp_second_order_through_the_good_instances():
+    Q, q, G, h = qp_batch()
+    k = QP_GOOD
+    check_grad(lambda s: qp_layer(Q * s, q, G, h, throw=False)[0][k], 1.5, order=2,
+               modes=("rev", "fwd"), raise_on_fail=True)
+
+    def loss(s):
+        return anp.sum(anp.sin(qp_layer(Q * s, q, G, h, throw=False)[0][k]))
+
+    def loss_good(s):
+        return anp.sum(anp.sin(qp_layer(Q[k] * s, q[k], G[k], h[k])))
+    d2 = grad(grad(loss))(1.5)
+    assert np.isfinite(d2) and d2 != 0.0
+    np.testing.assert_allclose(d2, grad(grad(loss_good))(1.5), **TIGHT)
+
+
+def test_second_order_of_a_user_layer_vs_the_good_only_batch():
+    layer, good = sqrt_layer(throw=False), sqrt_layer()
+
+    def loss(a):
+        return anp.sum(anp.sin(layer(X, a)[0][GOOD]))
+
+    def loss_good(a):
+        return anp.sum(anp.sin(good(X[GOOD], a)))
+    np.testing.assert_allclose(grad(grad(loss))(1.3), grad(grad(loss_good))(1.3), **TIGHT)
