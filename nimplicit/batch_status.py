@@ -220,7 +220,8 @@ def solver_reported(status: Any, B: int) -> Tuple[np.ndarray, list]:
 # ------------------------------------------------------------------------------
 
 class _MaskedResidual:
-    """``F~`` of the module docstring: ``F`` on good instances, ``E (y_b - y~_b)`` on failed ones."""
+    """``F~`` of the module docstring: ``F`` on good instances, ``E (y_b - y~_b)`` on
+    failed ones."""
 
     def __init__(self, residual, y_structure: Structure, res_structure: Structure,
                  bad: np.ndarray, y_sub_flat: np.ndarray):
@@ -300,8 +301,9 @@ def call_with_status(layer, inputs: tuple):
 
     failed = tuple(int(k) for k in status.failed)
     B = point.y_structure.batch_size
-    watched = [(_watched(x, k, failed, B, layer.batch_axis) if isbox(x) and isinstance(getval(x), (np.ndarray, float))
-                else x) for k, x in enumerate(inputs)]
+    watched = [_watched(x, k, failed, B, layer.batch_axis)
+               if isbox(x) and isinstance(getval(x), (np.ndarray, float)) else x
+               for k, x in enumerate(inputs)]
     flat = core._node(point, *watched)
     if failed:
         bad = ~status.ok if point.y_structure.batch_size is not None else bool(failed)
@@ -324,10 +326,11 @@ def _flat(structure: Structure, value) -> np.ndarray:
 
 def _masked_point(layer, solution, raw: tuple, check: bool):
     """The forward point of ``F~`` and the per-instance codes and messages."""
-    from . import implicit as core
-
     ys = Structure(solution.y, layer.batch_axis, "the solver's output")
     B = ys.batch_size
+    if B == 0:
+        raise ShapeError("throw=False: the solver's output has 0 instances along batch_axis; "
+                         "pass at least one instance")
     n = 1 if B is None else B
     y_flat = _flat(ys, solution.y).reshape(n, -1)
     codes, msgs = solver_reported(solution.status, n)
