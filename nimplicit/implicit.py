@@ -65,6 +65,8 @@ class Solution:
         to diagnostics as ``point.aux``.
     status : any, optional
         The solver's own report (e.g. iteration counts), kept as ``point.status``.
+        Per-instance failures for ``throw=False``: a :class:`~nimplicit.BatchStatus`,
+        or any object (or dict) with a boolean ``instance_ok`` array of shape ``(B,)``.
     """
 
     __slots__ = ("y", "aux", "status")
