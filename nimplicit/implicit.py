@@ -35,7 +35,7 @@ from autograd.builtins import tuple as autograd_tuple
 from autograd.extend import defjvp_argnums, defvjp_argnums, primitive
 from autograd.tracer import getval, isbox
 
-from . import linear_solvers
+from . import batch_status, linear_solvers
 from .errors import (CouplingError, DTypeError, NonFiniteError, OptionError, ResidualError,
                      ShapeError, UnsupportedError, finite_or_raise, where)
 from .structure import Structure, substitute
@@ -65,6 +65,8 @@ class Solution:
         to diagnostics as ``point.aux``.
     status : any, optional
         The solver's own report (e.g. iteration counts), kept as ``point.status``.
+        Per-instance failures for ``throw=False``: a :class:`~nimplicit.BatchStatus`,
+        or any object (or dict) with a boolean ``instance_ok`` array of shape ``(B,)``.
     """
 
     __slots__ = ("y", "aux", "status")
@@ -409,7 +411,7 @@ class ImplicitLayer:
                  check_residual: bool = True, dense_max: int = DENSE_MAX,
                  linear_solver_options: Optional[dict] = None, diagnostics=None,
                  name: Optional[str] = None, check_independence: bool = True,
-                 **unknown):
+                 throw: bool = True, **unknown):
         if unknown:
             raise OptionError(f"implicit_layer got unknown option(s) {sorted(unknown)}")
         if not callable(residual) or not callable(solver):
@@ -424,6 +426,9 @@ class ImplicitLayer:
                               f"(use check_residual=False to turn the check off)")
         if not (np.isfinite(ridge) and ridge >= 0):
             raise OptionError(f"ridge must be >= 0 and finite, got {ridge}")
+        if not isinstance(throw, (bool, np.bool_)):
+            raise OptionError(f"throw must be True or False, got {throw!r}")
+        self.throw = bool(throw)
         self.residual = residual
         self.solver = solver
         self.diagnostics = diagnostics
@@ -562,6 +567,8 @@ class ImplicitLayer:
                     f"probe). Fix the residual, or drop batch_axis (one joint system).")
 
     def __call__(self, *inputs):
+        if not self.throw:   # (y, BatchStatus): failed instances masked out (batch_status.py)
+            return batch_status.call_with_status(self, inputs)
         for k, x in enumerate(inputs):
             if isbox(x):
                 _check_input(getval(x), k, differentiated=True)
@@ -635,7 +642,8 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
                    check_residual: bool = True, dense_max: int = DENSE_MAX,
                    linear_solver_options: Optional[dict] = None,
                    diagnostics: Optional[Callable] = None,
-                   name: Optional[str] = None, check_independence: bool = True) -> ImplicitLayer:
+                   name: Optional[str] = None, check_independence: bool = True,
+                   throw: bool = True) -> ImplicitLayer:
     r"""A layer ``x -> y*`` defined implicitly by ``F(y*, x) = 0``.
 
     Parameters
@@ -681,12 +689,19 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
         How checkers and error reports name the layer.
     check_independence : bool
         Probe the block-diagonal promise of ``batch_axis`` (default True).
+    throw : bool
+        True (default): a failure raises.  False: ``layer(*inputs)`` returns
+        ``(y, status)``, a :class:`~nimplicit.batch_status.BatchStatus` of
+        per-instance outcomes; failed instances get NaN rows in ``y`` and no
+        gradient contribution (see :mod:`nimplicit.batch_status`).  Without
+        ``batch_axis`` the problem is one instance (``len(status) == 1``).
 
     Returns
     -------
     ImplicitLayer
         ``layer(*inputs)`` returns the solver's ``y`` (same structure), differentiable
-        by autograd in every input, any order (through exact solvers).
+        by autograd in every input, any order (through exact solvers); with
+        ``throw=False``, ``(y, status)``.
 
     Notes
     -----
@@ -707,4 +722,4 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
                          batch_axis=batch_axis, residual_tol=residual_tol,
                          check_residual=check_residual, dense_max=dense_max,
                          linear_solver_options=linear_solver_options, diagnostics=diagnostics,
-                         name=name, check_independence=check_independence)
+                         name=name, check_independence=check_independence, throw=throw)

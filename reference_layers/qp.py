@@ -78,7 +78,7 @@ import numpy as onp
 from autograd.builtins import tuple as atuple
 from autograd.tracer import getval
 
-from nimplicit import Solution, implicit_layer, kkt, linear_solvers
+from nimplicit import BatchStatus, Outcome, Solution, implicit_layer, kkt, linear_solvers
 from nimplicit.errors import (EmptyInputError, InvalidInputError, InvalidOptionError,
                               NotConvergedError, ShapeError, SingularJacobianError, SolverError,
                               UnknownOptionError)
@@ -140,6 +140,16 @@ _STATUS_ERRORS = {
     QPStatus.RANK_DEFICIENT_EQUALITY: RankDeficientEqualityError,
     QPStatus.MAX_ITER: QPNotConvergedError,
     QPStatus.NUMERICAL_ERROR: QPNumericalError,
+}
+
+#: the core's per-instance outcome of each kernel status (``throw=False``)
+_STATUS_OUTCOMES = {
+    QPStatus.PRIMAL_INFEASIBLE: Outcome.INFEASIBLE,
+    QPStatus.DUAL_INFEASIBLE: Outcome.UNBOUNDED,
+    QPStatus.NONCONVEX: Outcome.NOT_CONVEX,
+    QPStatus.RANK_DEFICIENT_EQUALITY: Outcome.SOLVER_FAILED,
+    QPStatus.MAX_ITER: Outcome.NOT_CONVERGED,
+    QPStatus.NUMERICAL_ERROR: Outcome.SOLVER_FAILED,
 }
 
 
@@ -309,7 +319,7 @@ class _QPLayer:
 
     def __init__(self, *, batch_size: Optional[int], has_eq: bool, backward: str,
                  linear_solver, linear_solver_options: Optional[dict], solver_options: dict,
-                 weak_tol: float, warm_start, residual_tol: float):
+                 weak_tol: float, warm_start, residual_tol: float, throw: bool = True):
         if backward != "generic" and (linear_solver is not None or linear_solver_options):
             raise InvalidOptionError(
                 "qp_layer: linear_solver / linear_solver_options apply to backward='generic' "
@@ -318,6 +328,7 @@ class _QPLayer:
             linear_solvers.make_solver(linear_solver, linear_solver_options)
         self.B = batch_size
         self.has_eq = has_eq
+        self.throw = throw
         opts = dict(solver_options)
         self.tol = opts.pop("tol")
         self.max_iter = opts.pop("max_iter")
@@ -335,7 +346,7 @@ class _QPLayer:
         self.layer = implicit_layer(
             _residual_eq if has_eq else _residual_no_eq, self._forward,
             linear_solver=linear, batch_axis=None if batch_size is None else 0,
-            residual_tol=residual_tol, diagnostics=self._diagnostics)
+            residual_tol=residual_tol, diagnostics=self._diagnostics, throw=throw)
 
     # -- forward ------------------------------------------------------------
     def _warm(self, Q, G, h, scales):
@@ -373,17 +384,16 @@ class _QPLayer:
         # a stall at the problem's accuracy floor, below accept_residual, is a solution
         status[(status == QPStatus.MAX_ITER) & (res.kkt_residual <= self.accept_residual)] = 0
         bad = onp.flatnonzero(status != QPStatus.SOLVED)
+        if bad.size and not self.throw:
+            return self._forward_with_failures(Q, q, G, h, A, b, Qn, qn, Gn, hn, An, bn,
+                                               scales, res, status)
         if bad.size:
             k = int(bad[0])
             code = QPStatus(int(status[k]))
             where = f"batch instance {k} ({bad.size} of {len(status)} failed)" if self.B is not None \
                 else "the QP"
-            extra = ""
-            if code == QPStatus.MAX_ITER:
-                extra = (f" (KKT residual {res.kkt_residual[k]:.3g} after {res.iterations[k]} "
-                         f"iterations; tol={self.tol:g}, max_iter={self.max_iter}, "
-                         f"accept_residual={self.accept_residual:g})")
-            raise _STATUS_ERRORS[code](f"qp_layer: {where}: {QP_STATUS_MESSAGES[code]}{extra}",
+            raise _STATUS_ERRORS[code](f"qp_layer: {where}: {QP_STATUS_MESSAGES[code]}"
+                                       f"{self._status_extra(code, res, k)}",
                                        [int(i) for i in bad])
         c, g_rows, a_rows = scales
         # polish in the equilibrated units too (the margins are the same in both)
@@ -394,6 +404,51 @@ class _QPLayer:
         out = (y, lam, nu) if self.has_eq else (y, nu)
         aux = self._aux(Q, q, G, h, A, y, lam, nu)
         return Solution(tuple(v[0] for v in out) if self.B is None else out, aux=aux)
+
+    def _status_extra(self, code, res, k: int) -> str:
+        if code != QPStatus.MAX_ITER:
+            return ""
+        return (f" (KKT residual {res.kkt_residual[k]:.3g} after {res.iterations[k]} "
+                f"iterations; tol={self.tol:g}, max_iter={self.max_iter}, "
+                f"accept_residual={self.accept_residual:g})")
+
+    def _forward_with_failures(self, Q, q, G, h, A, b, Qn, qn, Gn, hn, An, bn, scales, res,
+                               status):
+        """``throw=False`` with failed instances: polish the solved ones only, NaN rows for
+        the failed ones, and a :class:`~nimplicit.BatchStatus` with the kernel's outcome.
+
+        The failed instances' rows of :class:`QPAux` describe a benign problem
+        (``Q = I``, ``G = 0``, ``A = [I 0]``, ``s = nu = 1``, no active or weak
+        constraint), so both backward factorizations are regular there; the core
+        gives those rows a zero right-hand side, hence a zero solution."""
+        failed = status != QPStatus.SOLVED
+        failures = {int(k): (_STATUS_OUTCOMES[QPStatus(int(status[k]))],
+                             f"qp_layer: {QP_STATUS_MESSAGES[QPStatus(int(status[k]))]}"
+                             f"{self._status_extra(QPStatus(int(status[k])), res, int(k))}")
+                    for k in onp.flatnonzero(failed)}
+        y = onp.full_like(res.y, onp.nan)
+        lam = onp.full_like(res.lam, onp.nan)
+        nu = onp.full_like(res.nu, onp.nan)
+        ok = onp.flatnonzero(~failed)
+        c, g_rows, a_rows = scales
+        if ok.size:
+            yk, lk, nk = self._polish(Qn[ok], qn[ok], Gn[ok], hn[ok], An[ok], bn[ok], res.y[ok],
+                                      res.lam[ok], onp.maximum(res.nu[ok], 0.0))
+            y[ok], lam[ok] = yk, lk * c[ok, None] / a_rows[ok]
+            nu[ok] = nk * c[ok, None] / g_rows[ok]
+        Qa, qa, Ga, ha, Aa = (onp.array(v, dtype=float, copy=True) for v in (Q, q, G, h, A))
+        ya, la, na = y.copy(), lam.copy(), nu.copy()
+        n, p = Q.shape[-1], A.shape[1]
+        Qa[failed], qa[failed], Ga[failed], ha[failed] = onp.eye(n), 0.0, 0.0, 1.0
+        Aa[failed], ya[failed], la[failed], na[failed] = onp.eye(p, n), 0.0, 0.0, 1.0
+        with onp.errstate(invalid="ignore", divide="ignore"):
+            aux = self._aux(Qa, qa, Ga, ha, Aa, ya, la, na)
+        aux.weak[failed], aux.active[failed], aux.inactive[failed] = False, False, False
+        aux.margin[failed] = onp.inf
+        out = (y, lam, nu) if self.has_eq else (y, nu)
+        report = BatchStatus.from_failures(len(status), failures)
+        return Solution(tuple(v[0] for v in out) if self.B is None else out, aux=aux,
+                        status=report)
 
     #: active-set corrections (one row each) tried by the polish before it gives up
     POLISH_STEPS = 24
@@ -760,7 +815,7 @@ def make_qp_layer(*, batch_size: Optional[int] = None, equalities: bool = False,
                   linear_solver_options: Optional[dict] = None,
                   solver_options: Optional[dict] = None,
                   weak_tol: float = kkt.DEFAULT_WEAK_TOL, warm_start=None,
-                  residual_tol: float = 1e-6, **deprecated):
+                  residual_tol: float = 1e-6, throw: bool = True, **deprecated):
     """The reusable :class:`nimplicit.implicit.ImplicitLayer` behind :func:`qp_layer` for
     one configuration; call it as ``layer(Q, q, G, h)`` or ``layer(Q, q, G, h, A, b)``
     (with ``equalities=True``) on arrays of the shapes :func:`qp_layer` takes, ``G, h``
@@ -768,7 +823,8 @@ def make_qp_layer(*, batch_size: Optional[int] = None, equalities: bool = False,
     ``None`` for unbatched arrays.
 
     It returns ``(y, nu)``, or ``(y, lam, nu)`` with ``equalities=True`` (always all the
-    parts; :func:`qp_layer` selects).  Options as in :func:`qp_layer`; the deprecated
+    parts; :func:`qp_layer` selects), and with ``throw=False`` the pair
+    ``(that tuple, status)``.  Options as in :func:`qp_layer`; the deprecated
     ``tol=``, ``max_iter=``, ``accept_residual=`` keywords still work (solver_options).
     """
     allowed = {"tol", "max_iter", "accept_residual"}
@@ -779,7 +835,7 @@ def make_qp_layer(*, batch_size: Optional[int] = None, equalities: bool = False,
                     linear_solver=linear_solver, linear_solver_options=linear_solver_options,
                     solver_options=_solver_options(solver_options, deprecated),
                     weak_tol=kkt.check_weak_tol(weak_tol, "qp_layer"), warm_start=warm_start,
-                    residual_tol=residual_tol).layer
+                    residual_tol=residual_tol, throw=throw).layer
 
 
 def _raw(x):
@@ -804,7 +860,7 @@ def qp_layer(Q, q, G=None, h=None, A=None, b=None, *, full_output: bool = False,
              backward: str = "structured", linear_solver=None,
              linear_solver_options: Optional[dict] = None, solver_options: Optional[dict] = None,
              weak_tol: float = kkt.DEFAULT_WEAK_TOL, warm_start=None,
-             residual_tol: float = 1e-6, **deprecated):
+             residual_tol: float = 1e-6, throw: bool = True, **deprecated):
     r"""The solution of a convex QP, differentiable with respect to all its data.
 
     .. math::
@@ -852,10 +908,18 @@ def qp_layer(Q, q, G=None, h=None, A=None, b=None, *, full_output: bool = False,
         :class:`~nimplicit.errors.ImplicitGradientWarning`).
     warm_start : ``(y, nu)`` or ``(y, lam, nu)`` from a previous (nearby) solve.
     residual_tol : the core's check of ``F`` at the solver's output.
+    throw : True (default): a failed instance raises (below).  False: return
+        ``(result, status)``, ``status`` a :class:`nimplicit.BatchStatus` whose
+        outcome for a failed instance is ``INFEASIBLE``, ``UNBOUNDED``,
+        ``NOT_CONVEX``, ``NOT_CONVERGED`` or ``SOLVER_FAILED`` (rank-deficient
+        ``A``, numerical failure), with the kernel's message; the failed rows of
+        ``y, lam, nu`` are NaN and contribute nothing to any gradient; the solved
+        instances' values and gradients are those of a batch without the failed ones.
 
     Returns
     -------
-    y, or ``(y, lam, nu)`` with ``full_output=True``.
+    y, or ``(y, lam, nu)`` with ``full_output=True``; with ``throw=False``,
+    ``(y, status)`` or ``((y, lam, nu), status)``.
 
     Raises
     ------
@@ -908,12 +972,16 @@ def qp_layer(Q, q, G=None, h=None, A=None, b=None, *, full_output: bool = False,
                           linear_solver=linear_solver,
                           linear_solver_options=linear_solver_options,
                           solver_options=solver_options, weak_tol=weak_tol,
-                          warm_start=warm_start, residual_tol=residual_tol, **deprecated)
+                          warm_start=warm_start, residual_tol=residual_tol, throw=throw,
+                          **deprecated)
+    out = layer(Q, q, G, h) if A is None else layer(Q, q, G, h, A, b)
+    status = None
+    if not throw:
+        out, status = out
     if A is None:
-        y, nu = layer(Q, q, G, h)
-        if not full_output:
-            return y
+        y, nu = out
         lam = np.zeros((p,) if B is None else (B, p))
-        return atuple((y, lam, nu))
-    out = layer(Q, q, G, h, A, b)
-    return atuple(tuple(out)) if full_output else out[0]
+        result = atuple((y, lam, nu)) if full_output else y
+    else:
+        result = atuple(tuple(out)) if full_output else out[0]
+    return result if status is None else (result, status)
