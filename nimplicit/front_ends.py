@@ -24,10 +24,14 @@ from .implicit import ImplicitLayer, Solution, implicit_layer
 from . import linear_solvers
 
 
-def _initial_guess(y0, inputs):
+def _require_y0(y0, who: str) -> None:
     if y0 is None:
-        raise TypeError("the default forward solver needs an initial guess: pass y0= (an array, "
-                        "or a callable of the layer's inputs), or pass solver=")
+        raise InvalidOptionError(f"{who}: the default forward solver needs an initial guess: "
+                                 f"pass y0= (an array, or a callable of the layer's inputs), or "
+                                 f"pass solver=")
+
+
+def _initial_guess(y0, inputs):
     y = y0(*inputs) if callable(y0) else y0
     return onp.array(y, dtype=float)
 
@@ -141,6 +145,7 @@ def fixed_point_layer(T: Callable, solver: Optional[Callable] = None, *, y0=None
     ``y0``), the layer pickles.
     """
     if solver is None:
+        _require_y0(y0, "fixed_point_layer")
         solver = _AndersonSolver(T, y0, _positive_int(memory, "memory"),
                                  _positive_int(max_iter, "max_iter"), _positive(tol, "tol"))
     return implicit_layer(_FixedPointResidual(T), solver, **options)
@@ -244,6 +249,7 @@ def argmin_layer(objective: Callable, solver: Optional[Callable] = None, *, y0=N
     ``second_order_tol=None`` skips the test (it costs one Hessian per forward).
     """
     if solver is None:
+        _require_y0(y0, "argmin_layer")
         solver = _MinimizeSolver(objective, y0, _check_method(method), _positive(gtol, "gtol"),
                                  _positive_int(max_iter, "max_iter"))
     if second_order_tol is not None:
@@ -501,6 +507,7 @@ def constrained_argmin_layer(objective: Callable, eq: Optional[Callable] = None,
         second_order_tol = _nonnegative(second_order_tol, "second_order_tol")
     problem = _Problem(objective, eq, ineq)
     if solver is None:
+        _require_y0(y0, "constrained_argmin_layer")
         solver = _SLSQPSolver(problem, y0, _positive(tol, "tol"),
                               _nonnegative(active_tol, "active_tol"),
                               _positive_int(max_iter, "max_iter"))

@@ -462,3 +462,15 @@ def test_anderson_resolves_tiny_fixed_points():
     for x in (1e-150, 1e-300, 1.0):
         y = anderson(lambda v: 0.5 * v + x, onp.zeros(3))
         onp.testing.assert_allclose(y, 2 * x, rtol=1e-10)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: nimplicit.fixed_point_layer(lambda y, x: 0.5 * y + x),
+    lambda: nimplicit.argmin_layer(lambda y, x: np.sum((y - x) ** 2)),
+    lambda: nimplicit.constrained_argmin_layer(lambda y, x: np.sum((y - x) ** 2),
+                                               eq=lambda y, x: np.sum(y) - 1.0),
+])
+def test_default_solver_without_y0_is_a_typed_error_at_construction(build):
+    from nimplicit.errors import OptionError
+    with pytest.raises(OptionError, match="y0="):
+        build()
