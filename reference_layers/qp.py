@@ -939,8 +939,10 @@ def qp_layer(Q, q, G=None, h=None, A=None, b=None, *, full_output: bool = False,
     >>> from autograd import grad
     >>> Q, q = np.eye(2), np.array([-1.0, -1.0])
     >>> G, h = np.array([[1.0, 1.0]]), np.array([1.0])
-    >>> qp_layer(Q, q, G, h)                            # y = (0.5, 0.5)
-    >>> grad(lambda h: qp_layer(Q, q, G, h).sum())(h)   # d(y1 + y2)/dh = 1
+    >>> np.round(qp_layer(Q, q, G, h), 12)
+    array([0.5, 0.5])
+    >>> np.round(grad(lambda h: qp_layer(Q, q, G, h).sum())(h), 12)   # d(y1 + y2)/dh
+    array([1.])
     """
     if "return_duals" in deprecated:
         warnings.warn("qp_layer: return_duals= is deprecated; use full_output=",

@@ -35,7 +35,6 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # Docstring examples of modules this helper does not own that do not run as
 # written; each is excluded by name with the reason, and reported to the lead.
 DOCSTRING_SKIPS: Dict[str, str] = {
-    "reference_layers.qp.qp_layer": "outputs are in comments, not shown (array([0.5, 0.5]), array([1.]))",
 }
 
 _BLOCK = re.compile(r"^\.\. code-block::\s*(\w+)\s*$")
