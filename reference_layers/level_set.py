@@ -79,7 +79,7 @@ import numpy as onp
 from autograd.extend import defjvp, defvjp, primitive
 from autograd.tracer import getval
 
-from nimplicit import implicit_layer
+from nimplicit import Solution, implicit_layer
 from nimplicit.errors import NonFiniteError, ShapeError, SingularJacobianError
 from nimplicit.errors import OptionError, check_backward, check_options, renamed
 from nimplicit.linear_solvers import LinearSolver, LinearSolverState, legacy_function
@@ -94,7 +94,6 @@ MODES = ("edge", "normal")
 # corner offsets of a cell, ordered (dx, dy, dz) with dx fastest
 _CORNERS = onp.array([[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)],
                      dtype=onp.int64)
-_UNIT_COLUMNS = [onp.eye(3)[:, k:k + 1] for k in range(3)]
 
 
 # ------------------------------------------------------------------------------
@@ -116,11 +115,31 @@ class _VertexBlocksState(LinearSolverState):
         return self.g * (b[:, 0] * self.inv_norm2)[:, None]      # b (V, 1) -> x (V, m)
 
 
+class JacobianRows:
+    """The rows ``g_n = dF_n/dy_n`` of a batch of ``1 x m`` blocks, computed on demand.
+
+    A forward byproduct (``Solution.aux``) for :class:`VertexBlocks`: the
+    layer knows ``J`` in closed form (``phi[c1] - phi[c0]`` on an edge, the
+    surrogate's gradient in normal mode), so the backward need not form it
+    with an autograd VJP of the residual.  ``rows()`` is called at most once,
+    on the first solve, so a forward without backward does not pay for it.
+    """
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[], onp.ndarray]):
+        self._make = make
+
+    def rows(self) -> onp.ndarray:
+        return self._make()
+
+
 class VertexBlocks(LinearSolver):
     r"""Minimum-norm solve of a batch of ``1 x m`` blocks ``J_n = g_n^T``.
 
-    :meth:`init` forms the rows ``g_n`` of all ``V`` blocks with one batched
-    product with ``J^T`` (``operator.dense()`` with ``r = 1``).  Then, for
+    :meth:`init` takes the rows ``g_n`` of all ``V`` blocks from the forward's
+    :class:`JacobianRows` (``aux``) when there is one, else forms them with one
+    batched product with ``J^T`` (``operator.dense()`` with ``r = 1``).  Then, for
     every block at once,
 
     .. math::  J x = b:\ x_n = g_n\, b_n / |g_n|^2, \qquad
@@ -140,7 +159,13 @@ class VertexBlocks(LinearSolver):
         if operator.r != 1:
             raise ShapeError(f"VertexBlocks solves 1 x m blocks, got {operator.r} x "
                              f"{operator.m}; use a core solver such as 'lstsq'")
-        g = operator.dense()[:, 0, :]                      # (V, m)
+        if isinstance(aux, JacobianRows):     # the forward's closed-form rows of J
+            g = onp.asarray(aux.rows(), dtype=float)
+            if g.shape != (operator.batch_size, operator.m):
+                raise ShapeError(f"JacobianRows gave rows of shape {g.shape}, expected "
+                                 f"{(operator.batch_size, operator.m)}")
+        else:
+            g = operator.dense()[:, 0, :]                  # (V, m): one batched VJP
         norm2 = onp.einsum("ij,ij->i", g, g)
         bad = onp.flatnonzero(~(norm2 > 0))
         if bad.size:
@@ -177,16 +202,68 @@ def trilinear(corners, local):
 
     ``corners`` ``(V, 8)`` are the values ``phi[o + c]`` of each vertex's cell
     (corner ``c = (c & 1, c >> 1 & 1, c >> 2)``), ``local`` ``(V, 3)`` the
-    coordinates ``u`` in the cell; both may be traced.
+    coordinates ``u`` in the cell; both may be traced (derivatives of any
+    order: the derivative rules below are themselves traceable).
+
+    Evaluated as three nested linear interpolations (along axis 0, then 1,
+    then 2), one autograd primitive with closed-form derivatives: the
+    product with the weights for ``corners`` and :func:`_trilinear_gradient`
+    for ``local``.
     """
-    # per axis the factor c_k u_k + (1 - c_k)(1 - u_k) = (1 - c_k) + (2 c_k - 1) u_k,
-    # as plain products (np.prod's VJP divides by factors that vanish on cell faces)
-    # (u_k is picked by a product with a unit column: autograd's VJP of a slice is a slow scatter)
-    weights = 1.0
-    for k in range(3):
-        u_k = np.dot(local, _UNIT_COLUMNS[k])                     # (V, 1)
-        weights = weights * ((1.0 - _CORNERS[:, k]) + (2.0 * _CORNERS[:, k] - 1.0) * u_k)
-    return np.sum(corners * weights, axis=1)
+    return _trilinear(corners, local)
+
+
+def _columns(a, count):
+    """The ``count`` columns of a ``(V, count)`` array as ``(V,)`` arrays (traceable)."""
+    return [a[:, k] for k in range(count)]
+
+
+def _lerp_x(corners, ux):
+    """The four interpolations along axis 0: rows ``(cy, cz) = (0,0), (1,0), (0,1), (1,1)``."""
+    c = _columns(corners, 8)
+    return [c[2 * q] + ux * (c[2 * q + 1] - c[2 * q]) for q in range(4)]
+
+
+@primitive
+def _trilinear(corners, local):
+    ux, uy, uz = local[:, 0], local[:, 1], local[:, 2]
+    e00, e10, e01, e11 = _lerp_x(corners, ux)
+    f0 = e00 + uy * (e10 - e00)
+    f1 = e01 + uy * (e11 - e01)
+    return f0 + uz * (f1 - f0)
+
+
+def _trilinear_weights(local):
+    r"""``w_c(u) = prod_k (c_k u_k + (1 - c_k)(1 - u_k))`` for the 8 corners, ``(V, 8)``."""
+    w = [np.stack([1.0 - local[:, k], local[:, k]], axis=1) for k in range(3)]   # (V, 2) each
+    V = np.shape(local)[0]
+    return np.reshape(np.reshape(w[2], (V, 2, 1, 1)) * np.reshape(w[1], (V, 1, 2, 1))
+                      * np.reshape(w[0], (V, 1, 1, 2)), (V, 8))
+
+
+def _trilinear_gradient(corners, local):
+    r"""``d phi_tri / d u`` ``(V, 3)`` in local cell coordinates (traceable)."""
+    ux, uy, uz = local[:, 0], local[:, 1], local[:, 2]
+    c = _columns(corners, 8)
+    dx = [c[2 * q + 1] - c[2 * q] for q in range(4)]             # along axis 0, rows (cy, cz)
+    e00, e10, e01, e11 = [c[2 * q] + ux * dx[q] for q in range(4)]
+    gx = (1.0 - uz) * (dx[0] + uy * (dx[1] - dx[0])) + uz * (dx[2] + uy * (dx[3] - dx[2]))
+    gy = (1.0 - uz) * (e10 - e00) + uz * (e11 - e01)
+    gz = (e01 + uy * (e11 - e01)) - (e00 + uy * (e10 - e00))
+    return np.stack([gx, gy, gz], axis=1)
+
+
+def _unbatch_rows(g):
+    return np.reshape(g, (-1, 1))
+
+
+defvjp(_trilinear,
+       lambda ans, corners, local: lambda g: _unbatch_rows(g) * _trilinear_weights(local),
+       lambda ans, corners, local: lambda g: _unbatch_rows(g) * _trilinear_gradient(corners,
+                                                                                     local))
+defjvp(_trilinear,
+       lambda g, ans, corners, local: np.sum(g * _trilinear_weights(local), axis=1),
+       lambda g, ans, corners, local: np.sum(g * _trilinear_gradient(corners, local), axis=1))
 
 
 def surrogate_gradient(phi, mc: MCResult,
@@ -197,14 +274,11 @@ def surrogate_gradient(phi, mc: MCResult,
     coordinates ``(d phi_tri / d u) / spacing``; its direction is the surface
     normal used by ``mode="normal"`` (towards increasing ``phi``).
     """
-    from autograd import grad as _grad
     phi = onp.asarray(phi, dtype=float)
     sp = onp.asarray(spacing, dtype=float)
     origins = cell_origins(mc.edge_vertices, phi.shape)
     corners = _gather(phi, origins[:, None, :] + _CORNERS[None, :, :])
-    local = mc.verts / sp - origins
-    # each vertex's value depends on its own row only: the gradient of the sum is per row
-    return _grad(lambda u: np.sum(trilinear(corners, u)))(local) / sp
+    return _trilinear_gradient(corners, mc.verts / sp - origins) / sp
 
 
 # ------------------------------------------------------------------------------
@@ -258,15 +332,44 @@ def _edge_margin_diagnostic(point):
                             "derivative is one-sided)")}
 
 
-_EDGE_WEIGHTS = (onp.array([1.0, 0.0]), onp.array([-1.0, 1.0]))
-
-
 def _edge_residual(t, ends, level):
-    """``(1 - t) phi[c0] + t phi[c1] - level`` per vertex; ``ends = phi[(c0, c1)]`` ``(V, 2)``.
+    """``(1 - t) phi[c0] + t phi[c1] - level`` per vertex; ``ends = phi[(c0, c1)]`` ``(V, 2)``."""
+    return _edge_interp(np.reshape(t, (-1,)), ends) - level
 
-    Written with broadcasting, no slicing (autograd's VJP of a slice is a slow scatter)."""
-    weights = _EDGE_WEIGHTS[0] + np.reshape(t, (-1, 1)) * _EDGE_WEIGHTS[1]
-    return np.sum(ends * weights, axis=1) - level
+
+@primitive
+def _edge_interp(t, ends):
+    """``(1 - t) ends[:, 0] + t ends[:, 1]`` (one primitive: closed-form derivatives)."""
+    return (1.0 - t) * ends[:, 0] + t * ends[:, 1]
+
+
+def _edge_weights(t):
+    """``[1 - t, t]`` per vertex, ``(V, 2)``: the derivative of the interpolant in ``ends``."""
+    return np.stack([1.0 - t, t], axis=1)
+
+
+def _edge_slope(ends):
+    """``ends[:, 1] - ends[:, 0]``: the derivative of the interpolant in ``t``."""
+    return ends[:, 1] - ends[:, 0]
+
+
+# derivative rules written with autograd.numpy, so they are traceable (any order)
+defvjp(_edge_interp,
+       lambda ans, t, ends: lambda g: g * _edge_slope(ends),
+       lambda ans, t, ends: lambda g: np.reshape(g, (-1, 1)) * _edge_weights(t))
+defjvp(_edge_interp,
+       lambda g, ans, t, ends: g * _edge_slope(ends),
+       lambda g, ans, t, ends: np.sum(g * _edge_weights(t), axis=1))
+
+
+@primitive
+def _along_edges(t, c0: onp.ndarray, step: onp.ndarray, sp: onp.ndarray):
+    """``(c0 + t (c1 - c0)) * spacing`` (the kernel's formula), linear in ``t``."""
+    return (c0 + onp.reshape(t, (-1, 1)) * step) * sp
+
+
+defvjp(_along_edges, lambda ans, t, c0, step, sp: lambda g: np.sum(g * (step * sp), axis=1))
+defjvp(_along_edges, lambda g, ans, t, c0, step, sp: np.reshape(g, (-1, 1)) * (step * sp))
 
 
 @primitive
@@ -294,11 +397,20 @@ defjvp(_scatter_add_flat, lambda g, ans, values, flat_index, shape: _scatter_add
                                                                                      shape))
 
 
+def _flat_index(points: onp.ndarray, shape: Sequence[int]) -> onp.ndarray:
+    """C-order flat indices of integer grid points ``points (..., 3)``."""
+    return points[..., 0] * (shape[1] * shape[2]) + points[..., 1] * shape[2] + points[..., 2]
+
+
 def _gather(phi, points: onp.ndarray):
     """``phi`` at integer grid points ``points (..., 3)``, traceable: the fancy index
     ``phi[i, j, k]`` as a gather of flat indices whose VJP is one ``bincount``."""
-    flat_index = onp.ravel_multi_index(tuple(onp.moveaxis(points, -1, 0)), onp.shape(phi))
-    return _take_flat(phi, flat_index)
+    return _take_flat(phi, _flat_index(points, onp.shape(phi)))
+
+
+def _corner_index(origins: onp.ndarray, shape: Sequence[int]) -> onp.ndarray:
+    """Flat indices ``(V, 8)`` of the corners ``origin + c`` of each vertex's cell."""
+    return _flat_index(origins, shape)[:, None] + _flat_index(_CORNERS, shape)[None, :]
 
 
 def iso_surface(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
@@ -314,6 +426,13 @@ def iso_surface(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
         else "generic"
     return _iso_surface(phi, level, spacing, mode, backward,
                         None if backward == "structured" else linear_solver, None)
+
+
+def _edge_solver(mc: MCResult) -> Callable:
+    """The edge-mode forward: the kernel's ``t``, and ``dF/dt = phi[c1] - phi[c0]`` as aux."""
+    def solver(ends, level_):
+        return Solution(mc.t, JacobianRows(lambda: (ends[:, 1] - ends[:, 0])[:, None]))
+    return solver
 
 
 def _iso_surface(phi, level, spacing, mode: str, backward: str, linear_solver,
@@ -338,22 +457,26 @@ def _iso_surface(phi, level, spacing, mode: str, backward: str, linear_solver,
     if len(mc.verts) == 0:
         return _empty_verts(phi, level), mc.faces, mc
     if mode == "edge":
-        layer = implicit_layer(_edge_residual, lambda ends, level_: mc.t, batch_axis=0,
+        layer = implicit_layer(_edge_residual, _edge_solver(mc), batch_axis=0,
                                diagnostics=_edge_margin_diagnostic, check_independence=False,
                                **solver_kw)
         t = layer(_gather(phi, mc.edge_vertices), level)
         c0 = mc.edge_vertices[:, 0, :]
-        step = mc.edge_vertices[:, 1, :] - c0
-        verts = (c0 + np.reshape(t, (-1, 1)) * step) * sp
+        verts = _along_edges(t, c0, mc.edge_vertices[:, 1, :] - c0, sp)
     else:
         origins = cell_origins(mc.edge_vertices, phi_raw.shape)
+        local = mc.verts / sp - origins
 
         def residual(v, corners, level_):
-            return trilinear(corners, v / sp - origins) - level_
+            return _trilinear(corners, v / sp - origins) - level_
 
-        layer = implicit_layer(residual, lambda corners, level_: mc.verts, batch_axis=0,
-                               check_independence=False, **solver_kw)
-        verts = layer(_gather(phi, origins[:, None, :] + _CORNERS[None, :, :]), level)
+        def solver(corners, level_):
+            return Solution(mc.verts, JacobianRows(
+                lambda: _trilinear_gradient(corners, local) / sp))
+
+        layer = implicit_layer(residual, solver, batch_axis=0, check_independence=False,
+                               **solver_kw)
+        verts = layer(_take_flat(phi, _corner_index(origins, phi_raw.shape)), level)
     return verts, mc.faces, mc
 
 
