@@ -77,13 +77,14 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import autograd.numpy as np
 import numpy as onp
 from autograd.extend import defjvp, defvjp, primitive
-from autograd.tracer import getval
+from autograd.tracer import getval, isbox
 
 from nimplicit import Solution, implicit_layer
 from nimplicit.errors import NonFiniteError, ShapeError, SingularJacobianError
 from nimplicit.errors import OptionError, check_backward, check_options, renamed
 from nimplicit.linear_solvers import LinearSolver, LinearSolverState, legacy_function
 
+from .kernels import marching_cubes as _mck
 from .kernels.marching_cubes import MCResult, marching_cubes
 
 __all__ = ["iso_surface_layer", "iso_surface", "VertexBlocks", "solve_vertex_blocks", "cell_origins",
@@ -226,11 +227,15 @@ def _lerp_x(corners, ux):
 
 @primitive
 def _trilinear(corners, local):
-    ux, uy, uz = local[:, 0], local[:, 1], local[:, 2]
-    e00, e10, e01, e11 = _lerp_x(corners, ux)
-    f0 = e00 + uy * (e10 - e00)
-    f1 = e01 + uy * (e11 - e01)
-    return f0 + uz * (f1 - f0)
+    return _mck.trilinear_value_gradient(_f64(corners), _f64(local), False)[0]
+
+
+def _f64(a) -> onp.ndarray:
+    return onp.ascontiguousarray(a, dtype=onp.float64)
+
+
+def _traced(*args) -> bool:
+    return any(isbox(a) for a in args)
 
 
 def _trilinear_weights(local):
@@ -257,10 +262,27 @@ def _unbatch_rows(g):
     return np.reshape(g, (-1, 1))
 
 
+def _trilinear_corner_vjp(g, local):
+    """``g_n w_c(u_n)``: the VJP of the interpolant in the corner values."""
+    if _traced(g, local):          # a higher-order derivative: the traceable rule
+        return _unbatch_rows(g) * _trilinear_weights(local)
+    return _mck.trilinear_weights(_f64(g), _f64(local))
+
+
+def _trilinear_local_vjp(g, corners, local):
+    """``g_n d phi_tri/d u``: the VJP of the interpolant in the cell coordinates."""
+    if _traced(g, corners, local):
+        return _unbatch_rows(g) * _trilinear_gradient(corners, local)
+    return onp.reshape(g, (-1, 1)) * _raw_trilinear_gradient(corners, local)
+
+
+def _raw_trilinear_gradient(corners, local) -> onp.ndarray:
+    return _mck.trilinear_value_gradient(_f64(corners), _f64(local), True)[1]
+
+
 defvjp(_trilinear,
-       lambda ans, corners, local: lambda g: _unbatch_rows(g) * _trilinear_weights(local),
-       lambda ans, corners, local: lambda g: _unbatch_rows(g) * _trilinear_gradient(corners,
-                                                                                     local))
+       lambda ans, corners, local: lambda g: _trilinear_corner_vjp(g, local),
+       lambda ans, corners, local: lambda g: _trilinear_local_vjp(g, corners, local))
 defjvp(_trilinear,
        lambda g, ans, corners, local: np.sum(g * _trilinear_weights(local), axis=1),
        lambda g, ans, corners, local: np.sum(g * _trilinear_gradient(corners, local), axis=1))
@@ -276,9 +298,8 @@ def surrogate_gradient(phi, mc: MCResult,
     """
     phi = onp.asarray(phi, dtype=float)
     sp = onp.asarray(spacing, dtype=float)
-    origins = cell_origins(mc.edge_vertices, phi.shape)
-    corners = _gather(phi, origins[:, None, :] + _CORNERS[None, :, :])
-    return _trilinear_gradient(corners, mc.verts / sp - origins) / sp
+    base, _, local = _cells(mc, phi.shape, sp)
+    return _raw_trilinear_gradient(_take_corners(phi, base), local) / sp
 
 
 # ------------------------------------------------------------------------------
@@ -408,9 +429,31 @@ def _gather(phi, points: onp.ndarray):
     return _take_flat(phi, _flat_index(points, onp.shape(phi)))
 
 
-def _corner_index(origins: onp.ndarray, shape: Sequence[int]) -> onp.ndarray:
-    """Flat indices ``(V, 8)`` of the corners ``origin + c`` of each vertex's cell."""
-    return _flat_index(origins, shape)[:, None] + _flat_index(_CORNERS, shape)[None, :]
+def _cells(mc: MCResult, shape: Sequence[int], sp: onp.ndarray):
+    """``(base, origins, local)`` of every vertex's cell (see :func:`cell_origins`):
+    the flat index of its origin, the origin, and the vertex in cell coordinates."""
+    return _mck.cell_geometry(mc.edge_vertices, mc.verts, sp, *(int(n) for n in shape))
+
+
+@primitive
+def _take_corners(phi, base: onp.ndarray):
+    """``(V, 8)``: ``phi`` at the corners ``origin + c`` of the cells with flat origin ``base``."""
+    shape = onp.shape(phi)
+    return _mck.gather_corners(_f64(phi).reshape(-1), base, shape[1], shape[2])
+
+
+@primitive
+def _scatter_corners(values, base: onp.ndarray, shape: tuple):
+    """The adjoint of :func:`_take_corners`: ``values (V, 8)`` summed into a zero grid."""
+    out = onp.zeros(int(onp.prod(shape)))
+    _mck.scatter_corners(out, base, _f64(values), shape[1], shape[2])
+    return out.reshape(shape)
+
+
+defvjp(_take_corners, lambda ans, phi, base: lambda g: _scatter_corners(g, base, onp.shape(phi)))
+defjvp(_take_corners, lambda g, ans, phi, base: _take_corners(g, base))
+defvjp(_scatter_corners, lambda ans, values, base, shape: lambda g: _take_corners(g, base))
+defjvp(_scatter_corners, lambda g, ans, values, base, shape: _scatter_corners(g, base, shape))
 
 
 def iso_surface(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
@@ -464,19 +507,18 @@ def _iso_surface(phi, level, spacing, mode: str, backward: str, linear_solver,
         c0 = mc.edge_vertices[:, 0, :]
         verts = _along_edges(t, c0, mc.edge_vertices[:, 1, :] - c0, sp)
     else:
-        origins = cell_origins(mc.edge_vertices, phi_raw.shape)
-        local = mc.verts / sp - origins
+        base, origins, local = _cells(mc, phi_raw.shape, sp)
 
         def residual(v, corners, level_):
             return _trilinear(corners, v / sp - origins) - level_
 
         def solver(corners, level_):
             return Solution(mc.verts, JacobianRows(
-                lambda: _trilinear_gradient(corners, local) / sp))
+                lambda: _raw_trilinear_gradient(corners, local) / sp))
 
         layer = implicit_layer(residual, solver, batch_axis=0, check_independence=False,
                                **solver_kw)
-        verts = layer(_take_flat(phi, _corner_index(origins, phi_raw.shape)), level)
+        verts = layer(_take_corners(phi, base), level)
     return verts, mc.faces, mc
 
 

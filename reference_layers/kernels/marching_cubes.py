@@ -623,3 +623,109 @@ def _marching_cubes(phi: np.ndarray, level: float, sp: np.ndarray, nt: int) -> M
     )
     _run_slabs(_emit_range, args, nx, nt)
     return MCResult(verts, faces, edges, tv)
+
+
+# --------------------------------------------------------------------------
+# per-vertex kernels of the level-set layer (reference_layers.level_set)
+#
+# One pass over the vertices each, writing one output array: on this kind of
+# machine a fresh large NumPy temporary costs about as much as the arithmetic
+# (page faults), so the normal mode's cell data, trilinear values, gradients
+# and corner weights are computed here rather than as chains of (V, 8) NumPy
+# expressions.  float64 / int64 only: one compiled specialization each,
+# compiled on first use and cached on disk (cache=True).
+#
+# Corner c of a cell is (c & 1, c >> 1 & 1, c >> 2) along axes (0, 1, 2).
+# --------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def cell_geometry(edges, verts, sp, nx, ny, nz):  # pragma: no cover - compiled
+    """Flat index of each vertex's cell origin and the vertex in cell coordinates.
+
+    The origin is ``min(c0, c1)`` clipped to ``shape - 2`` (see
+    ``reference_layers.level_set.cell_origins``); ``local = verts / sp - origin``.
+    Returns ``base (V,) int64``, ``origins (V, 3) float64`` and ``local (V, 3) float64``.
+    """
+    V = edges.shape[0]
+    base = np.empty(V, dtype=np.int64)
+    origins = np.empty((V, 3), dtype=np.float64)
+    local = np.empty((V, 3), dtype=np.float64)
+    top0, top1, top2 = nx - 2, ny - 2, nz - 2
+    for n in range(V):
+        o0 = min(min(edges[n, 0, 0], edges[n, 1, 0]), top0)
+        o1 = min(min(edges[n, 0, 1], edges[n, 1, 1]), top1)
+        o2 = min(min(edges[n, 0, 2], edges[n, 1, 2]), top2)
+        base[n] = (o0 * ny + o1) * nz + o2
+        origins[n, 0], origins[n, 1], origins[n, 2] = o0, o1, o2
+        local[n, 0] = verts[n, 0] / sp[0] - o0
+        local[n, 1] = verts[n, 1] / sp[1] - o1
+        local[n, 2] = verts[n, 2] / sp[2] - o2
+    return base, origins, local
+
+
+@njit(cache=True, nogil=True)
+def gather_corners(phi_flat, base, ny, nz):  # pragma: no cover - compiled
+    """``out[n, c] = phi_flat[base[n] + offset(c)]``, ``(V, 8)``."""
+    V = base.shape[0]
+    out = np.empty((V, 8), dtype=np.float64)
+    for n in range(V):
+        for c in range(8):
+            out[n, c] = phi_flat[base[n] + ((c & 1) * ny + ((c >> 1) & 1)) * nz + (c >> 2)]
+    return out
+
+
+@njit(cache=True, nogil=True)
+def scatter_corners(out_flat, base, values, ny, nz):  # pragma: no cover - compiled
+    """``out_flat[base[n] + offset(c)] += values[n, c]``, in order (n, then c)."""
+    for n in range(base.shape[0]):
+        for c in range(8):
+            out_flat[base[n] + ((c & 1) * ny + ((c >> 1) & 1)) * nz + (c >> 2)] += values[n, c]
+
+
+@njit(cache=True, nogil=True)
+def trilinear_value_gradient(corners, local, want_gradient):  # pragma: no cover - compiled
+    """Trilinear interpolant ``(V,)`` of each cell at ``local`` and, if asked, its
+    gradient ``(V, 3)`` in cell coordinates (else a ``(0, 3)`` array).
+
+    Nested linear interpolations along axis 0, then 1, then 2 (the same
+    operations, in the same order, as ``reference_layers.level_set``'s NumPy
+    rules, so both give bit-identical values).
+    """
+    V = corners.shape[0]
+    value = np.empty(V, dtype=np.float64)
+    grad = np.empty((V if want_gradient else 0, 3), dtype=np.float64)
+    for n in range(V):
+        ux, uy, uz = local[n, 0], local[n, 1], local[n, 2]
+        d0 = corners[n, 1] - corners[n, 0]
+        d1 = corners[n, 3] - corners[n, 2]
+        d2 = corners[n, 5] - corners[n, 4]
+        d3 = corners[n, 7] - corners[n, 6]
+        e00 = corners[n, 0] + ux * d0
+        e10 = corners[n, 2] + ux * d1
+        e01 = corners[n, 4] + ux * d2
+        e11 = corners[n, 6] + ux * d3
+        f0 = e00 + uy * (e10 - e00)
+        f1 = e01 + uy * (e11 - e01)
+        value[n] = f0 + uz * (f1 - f0)
+        if want_gradient:
+            grad[n, 0] = (1.0 - uz) * (d0 + uy * (d1 - d0)) + uz * (d2 + uy * (d3 - d2))
+            grad[n, 1] = (1.0 - uz) * (e10 - e00) + uz * (e11 - e01)
+            grad[n, 2] = f1 - f0
+    return value, grad
+
+
+@njit(cache=True, nogil=True)
+def trilinear_weights(g, local):  # pragma: no cover - compiled
+    """``out[n, c] = g[n] * prod_k (c_k u_k + (1 - c_k)(1 - u_k))``, ``(V, 8)``."""
+    V = local.shape[0]
+    out = np.empty((V, 8), dtype=np.float64)
+    for n in range(V):
+        ux, uy, uz = local[n, 0], local[n, 1], local[n, 2]
+        wx0, wy0, wz0 = 1.0 - ux, 1.0 - uy, 1.0 - uz
+        for c in range(8):
+            w = ux if c & 1 else wx0
+            w = w * (uy if (c >> 1) & 1 else wy0)
+            w = w * (uz if c >> 2 else wz0)
+            out[n, c] = g[n] * w
+    return out
