@@ -384,13 +384,30 @@ defjvp(_edge_interp,
 
 
 @primitive
-def _along_edges(t, c0: onp.ndarray, step: onp.ndarray, sp: onp.ndarray):
-    """``(c0 + t (c1 - c0)) * spacing`` (the kernel's formula), linear in ``t``."""
-    return (c0 + onp.reshape(t, (-1, 1)) * step) * sp
+def _along_edges(t, mc: MCResult, sp: onp.ndarray):
+    """``(c0 + t (c1 - c0)) * spacing``, linear in ``t``.
+
+    At the kernel's own ``t`` these are the kernel's vertices (the same
+    formula, bit for bit), which are returned; any other ``t`` (an
+    intercepted forward) is placed on the edges here.
+    """
+    if onp.array_equal(t, mc.t):
+        return mc.verts
+    c0 = mc.edge_vertices[:, 0, :]
+    return (c0 + onp.reshape(t, (-1, 1)) * (mc.edge_vertices[:, 1, :] - c0)) * sp
 
 
-defvjp(_along_edges, lambda ans, t, c0, step, sp: lambda g: np.sum(g * (step * sp), axis=1))
-defjvp(_along_edges, lambda g, ans, t, c0, step, sp: np.reshape(g, (-1, 1)) * (step * sp))
+def _along_edges_vjp(g, mc: MCResult, sp: onp.ndarray):
+    """``g_n . (c1 - c0) * spacing`` per vertex."""
+    if _traced(g):
+        step = mc.edge_vertices[:, 1, :] - mc.edge_vertices[:, 0, :]
+        return np.sum(g * (step * sp), axis=1)
+    return _mck.edge_direction_dot(_f64(g), mc.edge_vertices, sp)
+
+
+defvjp(_along_edges, lambda ans, t, mc, sp: lambda g: _along_edges_vjp(g, mc, sp))
+defjvp(_along_edges, lambda g, ans, t, mc, sp: np.reshape(g, (-1, 1)) * (
+    (mc.edge_vertices[:, 1, :] - mc.edge_vertices[:, 0, :]) * sp))
 
 
 @primitive
@@ -504,8 +521,7 @@ def _iso_surface(phi, level, spacing, mode: str, backward: str, linear_solver,
                                diagnostics=_edge_margin_diagnostic, check_independence=False,
                                **solver_kw)
         t = layer(_gather(phi, mc.edge_vertices), level)
-        c0 = mc.edge_vertices[:, 0, :]
-        verts = _along_edges(t, c0, mc.edge_vertices[:, 1, :] - c0, sp)
+        verts = _along_edges(t, mc, sp)
     else:
         base, origins, local = _cells(mc, phi_raw.shape, sp)
 

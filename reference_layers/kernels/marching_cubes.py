@@ -729,3 +729,16 @@ def trilinear_weights(g, local):  # pragma: no cover - compiled
             w = w * (uz if c >> 2 else wz0)
             out[n, c] = g[n] * w
     return out
+
+
+@njit(cache=True, nogil=True)
+def edge_direction_dot(g, edges, sp):  # pragma: no cover - compiled
+    """``out[n] = sum_k g[n, k] (c1 - c0)_k sp[k]`` for the vertex edges ``(c0, c1)``."""
+    V = edges.shape[0]
+    out = np.empty(V, dtype=np.float64)
+    for n in range(V):
+        acc = 0.0
+        for k in range(3):
+            acc += g[n, k] * ((edges[n, 1, k] - edges[n, 0, k]) * sp[k])
+        out[n] = acc
+    return out
