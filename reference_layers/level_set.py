@@ -58,17 +58,36 @@ Values equal to the level
 Inputs of the node
     Not the grid: the values the residual reads, gathered from ``phi`` (the
     ``(V, 2)`` edge ends, or the ``(V, 8)`` corners of each vertex's cell) by
-    a traceable gather whose VJP is one ``numpy.bincount`` onto the grid
-    (autograd's fancy-index VJP, ``np.add.at``, is several times slower),
+    a traceable gather whose VJP is one scatter-add onto the grid
+    (``numpy.bincount`` for the edge ends, a compiled loop for the corners;
+    autograd's fancy-index VJP, ``np.add.at``, is several times slower),
     plus ``level``.  The node then works on ``O(V)`` numbers only.
+
+Where the backward's time goes (and why it is no slower than the forward)
+    The forward's byproducts reach the backward: the solver returns
+    ``Solution(y, JacobianRows(...))``, the closed-form rows of ``J``
+    (``phi[c1] - phi[c0]`` on an edge, ``grad phi_tri`` in normal mode),
+    computed on the first solve only, so the backward forms no Jacobian by
+    autograd.  The residuals (:func:`trilinear`, the edge interpolant) and
+    the vertex placement are single autograd primitives with closed-form
+    derivative rules: first-order products run as one pass over the
+    vertices (small numba kernels in :mod:`reference_layers.kernels.marching_cubes`,
+    compiled on first use and cached), higher orders use the same rules
+    written in ``autograd.numpy`` (traceable).  In edge mode the vertices on
+    raw numbers are the kernel's own (same formula, bit for bit).  What is
+    left of a VJP is ``O(V)`` work plus the one scatter onto a fresh zero
+    grid (the gradient itself), which on large grids is bound by the cost
+    of touching that memory.
 
 Linear solves
     Blocks are ``1 x 1`` (edge) or ``1 x 3`` (normal), one per vertex, so by
     default the layer passes the core a structured solver,
-    :func:`solve_vertex_blocks`, that forms the ``V`` rows of ``J`` with one
-    batched VJP and solves every block in closed form with NumPy
-    (``x = b / d`` and ``x = g b / |g|^2``); ``linear_solver='lstsq'`` (the
-    core's batched SVD, same result) or any other core solver can be chosen.
+    :class:`VertexBlocks`, that takes the ``V`` rows of ``J`` from the
+    forward (:class:`JacobianRows`; without them, one batched VJP) and
+    solves every block in closed form with NumPy (``x = b / d`` and
+    ``x = g b / |g|^2``); ``backward="generic"`` with
+    ``linear_solver='lstsq'`` (the core's batched SVD, same result) or any
+    other core solver can be chosen.
 """
 from __future__ import annotations
 
@@ -87,8 +106,8 @@ from nimplicit.linear_solvers import LinearSolver, LinearSolverState, legacy_fun
 from .kernels import marching_cubes as _mck
 from .kernels.marching_cubes import MCResult, marching_cubes
 
-__all__ = ["iso_surface_layer", "iso_surface", "VertexBlocks", "solve_vertex_blocks", "cell_origins",
-           "trilinear", "surrogate_gradient", "MODES"]
+__all__ = ["iso_surface_layer", "iso_surface", "VertexBlocks", "JacobianRows",
+           "solve_vertex_blocks", "cell_origins", "trilinear", "surrogate_gradient", "MODES"]
 
 MODES = ("edge", "normal")
 
@@ -580,7 +599,8 @@ def iso_surface_layer(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0)
     -------
     verts : (V, 3) float64
         ``(c0 + t (c1 - c0)) * spacing``: scikit-image's coordinates (grid index
-        times spacing).  Differentiable in ``phi`` and ``level``.
+        times spacing).  Differentiable in ``phi`` and ``level``.  May be the
+        kernel's own array ``mc.verts`` (no copy): copy before writing into it.
     faces : (F, 3) int64
         Triangles, normals (right-hand rule) towards increasing ``phi``;
         not differentiable, always raw integers (usable as indices).
