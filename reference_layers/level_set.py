@@ -545,7 +545,9 @@ def _iso_surface(phi, level, spacing, mode: str, backward: str, linear_solver,
         base, origins, local = _cells(mc, phi_raw.shape, sp)
 
         def residual(v, corners, level_):
-            return _trilinear(corners, v / sp - origins) - level_
+            # at the forward's own vertices the cell coordinates are known already
+            u = local if not _traced(v) and onp.array_equal(v, mc.verts) else v / sp - origins
+            return _trilinear(corners, u) - level_
 
         def solver(corners, level_):
             return Solution(mc.verts, JacobianRows(
