@@ -246,7 +246,11 @@ def _lerp_x(corners, ux):
 
 @primitive
 def _trilinear(corners, local):
-    return _mck.trilinear_value_gradient(_f64(corners), _f64(local), False)[0]
+    return _mck.trilinear_rules(_f64(corners), _f64(local), _NO_G, 0)[:, 0]
+
+
+_NO_G = onp.empty(0)                # placeholders of unused kernel arguments
+_NO_CORNERS = onp.empty((0, 8))
 
 
 def _f64(a) -> onp.ndarray:
@@ -285,7 +289,7 @@ def _trilinear_corner_vjp(g, local):
     """``g_n w_c(u_n)``: the VJP of the interpolant in the corner values."""
     if _traced(g, local):          # a higher-order derivative: the traceable rule
         return _unbatch_rows(g) * _trilinear_weights(local)
-    return _mck.trilinear_weights(_f64(g), _f64(local))
+    return _mck.trilinear_rules(_NO_CORNERS, _f64(local), _f64(g), 2)
 
 
 def _trilinear_local_vjp(g, corners, local):
@@ -296,7 +300,7 @@ def _trilinear_local_vjp(g, corners, local):
 
 
 def _raw_trilinear_gradient(corners, local) -> onp.ndarray:
-    return _mck.trilinear_value_gradient(_f64(corners), _f64(local), True)[1]
+    return _mck.trilinear_rules(_f64(corners), _f64(local), _NO_G, 1)
 
 
 defvjp(_trilinear,
@@ -475,14 +479,16 @@ def _cells(mc: MCResult, shape: Sequence[int], sp: onp.ndarray):
 def _take_corners(phi, base: onp.ndarray):
     """``(V, 8)``: ``phi`` at the corners ``origin + c`` of the cells with flat origin ``base``."""
     shape = onp.shape(phi)
-    return _mck.gather_corners(_f64(phi).reshape(-1), base, shape[1], shape[2])
+    out = onp.empty((len(base), 8))
+    _mck.transfer_corners(_f64(phi).reshape(-1), base, out, shape[1], shape[2], False)
+    return out
 
 
 @primitive
 def _scatter_corners(values, base: onp.ndarray, shape: tuple):
     """The adjoint of :func:`_take_corners`: ``values (V, 8)`` summed into a zero grid."""
     out = onp.zeros(int(onp.prod(shape)))
-    _mck.scatter_corners(out, base, _f64(values), shape[1], shape[2])
+    _mck.transfer_corners(out, base, _f64(values), shape[1], shape[2], True)
     return out.reshape(shape)
 
 

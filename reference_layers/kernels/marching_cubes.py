@@ -665,38 +665,46 @@ def cell_geometry(edges, verts, sp, nx, ny, nz):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def gather_corners(phi_flat, base, ny, nz):  # pragma: no cover - compiled
-    """``out[n, c] = phi_flat[base[n] + offset(c)]``, ``(V, 8)``."""
-    V = base.shape[0]
-    out = np.empty((V, 8), dtype=np.float64)
-    for n in range(V):
-        for c in range(8):
-            out[n, c] = phi_flat[base[n] + ((c & 1) * ny + ((c >> 1) & 1)) * nz + (c >> 2)]
-    return out
+def transfer_corners(grid_flat, base, values, ny, nz, scatter):  # pragma: no cover - compiled
+    """Between a flat grid and the ``(V, 8)`` corner values of cells with flat origins ``base``.
 
-
-@njit(cache=True, nogil=True)
-def scatter_corners(out_flat, base, values, ny, nz):  # pragma: no cover - compiled
-    """``out_flat[base[n] + offset(c)] += values[n, c]``, in order (n, then c)."""
+    ``scatter=False``: ``values[n, c] = grid_flat[base[n] + offset(c)]`` (a gather);
+    ``scatter=True``: ``grid_flat[base[n] + offset(c)] += values[n, c]``, in order
+    (n, then c).  One function for both (one compiled specialization).
+    """
     for n in range(base.shape[0]):
         for c in range(8):
-            out_flat[base[n] + ((c & 1) * ny + ((c >> 1) & 1)) * nz + (c >> 2)] += values[n, c]
+            i = base[n] + ((c & 1) * ny + ((c >> 1) & 1)) * nz + (c >> 2)
+            if scatter:
+                grid_flat[i] += values[n, c]
+            else:
+                values[n, c] = grid_flat[i]
 
 
 @njit(cache=True, nogil=True)
-def trilinear_value_gradient(corners, local, want_gradient):  # pragma: no cover - compiled
-    """Trilinear interpolant ``(V,)`` of each cell at ``local`` and, if asked, its
-    gradient ``(V, 3)`` in cell coordinates (else a ``(0, 3)`` array).
+def trilinear_rules(corners, local, g, what):  # pragma: no cover - compiled
+    """The trilinear interpolant of each cell at ``local`` and its derivative rules.
 
-    Nested linear interpolations along axis 0, then 1, then 2 (the same
-    operations, in the same order, as ``reference_layers.level_set``'s NumPy
-    rules, so both give bit-identical values).
+    ``what = 0``: the values ``(V,)``; ``1``: the gradients ``(V, 3)`` in cell
+    coordinates; ``2``: the corner weights times ``g``, ``out[n, c] = g[n]
+    prod_k (c_k u_k + (1 - c_k)(1 - u_k))``, ``(V, 8)`` (``corners`` unused).
+    Values and gradients are nested linear interpolations along axis 0, then
+    1, then 2 (the operations, in the order, of ``reference_layers.level_set``'s
+    NumPy rules, so both give bit-identical values).  One function for the
+    three (one compiled specialization).
     """
-    V = corners.shape[0]
-    value = np.empty(V, dtype=np.float64)
-    grad = np.empty((V if want_gradient else 0, 3), dtype=np.float64)
+    V = local.shape[0]
+    out = np.empty((V, 1 if what == 0 else (3 if what == 1 else 8)), dtype=np.float64)
     for n in range(V):
         ux, uy, uz = local[n, 0], local[n, 1], local[n, 2]
+        if what == 2:
+            wx0, wy0, wz0 = 1.0 - ux, 1.0 - uy, 1.0 - uz
+            for c in range(8):
+                w = ux if c & 1 else wx0
+                w = w * (uy if (c >> 1) & 1 else wy0)
+                w = w * (uz if c >> 2 else wz0)
+                out[n, c] = g[n] * w
+            continue
         d0 = corners[n, 1] - corners[n, 0]
         d1 = corners[n, 3] - corners[n, 2]
         d2 = corners[n, 5] - corners[n, 4]
@@ -707,27 +715,12 @@ def trilinear_value_gradient(corners, local, want_gradient):  # pragma: no cover
         e11 = corners[n, 6] + ux * d3
         f0 = e00 + uy * (e10 - e00)
         f1 = e01 + uy * (e11 - e01)
-        value[n] = f0 + uz * (f1 - f0)
-        if want_gradient:
-            grad[n, 0] = (1.0 - uz) * (d0 + uy * (d1 - d0)) + uz * (d2 + uy * (d3 - d2))
-            grad[n, 1] = (1.0 - uz) * (e10 - e00) + uz * (e11 - e01)
-            grad[n, 2] = f1 - f0
-    return value, grad
-
-
-@njit(cache=True, nogil=True)
-def trilinear_weights(g, local):  # pragma: no cover - compiled
-    """``out[n, c] = g[n] * prod_k (c_k u_k + (1 - c_k)(1 - u_k))``, ``(V, 8)``."""
-    V = local.shape[0]
-    out = np.empty((V, 8), dtype=np.float64)
-    for n in range(V):
-        ux, uy, uz = local[n, 0], local[n, 1], local[n, 2]
-        wx0, wy0, wz0 = 1.0 - ux, 1.0 - uy, 1.0 - uz
-        for c in range(8):
-            w = ux if c & 1 else wx0
-            w = w * (uy if (c >> 1) & 1 else wy0)
-            w = w * (uz if c >> 2 else wz0)
-            out[n, c] = g[n] * w
+        if what == 0:
+            out[n, 0] = f0 + uz * (f1 - f0)
+        else:
+            out[n, 0] = (1.0 - uz) * (d0 + uy * (d1 - d0)) + uz * (d2 + uy * (d3 - d2))
+            out[n, 1] = (1.0 - uz) * (e10 - e00) + uz * (e11 - e01)
+            out[n, 2] = f1 - f0
     return out
 
 
