@@ -10,6 +10,10 @@ forward
     implicit node's forward: the residual check per vertex);
     scikit-image ``lewiner`` and ``lorensen`` (Cython) and PyMCubes (C++),
     when installed (``pip install scikit-image PyMCubes``);
+zero grid
+    ``numpy.zeros(phi.shape)`` with every page written: the memory cost of
+    the ``n^3`` gradient any backward returns (on a virtual machine whose
+    fresh pages are expensive this floor alone varies by 10x at 256^3);
 backward
     a VJP of ``sum(verts)`` with respect to ``phi`` in ``mode="edge"`` and
     ``mode="normal"``: ``traced`` is the forward under autograd's tracing
@@ -78,6 +82,14 @@ def _forward_run(fn, phi):
     return run
 
 
+def _zero_grid(phi):
+    """A fresh zero array of phi's shape, every page written: the memory cost of the
+    gradient that every VJP must return (a floor for the backward on large grids)."""
+    out = onp.zeros(phi.shape)
+    out.fill(0.0)
+    return out
+
+
 def _backward_run(mode, phi):
     def run(laps):
         vjp, verts = make_vjp(lambda p: iso_surface_layer(p, 0.0, mode=mode)[0])(phi)
@@ -97,11 +109,12 @@ def bench(sizes, repeats: int, clock: str = "wall"):
                 "layer": _forward_run(lambda p: iso_surface_layer(p), phi),
                 "layer normal": _forward_run(lambda p: iso_surface_layer(p, mode="normal"), phi)}
         runs.update({name: _forward_run(fn, phi) for name, fn in peers.items()})
+        runs["zero grid"] = _forward_run(_zero_grid, phi)
         runs["edge"] = _backward_run("edge", phi)
         runs["normal"] = _backward_run("normal", phi)
         times = time_interleaved(runs, repeats=repeats, warmup=1, budget_s=20.0, clock=clock)
         row = {"n": n, "V": n_verts}
-        for name in ["kernel", "layer", "layer normal"] + list(peers):
+        for name in ["kernel", "layer", "layer normal", "zero grid"] + list(peers):
             row[name] = times[name]["forward"].median
             row[f"{name} min"] = times[name]["forward"].min
         for mode in ("edge", "normal"):
@@ -182,7 +195,8 @@ def main(argv=None):
     rows, peers = bench(sizes, repeats, args.clock)
     ms = lambda key: Column(key, lambda r: None if r.get(key) is None else 1e3 * r[key], "{:.1f}")
     x = lambda key: Column(key, key, "{:.2f}x")
-    columns = [Column("n", "n"), Column("V", "V"), ms("kernel"), ms("layer"), ms("layer normal")]
+    columns = [Column("n", "n"), Column("V", "V"), ms("kernel"), ms("layer"), ms("layer normal"),
+               ms("zero grid")]
     columns += [ms(p) for p in peers]
     if "skimage lewiner" in peers:
         columns += [x("lewiner/kernel"), x("lewiner/layer")]
