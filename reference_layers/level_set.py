@@ -111,10 +111,6 @@ __all__ = ["iso_surface_layer", "iso_surface", "VertexBlocks", "JacobianRows",
 
 MODES = ("edge", "normal")
 
-# corner offsets of a cell, ordered (dx, dy, dz) with dx fastest
-_CORNERS = onp.array([[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)],
-                     dtype=onp.int64)
-
 
 # ------------------------------------------------------------------------------
 # the closed-form block solver
@@ -236,12 +232,6 @@ def trilinear(corners, local):
 def _columns(a, count):
     """The ``count`` columns of a ``(V, count)`` array as ``(V,)`` arrays (traceable)."""
     return [a[:, k] for k in range(count)]
-
-
-def _lerp_x(corners, ux):
-    """The four interpolations along axis 0: rows ``(cy, cz) = (0,0), (1,0), (0,1), (1,1)``."""
-    c = _columns(corners, 8)
-    return [c[2 * q] + ux * (c[2 * q + 1] - c[2 * q]) for q in range(4)]
 
 
 @primitive
