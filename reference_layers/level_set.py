@@ -58,17 +58,36 @@ Values equal to the level
 Inputs of the node
     Not the grid: the values the residual reads, gathered from ``phi`` (the
     ``(V, 2)`` edge ends, or the ``(V, 8)`` corners of each vertex's cell) by
-    a traceable gather whose VJP is one ``numpy.bincount`` onto the grid
-    (autograd's fancy-index VJP, ``np.add.at``, is several times slower),
+    a traceable gather whose VJP is one scatter-add onto the grid
+    (``numpy.bincount`` for the edge ends, a compiled loop for the corners;
+    autograd's fancy-index VJP, ``np.add.at``, is several times slower),
     plus ``level``.  The node then works on ``O(V)`` numbers only.
+
+Where the backward's time goes (and why it is no slower than the forward)
+    The forward's byproducts reach the backward: the solver returns
+    ``Solution(y, JacobianRows(...))``, the closed-form rows of ``J``
+    (``phi[c1] - phi[c0]`` on an edge, ``grad phi_tri`` in normal mode),
+    computed on the first solve only, so the backward forms no Jacobian by
+    autograd.  The residuals (:func:`trilinear`, the edge interpolant) and
+    the vertex placement are single autograd primitives with closed-form
+    derivative rules: first-order products run as one pass over the
+    vertices (small numba kernels in :mod:`reference_layers.kernels.marching_cubes`,
+    compiled on first use and cached), higher orders use the same rules
+    written in ``autograd.numpy`` (traceable).  In edge mode the vertices on
+    raw numbers are the kernel's own (same formula, bit for bit).  What is
+    left of a VJP is ``O(V)`` work plus the one scatter onto a fresh zero
+    grid (the gradient itself), which on large grids is bound by the cost
+    of touching that memory.
 
 Linear solves
     Blocks are ``1 x 1`` (edge) or ``1 x 3`` (normal), one per vertex, so by
     default the layer passes the core a structured solver,
-    :func:`solve_vertex_blocks`, that forms the ``V`` rows of ``J`` with one
-    batched VJP and solves every block in closed form with NumPy
-    (``x = b / d`` and ``x = g b / |g|^2``); ``linear_solver='lstsq'`` (the
-    core's batched SVD, same result) or any other core solver can be chosen.
+    :class:`VertexBlocks`, that takes the ``V`` rows of ``J`` from the
+    forward (:class:`JacobianRows`; without them, one batched VJP) and
+    solves every block in closed form with NumPy (``x = b / d`` and
+    ``x = g b / |g|^2``); ``backward="generic"`` with
+    ``linear_solver='lstsq'`` (the core's batched SVD, same result) or any
+    other core solver can be chosen.
 """
 from __future__ import annotations
 
@@ -77,24 +96,20 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import autograd.numpy as np
 import numpy as onp
 from autograd.extend import defjvp, defvjp, primitive
-from autograd.tracer import getval
+from autograd.tracer import getval, isbox
 
-from nimplicit import implicit_layer
+from nimplicit import Solution, implicit_layer
 from nimplicit.errors import NonFiniteError, ShapeError, SingularJacobianError
 from nimplicit.errors import OptionError, check_backward, check_options, renamed
 from nimplicit.linear_solvers import LinearSolver, LinearSolverState, legacy_function
 
+from .kernels import marching_cubes as _mck
 from .kernels.marching_cubes import MCResult, marching_cubes
 
-__all__ = ["iso_surface_layer", "iso_surface", "VertexBlocks", "solve_vertex_blocks", "cell_origins",
-           "trilinear", "surrogate_gradient", "MODES"]
+__all__ = ["iso_surface_layer", "iso_surface", "VertexBlocks", "JacobianRows",
+           "solve_vertex_blocks", "cell_origins", "trilinear", "surrogate_gradient", "MODES"]
 
 MODES = ("edge", "normal")
-
-# corner offsets of a cell, ordered (dx, dy, dz) with dx fastest
-_CORNERS = onp.array([[(c >> 0) & 1, (c >> 1) & 1, (c >> 2) & 1] for c in range(8)],
-                     dtype=onp.int64)
-_UNIT_COLUMNS = [onp.eye(3)[:, k:k + 1] for k in range(3)]
 
 
 # ------------------------------------------------------------------------------
@@ -116,11 +131,31 @@ class _VertexBlocksState(LinearSolverState):
         return self.g * (b[:, 0] * self.inv_norm2)[:, None]      # b (V, 1) -> x (V, m)
 
 
+class JacobianRows:
+    """The rows ``g_n = dF_n/dy_n`` of a batch of ``1 x m`` blocks, computed on demand.
+
+    A forward byproduct (``Solution.aux``) for :class:`VertexBlocks`: the
+    layer knows ``J`` in closed form (``phi[c1] - phi[c0]`` on an edge, the
+    surrogate's gradient in normal mode), so the backward need not form it
+    with an autograd VJP of the residual.  ``rows()`` is called at most once,
+    on the first solve, so a forward without backward does not pay for it.
+    """
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[], onp.ndarray]):
+        self._make = make
+
+    def rows(self) -> onp.ndarray:
+        return self._make()
+
+
 class VertexBlocks(LinearSolver):
     r"""Minimum-norm solve of a batch of ``1 x m`` blocks ``J_n = g_n^T``.
 
-    :meth:`init` forms the rows ``g_n`` of all ``V`` blocks with one batched
-    product with ``J^T`` (``operator.dense()`` with ``r = 1``).  Then, for
+    :meth:`init` takes the rows ``g_n`` of all ``V`` blocks from the forward's
+    :class:`JacobianRows` (``aux``) when there is one, else forms them with one
+    batched product with ``J^T`` (``operator.dense()`` with ``r = 1``).  Then, for
     every block at once,
 
     .. math::  J x = b:\ x_n = g_n\, b_n / |g_n|^2, \qquad
@@ -140,7 +175,13 @@ class VertexBlocks(LinearSolver):
         if operator.r != 1:
             raise ShapeError(f"VertexBlocks solves 1 x m blocks, got {operator.r} x "
                              f"{operator.m}; use a core solver such as 'lstsq'")
-        g = operator.dense()[:, 0, :]                      # (V, m)
+        if isinstance(aux, JacobianRows):     # the forward's closed-form rows of J
+            g = onp.asarray(aux.rows(), dtype=float)
+            if g.shape != (operator.batch_size, operator.m):
+                raise ShapeError(f"JacobianRows gave rows of shape {g.shape}, expected "
+                                 f"{(operator.batch_size, operator.m)}")
+        else:
+            g = operator.dense()[:, 0, :]                  # (V, m): one batched VJP
         norm2 = onp.einsum("ij,ij->i", g, g)
         bad = onp.flatnonzero(~(norm2 > 0))
         if bad.size:
@@ -177,16 +218,87 @@ def trilinear(corners, local):
 
     ``corners`` ``(V, 8)`` are the values ``phi[o + c]`` of each vertex's cell
     (corner ``c = (c & 1, c >> 1 & 1, c >> 2)``), ``local`` ``(V, 3)`` the
-    coordinates ``u`` in the cell; both may be traced.
+    coordinates ``u`` in the cell; both may be traced (derivatives of any
+    order: the derivative rules below are themselves traceable).
+
+    Evaluated as three nested linear interpolations (along axis 0, then 1,
+    then 2), one autograd primitive with closed-form derivatives: the
+    product with the weights for ``corners`` and :func:`_trilinear_gradient`
+    for ``local``.
     """
-    # per axis the factor c_k u_k + (1 - c_k)(1 - u_k) = (1 - c_k) + (2 c_k - 1) u_k,
-    # as plain products (np.prod's VJP divides by factors that vanish on cell faces)
-    # (u_k is picked by a product with a unit column: autograd's VJP of a slice is a slow scatter)
-    weights = 1.0
-    for k in range(3):
-        u_k = np.dot(local, _UNIT_COLUMNS[k])                     # (V, 1)
-        weights = weights * ((1.0 - _CORNERS[:, k]) + (2.0 * _CORNERS[:, k] - 1.0) * u_k)
-    return np.sum(corners * weights, axis=1)
+    return _trilinear(corners, local)
+
+
+def _columns(a, count):
+    """The ``count`` columns of a ``(V, count)`` array as ``(V,)`` arrays (traceable)."""
+    return [a[:, k] for k in range(count)]
+
+
+@primitive
+def _trilinear(corners, local):
+    return _mck.trilinear_rules(_f64(corners), _f64(local), _NO_G, 0)[:, 0]
+
+
+_NO_G = onp.empty(0)                # placeholders of unused kernel arguments
+_NO_CORNERS = onp.empty((0, 8))
+
+
+def _f64(a) -> onp.ndarray:
+    return onp.ascontiguousarray(a, dtype=onp.float64)
+
+
+def _traced(*args) -> bool:
+    return any(isbox(a) for a in args)
+
+
+def _trilinear_weights(local):
+    r"""``w_c(u) = prod_k (c_k u_k + (1 - c_k)(1 - u_k))`` for the 8 corners, ``(V, 8)``."""
+    w = [np.stack([1.0 - local[:, k], local[:, k]], axis=1) for k in range(3)]   # (V, 2) each
+    V = np.shape(local)[0]
+    return np.reshape(np.reshape(w[2], (V, 2, 1, 1)) * np.reshape(w[1], (V, 1, 2, 1))
+                      * np.reshape(w[0], (V, 1, 1, 2)), (V, 8))
+
+
+def _trilinear_gradient(corners, local):
+    r"""``d phi_tri / d u`` ``(V, 3)`` in local cell coordinates (traceable)."""
+    ux, uy, uz = local[:, 0], local[:, 1], local[:, 2]
+    c = _columns(corners, 8)
+    dx = [c[2 * q + 1] - c[2 * q] for q in range(4)]             # along axis 0, rows (cy, cz)
+    e00, e10, e01, e11 = [c[2 * q] + ux * dx[q] for q in range(4)]
+    gx = (1.0 - uz) * (dx[0] + uy * (dx[1] - dx[0])) + uz * (dx[2] + uy * (dx[3] - dx[2]))
+    gy = (1.0 - uz) * (e10 - e00) + uz * (e11 - e01)
+    gz = (e01 + uy * (e11 - e01)) - (e00 + uy * (e10 - e00))
+    return np.stack([gx, gy, gz], axis=1)
+
+
+def _unbatch_rows(g):
+    return np.reshape(g, (-1, 1))
+
+
+def _trilinear_corner_vjp(g, local):
+    """``g_n w_c(u_n)``: the VJP of the interpolant in the corner values."""
+    if _traced(g, local):          # a higher-order derivative: the traceable rule
+        return _unbatch_rows(g) * _trilinear_weights(local)
+    return _mck.trilinear_rules(_NO_CORNERS, _f64(local), _f64(g), 2)
+
+
+def _trilinear_local_vjp(g, corners, local):
+    """``g_n d phi_tri/d u``: the VJP of the interpolant in the cell coordinates."""
+    if _traced(g, corners, local):
+        return _unbatch_rows(g) * _trilinear_gradient(corners, local)
+    return onp.reshape(g, (-1, 1)) * _raw_trilinear_gradient(corners, local)
+
+
+def _raw_trilinear_gradient(corners, local) -> onp.ndarray:
+    return _mck.trilinear_rules(_f64(corners), _f64(local), _NO_G, 1)
+
+
+defvjp(_trilinear,
+       lambda ans, corners, local: lambda g: _trilinear_corner_vjp(g, local),
+       lambda ans, corners, local: lambda g: _trilinear_local_vjp(g, corners, local))
+defjvp(_trilinear,
+       lambda g, ans, corners, local: np.sum(g * _trilinear_weights(local), axis=1),
+       lambda g, ans, corners, local: np.sum(g * _trilinear_gradient(corners, local), axis=1))
 
 
 def surrogate_gradient(phi, mc: MCResult,
@@ -197,14 +309,10 @@ def surrogate_gradient(phi, mc: MCResult,
     coordinates ``(d phi_tri / d u) / spacing``; its direction is the surface
     normal used by ``mode="normal"`` (towards increasing ``phi``).
     """
-    from autograd import grad as _grad
     phi = onp.asarray(phi, dtype=float)
     sp = onp.asarray(spacing, dtype=float)
-    origins = cell_origins(mc.edge_vertices, phi.shape)
-    corners = _gather(phi, origins[:, None, :] + _CORNERS[None, :, :])
-    local = mc.verts / sp - origins
-    # each vertex's value depends on its own row only: the gradient of the sum is per row
-    return _grad(lambda u: np.sum(trilinear(corners, u)))(local) / sp
+    base, _, local = _cells(mc, phi.shape, sp)
+    return _raw_trilinear_gradient(_take_corners(phi, base), local) / sp
 
 
 # ------------------------------------------------------------------------------
@@ -258,15 +366,61 @@ def _edge_margin_diagnostic(point):
                             "derivative is one-sided)")}
 
 
-_EDGE_WEIGHTS = (onp.array([1.0, 0.0]), onp.array([-1.0, 1.0]))
-
-
 def _edge_residual(t, ends, level):
-    """``(1 - t) phi[c0] + t phi[c1] - level`` per vertex; ``ends = phi[(c0, c1)]`` ``(V, 2)``.
+    """``(1 - t) phi[c0] + t phi[c1] - level`` per vertex; ``ends = phi[(c0, c1)]`` ``(V, 2)``."""
+    return _edge_interp(np.reshape(t, (-1,)), ends) - level
 
-    Written with broadcasting, no slicing (autograd's VJP of a slice is a slow scatter)."""
-    weights = _EDGE_WEIGHTS[0] + np.reshape(t, (-1, 1)) * _EDGE_WEIGHTS[1]
-    return np.sum(ends * weights, axis=1) - level
+
+@primitive
+def _edge_interp(t, ends):
+    """``(1 - t) ends[:, 0] + t ends[:, 1]`` (one primitive: closed-form derivatives)."""
+    return (1.0 - t) * ends[:, 0] + t * ends[:, 1]
+
+
+def _edge_weights(t):
+    """``[1 - t, t]`` per vertex, ``(V, 2)``: the derivative of the interpolant in ``ends``."""
+    return np.stack([1.0 - t, t], axis=1)
+
+
+def _edge_slope(ends):
+    """``ends[:, 1] - ends[:, 0]``: the derivative of the interpolant in ``t``."""
+    return ends[:, 1] - ends[:, 0]
+
+
+# derivative rules written with autograd.numpy, so they are traceable (any order)
+defvjp(_edge_interp,
+       lambda ans, t, ends: lambda g: g * _edge_slope(ends),
+       lambda ans, t, ends: lambda g: np.reshape(g, (-1, 1)) * _edge_weights(t))
+defjvp(_edge_interp,
+       lambda g, ans, t, ends: g * _edge_slope(ends),
+       lambda g, ans, t, ends: np.sum(g * _edge_weights(t), axis=1))
+
+
+@primitive
+def _along_edges(t, mc: MCResult, sp: onp.ndarray):
+    """``(c0 + t (c1 - c0)) * spacing``, linear in ``t``.
+
+    At the kernel's own ``t`` these are the kernel's vertices (the same
+    formula, bit for bit), which are returned; any other ``t`` (an
+    intercepted forward) is placed on the edges here.
+    """
+    if onp.array_equal(t, mc.t):
+        return mc.verts
+    c0 = mc.edge_vertices[:, 0, :]
+    return (c0 + onp.reshape(t, (-1, 1)) * (mc.edge_vertices[:, 1, :] - c0)) * sp
+
+
+def _along_edges_vjp(g, mc: MCResult, sp: onp.ndarray):
+    """``g_n . (c1 - c0) * spacing`` per vertex."""
+    if _traced(g):
+        step = mc.edge_vertices[:, 1, :] - mc.edge_vertices[:, 0, :]
+        return np.sum(g * (step * sp), axis=1)
+    return _mck.edge_direction_dot(_f64(g), mc.edge_vertices, sp)
+
+
+defvjp(_along_edges, lambda ans, t, mc, sp: lambda g: _along_edges_vjp(g, mc, sp))
+defjvp(_along_edges, lambda g, ans, t, mc, sp: np.reshape(g, (-1, 1)) * (
+    (mc.edge_vertices[:, 1, :] - mc.edge_vertices[:, 0, :]) * sp))
 
 
 @primitive
@@ -294,11 +448,44 @@ defjvp(_scatter_add_flat, lambda g, ans, values, flat_index, shape: _scatter_add
                                                                                      shape))
 
 
+def _flat_index(points: onp.ndarray, shape: Sequence[int]) -> onp.ndarray:
+    """C-order flat indices of integer grid points ``points (..., 3)``."""
+    return points[..., 0] * (shape[1] * shape[2]) + points[..., 1] * shape[2] + points[..., 2]
+
+
 def _gather(phi, points: onp.ndarray):
     """``phi`` at integer grid points ``points (..., 3)``, traceable: the fancy index
     ``phi[i, j, k]`` as a gather of flat indices whose VJP is one ``bincount``."""
-    flat_index = onp.ravel_multi_index(tuple(onp.moveaxis(points, -1, 0)), onp.shape(phi))
-    return _take_flat(phi, flat_index)
+    return _take_flat(phi, _flat_index(points, onp.shape(phi)))
+
+
+def _cells(mc: MCResult, shape: Sequence[int], sp: onp.ndarray):
+    """``(base, origins, local)`` of every vertex's cell (see :func:`cell_origins`):
+    the flat index of its origin, the origin, and the vertex in cell coordinates."""
+    return _mck.cell_geometry(mc.edge_vertices, mc.verts, sp, *(int(n) for n in shape))
+
+
+@primitive
+def _take_corners(phi, base: onp.ndarray):
+    """``(V, 8)``: ``phi`` at the corners ``origin + c`` of the cells with flat origin ``base``."""
+    shape = onp.shape(phi)
+    out = onp.empty((len(base), 8))
+    _mck.transfer_corners(_f64(phi).reshape(-1), base, out, shape[1], shape[2], False)
+    return out
+
+
+@primitive
+def _scatter_corners(values, base: onp.ndarray, shape: tuple):
+    """The adjoint of :func:`_take_corners`: ``values (V, 8)`` summed into a zero grid."""
+    out = onp.zeros(int(onp.prod(shape)))
+    _mck.transfer_corners(out, base, _f64(values), shape[1], shape[2], True)
+    return out.reshape(shape)
+
+
+defvjp(_take_corners, lambda ans, phi, base: lambda g: _scatter_corners(g, base, onp.shape(phi)))
+defjvp(_take_corners, lambda g, ans, phi, base: _take_corners(g, base))
+defvjp(_scatter_corners, lambda ans, values, base, shape: lambda g: _take_corners(g, base))
+defjvp(_scatter_corners, lambda g, ans, values, base, shape: _scatter_corners(g, base, shape))
 
 
 def iso_surface(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
@@ -314,6 +501,13 @@ def iso_surface(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0), *,
         else "generic"
     return _iso_surface(phi, level, spacing, mode, backward,
                         None if backward == "structured" else linear_solver, None)
+
+
+def _edge_solver(mc: MCResult) -> Callable:
+    """The edge-mode forward: the kernel's ``t``, and ``dF/dt = phi[c1] - phi[c0]`` as aux."""
+    def solver(ends, level_):
+        return Solution(mc.t, JacobianRows(lambda: (ends[:, 1] - ends[:, 0])[:, None]))
+    return solver
 
 
 def _iso_surface(phi, level, spacing, mode: str, backward: str, linear_solver,
@@ -338,22 +532,26 @@ def _iso_surface(phi, level, spacing, mode: str, backward: str, linear_solver,
     if len(mc.verts) == 0:
         return _empty_verts(phi, level), mc.faces, mc
     if mode == "edge":
-        layer = implicit_layer(_edge_residual, lambda ends, level_: mc.t, batch_axis=0,
+        layer = implicit_layer(_edge_residual, _edge_solver(mc), batch_axis=0,
                                diagnostics=_edge_margin_diagnostic, check_independence=False,
                                **solver_kw)
         t = layer(_gather(phi, mc.edge_vertices), level)
-        c0 = mc.edge_vertices[:, 0, :]
-        step = mc.edge_vertices[:, 1, :] - c0
-        verts = (c0 + np.reshape(t, (-1, 1)) * step) * sp
+        verts = _along_edges(t, mc, sp)
     else:
-        origins = cell_origins(mc.edge_vertices, phi_raw.shape)
+        base, origins, local = _cells(mc, phi_raw.shape, sp)
 
         def residual(v, corners, level_):
-            return trilinear(corners, v / sp - origins) - level_
+            # at the forward's own vertices the cell coordinates are known already
+            u = local if not _traced(v) and onp.array_equal(v, mc.verts) else v / sp - origins
+            return _trilinear(corners, u) - level_
 
-        layer = implicit_layer(residual, lambda corners, level_: mc.verts, batch_axis=0,
-                               check_independence=False, **solver_kw)
-        verts = layer(_gather(phi, origins[:, None, :] + _CORNERS[None, :, :]), level)
+        def solver(corners, level_):
+            return Solution(mc.verts, JacobianRows(
+                lambda: _raw_trilinear_gradient(corners, local) / sp))
+
+        layer = implicit_layer(residual, solver, batch_axis=0, check_independence=False,
+                               **solver_kw)
+        verts = layer(_take_corners(phi, base), level)
     return verts, mc.faces, mc
 
 
@@ -399,7 +597,8 @@ def iso_surface_layer(phi, level=0.0, spacing: Sequence[float] = (1.0, 1.0, 1.0)
     -------
     verts : (V, 3) float64
         ``(c0 + t (c1 - c0)) * spacing``: scikit-image's coordinates (grid index
-        times spacing).  Differentiable in ``phi`` and ``level``.
+        times spacing).  Differentiable in ``phi`` and ``level``.  May be the
+        kernel's own array ``mc.verts`` (no copy): copy before writing into it.
     faces : (F, 3) int64
         Triangles, normals (right-hand rule) towards increasing ``phi``;
         not differentiable, always raw integers (usable as indices).

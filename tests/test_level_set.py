@@ -178,6 +178,51 @@ def test_normal_mode_second_order_is_refused():
         grad(lambda p: np.sum(grad(f)(p) ** 2))(phi)
 
 
+def test_trilinear_value_is_the_weighted_sum_of_corners():
+    rng = onp.random.default_rng(11)
+    corners, local = rng.standard_normal((50, 8)), rng.uniform(-0.2, 1.2, (50, 3))
+    bits = onp.array([[c & 1, (c >> 1) & 1, c >> 2] for c in range(8)])
+    weights = onp.prod(onp.where(bits[None], local[:, None, :], 1.0 - local[:, None, :]), axis=2)
+    onp.testing.assert_allclose(trilinear(corners, local), onp.sum(corners * weights, 1),
+                                rtol=1e-13, atol=1e-13)
+    # at the corners the interpolant is the corner value (up to the lerps' rounding)
+    onp.testing.assert_allclose(trilinear(corners[:8], bits.astype(float)),
+                                corners[onp.arange(8), onp.arange(8)], rtol=0, atol=1e-15)
+
+
+def test_trilinear_derivatives_match_finite_differences_to_second_order():
+    # first order: the compiled rules; second order: the traceable NumPy rules
+    rng = onp.random.default_rng(12)
+    corners, local = rng.standard_normal((6, 8)), rng.uniform(0.05, 0.95, (6, 3))
+    report = check_grad(trilinear, corners, local, order=2)
+    assert report.passed, report.summary(failures_only=True)
+
+
+@pytest.mark.parametrize("mode", ["edge", "normal"])
+def test_jacobian_rows_from_the_forward_equal_the_autograd_rows(mode):
+    from nimplicit import record_points
+    from reference_layers.level_set import JacobianRows
+    phi, level = field(onp.random.default_rng(5), "torus", n=9)
+    with record_points() as points:
+        iso_surface_layer(phi, level, (0.3, 0.2, 0.5), mode=mode)
+    point = points[-1]
+    assert isinstance(point.aux, JacobianRows)
+    onp.testing.assert_allclose(point.aux.rows(), point.operator.dense()[:, 0, :],
+                                rtol=1e-14, atol=1e-14)
+
+
+def test_vertices_follow_an_intercepted_t():
+    from reference_layers.level_set import _along_edges
+    phi, level = field(onp.random.default_rng(3), "sphere", n=8)
+    sp = onp.array([0.3, 0.2, 0.5])
+    _, _, mc = iso_surface_layer(phi, level, sp, full_output=True)
+    assert _along_edges(mc.t, mc, sp) is mc.verts
+    t = 0.5 * mc.t
+    c0, c1 = mc.edge_vertices[:, 0], mc.edge_vertices[:, 1]
+    onp.testing.assert_allclose(_along_edges(t, mc, sp), (c0 + t[:, None] * (c1 - c0)) * sp,
+                                rtol=0, atol=1e-15)
+
+
 def test_cell_rule_uses_forward_differences_across_the_edge():
     phi, level = field(onp.random.default_rng(6), "smooth", n=7)
     _, _, mc = iso_surface_layer(phi, level, full_output=True)

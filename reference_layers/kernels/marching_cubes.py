@@ -623,3 +623,115 @@ def _marching_cubes(phi: np.ndarray, level: float, sp: np.ndarray, nt: int) -> M
     )
     _run_slabs(_emit_range, args, nx, nt)
     return MCResult(verts, faces, edges, tv)
+
+
+# --------------------------------------------------------------------------
+# per-vertex kernels of the level-set layer (reference_layers.level_set)
+#
+# One pass over the vertices each, writing one output array: on this kind of
+# machine a fresh large NumPy temporary costs about as much as the arithmetic
+# (page faults), so the normal mode's cell data, trilinear values, gradients
+# and corner weights are computed here rather than as chains of (V, 8) NumPy
+# expressions.  float64 / int64 only: one compiled specialization each,
+# compiled on first use and cached on disk (cache=True).
+#
+# Corner c of a cell is (c & 1, c >> 1 & 1, c >> 2) along axes (0, 1, 2).
+# --------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def cell_geometry(edges, verts, sp, nx, ny, nz):  # pragma: no cover - compiled
+    """Flat index of each vertex's cell origin and the vertex in cell coordinates.
+
+    The origin is ``min(c0, c1)`` clipped to ``shape - 2`` (see
+    ``reference_layers.level_set.cell_origins``); ``local = verts / sp - origin``.
+    Returns ``base (V,) int64``, ``origins (V, 3) float64`` and ``local (V, 3) float64``.
+    """
+    V = edges.shape[0]
+    base = np.empty(V, dtype=np.int64)
+    origins = np.empty((V, 3), dtype=np.float64)
+    local = np.empty((V, 3), dtype=np.float64)
+    top0, top1, top2 = nx - 2, ny - 2, nz - 2
+    for n in range(V):
+        o0 = min(min(edges[n, 0, 0], edges[n, 1, 0]), top0)
+        o1 = min(min(edges[n, 0, 1], edges[n, 1, 1]), top1)
+        o2 = min(min(edges[n, 0, 2], edges[n, 1, 2]), top2)
+        base[n] = (o0 * ny + o1) * nz + o2
+        origins[n, 0], origins[n, 1], origins[n, 2] = o0, o1, o2
+        local[n, 0] = verts[n, 0] / sp[0] - o0
+        local[n, 1] = verts[n, 1] / sp[1] - o1
+        local[n, 2] = verts[n, 2] / sp[2] - o2
+    return base, origins, local
+
+
+@njit(cache=True, nogil=True)
+def transfer_corners(grid_flat, base, values, ny, nz, scatter):  # pragma: no cover - compiled
+    """Between a flat grid and the ``(V, 8)`` corner values of cells with flat origins ``base``.
+
+    ``scatter=False``: ``values[n, c] = grid_flat[base[n] + offset(c)]`` (a gather);
+    ``scatter=True``: ``grid_flat[base[n] + offset(c)] += values[n, c]``, in order
+    (n, then c).  One function for both (one compiled specialization).
+    """
+    for n in range(base.shape[0]):
+        for c in range(8):
+            i = base[n] + ((c & 1) * ny + ((c >> 1) & 1)) * nz + (c >> 2)
+            if scatter:
+                grid_flat[i] += values[n, c]
+            else:
+                values[n, c] = grid_flat[i]
+
+
+@njit(cache=True, nogil=True)
+def trilinear_rules(corners, local, g, what):  # pragma: no cover - compiled
+    """The trilinear interpolant of each cell at ``local`` and its derivative rules.
+
+    ``what = 0``: the values ``(V,)``; ``1``: the gradients ``(V, 3)`` in cell
+    coordinates; ``2``: the corner weights times ``g``, ``out[n, c] = g[n]
+    prod_k (c_k u_k + (1 - c_k)(1 - u_k))``, ``(V, 8)`` (``corners`` unused).
+    Values and gradients are nested linear interpolations along axis 0, then
+    1, then 2 (the operations, in the order, of ``reference_layers.level_set``'s
+    NumPy rules, so both give bit-identical values).  One function for the
+    three (one compiled specialization).
+    """
+    V = local.shape[0]
+    out = np.empty((V, 1 if what == 0 else (3 if what == 1 else 8)), dtype=np.float64)
+    for n in range(V):
+        ux, uy, uz = local[n, 0], local[n, 1], local[n, 2]
+        if what == 2:
+            wx0, wy0, wz0 = 1.0 - ux, 1.0 - uy, 1.0 - uz
+            for c in range(8):
+                w = ux if c & 1 else wx0
+                w = w * (uy if (c >> 1) & 1 else wy0)
+                w = w * (uz if c >> 2 else wz0)
+                out[n, c] = g[n] * w
+            continue
+        d0 = corners[n, 1] - corners[n, 0]
+        d1 = corners[n, 3] - corners[n, 2]
+        d2 = corners[n, 5] - corners[n, 4]
+        d3 = corners[n, 7] - corners[n, 6]
+        e00 = corners[n, 0] + ux * d0
+        e10 = corners[n, 2] + ux * d1
+        e01 = corners[n, 4] + ux * d2
+        e11 = corners[n, 6] + ux * d3
+        f0 = e00 + uy * (e10 - e00)
+        f1 = e01 + uy * (e11 - e01)
+        if what == 0:
+            out[n, 0] = f0 + uz * (f1 - f0)
+        else:
+            out[n, 0] = (1.0 - uz) * (d0 + uy * (d1 - d0)) + uz * (d2 + uy * (d3 - d2))
+            out[n, 1] = (1.0 - uz) * (e10 - e00) + uz * (e11 - e01)
+            out[n, 2] = f1 - f0
+    return out
+
+
+@njit(cache=True, nogil=True)
+def edge_direction_dot(g, edges, sp):  # pragma: no cover - compiled
+    """``out[n] = sum_k g[n, k] (c1 - c0)_k sp[k]`` for the vertex edges ``(c0, c1)``."""
+    V = edges.shape[0]
+    out = np.empty(V, dtype=np.float64)
+    for n in range(V):
+        acc = 0.0
+        for k in range(3):
+            acc += g[n, k] * ((edges[n, 1, k] - edges[n, 0, k]) * sp[k])
+        out[n] = acc
+    return out
