@@ -150,7 +150,8 @@ def _lanczos_dense_kernel(M, q0, w0, tol, kmax, every):  # pragma: no cover - nu
         Qk = Q[:k + 1]
         for _ in range(2):          # full reorthogonalization, twice is enough
             c = Qk @ w
-            w -= Qk.T @ c
+            for j in range(k + 1):  # w -= Qk' c, row by row (no transposed copy)
+                w -= c[j] * Q[j]
         beta = np.sqrt(w @ w)
         T[k, k] = alpha
         if (k + 1) % every != 0 and k + 1 < kmax and beta > 1e-10 * wn:
