@@ -484,3 +484,27 @@ def test_krylov_forward_detects_repeated_leading_eigenvalue_when_start_is_an_eig
     M = onp.kron(onp.eye(2), B)
     with pytest.raises(DegenerateEigenvalueError, match="not simple"):
         gm.spectral_matching_layer(M, solver_options={"eig_method": "krylov"})
+
+
+@pytest.mark.parametrize("N, tol, maxiter", [(30, 1e-13, 300), (120, 1e-10, 300), (120, 1e-13, 3)])
+def test_compiled_lanczos_takes_the_python_lanczos_steps(N, tol, maxiter):
+    # the dense forward runs the Lanczos loop compiled: same steps, same Ritz test, same
+    # byproducts (the backward's deflation space) as the operator version, or None for both
+    from reference_layers.matching import eigen
+    rng = onp.random.default_rng(N)
+    A = rng.uniform(size=(N, N))
+    M = A + A.T
+    w0 = M.sum(axis=1) / onp.sqrt(N)
+    a = eigen._lanczos(lambda v: M @ v, onp.ones(N), tol, maxiter, w0=w0)
+    b = eigen._lanczos_dense(M, onp.ones(N), tol, maxiter, w0=w0)
+    if a is None:
+        assert b is None
+        return
+    assert a[4] == b[4]
+    onp.testing.assert_allclose(b[0], a[0], rtol=0, atol=1e-12)
+    onp.testing.assert_allclose(b[1:4], a[1:4], rtol=1e-12)
+    onp.testing.assert_allclose(b[5].W, a[5].W, rtol=0, atol=1e-10)
+    onp.testing.assert_allclose(b[5].theta, a[5].theta, rtol=1e-10)
+    assert abs(b[5].beta - a[5].beta) <= 1e-10 * abs(a[1])
+    # and the residual the Ritz test promised
+    assert onp.abs(M @ b[0] - b[1] * b[0]).max() <= 10 * tol * b[1]

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import numpy as np
+from numba import njit
 
 from nimplicit.errors import NotConvergedError, finite_or_raise
 from nimplicit.spectral import relative_gap
@@ -118,21 +119,82 @@ def _lanczos(matvec, v0, tol: float, maxiter: int, w0=None):
         top = theta[-1]
         spread = max(abs(top), abs(theta[0]))
         if beta * abs(S[-1, -1]) <= tol * abs(top) or beta <= 1e-14 * spread or k + 1 == N:
-            y = Qk.T @ S[:, -1]
-            krylov = None
-            if k and beta > 0:
-                krylov = KrylovData(Qk.T @ S[:, :-1], theta[:-1], S[-1, :-1].copy(), w / beta,
-                                    beta)
-            elif k:
-                krylov = KrylovData(Qk.T @ S[:, :-1], theta[:-1], S[-1, :-1].copy(),
-                                    np.zeros(N), 0.0)
-            return (y / np.linalg.norm(y), float(top), float(theta[-2]) if k else -np.inf,
-                    float(theta[0]), k + 1, krylov)
+            return _ritz_output(Qk, theta, S, k, beta, w, N)
         betas[k] = beta
         if k + 1 < kmax:
             T[k, k + 1] = T[k + 1, k] = beta
         Q[k + 1] = w / beta
     return None
+
+
+@njit(cache=True)
+def _lanczos_dense_kernel(M, q0, w0, tol, kmax, every):  # pragma: no cover - numba
+    """:func:`_lanczos` on a dense symmetric ``M``, the whole loop compiled (no
+    per-step Python): the same steps, the same Ritz test.  ``w0 = M q0`` (or
+    empty to compute it).  Returns ``(Q, T, k, beta, w, converged)``: the
+    basis ``Q[:k + 1]``, ``T[:k + 1, :k + 1]``, the last ``beta`` and unnormalized
+    residual vector ``w``."""
+    N = q0.shape[0]
+    Q = np.zeros((kmax + 1, N))
+    Q[0] = q0
+    T = np.zeros((kmax, kmax))
+    w = np.empty(N)
+    beta = 0.0
+    for k in range(kmax):
+        if k == 0 and w0.shape[0] == N:
+            w[:] = w0
+        else:
+            w[:] = M @ Q[k]
+        alpha = Q[k] @ w
+        wn = np.sqrt(w @ w)
+        Qk = Q[:k + 1]
+        for _ in range(2):          # full reorthogonalization, twice is enough
+            c = Qk @ w
+            for j in range(k + 1):  # w -= Qk' c, row by row (no transposed copy)
+                w -= c[j] * Q[j]
+        beta = np.sqrt(w @ w)
+        T[k, k] = alpha
+        if (k + 1) % every != 0 and k + 1 < kmax and beta > 1e-10 * wn:
+            T[k, k + 1] = beta
+            T[k + 1, k] = beta
+            Q[k + 1] = w / beta
+            continue
+        theta, S = np.linalg.eigh(T[:k + 1, :k + 1].copy())
+        top = theta[k]
+        spread = max(abs(top), abs(theta[0]))
+        if beta * abs(S[k, k]) <= tol * abs(top) or beta <= 1e-14 * spread or k + 1 == N:
+            return Q, T, k, beta, w, True
+        if k + 1 < kmax:
+            T[k, k + 1] = beta
+            T[k + 1, k] = beta
+            Q[k + 1] = w / beta
+    return Q, T, kmax - 1, beta, w, False
+
+
+def _lanczos_dense(M, v0, tol: float, maxiter: int, w0=None):
+    """:func:`_lanczos` for a dense ``M`` through :func:`_lanczos_dense_kernel`."""
+    N = v0.shape[0]
+    kmax = min(maxiter, N)
+    nv0 = np.linalg.norm(v0)
+    w0 = np.empty(0) if w0 is None else np.ascontiguousarray(w0, dtype=float)
+    every = 1 if N >= 1000 else 2
+    Q, T, k, beta, w, ok = _lanczos_dense_kernel(np.ascontiguousarray(M, dtype=float),
+                                                 v0 / nv0, w0, float(tol), kmax, every)
+    if not ok:
+        return None
+    theta, S = np.linalg.eigh(T[:k + 1, :k + 1])
+    return _ritz_output(Q[:k + 1], theta, S, k, beta, w, N)
+
+
+def _ritz_output(Qk, theta, S, k, beta, w, N):
+    """``(y, theta_1, theta_2, theta_min, steps, krylov)`` from the converged Lanczos data."""
+    y = Qk.T @ S[:, -1]
+    krylov = None
+    if k:
+        krylov = KrylovData(Qk.T @ S[:, :-1], theta[:-1], S[-1, :-1].copy(),
+                            w / beta if beta > 0 else np.zeros(N), beta if beta > 0 else 0.0)
+    return (y / np.linalg.norm(y), float(theta[-1]), float(theta[-2]) if k else -np.inf,
+            float(theta[0]), k + 1, krylov)
 
 
 def lanczos_top(matvec, v0: np.ndarray, *, tol: float = 1e-10,
@@ -167,13 +229,18 @@ def dense_eigendata(A: np.ndarray, basis: Optional[np.ndarray] = None) -> EigenD
 
 
 def krylov_eigendata(matvec, N: int, *, tol: float, max_iter: int, start=None,
-                     start_product=None, raise_on_fail: bool = True) -> Optional[EigenData]:
-    """Leading eigenpair by Lanczos from ``start`` (default ``1``)."""
+                     start_product=None, raise_on_fail: bool = True,
+                     matrix: Optional[np.ndarray] = None) -> Optional[EigenData]:
+    """Leading eigenpair by Lanczos from ``start`` (default ``1``); with the dense
+    ``matrix`` (``matvec(v) = matrix @ v``) the loop runs compiled."""
     v0 = np.ones(N) if start is None else np.asarray(start, dtype=float)
     if not np.any(v0):
         v0, start_product = np.ones(N), None
     w0 = None if start_product is None else start_product / np.linalg.norm(v0)
-    out = _lanczos(matvec, v0, tol, max_iter, w0=w0)
+    if matrix is not None:
+        out = _lanczos_dense(matrix, v0, tol, max_iter, w0=w0)
+    else:
+        out = _lanczos(matvec, v0, tol, max_iter, w0=w0)
     if out is None:
         if raise_on_fail:
             raise NotConvergedError(
@@ -213,9 +280,10 @@ def leading_eigendata(M: np.ndarray, *, method: str = "auto", tol: Optional[floa
         return dense_eigendata(M)
     matvec = lambda v: M @ v
     if method == "krylov" or N > dense_max:
-        return krylov_eigendata(matvec, N, tol=tol, max_iter=max_iter, start_product=row_sums)
+        return krylov_eigendata(matvec, N, tol=tol, max_iter=max_iter, start_product=row_sums,
+                                matrix=M)
     data = krylov_eigendata(matvec, N, tol=tol, max_iter=min(max_iter, AUTO_LANCZOS_STEPS),
-                            start_product=row_sums, raise_on_fail=False)
+                            start_product=row_sums, raise_on_fail=False, matrix=M)
     return data if data is not None else dense_eigendata(M)
 
 

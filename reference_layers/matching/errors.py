@@ -1,12 +1,15 @@
 """Typed errors of the graph-matching layers.
 
 :class:`DegenerateEigenvalueError` is the one class of :mod:`nimplicit.spectral`
-(shared with NCut).  Option errors are the core's :class:`~nimplicit.errors.OptionError`
-(both ``TypeError`` and ``ValueError``), so callers catching the builtin kinds keep working.
+(shared with NCut).  Option errors are the core's :class:`~nimplicit.errors.UnknownOptionError` and
+:class:`~nimplicit.errors.InvalidOptionError` (subclasses of
+:class:`~nimplicit.errors.OptionError`, both ``TypeError`` and ``ValueError``),
+re-exported here under the same names.
 """
 from __future__ import annotations
 
-from nimplicit.errors import NimplicitError, OptionError, SolverError
+# the option errors are the core's classes, re-exported under their old names here
+from nimplicit.errors import InvalidOptionError, NimplicitError, SolverError, UnknownOptionError
 from nimplicit.spectral import DegenerateEigenvalueError
 
 __all__ = ["AffinityError", "DegenerateEigenvalueError", "InfeasibleConstraintsError",
@@ -24,12 +27,3 @@ class InfeasibleConstraintsError(SolverError):
 
 class ConstraintRankError(NimplicitError, ValueError):
     """The constraints leave no freedom (rank ``C`` >= number of unknowns)."""
-
-
-class UnknownOptionError(OptionError):
-    """An option dictionary has a key the layer does not know (a ``TypeError``)."""
-
-
-class InvalidOptionError(OptionError):
-    """An option has a value outside its domain (unknown enum value, NaN, <= 0, ...;
-    a ``ValueError``)."""

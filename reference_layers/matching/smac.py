@@ -45,15 +45,13 @@ from autograd.tracer import getval, isbox
 
 from nimplicit import Solution, implicit_layer
 from nimplicit.errors import NonFiniteError, ShapeError
-from nimplicit.spectral import DEFAULT_GAP_TOL, check_gap_tol, require_simple_eigenvalue
+from nimplicit.spectral import DEFAULT_GAP_TOL, require_simple_eigenvalue
 
-from .bordered import BorderedKKT
 from .eigen import (DENSE_MAX, EigenData, default_tol, dense_eigendata, fix_sign,
                     krylov_eigendata)
 from .errors import ConstraintRankError, DegenerateEigenvalueError, InfeasibleConstraintsError
-from .spectral import SOLVER_CHECKS, SOLVER_DEFAULTS
-from .validation import (as_real_array, check_affinity, deprecated, parse_options, positive_float,
-                         positive_int, resolve_backward)
+from .spectral import backward_solver, layer_keywords
+from .validation import as_real_array, check_affinity, positive_float
 
 #: relative singular-value threshold of the constraint rank
 RANK_TOL = 1e-10
@@ -262,19 +260,11 @@ def smac_layer(M, C=None, d=None, *, shape: Optional[Tuple[int, int]] = None,
     InvalidOptionError
     """
     layer_name = "smac_layer"
-    solver_options = dict(solver_options or {})
-    for old, key, value in (("eig_method", "eig_method", eig_method), ("eig_tol", "tol", eig_tol)):
-        if value is not None:
-            solver_options[key] = deprecated(old, f"solver_options={{'{key}': ...}}", value,
-                                             layer=layer_name)
-    for old, value in (("eig_dense_max", eig_dense_max), ("kkt_dense_max", kkt_dense_max)):
-        dense_max = deprecated(old, "dense_max", value, dense_max, layer=layer_name)
-    opts = parse_options(solver_options, SOLVER_DEFAULTS, SOLVER_CHECKS, layer_name)
-    dense_max = positive_int("dense_max", dense_max, minimum=0)
-    gap_tol = check_gap_tol(gap_tol)
-    residual_tol = positive_float("residual_tol", residual_tol)
+    kw = layer_keywords(layer_name, solver_options=solver_options, dense_max=dense_max,
+                        gap_tol=gap_tol, residual_tol=residual_tol, backward=backward,
+                        linear_solver=linear_solver, eig_method=eig_method, eig_tol=eig_tol,
+                        eig_dense_max=eig_dense_max, kkt_dense_max=kkt_dense_max)
     scale_tol = positive_float("scale_tol", scale_tol)
-    backward = resolve_backward(backward, linear_solver, layer=layer_name)
 
     Mv = as_real_array(getval(M), "the affinity M")
     if Mv is not getval(M) and not isbox(M):
@@ -298,13 +288,10 @@ def smac_layer(M, C=None, d=None, *, shape: Optional[Tuple[int, int]] = None,
     rows = independent_rows(Ceq_v)
     if len(rows) < Ceq_v.shape[0]:
         Ceq = Ceq[rows] if isbox(Ceq) else np.asarray(Ceq)[rows]
-    if backward == "structured":
-        solve = BorderedKKT(kind="smac", dense_max=dense_max, **(linear_solver_options or {}))
-        linear_solver_options = None
-    else:
-        solve = "auto" if linear_solver is None else linear_solver
-    layer = implicit_layer(_smac_residual, _smac_solver(opts, gap_tol, dense_max, store),
-                           linear_solver=solve, residual_tol=residual_tol,
+    solve, linear_solver_options = backward_solver(kw, "smac", linear_solver,
+                                                   linear_solver_options)
+    layer = implicit_layer(_smac_residual, _smac_solver(kw.opts, kw.gap_tol, kw.dense_max, store),
+                           linear_solver=solve, residual_tol=kw.residual_tol,
                            linear_solver_options=linear_solver_options,
                            diagnostics=_smac_diagnostics, name="smac")
     y, lam, _mu = layer(M, Ceq)

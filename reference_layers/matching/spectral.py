@@ -87,6 +87,48 @@ def _sm_diagnostics(point):
     }
 
 
+class LayerKeywords:
+    """The validated keywords shared by :func:`spectral_matching_layer` and
+    :func:`~reference_layers.matching.smac.smac_layer` (see :func:`layer_keywords`)."""
+
+    __slots__ = ("opts", "dense_max", "gap_tol", "residual_tol", "backward")
+
+    def __init__(self, opts, dense_max, gap_tol, residual_tol, backward):
+        self.opts, self.dense_max, self.gap_tol = opts, dense_max, gap_tol
+        self.residual_tol, self.backward = residual_tol, backward
+
+
+def layer_keywords(layer: str, *, solver_options: Optional[dict], dense_max: int,
+                   gap_tol: float, residual_tol: float, backward: Optional[str], linear_solver,
+                   eig_method: Optional[str] = None, eig_tol: Optional[float] = None,
+                   eig_dense_max: Optional[int] = None,
+                   kkt_dense_max: Optional[int] = None) -> LayerKeywords:
+    """Map the deprecated aliases (``eig_method``, ``eig_tol`` -> ``solver_options``;
+    ``eig_dense_max``, ``kkt_dense_max`` -> ``dense_max``; ``DeprecationWarning``) and
+    validate the keywords of the eigen layers (typed errors naming the keyword)."""
+    solver_options = dict(solver_options or {})
+    for old, key, value in (("eig_method", "eig_method", eig_method), ("eig_tol", "tol", eig_tol)):
+        if value is not None:
+            solver_options[key] = deprecated(old, f"solver_options={{'{key}': ...}}", value,
+                                             layer=layer)
+    for old, value in (("eig_dense_max", eig_dense_max), ("kkt_dense_max", kkt_dense_max)):
+        dense_max = deprecated(old, "dense_max", value, dense_max, layer=layer)
+    return LayerKeywords(parse_options(solver_options, SOLVER_DEFAULTS, SOLVER_CHECKS, layer),
+                         positive_int("dense_max", dense_max, minimum=0),
+                         check_gap_tol(gap_tol), positive_float("residual_tol", residual_tol),
+                         resolve_backward(backward, linear_solver, layer=layer))
+
+
+def backward_solver(kw: LayerKeywords, kind: str, linear_solver, linear_solver_options):
+    """``(linear_solver, linear_solver_options)`` for the core: the structured
+    :class:`~.bordered.BorderedKKT` (``kind`` 'sm' or 'smac'; it takes the options
+    itself) or the core's solver (``backward='generic'``)."""
+    if kw.backward == "structured":
+        return BorderedKKT(kind=kind, dense_max=kw.dense_max,
+                           **(linear_solver_options or {})), None
+    return ("auto" if linear_solver is None else linear_solver), linear_solver_options
+
+
 def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[str] = None,
                             linear_solver=None, linear_solver_options: Optional[dict] = None,
                             solver_options: Optional[dict] = None, dense_max: int = DENSE_MAX,
@@ -151,32 +193,22 @@ def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[
     layer_name = "spectral_matching_layer"
     full_output = bool(deprecated("return_eigenvalue", "full_output", return_eigenvalue,
                                   full_output, layer=layer_name))
-    solver_options = dict(solver_options or {})
-    for old, key, value in (("eig_method", "eig_method", eig_method), ("eig_tol", "tol", eig_tol)):
-        if value is not None:
-            solver_options[key] = deprecated(old, f"solver_options={{'{key}': ...}}", value,
-                                             layer=layer_name)
-    for old, value in (("eig_dense_max", eig_dense_max), ("kkt_dense_max", kkt_dense_max)):
-        dense_max = deprecated(old, "dense_max", value, dense_max, layer=layer_name)
-    opts = parse_options(solver_options, SOLVER_DEFAULTS, SOLVER_CHECKS, layer_name)
-    dense_max = positive_int("dense_max", dense_max, minimum=0)
-    gap_tol = check_gap_tol(gap_tol)
-    residual_tol = positive_float("residual_tol", residual_tol)
-    backward = resolve_backward(backward, linear_solver, layer=layer_name)
+    kw = layer_keywords(layer_name, solver_options=solver_options, dense_max=dense_max,
+                        gap_tol=gap_tol, residual_tol=residual_tol, backward=backward,
+                        linear_solver=linear_solver, eig_method=eig_method, eig_tol=eig_tol,
+                        eig_dense_max=eig_dense_max, kkt_dense_max=kkt_dense_max)
+    opts, dense_max, gap_tol = kw.opts, kw.dense_max, kw.gap_tol
 
     Mv = as_real_array(getval(M), "the affinity M")
     if Mv is not getval(M) and not isbox(M):
         M = Mv
     batched = Mv.ndim == 3
     store = {"M": Mv, "row_sums": check_affinity(Mv, batched=batched)}
-    if backward == "structured":
-        solve = BorderedKKT(kind="sm", dense_max=dense_max, **(linear_solver_options or {}))
-        linear_solver_options = None
-    else:
-        solve = "auto" if linear_solver is None else linear_solver
+    solve, linear_solver_options = backward_solver(kw, "sm", linear_solver,
+                                                   linear_solver_options)
     layer = implicit_layer(
         _sm_residual, _sm_solver(opts, gap_tol, dense_max, store), linear_solver=solve,
-        batch_axis=0 if batched else None, residual_tol=residual_tol,
+        batch_axis=0 if batched else None, residual_tol=kw.residual_tol,
         linear_solver_options=linear_solver_options, diagnostics=_sm_diagnostics,
         name="spectral-matching")
     y, lam = layer(M)

@@ -16,11 +16,10 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
-from nimplicit.errors import NonFiniteError
+from nimplicit.errors import (InvalidOptionError, NonFiniteError, OptionError, UnknownOptionError,
+                              check_backward, check_options, renamed)
 
-from .errors import AffinityError, InvalidOptionError, UnknownOptionError
-
-BACKWARDS = ("structured", "generic")
+from .errors import AffinityError
 
 
 def as_real_array(value, what: str) -> np.ndarray:
@@ -102,20 +101,14 @@ def choice(name: str, value, allowed) -> str:
 
 def parse_options(solver_options: Optional[dict], defaults: Dict[str, Any],
                   checks: Dict[str, Callable[[str, Any], Any]], layer: str) -> Dict[str, Any]:
-    """``defaults`` updated by ``solver_options``; an unknown key raises
-    :class:`UnknownOptionError` naming the allowed ones, each value is
+    """``defaults`` updated by ``solver_options`` (keys checked by
+    :func:`nimplicit.errors.check_options`: an unknown key raises
+    :class:`UnknownOptionError` naming the allowed ones); each value is then
     validated by ``checks[key](key, value)``."""
-    if solver_options is None:
-        solver_options = {}
-    if not isinstance(solver_options, dict):
-        raise UnknownOptionError(f"{layer}: solver_options must be a dict or None, got "
-                                 f"{type(solver_options).__name__}")
-    unknown = sorted(set(solver_options) - set(defaults))
-    if unknown:
-        raise UnknownOptionError(f"{layer}: unknown solver_options {unknown}; the allowed keys "
-                                 f"are {sorted(defaults)}")
-    out = dict(defaults)
-    out.update(solver_options)
+    try:
+        out = check_options(solver_options, defaults, f"{layer}: solver_options")
+    except OptionError as exc:
+        raise UnknownOptionError(str(exc)) from None
     return {k: checks[k](k, v) for k, v in out.items()}
 
 
@@ -123,28 +116,22 @@ _MISSING = object()
 
 
 def deprecated(old: str, new: str, value, current=_MISSING, *, layer: str):
-    """Map a deprecated keyword's ``value`` to its new keyword (``DeprecationWarning``).
-
-    Returns ``value`` (when given) or ``current``; giving both is an error."""
+    """``value`` when a deprecated keyword ``old`` was given (warned by
+    :func:`nimplicit.errors.renamed`, naming ``new``), else ``current``."""
     if value is None:
         return current
-    warnings.warn(f"{layer}: the keyword {old}= is deprecated and will be removed in the next "
-                  f"release; use {new} instead.", DeprecationWarning, stacklevel=3)
-    return value
+    return renamed(old, new, layer, value)
 
 
 def resolve_backward(backward: Optional[str], linear_solver, *, layer: str,
                      has_structured: bool = True) -> str:
-    """The backward choice of the keyword convention.
+    """The backward choice of the keyword convention (values checked by
+    :func:`nimplicit.errors.check_backward`; ``'fast'`` warns).
 
     ``None`` means ``'structured'`` (where the layer has one), except that an
     explicit ``linear_solver`` other than ``'auto'`` (the old way to pick a
     core solver) means ``'generic'`` with a ``DeprecationWarning``.
     """
-    if backward == "fast":
-        warnings.warn(f"{layer}: backward='fast' is deprecated; use backward='structured'.",
-                      DeprecationWarning, stacklevel=3)
-        backward = "structured"
     if backward is None:
         if linear_solver not in (None, "auto"):
             warnings.warn(f"{layer}: choosing a core solver by linear_solver= alone is "
@@ -152,7 +139,10 @@ def resolve_backward(backward: Optional[str], linear_solver, *, layer: str,
                           DeprecationWarning, stacklevel=3)
             return "generic"
         return "structured" if has_structured else "generic"
-    backward = choice("backward", backward, BACKWARDS if has_structured else ("generic",))
+    try:
+        backward = check_backward(backward, layer, structured=has_structured)
+    except OptionError as exc:
+        raise InvalidOptionError(str(exc)) from None
     if backward == "structured" and linear_solver not in (None, "auto"):
         raise InvalidOptionError(f"{layer}: linear_solver={linear_solver!r} is only used with "
                                  f"backward='generic' (the structured backward is the layer's "
