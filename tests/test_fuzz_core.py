@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import autograd.numpy as anp
 import numpy as np
+import pytest
 
 import nimplicit
+from nimplicit.errors import OptionError, ShapeError
 from fuzz_harness import (BAD_DTYPES, LAYOUTS, NONFINITE, NONFINITE_WORDS, as_dtype, case,
                           grad_check, hostile_tests, put_nonfinite, rescaled)
 
@@ -195,7 +197,8 @@ def il_options(rng, draw):
         {"linear_solver": "bogus"}, {"residual_tol": float("nan")}, {"residual_tol": -1.0},
         {"dense_max": -3}, {"batch_axis": 5}, {"ridge": -1.0}, {"ridge": float("nan")},
         {"linear_solver_options": {"bogus": 1}}, {"linear_solver": "lu", "linear_solver_options": {"rtol": -1}},
-        {"residual_tol": "small"}, {"batch_axis": 1.5}, {"check_residual": "yes"}), "options")
+        {"residual_tol": "small"}, {"batch_axis": 1.5}, {"check_residual": "yes"},
+        {"batch_axis": "0"}, {"batch_axis": True}, {"batch_axis": -3}), "options")
     key = sorted(opts)[-1] if "linear_solver_options" in opts else sorted(opts)[0]
 
     def call():
@@ -448,3 +451,22 @@ CONSTRAINED = {"nan-inf": ca_nonfinite, "dtype": ca_dtype, "scale": ca_scale,
                "weakly-active": ca_weakly_active, "options": ca_options}
 test_constrained_argmin_layer, test_constrained_argmin_layer_slow = hostile_tests(
     "constrained_argmin_layer", CONSTRAINED)
+
+
+@pytest.mark.parametrize("batch_axis, error, words", [
+    (5, ShapeError, ("batch_axis=5", "ndim 2")), (-3, ShapeError, ("batch_axis=-3", "ndim 2")),
+    (1.5, OptionError, ("1.5", "float")), ("0", OptionError, ("'0'", "str")),
+    (True, OptionError, ("True", "bool"))])
+def test_structure_refuses_a_bad_batch_axis(batch_axis, error, words):
+    """Structure names the bad batch_axis and the value's ndim (or the wrong type)."""
+    from nimplicit.structure import Structure
+    with pytest.raises(error) as info:
+        Structure(np.ones((2, 3)), batch_axis, "the solver's output")
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+@pytest.mark.parametrize("batch_axis", [0, 1, -1, -2, np.int64(1)])
+def test_structure_accepts_every_axis_in_range(batch_axis):
+    from nimplicit.structure import Structure
+    s = Structure(np.ones((2, 3)), batch_axis)
+    assert s.batch_size == (2, 3)[int(batch_axis) % 2]
