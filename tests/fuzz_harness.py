@@ -426,6 +426,30 @@ def case(call: Callable[[], Any], *, grad=None, words: Sequence[str] = (), must_
                 describe=describe, must_succeed=must_succeed)
 
 
+#: dtypes a one-input layer may read as float64 (then its gradient must be right)
+FLOAT_READABLE = ("float16", "float32", "int64")
+
+
+def nonfinite_case(layer: Callable, x: np.ndarray, index: int, value: float, name: str) -> Case:
+    """``layer(x)`` with ``value`` (NaN or +-Inf) at flat ``index`` of ``x``: a
+    typed error naming the non-finite input (or a finite result)."""
+    bad = put_nonfinite(x, index, value)
+    return case(lambda: layer(bad), words=NONFINITE_WORDS, describe=f"{name} x={bad}")
+
+
+def dtype_case(layer: Callable, x: np.ndarray, dtype: str, name: str, *,
+               differentiated: Optional[Callable] = None, noise: Optional[float] = None) -> Case:
+    """``layer(x)`` with ``x`` cast to ``dtype`` (:func:`as_dtype`): complex must be
+    refused; the :data:`FLOAT_READABLE` ones may be read as float64, and then the
+    gradient of ``differentiated`` (default ``layer``) at the float64 values is checked."""
+    cast = as_dtype(x, dtype)
+    target = layer if differentiated is None else differentiated
+    grad = (lambda out: grad_check(target, np.asarray(cast, float), noise=noise)) \
+        if dtype in FLOAT_READABLE else None
+    return case(lambda: layer(cast), grad=grad, must_raise=(dtype == "complex128"),
+                describe=f"{name} x as {dtype}")
+
+
 def format_class_table(counts=None) -> str:
     """Per entry point and bad-input class, what it got: ``typed n / documented n /
     <failure kind> n`` (the material of the docs' bad-input table)."""

@@ -12,7 +12,8 @@ import pytest
 import nimplicit
 from nimplicit.errors import OptionError, ShapeError
 from fuzz_harness import (BAD_DTYPES, LAYOUTS, NONFINITE, NONFINITE_WORDS, as_dtype, case,
-                          grad_check, hostile_tests, put_nonfinite, rescaled)
+                          dtype_case, grad_check, hostile_tests, nonfinite_case, put_nonfinite,
+                          rescaled)
 
 #: output accuracy the front-ends' default solvers document (tol=1e-12 on the
 #: residual, gtol=1e-11 on the gradient): the finite differences' noise model
@@ -29,6 +30,22 @@ def _pick(draw, options, label):
 def _index(draw, n, label="index"):
     from hypothesis import strategies as st
     return draw(st.integers(0, max(n - 1, 0)), label=label)
+
+
+def _one_input_builders(make_layer, make_x, name: str, first_output: bool = False):
+    """The ``nan-inf`` and ``dtype`` builders of a front-end layer of one input
+    ``x = make_x(rng)`` (:func:`fuzz_harness.nonfinite_case`, :func:`fuzz_harness.dtype_case`
+    with the front-ends' noise; ``first_output``: check the gradient of ``layer(x)[0]``)."""
+    def nonfinite(rng, draw):
+        x = make_x(rng)
+        return nonfinite_case(make_layer(), x, _index(draw, x.size), _pick(draw, NONFINITE, "value"),
+                              name)
+
+    def dtype(rng, draw):
+        layer, x = make_layer(), make_x(rng)
+        return dtype_case(layer, x, _pick(draw, BAD_DTYPES, "dtype"), name, noise=FRONT_END_NOISE,
+                          differentiated=(lambda x: layer(x)[0]) if first_output else None)
+    return nonfinite, dtype
 
 
 # ------------------------------------------------------------------------------
@@ -226,20 +243,8 @@ def _fp_layer(**kw):
     return nimplicit.fixed_point_layer(_contraction, y0=lambda x: np.zeros(np.shape(x)), **kw)
 
 
-def fp_nonfinite(rng, draw):
-    x = put_nonfinite(rng.standard_normal(4), _index(draw, 4), _pick(draw, NONFINITE, "value"))
-    layer = _fp_layer()
-    return case(lambda: layer(x), words=NONFINITE_WORDS, describe=f"fixed_point_layer x={x}")
-
-
-def fp_dtype(rng, draw):
-    dtype = _pick(draw, BAD_DTYPES, "dtype")
-    x = as_dtype(rng.standard_normal(4), dtype)
-    layer = _fp_layer()
-    grad = (lambda y: grad_check(layer, np.asarray(x, float), noise=FRONT_END_NOISE)) \
-        if dtype in ("float16", "float32", "int64") else None
-    return case(lambda: layer(x), grad=grad, must_raise=(dtype == "complex128"),
-                describe=f"fixed_point_layer x as {dtype}")
+fp_nonfinite, fp_dtype = _one_input_builders(_fp_layer, lambda rng: rng.standard_normal(4),
+                                              "fixed_point_layer")
 
 
 def fp_scale(rng, draw):
@@ -300,20 +305,8 @@ def _am_layer(objective=_objective, **kw):
     return nimplicit.argmin_layer(objective, **kw)
 
 
-def am_nonfinite(rng, draw):
-    x = put_nonfinite(rng.standard_normal(3), _index(draw, 3), _pick(draw, NONFINITE, "value"))
-    layer = _am_layer()
-    return case(lambda: layer(x), words=NONFINITE_WORDS, describe=f"argmin_layer x={x}")
-
-
-def am_dtype(rng, draw):
-    dtype = _pick(draw, BAD_DTYPES, "dtype")
-    x = as_dtype(rng.standard_normal(3), dtype)
-    layer = _am_layer()
-    grad = (lambda y: grad_check(layer, np.asarray(x, float), noise=FRONT_END_NOISE)) \
-        if dtype in ("float16", "float32", "int64") else None
-    return case(lambda: layer(x), grad=grad, must_raise=(dtype == "complex128"),
-                describe=f"argmin_layer x as {dtype}")
+am_nonfinite, am_dtype = _one_input_builders(_am_layer, lambda rng: rng.standard_normal(3),
+                                              "argmin_layer")
 
 
 def am_scale(rng, draw):
@@ -383,20 +376,8 @@ def _strict_x(rng, n=3):
     return x
 
 
-def ca_nonfinite(rng, draw):
-    x = put_nonfinite(_strict_x(rng), _index(draw, 3), _pick(draw, NONFINITE, "value"))
-    layer = _ca_layer()
-    return case(lambda: layer(x), words=NONFINITE_WORDS, describe=f"constrained_argmin_layer x={x}")
-
-
-def ca_dtype(rng, draw):
-    dtype = _pick(draw, BAD_DTYPES, "dtype")
-    x = as_dtype(_strict_x(rng), dtype)
-    layer = _ca_layer()
-    grad = (lambda z: grad_check(lambda x: layer(x)[0], np.asarray(x, float), noise=FRONT_END_NOISE)) \
-        if dtype in ("float16", "float32", "int64") else None
-    return case(lambda: layer(x), grad=grad, must_raise=(dtype == "complex128"),
-                describe=f"constrained_argmin_layer x as {dtype}")
+ca_nonfinite, ca_dtype = _one_input_builders(_ca_layer, _strict_x, "constrained_argmin_layer",
+                                              first_output=True)
 
 
 def ca_scale(rng, draw):
