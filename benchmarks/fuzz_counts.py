@@ -69,6 +69,7 @@ def main(argv=None) -> int:
                                                         H.PER_CLASS_SLOW if args.slow else H.PER_CLASS_DEFAULT)),
                            rows=rows,
                            classes={e: {k: dict(v) for k, v in c.items()} for e, c in H.COUNTS.items()},
+                           errors={e: {k: dict(v) for k, v in c.items()} for e, c in H.ERRORS.items()},
                            failures={f"{e} / {k} / {w}": t[:600] for (e, k, w), t in sorted(H.FAILURES.items())}),
                       fh, indent=1)
         print(f"\nwrote {args.json}")

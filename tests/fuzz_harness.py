@@ -55,6 +55,8 @@ MIN_MESSAGE = 20         # a message shorter than this does not explain anything
 COUNTS: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
 #: first example of each (entry, class, failure kind): its description and the error text
 FAILURES: dict = {}
+#: entry point -> bad-input class -> typed error class name -> count (what a typed outcome raised)
+ERRORS: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
 
 
 class FuzzTimeout(BaseException):
@@ -115,6 +117,7 @@ class Outcome:
     kind: str                        # "typed", "documented" or "failure:<why>"
     detail: str = ""
     warnings: list = field(default_factory=list)
+    error: str = ""                  # the typed error's class name ("typed" outcomes)
 
     @property
     def failed(self) -> bool:
@@ -177,7 +180,7 @@ def classify(case: Case) -> Outcome:
                 if case.expect_words and not any(w.lower() in msg.lower() for w in case.expect_words):
                     return Outcome("failure:vague-message",
                                    f"{type(err).__name__} without any of {list(case.expect_words)}: {msg}")
-                return Outcome("typed", f"{type(err).__name__}: {msg[:160]}")
+                return Outcome("typed", f"{type(err).__name__}: {msg[:160]}", error=type(err).__name__)
             except FuzzTimeout:
                 raise
             except Exception as err:          # noqa: BLE001 - the point is to catch them
@@ -206,7 +209,8 @@ def classify(case: Case) -> Outcome:
                                        f"backward {type(err).__name__} on a valid input: {msg[:300]}")
                     if len(msg) < MIN_MESSAGE:
                         return Outcome("failure:vague-message", f"backward {type(err).__name__}: {msg!r}")
-                    return Outcome("typed", f"backward {type(err).__name__}: {msg[:160]}")
+                    return Outcome("typed", f"backward {type(err).__name__}: {msg[:160]}",
+                                   error=f"{type(err).__name__} (backward)")
                 except FuzzTimeout:
                     raise
                 except Exception as err:      # noqa: BLE001
@@ -226,6 +230,8 @@ def run_case(case: Case) -> Outcome:
     ``FUZZ_NO_ASSERT`` is set) that it is not a failure."""
     out = classify(case)
     COUNTS[case.entry][case.klass][out.kind] += 1
+    if out.error:
+        ERRORS[case.entry][case.klass][out.error] += 1
     if out.failed:
         FAILURES.setdefault((case.entry, case.klass, out.kind), f"{case.describe}: {out.detail}")
         if not os.environ.get("FUZZ_NO_ASSERT"):
