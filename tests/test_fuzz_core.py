@@ -451,3 +451,31 @@ def test_structure_accepts_every_axis_in_range(batch_axis):
     from nimplicit.structure import Structure
     s = Structure(np.ones((2, 3)), batch_axis)
     assert s.batch_size == (2, 3)[int(batch_axis) % 2]
+
+
+def test_the_docs_bad_input_table_is_generated_from_its_results_file():
+    """docs/_generated/bad_input_table.inc is benchmarks.fuzz_counts.rst_table of
+    the results file it names (no hand-copied counts), and that file has 0 failures."""
+    import json
+    import os
+    import re
+
+    from benchmarks.fuzz_counts import ROOT, rst_table
+    with open(os.path.join(ROOT, "docs", "_generated", "bad_input_table.inc")) as fh:
+        table = fh.read()
+    source = re.search(r"--rst from (\S+);", table.splitlines()[0]).group(1)
+    with open(os.path.join(ROOT, source)) as fh:
+        results = json.load(fh)
+    results["source"] = source
+    assert rst_table(results) == table
+    assert not results["failures"] and "FAILURE" not in table
+
+
+def test_rst_table_names_typed_errors_documented_results_and_failures():
+    from benchmarks.fuzz_counts import rst_table
+    results = {"command": "c", "commit": "0123456789ab", "date": "d", "per_class": 2,
+               "classes": {"f": {"options": {"typed": 2}, "scale": {"documented": 1, "failure:nan": 1}}},
+               "errors": {"f": {"options": {"OptionError": 2}}}}
+    table = rst_table(results)
+    assert "``OptionError`` 2" in table and "documented result 1" in table
+    assert "**FAILURE nan** 1" in table and "4 examples, 1 failure(s)" in table
