@@ -808,6 +808,24 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
     v : array (N,) or (B, N)
     lam : array () or (B,), when ``full_output`` is not False
 
+    Raises
+    ------
+    OptionError
+        (a ``ValueError`` and a ``TypeError``) naming the option: an unknown
+        keyword (the message lists ncut_layer's keywords and those passed to
+        :func:`nimplicit.implicit_layer`), ``normalization`` not in
+        ``("degree", "unit")``, ``gap_tol`` not a finite number in ``[0, 1)``,
+        ``n_nodes`` / ``dense_max`` not a non-negative integer (``n_nodes``
+        with a dense ``W`` must equal its ``N``), ``full_output`` not a bool,
+        ``sign_reference`` zero or non-finite.
+    EmptyInputError
+        An empty batch ``(0, N, N)``.
+    EigenGapError
+        ``lam_2`` not simple: ``min(lam_2 - lam_1, lam_3 - lam_2) / |lam_3| <=
+        gap_tol`` (the shared relative test
+        :func:`nimplicit.spectral.require_simple_eigenvalue`, invariant under
+        ``W -> c W``); a :class:`~nimplicit.spectral.DegenerateEigenvalueError`.
+
     Examples
     --------
     >>> import numpy as onp
