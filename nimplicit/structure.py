@@ -12,7 +12,18 @@ from typing import Optional
 import autograd.numpy as np
 import numpy as onp
 
-from .errors import ShapeError
+from .errors import OptionError, ShapeError
+
+
+def _check_batch_axis(batch_axis, what: str) -> Optional[int]:
+    """``batch_axis`` as an ``int`` (or ``None``); :class:`OptionError` for a
+    non-integer (``1.5``, ``"0"``, ``True``: a bool is not an axis)."""
+    if batch_axis is None:
+        return None
+    if isinstance(batch_axis, (bool, onp.bool_)) or not isinstance(batch_axis, (int, onp.integer)):
+        raise OptionError(f"batch_axis must be None or an integer axis of {what}, got "
+                          f"{batch_axis!r} of type {type(batch_axis).__name__}")
+    return int(batch_axis)
 
 
 class Structure:
@@ -33,7 +44,7 @@ class Structure:
         parts = [onp.asarray(p) for p in (value if self.is_tuple else (value,))]
         if not parts:
             raise ShapeError(f"{what} is an empty tuple; it must hold at least one array")
-        self.batch_axis = batch_axis
+        self.batch_axis = _check_batch_axis(batch_axis, what)
         self.batch_size = None
         self.shapes = []
         for k, p in enumerate(parts):
@@ -43,6 +54,10 @@ class Structure:
             if p.ndim == 0:
                 raise ShapeError(f"{what} (component {k}) is a scalar but batch_axis={batch_axis} "
                                  f"asks for a batch axis in every component")
+            if not -p.ndim <= batch_axis < p.ndim:
+                raise ShapeError(f"{what} (component {k}) has ndim {p.ndim} (shape {p.shape}), so "
+                                 f"batch_axis={batch_axis} is out of range: it must lie in "
+                                 f"[{-p.ndim}, {p.ndim - 1}]")
             ax = batch_axis % p.ndim
             if self.batch_size is None:
                 self.batch_size = p.shape[ax]

@@ -72,6 +72,7 @@ Forms
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Callable, Optional, Tuple, Union
 
@@ -87,9 +88,12 @@ from autograd.tracer import isbox
 
 from nimplicit import implicit_layer
 from nimplicit.linear_solvers import LinearSolver, LinearSolverState, per_point
-from nimplicit.errors import (NimplicitError, NotConvergedError, OptionError, ShapeError,
-                              SingularJacobianError, check_backward, check_options,
-                              finite_or_raise, renamed, where)
+from nimplicit.errors import (EmptyInputError, InvalidOptionError, NimplicitError,
+                              NotConvergedError, OptionError, ShapeError,
+                              SingularJacobianError, check_backward,
+                              check_options, finite_or_raise, renamed, where)
+from nimplicit.spectral import (DegenerateEigenvalueError, check_gap_tol,
+                                require_simple_eigenvalue)
 
 __all__ = ["ncut_layer", "make_ncut_layer", "SparseNCut", "grid_graph_edges", "ncut_spectrum",
            "InvalidGraphError", "DisconnectedGraphError", "EigenGapError", "DEFAULT_SIGN_SEED"]
@@ -111,7 +115,7 @@ class InvalidGraphError(NimplicitError, ValueError):
     an isolated node (zero degree, so ``D`` is singular), or a bad edge list."""
 
 
-class EigenGapError(SingularJacobianError):
+class EigenGapError(DegenerateEigenvalueError):
     """The second-smallest generalized eigenvalue is not simple (``lam_3 ~ lam_2``
     or ``lam_2 ~ lam_1``): the eigenvector is not a function of ``W`` there and
     the bordered Jacobian is singular."""
@@ -176,24 +180,37 @@ def _validate_dense(W: onp.ndarray, where: str = "") -> None:
 def _sign_reference(n: int, sign_reference: Optional[onp.ndarray]) -> onp.ndarray:
     if sign_reference is None:
         return onp.random.default_rng(DEFAULT_SIGN_SEED).standard_normal(n)
-    r = onp.asarray(sign_reference, dtype=float)
+    try:
+        r = onp.asarray(sign_reference, dtype=float)
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"sign_reference must be a real vector of shape ({n},), got "
+                                 f"{type(sign_reference).__name__}") from None
     if r.shape != (n,):
         raise ShapeError(f"sign_reference must have shape ({n},), got {r.shape}")
+    if not onp.isfinite(r).all():
+        raise InvalidOptionError(f"sign_reference holds {int((~onp.isfinite(r)).sum())} "
+                                 f"non-finite value(s); the sign convention r^T v > 0 needs a "
+                                 f"finite vector r")
     if not onp.any(r):
-        raise ValueError("sign_reference must not be the zero vector")
+        raise InvalidOptionError("sign_reference must not be the zero vector: the sign convention "
+                                 "r^T v > 0 needs r != 0")
     return r
 
 
 def _gap_check(lams: onp.ndarray, gap_tol: float, where: str) -> None:
-    lam1, lam2, lam3 = lams[:3]
-    scale = max(abs(lam3), 1e-300)
-    if (lam3 - lam2) <= gap_tol * scale or (lam2 - lam1) <= gap_tol * scale:
-        raise EigenGapError(
-            f"the second generalized eigenvalue of (L, D){where} is not simple: lam_1, lam_2, "
-            f"lam_3 = {lam1:.6g}, {lam2:.6g}, {lam3:.6g} (relative gaps "
-            f"{(lam2 - lam1) / scale:.3g} and {(lam3 - lam2) / scale:.3g} <= gap_tol={gap_tol:g}). "
-            f"The eigenvector is not a differentiable function of W at a repeated eigenvalue; "
-            f"perturb the affinity to separate the eigenvalues, or use a different graph.")
+    """:class:`EigenGapError` unless ``lam_2`` is simple relative to ``|lam_3|``:
+    ``min(lam_2 - lam_1, lam_3 - lam_2) / |lam_3| <= gap_tol`` (the shared test
+    :func:`nimplicit.spectral.require_simple_eigenvalue`; ``lam_3`` is the spectral
+    scale that matters here, as ``lam_1 = 0`` and the spectrum lies in ``[0, 2]``)."""
+    lam1, lam2, lam3 = (float(lam) for lam in lams[:3])
+    try:
+        require_simple_eigenvalue(
+            lam2, (lam1, lam3), abs(lam3), gap_tol=gap_tol,
+            what="(L, D) (the second generalized eigenvalue)", where=where,
+            hint=f"lam_1, lam_2, lam_3 = {lam1:.6g}, {lam2:.6g}, {lam3:.6g}. Perturb the affinity "
+                 f"to separate the eigenvalues, or use a different graph.")
+    except DegenerateEigenvalueError as err:
+        raise EigenGapError(str(err)) from None
 
 
 def _fix_sign_and_scale(v: onp.ndarray, d: onp.ndarray, r: onp.ndarray,
@@ -441,8 +458,39 @@ _NORMALIZATIONS = ("degree", "unit")
 
 
 def _check_normalization(normalization: str) -> None:
-    if normalization not in _NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+    if not isinstance(normalization, str) or normalization not in _NORMALIZATIONS:
+        raise InvalidOptionError(f"normalization must be one of {_NORMALIZATIONS}, got "
+                                 f"{normalization!r}")
+
+
+#: keywords of :func:`nimplicit.implicit_layer` the NCut layers pass on (``**layer_options``)
+_PASSED_ON = tuple(name for name in inspect.signature(implicit_layer).parameters
+                   if name not in ("residual", "solver", "linear_solver", "batch_axis", "diagnostics"))
+
+
+def _check_layer_options(layer_options: dict, function: Callable) -> None:
+    """:class:`OptionError` naming ``function``'s keywords (its own and those it
+    passes to :func:`nimplicit.implicit_layer`) for an unknown one in ``layer_options``."""
+    own = [p.name for p in inspect.signature(function).parameters.values()
+           if p.kind is p.KEYWORD_ONLY]
+    check_options(layer_options, dict.fromkeys(own + list(_PASSED_ON)),
+                  f"{function.__name__} (its keywords and those passed to implicit_layer)")
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    """``value`` as an ``int >= minimum``; :class:`InvalidOptionError` otherwise (a bool is not one)."""
+    if isinstance(value, (bool, onp.bool_)) or not isinstance(value, (int, onp.integer)):
+        raise InvalidOptionError(f"{name} must be an integer >= {minimum}, got {value!r} "
+                                 f"of type {type(value).__name__}")
+    if value < minimum:
+        raise InvalidOptionError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, (bool, onp.bool_)):
+        raise InvalidOptionError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 class _DenseForward:
@@ -466,6 +514,9 @@ class _DenseForward:
             return v, onp.asarray(lams[1])
         if W.ndim != 3:
             raise ShapeError(f"the batched NCut layer needs W of shape (B, N, N), got {W.shape}")
+        if W.shape[0] == 0:
+            raise EmptyInputError(f"the batch of affinities is empty (shape {W.shape}): there is "
+                                  f"no instance to segment; skip the call for an empty batch")
         out = [self._instance(Wb, where(b)) for b, Wb in enumerate(W)]
         return onp.stack([v for _, v in out]), onp.array([lams[1] for lams, _ in out])
 
@@ -504,6 +555,8 @@ def make_ncut_layer(*, batch_axis: Optional[int] = None, normalization: str = "d
         ``linear_solver_options``, ...).
     """
     _check_normalization(normalization)
+    gap_tol = check_gap_tol(gap_tol)
+    _check_layer_options(layer_options, make_ncut_layer)
     if batched is not None:
         batch_axis = renamed("batched", "batch_axis=0", "make_ncut_layer", 0 if batched else None)
     if batch_axis not in (None, 0):
@@ -574,14 +627,19 @@ class SparseNCut:
                  solver_options: Optional[dict] = None, dense_max: int = SMALL_SPARSE_N,
                  full_output: bool = True, eig_tol: Optional[float] = None, **layer_options):
         _check_normalization(normalization)
+        gap_tol = check_gap_tol(gap_tol)
+        _check_layer_options(layer_options, SparseNCut.__init__)
         if eig_tol is not None:
             solver_options = {**(solver_options or {}),
                               "eig_tol": renamed("eig_tol", "solver_options={'eig_tol': ...}",
                                                  "SparseNCut", eig_tol)}
         solver_options = check_options(solver_options, {"eig_tol": 1e-10}, "SparseNCut solver_options")
-        eig_tol = float(solver_options["eig_tol"])
-        if not (onp.isfinite(eig_tol) and eig_tol > 0):
-            raise OptionError(f"SparseNCut: solver_options['eig_tol'] must be positive, got {eig_tol}")
+        eig_tol = solver_options["eig_tol"]
+        if (isinstance(eig_tol, (bool, onp.bool_)) or not isinstance(eig_tol, (int, float, onp.number))
+                or not (onp.isfinite(eig_tol) and eig_tol > 0)):
+            raise InvalidOptionError(f"SparseNCut: solver_options['eig_tol'] must be a finite "
+                                     f"positive number, got {eig_tol!r}")
+        eig_tol = float(eig_tol)
         if linear_solver in ("splu", "krylov"):
             new = "backward='structured'" if linear_solver == "splu" else "backward='generic'"
             backward = renamed(f"linear_solver={linear_solver!r}", new, "SparseNCut",
@@ -590,13 +648,15 @@ class SparseNCut:
         backward = check_backward(backward or "generic", "SparseNCut")
         if backward == "structured" and linear_solver is not None:
             raise OptionError("SparseNCut: linear_solver is only meaningful with backward='generic'")
-        self.backward, self.dense_max, self.full_output = backward, int(dense_max), bool(full_output)
+        self.backward = backward
+        self.dense_max = _check_int(dense_max, "SparseNCut: dense_max", 0)
+        self.full_output = _check_bool(full_output, "SparseNCut: full_output")
         edges = onp.asarray(edges)
         if edges.ndim != 2 or edges.shape[1] != 2 or edges.shape[0] == 0:
             raise ShapeError(f"edges must be a non-empty integer array of shape (E, 2), got {edges.shape}")
         if edges.dtype.kind not in "iu":
             raise InvalidGraphError(f"edges must hold integer node indices, got dtype {edges.dtype}")
-        n_nodes = int(n_nodes)
+        n_nodes = _check_int(n_nodes, "SparseNCut: n_nodes", 0)
         if n_nodes < 3:
             raise ShapeError(f"the graph needs N >= 3 nodes, got {n_nodes}")
         if edges.min() < 0 or edges.max() >= n_nodes:
@@ -748,6 +808,24 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
     v : array (N,) or (B, N)
     lam : array () or (B,), when ``full_output`` is not False
 
+    Raises
+    ------
+    OptionError
+        (a ``ValueError`` and a ``TypeError``) naming the option: an unknown
+        keyword (the message lists ncut_layer's keywords and those passed to
+        :func:`nimplicit.implicit_layer`), ``normalization`` not in
+        ``("degree", "unit")``, ``gap_tol`` not a finite number in ``[0, 1)``,
+        ``n_nodes`` / ``dense_max`` not a non-negative integer (``n_nodes``
+        with a dense ``W`` must equal its ``N``), ``full_output`` not a bool,
+        ``sign_reference`` zero or non-finite.
+    EmptyInputError
+        An empty batch ``(0, N, N)``.
+    EigenGapError
+        ``lam_2`` not simple: ``min(lam_2 - lam_1, lam_3 - lam_2) / |lam_3| <=
+        gap_tol`` (the shared relative test
+        :func:`nimplicit.spectral.require_simple_eigenvalue`, invariant under
+        ``W -> c W``); a :class:`~nimplicit.spectral.DegenerateEigenvalueError`.
+
     Examples
     --------
     >>> import numpy as onp
@@ -758,7 +836,8 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
     >>> dlam_dW.shape, bool(onp.allclose(dlam_dW, dlam_dW.T))
     ((5, 5), True)
     """
-    full = True if full_output is None else bool(full_output)
+    full = True if full_output is None else _check_bool(full_output, "ncut_layer: full_output")
+    _check_layer_options(layer_options, ncut_layer)
     sparse_kw = dict(normalization=normalization, sign_reference=sign_reference, gap_tol=gap_tol,
                      backward=backward, linear_solver=linear_solver, solver_options=solver_options,
                      full_output=full, **({} if dense_max is None else {"dense_max": dense_max}),
@@ -778,11 +857,26 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
     if ndim not in (2, 3):
         raise ShapeError(f"W must have shape (N, N) or (B, N, N) (or pass edges= for weights), "
                          f"got {onp.shape(W)}")
+    _check_dense_only(onp.shape(W), n_nodes, dense_max)
     layer = make_ncut_layer(batch_axis=0 if ndim == 3 else None, normalization=normalization,
                             sign_reference=sign_reference, gap_tol=gap_tol,
                             linear_solver=linear_solver or "lu", **layer_options)
     v, lam = layer(W)
     return _outputs(v, lam, full)
+
+
+def _check_dense_only(shape: tuple, n_nodes, dense_max) -> None:
+    """``n_nodes`` and ``dense_max`` describe sparse graphs: with a dense ``W``
+    they must be absent or (``n_nodes``) agree with ``W``."""
+    if n_nodes is not None:
+        n = _check_int(n_nodes, "ncut_layer: n_nodes", 0)
+        if n != shape[-1]:
+            raise InvalidOptionError(
+                f"ncut_layer: n_nodes={n} is only used with edges= (a sparse graph); the dense W "
+                f"of shape {shape} has N = {shape[-1]} nodes. Drop n_nodes, or pass the edge weights "
+                f"with edges=")
+    if dense_max is not None:
+        _check_int(dense_max, "ncut_layer: dense_max", 0)
 
 
 def _outputs(v, lam, full_output: bool):

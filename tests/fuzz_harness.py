@@ -55,6 +55,8 @@ MIN_MESSAGE = 20         # a message shorter than this does not explain anything
 COUNTS: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
 #: first example of each (entry, class, failure kind): its description and the error text
 FAILURES: dict = {}
+#: entry point -> bad-input class -> typed error class name -> count (what a typed outcome raised)
+ERRORS: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
 
 
 class FuzzTimeout(BaseException):
@@ -115,6 +117,7 @@ class Outcome:
     kind: str                        # "typed", "documented" or "failure:<why>"
     detail: str = ""
     warnings: list = field(default_factory=list)
+    error: str = ""                  # the typed error's class name ("typed" outcomes)
 
     @property
     def failed(self) -> bool:
@@ -177,7 +180,7 @@ def classify(case: Case) -> Outcome:
                 if case.expect_words and not any(w.lower() in msg.lower() for w in case.expect_words):
                     return Outcome("failure:vague-message",
                                    f"{type(err).__name__} without any of {list(case.expect_words)}: {msg}")
-                return Outcome("typed", f"{type(err).__name__}: {msg[:160]}")
+                return Outcome("typed", f"{type(err).__name__}: {msg[:160]}", error=type(err).__name__)
             except FuzzTimeout:
                 raise
             except Exception as err:          # noqa: BLE001 - the point is to catch them
@@ -206,7 +209,8 @@ def classify(case: Case) -> Outcome:
                                        f"backward {type(err).__name__} on a valid input: {msg[:300]}")
                     if len(msg) < MIN_MESSAGE:
                         return Outcome("failure:vague-message", f"backward {type(err).__name__}: {msg!r}")
-                    return Outcome("typed", f"backward {type(err).__name__}: {msg[:160]}")
+                    return Outcome("typed", f"backward {type(err).__name__}: {msg[:160]}",
+                                   error=f"{type(err).__name__} (backward)")
                 except FuzzTimeout:
                     raise
                 except Exception as err:      # noqa: BLE001
@@ -226,6 +230,8 @@ def run_case(case: Case) -> Outcome:
     ``FUZZ_NO_ASSERT`` is set) that it is not a failure."""
     out = classify(case)
     COUNTS[case.entry][case.klass][out.kind] += 1
+    if out.error:
+        ERRORS[case.entry][case.klass][out.error] += 1
     if out.failed:
         FAILURES.setdefault((case.entry, case.klass, out.kind), f"{case.describe}: {out.detail}")
         if not os.environ.get("FUZZ_NO_ASSERT"):
@@ -424,6 +430,30 @@ def case(call: Callable[[], Any], *, grad=None, words: Sequence[str] = (), must_
     assert not (must_raise and must_succeed)
     return Case("", "", call, grad=grad, expect_words=tuple(words), must_raise=must_raise,
                 describe=describe, must_succeed=must_succeed)
+
+
+#: dtypes a one-input layer may read as float64 (then its gradient must be right)
+FLOAT_READABLE = ("float16", "float32", "int64")
+
+
+def nonfinite_case(layer: Callable, x: np.ndarray, index: int, value: float, name: str) -> Case:
+    """``layer(x)`` with ``value`` (NaN or +-Inf) at flat ``index`` of ``x``: a
+    typed error naming the non-finite input (or a finite result)."""
+    bad = put_nonfinite(x, index, value)
+    return case(lambda: layer(bad), words=NONFINITE_WORDS, describe=f"{name} x={bad}")
+
+
+def dtype_case(layer: Callable, x: np.ndarray, dtype: str, name: str, *,
+               differentiated: Optional[Callable] = None, noise: Optional[float] = None) -> Case:
+    """``layer(x)`` with ``x`` cast to ``dtype`` (:func:`as_dtype`): complex must be
+    refused; the :data:`FLOAT_READABLE` ones may be read as float64, and then the
+    gradient of ``differentiated`` (default ``layer``) at the float64 values is checked."""
+    cast = as_dtype(x, dtype)
+    target = layer if differentiated is None else differentiated
+    grad = (lambda out: grad_check(target, np.asarray(cast, float), noise=noise)) \
+        if dtype in FLOAT_READABLE else None
+    return case(lambda: layer(cast), grad=grad, must_raise=(dtype == "complex128"),
+                describe=f"{name} x as {dtype}")
 
 
 def format_class_table(counts=None) -> str:

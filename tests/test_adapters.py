@@ -82,3 +82,16 @@ def test_registered_layer_through_the_protocol(tmp_path):
     path = str(tmp_path / "deq.npz")
     h = oracle.export("deq-tanh", path, cases=1)
     assert_matches_oracle(path, oracle.AutogradWrapper(get("deq-tanh").fn, h["argnums"]))
+
+
+def test_selected_inputs_helper_substitutes_argnums_and_tuples_lists():
+    """The one argnums selection both adapters differentiate through."""
+    from verification.adapters import _of_selected
+    f = _of_selected(lambda a, b, c: [a, b * c], [1.0, 2.0, 3.0], [0, 2])
+    assert f(10.0, 30.0) == (10.0, 60.0)
+
+
+def test_missing_framework_is_a_typed_error_naming_it():
+    from verification.adapters import AdapterError, _import
+    with pytest.raises(AdapterError, match="no_such_framework_module"):
+        _import("torch", "no_such_framework_module")

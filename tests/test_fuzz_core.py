@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import autograd.numpy as anp
 import numpy as np
+import pytest
 
 import nimplicit
+from nimplicit.errors import OptionError, ShapeError
 from fuzz_harness import (BAD_DTYPES, LAYOUTS, NONFINITE, NONFINITE_WORDS, as_dtype, case,
-                          grad_check, hostile_tests, put_nonfinite, rescaled)
+                          dtype_case, grad_check, hostile_tests, nonfinite_case, put_nonfinite,
+                          rescaled)
 
 #: output accuracy the front-ends' default solvers document (tol=1e-12 on the
 #: residual, gtol=1e-11 on the gradient): the finite differences' noise model
@@ -27,6 +30,22 @@ def _pick(draw, options, label):
 def _index(draw, n, label="index"):
     from hypothesis import strategies as st
     return draw(st.integers(0, max(n - 1, 0)), label=label)
+
+
+def _one_input_builders(make_layer, make_x, name: str, first_output: bool = False):
+    """The ``nan-inf`` and ``dtype`` builders of a front-end layer of one input
+    ``x = make_x(rng)`` (:func:`fuzz_harness.nonfinite_case`, :func:`fuzz_harness.dtype_case`
+    with the front-ends' noise; ``first_output``: check the gradient of ``layer(x)[0]``)."""
+    def nonfinite(rng, draw):
+        x = make_x(rng)
+        return nonfinite_case(make_layer(), x, _index(draw, x.size), _pick(draw, NONFINITE, "value"),
+                              name)
+
+    def dtype(rng, draw):
+        layer, x = make_layer(), make_x(rng)
+        return dtype_case(layer, x, _pick(draw, BAD_DTYPES, "dtype"), name, noise=FRONT_END_NOISE,
+                          differentiated=(lambda x: layer(x)[0]) if first_output else None)
+    return nonfinite, dtype
 
 
 # ------------------------------------------------------------------------------
@@ -195,7 +214,8 @@ def il_options(rng, draw):
         {"linear_solver": "bogus"}, {"residual_tol": float("nan")}, {"residual_tol": -1.0},
         {"dense_max": -3}, {"batch_axis": 5}, {"ridge": -1.0}, {"ridge": float("nan")},
         {"linear_solver_options": {"bogus": 1}}, {"linear_solver": "lu", "linear_solver_options": {"rtol": -1}},
-        {"residual_tol": "small"}, {"batch_axis": 1.5}, {"check_residual": "yes"}), "options")
+        {"residual_tol": "small"}, {"batch_axis": 1.5}, {"check_residual": "yes"},
+        {"batch_axis": "0"}, {"batch_axis": True}, {"batch_axis": -3}), "options")
     key = sorted(opts)[-1] if "linear_solver_options" in opts else sorted(opts)[0]
 
     def call():
@@ -223,20 +243,8 @@ def _fp_layer(**kw):
     return nimplicit.fixed_point_layer(_contraction, y0=lambda x: np.zeros(np.shape(x)), **kw)
 
 
-def fp_nonfinite(rng, draw):
-    x = put_nonfinite(rng.standard_normal(4), _index(draw, 4), _pick(draw, NONFINITE, "value"))
-    layer = _fp_layer()
-    return case(lambda: layer(x), words=NONFINITE_WORDS, describe=f"fixed_point_layer x={x}")
-
-
-def fp_dtype(rng, draw):
-    dtype = _pick(draw, BAD_DTYPES, "dtype")
-    x = as_dtype(rng.standard_normal(4), dtype)
-    layer = _fp_layer()
-    grad = (lambda y: grad_check(layer, np.asarray(x, float), noise=FRONT_END_NOISE)) \
-        if dtype in ("float16", "float32", "int64") else None
-    return case(lambda: layer(x), grad=grad, must_raise=(dtype == "complex128"),
-                describe=f"fixed_point_layer x as {dtype}")
+fp_nonfinite, fp_dtype = _one_input_builders(_fp_layer, lambda rng: rng.standard_normal(4),
+                                              "fixed_point_layer")
 
 
 def fp_scale(rng, draw):
@@ -297,20 +305,8 @@ def _am_layer(objective=_objective, **kw):
     return nimplicit.argmin_layer(objective, **kw)
 
 
-def am_nonfinite(rng, draw):
-    x = put_nonfinite(rng.standard_normal(3), _index(draw, 3), _pick(draw, NONFINITE, "value"))
-    layer = _am_layer()
-    return case(lambda: layer(x), words=NONFINITE_WORDS, describe=f"argmin_layer x={x}")
-
-
-def am_dtype(rng, draw):
-    dtype = _pick(draw, BAD_DTYPES, "dtype")
-    x = as_dtype(rng.standard_normal(3), dtype)
-    layer = _am_layer()
-    grad = (lambda y: grad_check(layer, np.asarray(x, float), noise=FRONT_END_NOISE)) \
-        if dtype in ("float16", "float32", "int64") else None
-    return case(lambda: layer(x), grad=grad, must_raise=(dtype == "complex128"),
-                describe=f"argmin_layer x as {dtype}")
+am_nonfinite, am_dtype = _one_input_builders(_am_layer, lambda rng: rng.standard_normal(3),
+                                              "argmin_layer")
 
 
 def am_scale(rng, draw):
@@ -380,20 +376,8 @@ def _strict_x(rng, n=3):
     return x
 
 
-def ca_nonfinite(rng, draw):
-    x = put_nonfinite(_strict_x(rng), _index(draw, 3), _pick(draw, NONFINITE, "value"))
-    layer = _ca_layer()
-    return case(lambda: layer(x), words=NONFINITE_WORDS, describe=f"constrained_argmin_layer x={x}")
-
-
-def ca_dtype(rng, draw):
-    dtype = _pick(draw, BAD_DTYPES, "dtype")
-    x = as_dtype(_strict_x(rng), dtype)
-    layer = _ca_layer()
-    grad = (lambda z: grad_check(lambda x: layer(x)[0], np.asarray(x, float), noise=FRONT_END_NOISE)) \
-        if dtype in ("float16", "float32", "int64") else None
-    return case(lambda: layer(x), grad=grad, must_raise=(dtype == "complex128"),
-                describe=f"constrained_argmin_layer x as {dtype}")
+ca_nonfinite, ca_dtype = _one_input_builders(_ca_layer, _strict_x, "constrained_argmin_layer",
+                                              first_output=True)
 
 
 def ca_scale(rng, draw):
@@ -448,3 +432,50 @@ CONSTRAINED = {"nan-inf": ca_nonfinite, "dtype": ca_dtype, "scale": ca_scale,
                "weakly-active": ca_weakly_active, "options": ca_options}
 test_constrained_argmin_layer, test_constrained_argmin_layer_slow = hostile_tests(
     "constrained_argmin_layer", CONSTRAINED)
+
+
+@pytest.mark.parametrize("batch_axis, error, words", [
+    (5, ShapeError, ("batch_axis=5", "ndim 2")), (-3, ShapeError, ("batch_axis=-3", "ndim 2")),
+    (1.5, OptionError, ("1.5", "float")), ("0", OptionError, ("'0'", "str")),
+    (True, OptionError, ("True", "bool"))])
+def test_structure_refuses_a_bad_batch_axis(batch_axis, error, words):
+    """Structure names the bad batch_axis and the value's ndim (or the wrong type)."""
+    from nimplicit.structure import Structure
+    with pytest.raises(error) as info:
+        Structure(np.ones((2, 3)), batch_axis, "the solver's output")
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+@pytest.mark.parametrize("batch_axis", [0, 1, -1, -2, np.int64(1)])
+def test_structure_accepts_every_axis_in_range(batch_axis):
+    from nimplicit.structure import Structure
+    s = Structure(np.ones((2, 3)), batch_axis)
+    assert s.batch_size == (2, 3)[int(batch_axis) % 2]
+
+
+def test_the_docs_bad_input_table_is_generated_from_its_results_file():
+    """docs/_generated/bad_input_table.inc is benchmarks.fuzz_counts.rst_table of
+    the results file it names (no hand-copied counts), and that file has 0 failures."""
+    import json
+    import os
+    import re
+
+    from benchmarks.fuzz_counts import ROOT, rst_table
+    with open(os.path.join(ROOT, "docs", "_generated", "bad_input_table.inc")) as fh:
+        table = fh.read()
+    source = re.search(r"--rst from (\S+);", table.splitlines()[0]).group(1)
+    with open(os.path.join(ROOT, source)) as fh:
+        results = json.load(fh)
+    results["source"] = source
+    assert rst_table(results) == table
+    assert not results["failures"] and "FAILURE" not in table
+
+
+def test_rst_table_names_typed_errors_documented_results_and_failures():
+    from benchmarks.fuzz_counts import rst_table
+    results = {"command": "c", "commit": "0123456789ab", "date": "d", "per_class": 2,
+               "classes": {"f": {"options": {"typed": 2}, "scale": {"documented": 1, "failure:nan": 1}}},
+               "errors": {"f": {"options": {"OptionError": 2}}}}
+    table = rst_table(results)
+    assert "``OptionError`` 2" in table and "documented result 1" in table
+    assert "**FAILURE nan** 1" in table and "4 examples, 1 failure(s)" in table

@@ -276,7 +276,11 @@ def nc_degenerate(rng, draw):
 def nc_options(rng, draw):
     W = _affinity(rng)
     opts = _pick(draw, ({"normalization": "bogus"}, {"gap_tol": float("nan")}, {"gap_tol": -1.0},
-                        {"linear_solver": "bogus"}, {"n_nodes": -2}, {"bogus_option": 1}), "options")
+                        {"linear_solver": "bogus"}, {"n_nodes": -2}, {"bogus_option": 1},
+                        {"gap_tol": "small"}, {"full_output": "yes"}, {"dense_max": -1},
+                        {"n_nodes": 2.5}, {"sign_reference": np.zeros(6)},
+                        {"sign_reference": np.full(6, np.nan)}, {"solver_options": {"eig_tol": 1e-9}},
+                        {"normalization": None}, {"backward": "structured"}), "options")
     return _options_case(lambda **o: rl.ncut_layer(W, **o), opts)
 
 
@@ -296,7 +300,6 @@ NCUT = {"nan-inf": nc_nonfinite, "mixed-batch": nc_mixed_batch, "dtype": nc_dtyp
         "shapes": nc_shapes, "degenerate": nc_degenerate, "options": nc_options}
 test_ncut_layer, test_ncut_layer_slow = hostile_tests(
     "ncut_layer", NCUT,
-    xfail={"options": "open defect: normalization='bogus' plain ValueError, gap_tol/n_nodes not validated; reference_layers/ncut.py"},
     warm_up=lambda: grad_check(_ncut, _affinity(np.random.default_rng(0))))
 
 

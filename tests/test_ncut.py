@@ -551,3 +551,81 @@ def test_full_output_is_boxed_so_make_vjp_of_the_layer_sees_it():
     te = t[edges[:, 0], edges[:, 1]]
     fde = directional_derivative(lambda x: ncut_layer(x, edges=edges, n_nodes=6)[1], w, te)
     onp.testing.assert_allclose(onp.sum(ge * te), fde.value, atol=float(fde.error) + 1e-10)
+
+
+# ------------------------------------------------------------------------------
+# option validation (issue 11 item 9): typed errors naming the option
+# ------------------------------------------------------------------------------
+
+BAD_OPTIONS = [
+    ({"normalization": "bogus"}, "normalization must be one of"),
+    ({"gap_tol": float("nan")}, "gap_tol"), ({"gap_tol": -1.0}, "gap_tol"),
+    ({"gap_tol": "small"}, "gap_tol"), ({"n_nodes": -2}, "n_nodes"), ({"n_nodes": 2.5}, "n_nodes"),
+    ({"n_nodes": 7}, "n_nodes=7 is only used with edges="), ({"dense_max": -1}, "dense_max"),
+    ({"full_output": "yes"}, "full_output"), ({"sign_reference": onp.zeros(6)}, "zero vector"),
+    ({"sign_reference": onp.full(6, onp.nan)}, "non-finite"),
+    ({"bogus_option": 1}, r"unknown key\(s\) \['bogus_option'\]"),
+]
+
+
+@pytest.mark.parametrize("options, match", BAD_OPTIONS, ids=lambda x: str(x)[:30])
+def test_bad_options_raise_typed_option_errors(options, match):
+    """Each bad option: an OptionError (a ValueError and a TypeError) naming it."""
+    W = block_affinity(onp.random.default_rng(0), n=6)
+    with pytest.raises(OptionError, match=match) as info:
+        ncut_layer(W, **options)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
+def test_unknown_keyword_message_lists_ncut_and_core_keywords():
+    W = block_affinity(onp.random.default_rng(0), n=6)
+    with pytest.raises(OptionError) as info:
+        ncut_layer(W, bogus_option=1)
+    for keyword in ("normalization", "gap_tol", "n_nodes", "residual_tol", "linear_solver_options"):
+        assert keyword in str(info.value)
+    with pytest.raises(OptionError, match="bogus"):
+        make_ncut_layer(bogus=1)
+    with pytest.raises(OptionError, match="bogus"):
+        SparseNCut(grid_graph_edges(3, 3), 9, bogus=1)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SparseNCut(grid_graph_edges(3, 3), 9, gap_tol=float("nan")),
+    lambda: SparseNCut(grid_graph_edges(3, 3), 9.0),
+    lambda: SparseNCut(grid_graph_edges(3, 3), 9, dense_max=True),
+    lambda: SparseNCut(grid_graph_edges(3, 3), 9, solver_options={"eig_tol": "tight"}),
+    lambda: SparseNCut(grid_graph_edges(3, 3), 9, normalization=1),
+    lambda: make_ncut_layer(gap_tol=2.0),
+])
+def test_sparse_and_factory_options_are_validated(make):
+    with pytest.raises(OptionError):
+        make()
+
+
+def test_valid_keywords_still_pass_through():
+    """n_nodes equal to N with a dense W, residual_tol and name reach the core unchanged."""
+    W = block_affinity(onp.random.default_rng(0), n=6)
+    v, lam = ncut_layer(W)
+    v2, lam2 = ncut_layer(W, n_nodes=6, residual_tol=1e-7, name="mine", gap_tol=0.0)
+    assert_close(v2, v, 0.0, "v")
+    assert_close(lam2, lam, 0.0, "lam")
+
+
+def test_empty_batch_is_a_typed_error():
+    from nimplicit.errors import EmptyInputError
+    with pytest.raises(EmptyInputError, match="empty"):
+        ncut_layer(onp.zeros((0, 5, 5)))
+
+
+def test_eigen_gap_uses_the_shared_relative_test():
+    """EigenGapError is the shared DegenerateEigenvalueError, and the verdict is
+    invariant under W -> c W (the relative gap of nimplicit.spectral)."""
+    from nimplicit.spectral import DegenerateEigenvalueError
+    assert issubclass(EigenGapError, DegenerateEigenvalueError)
+    W = onp.ones((5, 5))                       # lam_2 = lam_3: repeated
+    for c in (1e-150, 1.0, 1e150):
+        with pytest.raises(DegenerateEigenvalueError, match="not simple"):
+            ncut_layer(c * W)
+    good = block_affinity(onp.random.default_rng(1), n=6)
+    lam = [float(ncut_layer(c * good)[1]) for c in (1e-150, 1.0, 1e150)]
+    assert_close(onp.array(lam), onp.full(3, lam[1]), 1e-10, "lam invariant under scaling")

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Sequence
 
+import importlib
+
 import numpy as np
 from nimplicit.errors import NimplicitError, UnsupportedError
+from nimplicit.structure import substitute
 
 
 class JVPUnavailable(UnsupportedError):
@@ -46,17 +49,31 @@ def _as_tuple(out) -> tuple:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
+def _import(framework: str, module: str):
+    """The framework's module, or :class:`AdapterError` saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:   # pragma: no cover - depends on the environment
+        raise AdapterError(f"framework={framework!r} needs {module} installed (the 'bench' extra)") \
+            from exc
+
+
+def _of_selected(fn: Callable, full: Sequence[Any], argnums: Sequence[int]) -> Callable:
+    """``sel -> fn(*full with full[argnums[k]] = sel[k])``: the function of the
+    differentiated inputs alone (a list output becomes a tuple), for ``jvp``/``vjp``."""
+    def of_selected(*sel):
+        out = fn(*substitute(full, argnums, sel))
+        return tuple(out) if isinstance(out, list) else out
+    return of_selected
+
+
 class TorchAdapter:
     """The wrapper protocol for ``fn(*torch tensors) -> tensor or tuple of tensors``."""
 
     framework = "torch"
 
     def __init__(self, fn: Callable, argnums: Sequence[int]):
-        try:
-            import torch
-        except ImportError as exc:   # pragma: no cover - depends on the environment
-            raise AdapterError("framework='torch' needs PyTorch installed (the 'bench' extra)") from exc
-        self.torch, self.fn, self.argnums = torch, fn, list(argnums)
+        self.torch, self.fn, self.argnums = _import("torch", "torch"), fn, list(argnums)
         self.jvp_error: str = ""
 
     def _tensors(self, inputs, grad: bool = False) -> List[Any]:
@@ -89,16 +106,10 @@ class TorchAdapter:
     def jvp(self, inputs, tangent):
         torch = self.torch
         t = self._tensors(inputs)
-
-        def F(*sel):
-            full = list(t)
-            for i, s in zip(self.argnums, sel):
-                full[i] = s
-            return self.fn(*full)
         primals = tuple(t[i] for i in self.argnums)
         tangents = tuple(torch.as_tensor(np.asarray(v, float), dtype=torch.float64) for v in tangent)
         try:
-            _, out = torch.func.jvp(F, primals, tangents)
+            _, out = torch.func.jvp(_of_selected(self.fn, t, self.argnums), primals, tangents)
         except Exception as exc:
             self.jvp_error = f"{type(exc).__name__}: {exc}"[:200]
             raise JVPUnavailable(f"torch.func.jvp does not run through this function "
@@ -112,10 +123,7 @@ class JaxAdapter:
     framework = "jax"
 
     def __init__(self, fn: Callable, argnums: Sequence[int]):
-        try:
-            import jax
-        except ImportError as exc:   # pragma: no cover - depends on the environment
-            raise AdapterError("framework='jax' needs JAX installed (the 'bench' extra)") from exc
+        jax = _import("jax", "jax")
         jax.config.update("jax_enable_x64", True)
         self.jax, self.fn, self.argnums = jax, fn, list(argnums)
 
@@ -123,21 +131,13 @@ class JaxAdapter:
         jnp = self.jax.numpy
         return [jnp.asarray(np.asarray(x, dtype=float)) for x in inputs]
 
-    def _F(self, full):
-        def F(*sel):
-            args = list(full)
-            for i, s in zip(self.argnums, sel):
-                args[i] = s
-            out = self.fn(*args)
-            return tuple(out) if isinstance(out, list) else out
-        return F
-
     def __call__(self, *inputs):
         return _to_numpy_out(self.fn(*self._arrays(inputs)))
 
     def vjp(self, inputs, cotangent):
         full = self._arrays(inputs)
-        out, back = self.jax.vjp(self._F(full), *[full[i] for i in self.argnums])
+        out, back = self.jax.vjp(_of_selected(self.fn, full, self.argnums),
+                                 *[full[i] for i in self.argnums])
         jnp = self.jax.numpy
         cot = tuple(jnp.asarray(c, dtype=o.dtype) for c, o in zip(cotangent, out)) \
             if isinstance(out, tuple) else jnp.asarray(cotangent, dtype=out.dtype)
@@ -147,7 +147,8 @@ class JaxAdapter:
         full = self._arrays(inputs)
         jnp = self.jax.numpy
         try:
-            _, out = self.jax.jvp(self._F(full), tuple(full[i] for i in self.argnums),
+            _, out = self.jax.jvp(_of_selected(self.fn, full, self.argnums),
+                                  tuple(full[i] for i in self.argnums),
                                   tuple(jnp.asarray(np.asarray(v, float)) for v in tangent))
         except Exception as exc:     # e.g. a custom_vjp function has no forward mode
             raise JVPUnavailable(f"jax.jvp does not run through this function "

@@ -47,7 +47,14 @@ functions.  Without ``jvp``, the JVP is compared through the peer's VJPs and
 the stored pairs (:math:`\langle u_j, J t_k\rangle = \langle J^\top u_j, t_k
 \rangle`, no finite differences of the peer); finite differences of ``fn``
 only on request (``jvp_from="fd"``), with their error estimate and the
-declared forward noise added to the allowance.
+forward's noise added to the allowance.
+
+Noise model: the same as :func:`verification.check_grad`'s.  Without a declared
+``noise`` (the registry entry's, or ``conventions["noise"]`` of a user's
+function), every finite difference first measures the forward's noise along its
+direction (ECnoise), sizes its step from it, recognises kinks of a piecewise-linear
+output, and the base allowance of 64 eps relative output noise is added on top; a
+declared relative ``noise`` enters the finite differences' error model instead.
 """
 from __future__ import annotations
 
@@ -56,6 +63,7 @@ import inspect
 import json
 import platform
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -65,7 +73,7 @@ from nimplicit.errors import NimplicitError
 
 from . import finite_differences as fdiff
 from .adapters import JVPUnavailable
-from .check import NOISE, differentiable_argnums
+from .check import NOISE, _noise_error, differentiable_argnums
 from .registry import get
 
 FORMAT = "nimplicit-oracle"
@@ -198,13 +206,45 @@ class _Joint:
         return z
 
 
-def _fd(joint: _Joint, v: np.ndarray, noise_abs: float, step: Optional[float]):
-    res = fdiff.directional_derivative(joint, joint.z0, v, noise=noise_abs, step=step)
-    return [np.asarray(x, float) for x in res.value], [np.asarray(e, float) for e in res.error]
+def _noise_model(noise) -> Any:
+    """``"auto"`` (measure the forward's noise, as :func:`~verification.check_grad`
+    does without ``noise=``) for ``None`` / ``"auto"``, else the declared relative
+    noise as a float; :class:`OracleError` for anything else."""
+    if noise is None or (isinstance(noise, str) and noise == "auto"):
+        return "auto"
+    try:
+        value = float(noise)
+    except (TypeError, ValueError):
+        raise OracleError(f"noise must be None, 'auto' or a relative accuracy >= 0, got {noise!r}") \
+            from None
+    if not (np.isfinite(value) and value >= 0):
+        raise OracleError(f"noise must be a finite relative accuracy >= 0, got {noise!r}")
+    return value
+
+
+def _fd(joint: _Joint, v: np.ndarray, noise, f_max: float, step: Optional[float]):
+    r"""Central FD of the forward along ``v`` with its error estimate, under the
+    noise model of :func:`verification.check_grad`.
+
+    ``noise="auto"``: the finite differences measure the forward's noise along
+    ``v`` (ECnoise), size the step from it and recognise kinks; on top of that
+    every entry's error gets the base allowance ``2 NOISE |f|_inf / t`` of the
+    checker (64 eps relative output noise on the base step ``t``).  A float
+    ``noise`` is the declared relative output accuracy, put into the finite
+    differences' own error model as the absolute level ``noise |f|_inf``.
+    """
+    if noise == "auto":
+        res = fdiff.directional_derivative(joint, joint.z0, v, noise="auto", step=step)
+        floor = _noise_error(SimpleNamespace(noise=NOISE, fd_step=step), f_max, joint.z0, v) \
+            if joint.z0.size else 0.0
+    else:
+        res = fdiff.directional_derivative(joint, joint.z0, v, noise=noise * f_max, step=step)
+        floor = 0.0
+    return [np.asarray(x, float) for x in res.value], [np.asarray(e, float) + floor for e in res.error]
 
 
 def verify_case(fn: Callable, inputs: Sequence[Any], argnums: Sequence[int], stored: dict, *,
-                rtol: float = VERIFY_RTOL, noise: Optional[float] = None,
+                rtol: float = VERIFY_RTOL, noise: Optional[Any] = None,
                 fd_step: Optional[float] = None, seed: int = 0) -> dict:
     r"""Check the stored values of one case against finite differences of ``fn``.
 
@@ -215,7 +255,9 @@ def verify_case(fn: Callable, inputs: Sequence[Any], argnums: Sequence[int], sto
     * output: ``|fn(inputs)_k - stored_k| <= rtol max|stored_k|`` (noise);
     * JVP ``j``: per output component ``k``,
       :math:`|\mathrm{jvp}_{jk} - \mathrm{FD}(J t_j)_k| \le e_k + r \max|\mathrm{FD}_k|`
-      (``e`` the finite-difference error estimate);
+      (``e`` the finite-difference error estimate, with the forward's noise:
+      measured when ``noise`` is ``None`` or ``"auto"``, else the declared
+      relative ``noise``; see :func:`_fd`);
     * VJP: per input ``i`` and direction ``d`` on that input alone (every
       coordinate for at most ``COLUMNS_MAX`` entries, else ``VJP_DIRECTIONS``
       random ones), :math:`|\langle u_j, \mathrm{FD}(J d)\rangle - \langle
@@ -223,18 +265,20 @@ def verify_case(fn: Callable, inputs: Sequence[Any], argnums: Sequence[int], sto
     * adjoint identity between stored pairs :math:`\langle u_j, \mathrm{jvp}_k\rangle
       = \sum_i \langle g_{ji}, t_{ki}\rangle` within ``r`` times their rounding scale.
 
-    Returns a JSON-able record: ``passed``, ``rtol``, ``output_rel`` and
+    Returns a JSON-able record: ``passed``, ``rtol``, ``noise`` (``"auto"`` or the
+    declared value), ``output_rel`` and
     ``jvp_rel`` (per output component), ``vjp_rel`` (per input, keyed by its
     index), ``adjoint_rel``, ``worst`` (the failing or closest quantity) and
     ``n_fd`` (directional finite differences used).  ``*_rel`` are errors over
     the allowance-free scale; a value ``> 0`` with zero scale is ``inf``.
     """
+    noise = _noise_model(noise)
     joint = _Joint(fn, inputs, argnums)
     outs = _parts(fn(*inputs))
     f_max = max((float(np.abs(o).max(initial=0.0)) for o in outs), default=0.0)
-    noise_abs = (noise if noise is not None else NOISE) * f_max
-    rec: Dict[str, Any] = {"rtol": rtol, "output_rel": [], "jvp_rel": [], "vjp_rel": {},
-                           "adjoint_rel": 0.0, "n_fd": 0}
+    noise_abs = (NOISE if noise == "auto" else noise) * f_max
+    rec: Dict[str, Any] = {"rtol": rtol, "noise": noise, "output_rel": [], "jvp_rel": [],
+                           "vjp_rel": {}, "adjoint_rel": 0.0, "n_fd": 0}
     excess: List[Tuple[float, str]] = []
 
     def judge(err, allowed, scale, label):
@@ -255,7 +299,7 @@ def verify_case(fn: Callable, inputs: Sequence[Any], argnums: Sequence[int], sto
     n_out = len(outs)
     jvp_rel = [0.0] * n_out
     for j, (tan, jvp) in enumerate(zip(stored["tangents"], stored["jvps"])):
-        fd, fd_err = _fd(joint, joint.flat(tan), noise_abs, fd_step)
+        fd, fd_err = _fd(joint, joint.flat(tan), noise, f_max, fd_step)
         rec["n_fd"] += 1
         for k in range(n_out):
             err = float(np.abs(np.asarray(jvp[k]) - fd[k]).max(initial=0.0))
@@ -277,7 +321,7 @@ def verify_case(fn: Callable, inputs: Sequence[Any], argnums: Sequence[int], sto
             dirs = [rng.standard_normal(x.shape) * scales for _ in range(VJP_DIRECTIONS)]
         worst = 0.0
         for d in dirs:
-            fd, fd_err = _fd(joint, joint.block(n, d), noise_abs, fd_step)
+            fd, fd_err = _fd(joint, joint.block(n, d), noise, f_max, fd_step)
             rec["n_fd"] += 1
             for j, (cot, g) in enumerate(zip(stored["cotangents"], stored["vjps"])):
                 lhs, lhs_scale = _dot(cot, fd)
@@ -882,7 +926,8 @@ def compare(path: str, fn: Callable, vjp: Optional[Callable] = None, jvp: Option
     :math:`\langle u_j, J t_k\rangle = \langle J^\top u_j, t_k\rangle`,
     compared with the stored :math:`\langle u_j, \mathrm{jvp}_k\rangle`; with
     ``jvp_from="fd"`` by finite differences of ``fn`` with their error estimate
-    and the forward's declared relative ``noise`` (default 64 eps) in the allowance.
+    and the forward's noise in the allowance: declared (relative ``noise``) or,
+    by default, measured along each tangent as :func:`~verification.check_grad` does.
 
     With ``verify`` (default) the file's stored values are first re-checked
     (:func:`verify_file`); a file that fails raises :class:`OracleVerificationError`.
@@ -970,12 +1015,12 @@ def compare(path: str, fn: Callable, vjp: Optional[Callable] = None, jvp: Option
                          "(scale: sum |u_jk (J t_m)_k|)")
         else:
             source = "FD of fn"
-            rel_noise = noise if noise is not None else NOISE
+            rel_noise = _noise_model(noise)
             joint = _Joint(fn, inputs, argnums)
             f_max = max((float(np.abs(o).max(initial=0.0)) for o in got_out), default=0.0)
             got, errs = [], []
             for j in range(n_dir):
-                v, e = _fd(joint, joint.flat(st["tangents"][j]), rel_noise * f_max, None)
+                v, e = _fd(joint, joint.flat(st["tangents"][j]), rel_noise, f_max, None)
                 got.append(v)
                 errs.append(e)
             for k in range(n_out):
@@ -984,8 +1029,10 @@ def compare(path: str, fn: Callable, vjp: Optional[Callable] = None, jvp: Option
                                          np.stack([g[k] for g in got]),
                                          np.stack([st["jvps"][j][k] for j in range(n_dir)]),
                                          rtol, atol, allowance))
-            notes.append(f"JVPs by finite differences of fn (requested or no vjp), noise "
-                         f"{rel_noise:.1e} relative in the allowance")
+            notes.append("JVPs by finite differences of fn (requested or no vjp), noise "
+                         + ("measured along each tangent (ECnoise, as check_grad)"
+                            if rel_noise == "auto" else f"{rel_noise:.1e} relative")
+                         + " in the allowance")
         for prefix in ("output", "VJP", "JVP"):
             _zero_references(measures, prefix, rtol, atol, notes)
         results.append(CaseComparison(case=c, seed=case["seed"], measures=measures,
