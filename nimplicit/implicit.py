@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from typing import Any, Callable, Iterator, List, Optional, Union
 
 import autograd.numpy as anp
@@ -194,6 +195,7 @@ class ForwardPoint:
         self._state = None
         self._vjp_y = None
         self._pulls: dict = {}
+        self._warned_cache = False
 
     # -- the residual as a function of flat vectors (traceable) --------------
     def F(self, y_flat, *inputs):
@@ -223,7 +225,15 @@ class ForwardPoint:
 
     @property
     def cache(self) -> dict:
-        """Deprecated: the per-point dict of an old-protocol (callable) linear solver."""
+        """Deprecated: the per-point dict of an old-protocol (callable) linear solver.
+
+        Warns (DeprecationWarning) on the first access at each point.
+        """
+        if not self._warned_cache:
+            self._warned_cache = True
+            warnings.warn("ForwardPoint.cache is deprecated and goes away in the next release: "
+                          "a LinearSolver keeps what it builds at a point in its state "
+                          "(point.solver_state)", DeprecationWarning, stacklevel=2)
         return getattr(self.solver_state, "cache", {})
 
     def solve_raw(self, b, transpose: bool):

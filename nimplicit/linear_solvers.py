@@ -909,6 +909,11 @@ class LegacySolver(LinearSolver):
     def __init__(self, fn: Callable, **options):
         if not callable(fn):
             raise OptionError(f"a legacy linear solver must be callable, got {type(fn).__name__}")
+        warnings.warn(f"a callable linear_solver ({getattr(fn, '__qualname__', fn)!r}, the "
+                      f"solve(matvec, rmatvec, b, *, transpose, x_size, cache, point) protocol) is "
+                      f"deprecated and goes away in the next release: write a "
+                      f"nimplicit.linear_solvers.LinearSolver subclass (init(operator, aux) -> "
+                      f"state, state.solve(b, transpose)) instead", DeprecationWarning, stacklevel=3)
         self.fn = fn
         self.opts = dict(options)    # passed through to the callable, as before
 
