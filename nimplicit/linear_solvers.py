@@ -561,6 +561,69 @@ def _resolve_preconditioner(preconditioner: Preconditioner, shape, point, name: 
     return _diagonal_preconditioner(preconditioner, shape, name, spd)
 
 
+def _gmres(matvec: MatVec, b: np.ndarray, rtol: float, budget: int, restart: int):
+    r"""Restarted GMRES on ``A x = b`` from ``x = 0``: at most ``budget`` products.
+
+    Arnoldi with classical Gram-Schmidt applied twice (CGS2: as stable as
+    modified Gram-Schmidt, but two matrix-vector products with the basis per
+    step instead of ``j`` vector operations), Givens rotations for the
+    least-squares residual ``|b - A x_j| = |g_{j+1}|``; stops when that
+    estimate is ``<= rtol |b|`` or the budget is spent.  The caller checks the
+    true residual.  Returns ``(x, info, iterations)`` with SciPy's ``info``
+    convention (0 converged, > 0 not converged).
+    """
+    n = b.size
+    bnorm = np.linalg.norm(b)
+    x = np.zeros(n)
+    if bnorm == 0:
+        return x, 0, 0
+    its, r, beta = 0, b, bnorm
+    while True:
+        k_max = max(1, min(restart, budget - its, n))
+        V = np.empty((k_max + 1, n))
+        R = np.zeros((k_max + 1, k_max))       # the rotated Hessenberg matrix
+        cs, sn = np.zeros(k_max), np.zeros(k_max)
+        g = np.zeros(k_max + 1)
+        V[0], g[0] = r / beta, beta
+        k = 0
+        for j in range(k_max):
+            w = np.asarray(matvec(V[j]), dtype=float).ravel()
+            its += 1
+            basis = V[:j + 1]
+            h = basis @ w
+            w = w - h @ basis
+            h2 = basis @ w
+            w = w - h2 @ basis
+            h = h + h2
+            hn = np.linalg.norm(w)
+            for i in range(j):                  # the previous rotations
+                h[i], h[i + 1] = cs[i] * h[i] + sn[i] * h[i + 1], -sn[i] * h[i] + cs[i] * h[i + 1]
+            rho = np.hypot(h[j], hn)
+            if rho == 0:
+                break
+            cs[j], sn[j] = h[j] / rho, hn / rho
+            h[j] = rho
+            R[:j + 1, j] = h
+            g[j + 1], g[j] = -sn[j] * g[j], cs[j] * g[j]
+            k = j + 1
+            if hn > 0:
+                V[j + 1] = w / hn
+            if abs(g[j + 1]) <= rtol * bnorm or hn == 0:
+                break
+        if k:
+            y = scipy.linalg.solve_triangular(R[:k, :k], g[:k], check_finite=False)
+            x = x + y @ V[:k]
+        converged = k > 0 and abs(g[k]) <= rtol * bnorm
+        if converged or k < k_max and (k == 0 or hn == 0) or its >= budget:
+            return x, 0 if converged else its, its
+        r = b - np.asarray(matvec(x), dtype=float).ravel()
+        beta = np.linalg.norm(r)
+        if beta <= rtol * bnorm:
+            return x, 0, its
+        if its >= budget:
+            return x, its, its
+
+
 def _one_krylov_solve(method, op, M, rhs, rtol, budget, restart):
     """One run of a SciPy Krylov method on ``op x = rhs`` from ``x = 0``, at
     most ``budget`` inner iterations.  Returns ``(x, info, iterations)``."""
@@ -569,6 +632,8 @@ def _one_krylov_solve(method, op, M, rhs, rtol, budget, restart):
     def count(*_):
         iterations[0] += 1
 
+    if method is spla.gmres and M is None:
+        return _gmres(op.matvec, rhs, rtol, budget, restart)
     if method is spla.gmres:
         # scipy counts GMRES restart cycles; here the budget bounds the inner
         # iterations (matrix-vector products), as for the other Krylov methods
