@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import math
 import time
 import warnings
 from typing import Any, Callable, Optional, Union
@@ -582,10 +583,10 @@ def _gmres(matvec: MatVec, b: np.ndarray, rtol: float, budget: int, restart: int
         k_max = max(1, min(restart, budget - its, n))
         V = np.empty((k_max + 1, n))
         R = np.zeros((k_max + 1, k_max))       # the rotated Hessenberg matrix
-        cs, sn = np.zeros(k_max), np.zeros(k_max)
-        g = np.zeros(k_max + 1)
-        V[0], g[0] = r / beta, beta
-        k = 0
+        cs, sn = [0.0] * k_max, [0.0] * k_max  # Python floats: the rotations are scalar work
+        g = [0.0] * (k_max + 1)
+        V[0], g[0] = r / beta, float(beta)
+        k, hn = 0, 1.0
         for j in range(k_max):
             w = np.asarray(matvec(V[j]), dtype=float).ravel()
             its += 1
@@ -594,11 +595,11 @@ def _gmres(matvec: MatVec, b: np.ndarray, rtol: float, budget: int, restart: int
             w = w - h @ basis
             h2 = basis @ w
             w = w - h2 @ basis
-            h = h + h2
-            hn = np.linalg.norm(w)
+            h = (h + h2).tolist()
+            hn = float(np.linalg.norm(w))
             for i in range(j):                  # the previous rotations
                 h[i], h[i + 1] = cs[i] * h[i] + sn[i] * h[i + 1], -sn[i] * h[i] + cs[i] * h[i + 1]
-            rho = np.hypot(h[j], hn)
+            rho = math.hypot(h[j], hn)
             if rho == 0:
                 break
             cs[j], sn[j] = h[j] / rho, hn / rho
@@ -611,7 +612,7 @@ def _gmres(matvec: MatVec, b: np.ndarray, rtol: float, budget: int, restart: int
             if abs(g[j + 1]) <= rtol * bnorm or hn == 0:
                 break
         if k:
-            y = scipy.linalg.solve_triangular(R[:k, :k], g[:k], check_finite=False)
+            y = scipy.linalg.solve_triangular(R[:k, :k], np.array(g[:k]), check_finite=False)
             x = x + y @ V[:k]
         converged = k > 0 and abs(g[k]) <= rtol * bnorm
         if converged or k < k_max and (k == 0 or hn == 0) or its >= budget:
