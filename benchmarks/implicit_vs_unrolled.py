@@ -17,6 +17,9 @@ no ``d x d`` parameter gradient hides the cost of the tape) is computed by
   solves ``(I - W^T D) v = 2 y*`` (``D = diag(1 - y*^2)``) by a dense LU of
   ``J`` (formed from ``d`` autograd VJPs) or by matrix-free GMRES
   (``rtol=1e-11``);
+- ``nimplicit auto``: the same with the default ``linear_solver='auto'`` (LU up
+  to 12 unknowns, GMRES at rtol 1e-14 falling back to LU once its products cost
+  more than forming J up to 200, GMRES at rtol 1e-11 above);
 - ``nimplicit cg``: the same with ``linear_solver='cg'``, which must refuse
   (``LinearSolveError``: its symmetry probe sees that ``I - W^T D`` is not
   symmetric) rather than return a wrong gradient;
@@ -37,14 +40,21 @@ fixed point converged to machine precision, from a dense NumPy solve; that
 reference is itself checked against finite differences of the converged
 forward at the smallest size.
 
-Run ``python benchmarks/implicit_vs_unrolled.py [--quick] [--json PATH]``.
+Run ``python benchmarks/implicit_vs_unrolled.py [--quick] [--json PATH]``.  With
+``--generic`` only the "generic node" row of issue 13: forward + backward of
+``nimplicit auto`` (``linear_solver='auto'``, the default) against ``jaxopt
+gmres`` at ``d = 10, 100, 1000``, ``k = 50``, written to
+``benchmarks/results/generic-<date>.json`` (machine, versions, threads, load,
+medians, ratios).
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import os
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -286,7 +296,8 @@ def jaxopt_method(problem: Problem, k: int, wrt: str, linear_solver: str) -> Cal
 
 def methods(with_jax: bool) -> list:
     """``(name, make(problem, k, wrt) -> forward, memory_visible)``."""
-    out = [("nimplicit lu", functools.partial(nimplicit_method, linear_solver="lu"), True),
+    out = [("nimplicit auto", functools.partial(nimplicit_method, linear_solver="auto"), True),
+           ("nimplicit lu", functools.partial(nimplicit_method, linear_solver="lu"), True),
            ("nimplicit gmres", functools.partial(nimplicit_method, linear_solver="gmres"), True),
            # expected to refuse: its symmetry probe rejects the nonsymmetric I - W^T D
            ("nimplicit cg", functools.partial(nimplicit_method, linear_solver="cg"), True),
@@ -400,6 +411,114 @@ COLUMNS = [
 ]
 
 
+# ------------------------------------------------------------------------------
+# the issue-13 row: the generic node (linear_solver='auto') against jaxopt
+# ------------------------------------------------------------------------------
+
+#: goals of the "generic node" row: nimplicit auto fwd+bwd <= goal x jaxopt gmres fwd+bwd
+GENERIC_GOALS = {10: 5.0, 100: 3.0, 1000: 1.0}
+
+
+def _versions() -> dict:
+    import importlib
+    out = {}
+    for name in ("numpy", "scipy", "autograd", "jax", "jaxlib", "jaxopt"):
+        try:
+            out[name] = getattr(importlib.import_module(name), "__version__", "?")
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def generic_row(sizes: list, k: int, rho: float, threads: int, clock: str, repeats: int,
+                budget_s: float) -> dict:
+    """fwd+bwd of ``nimplicit auto`` (and lu / gmres for context) against
+    ``jaxopt gmres``, wrt (W, U, x), methods interleaved per size; medians of
+    the per-repeat sums forward + backward and their ratios to jaxopt's."""
+    with_jax = jax_available()
+    chosen = [m for m in methods(with_jax) if m[0] in ("nimplicit auto", "nimplicit lu",
+                                                         "nimplicit gmres", "jaxopt gmres")]
+    load_before = os.getloadavg()
+    rows = []
+    for d in sizes:
+        problem = make_problem(d, rho)
+        reference = ift_gradient(problem)
+        forwards = {name: make(problem, k, "all") for name, make, _ in chosen}
+        errors = {name: gradient_error(f()(), reference) for name, f in forwards.items()}
+
+        def timed(forward):
+            def run(laps):
+                backward = forward()
+                laps.lap("forward")
+                backward()
+                laps.lap("backward")
+            return run
+
+        times = time_interleaved({n: timed(f) for n, f in forwards.items()}, repeats=repeats,
+                                 warmup=2, budget_s=budget_s, min_repeats=5, clock=clock)
+        for name in forwards:
+            fwd, bwd = times[name]["forward"], times[name]["backward"]
+            total = [a + b for a, b in zip(fwd.samples, bwd.samples)]
+            rows.append({"d": d, "k": k, "method": name, "grad_err": errors[name],
+                         "fwd_ms": 1e3 * fwd.median, "bwd_ms": 1e3 * bwd.median,
+                         "total_ms": 1e3 * statistics.median(total),
+                         "total_min_ms": 1e3 * min(total), "repeats": len(total)})
+    for r in rows:
+        peer = [q for q in rows if q["d"] == r["d"] and q["method"] == "jaxopt gmres"]
+        r["over_jaxopt"] = ratio(r["total_ms"], peer[0]["total_ms"]) if peer else None
+    summary = []
+    for d in sizes:
+        ours = [r for r in rows if r["d"] == d and r["method"] == "nimplicit auto"][0]
+        goal = GENERIC_GOALS.get(d)
+        summary.append({"d": d, "nimplicit_auto_ms": ours["total_ms"],
+                        "jaxopt_gmres_ms": next((r["total_ms"] for r in rows if r["d"] == d
+                                                 and r["method"] == "jaxopt gmres"), None),
+                        "ratio": ours["over_jaxopt"], "goal_ratio": goal,
+                        "met": (None if goal is None or ours["over_jaxopt"] is None
+                                else ours["over_jaxopt"] <= goal)})
+    return {"benchmark": "generic node (issue 13 item 4)",
+            "problem": f"y = tanh(W y + U x), |W|_2 = {rho}, k = {k} forward iterations, "
+                       f"loss sum(y^2), gradient wrt (W, U, x)",
+            "clock": clock, "threads": threads, "krylov_rtol_jaxopt": KRYLOV_RTOL,
+            "load_before": load_before, "load_after": os.getloadavg(),
+            "machine": machine_info(), "versions": _versions(),
+            "rows": rows, "summary": summary}
+
+
+GENERIC_COLUMNS = [
+    Column("d", "d", "{:d}"),
+    Column("method", "method"),
+    Column("fwd ms", "fwd_ms", "{:.3g}"),
+    Column("bwd ms", "bwd_ms", "{:.3g}"),
+    Column("fwd+bwd ms", "total_ms", "{:.3g}"),
+    Column("/ jaxopt", "over_jaxopt", "{:.2f}x"),
+    Column("grad err", "grad_err", "{:.1e}"),
+]
+
+
+def main_generic(args) -> int:
+    sizes = args.sizes or [10, 100, 1000]
+    k = args.iters[0]
+    budget_s, repeats = (1.0, 7) if args.quick else (6.0, 31)
+    result = generic_row(sizes, k, args.rho, args.threads, args.clock, repeats, budget_s)
+    print(f"generic node: {result['problem']}; median {args.clock} ms of fwd+bwd, "
+          f"{args.threads} thread(s); load {result['load_before']} -> {result['load_after']}")
+    print(format_table(result["rows"], GENERIC_COLUMNS, separator_key="d"))
+    for s in result["summary"]:
+        shown = "-" if s["ratio"] is None else f"{s['ratio']:.2f}x"
+        state = "-" if s["met"] is None else ("met" if s["met"] else "MISSED")
+        print(f"  [{state}] d={s['d']}: nimplicit auto / jaxopt gmres = {shown} "
+              f"(goal <= {s['goal_ratio']}x)")
+    path = args.json or os.path.join(ROOT, "benchmarks", "results",
+                                     f"generic-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
+    result["command"] = "python benchmarks/implicit_vs_unrolled.py " + " ".join(sys.argv[1:])
+    result["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json(path, result)
+    print(f"wrote {path}")
+    bad = [r for r in result["rows"] if r["method"].startswith("nimplicit") and r["grad_err"] > 1e-8]
+    return 1 if bad else 0
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -421,7 +540,13 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--no-jax", action="store_true", help="skip jaxopt even if it imports")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows as CSV to PATH")
+    parser.add_argument("--generic", action="store_true",
+                        help="only the issue-13 row: fwd+bwd of nimplicit auto vs jaxopt gmres, "
+                             "wrt (W, U, x), k = the first --iters, d in --sizes (default 10 100 "
+                             "1000); writes benchmarks/results/generic-<date>.json (or --json)")
     args = parser.parse_args(argv)
+    if args.generic:
+        return main_generic(args)
     sizes = args.sizes or ([10, 100] if args.quick else [10, 100, 1000])
     wrts = ["all", "x"] if args.wrt == "both" else [args.wrt]
     budget_s, max_repeats = (1.0, 5) if args.quick else (4.0, 21)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from typing import Any, Callable, Iterator, List, Optional, Union
 
 import autograd.numpy as anp
@@ -41,8 +42,19 @@ from .errors import (CouplingError, DTypeError, NonFiniteError, OptionError, Res
 from .structure import Structure, substitute
 
 #: largest number of unknowns per instance for which ``linear_solver='auto'``
-#: forms J_F,y densely; above it the matrix-free GMRES/LSMR are used.
+#: may form J_F,y densely; above it the matrix-free GMRES/LSMR are used.
 DENSE_MAX = 200
+
+#: up to this many unknowns per instance ``'auto'`` forms J (``m`` products) at
+#: once: GMRES needs about this many products (iterations plus the true residual)
+#: to reach rtol=1e-11 even on a well-conditioned J, so it cannot be cheaper.
+KRYLOV_MIN_PRODUCTS = 12
+
+#: GMRES tolerance of ``'auto'`` where it replaces the dense LU (up to ``dense_max``
+#: unknowns): tight enough that the gradient stays as accurate as the LU's (a few
+#: more iterations than at GMRES's default 1e-11; below the noise floor the
+#: refinement accepts the floor, see :func:`nimplicit.linear_solvers.noise_floor`).
+AUTO_KRYLOV_RTOL = 1e-14
 
 
 # ------------------------------------------------------------------------------
@@ -196,6 +208,7 @@ class ForwardPoint:
         self._state = None
         self._vjp_y = None
         self._pulls: dict = {}
+        self._warned_cache = False
 
     # -- the residual as a function of flat vectors (traceable) --------------
     def F(self, y_flat, *inputs):
@@ -225,7 +238,15 @@ class ForwardPoint:
 
     @property
     def cache(self) -> dict:
-        """Deprecated: the per-point dict of an old-protocol (callable) linear solver."""
+        """Deprecated: the per-point dict of an old-protocol (callable) linear solver.
+
+        Warns (DeprecationWarning) on the first access at each point.
+        """
+        if not self._warned_cache:
+            self._warned_cache = True
+            warnings.warn("ForwardPoint.cache is deprecated and goes away in the next release: "
+                          "a LinearSolver keeps what it builds at a point in its state "
+                          "(point.solver_state)", DeprecationWarning, stacklevel=2)
         return getattr(self.solver_state, "cache", {})
 
     def solve_raw(self, b, transpose: bool):
@@ -456,6 +477,11 @@ class ImplicitLayer:
                                   f"candidate of linear_solver='auto' ({', '.join(_AUTO)}) takes "
                                   f"them; known options are {sorted(known)}")
             self._auto = {name: self._auto_candidate(name) for name in _AUTO}
+            tight = dict(self._auto["gmres"].opts)
+            if "rtol" not in self.linear_solver_options:
+                tight["rtol"] = AUTO_KRYLOV_RTOL
+            self._auto["gmres_or_lu"] = linear_solvers.KrylovOrDense(
+                linear_solvers.GMRES(**tight), self._auto["lu"])
             self.linear_solver = None
         else:
             self._auto = None
@@ -490,7 +516,11 @@ class ImplicitLayer:
         dense = point.m <= self.dense_max
         if self.ridge:
             return self._auto["lstsq" if dense else "lsmr"]
-        return self._auto["lu" if dense else "gmres"]
+        if not dense:
+            return self._auto["gmres"]
+        if point.m <= KRYLOV_MIN_PRODUCTS:
+            return self._auto["lu"]
+        return self._auto["gmres_or_lu"]
 
     def solve_forward(self, *raw_inputs) -> ForwardPoint:
         """Run the forward solver on raw inputs, check its output, return the point."""
@@ -658,8 +688,11 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
         array of any shape or a tuple of arrays; ``aux`` reaches the linear
         solver's ``init(operator, aux)`` (see :class:`Solution`).
     linear_solver : str, LinearSolver or callable
-        How ``J = dF/dy`` is solved: ``'auto'`` (LU for up to ``dense_max``
-        unknowns per instance, else GMRES), ``'lu'``, ``'cholesky'``,
+        How ``J = dF/dy`` is solved: ``'auto'`` (square J: LU up to
+        ``KRYLOV_MIN_PRODUCTS`` = 12 unknowns per instance; up to ``dense_max``
+        GMRES while its products cost less than forming and factoring J, else LU,
+        see :class:`~nimplicit.linear_solvers.KrylovOrDense`; above ``dense_max``
+        GMRES), ``'lu'``, ``'cholesky'``,
         ``'lstsq'``, ``'cg'``, ``'minres'``, ``'gmres'``, ``'bicgstab'``,
         ``'lsmr'``, an instance of a :class:`~nimplicit.linear_solvers.LinearSolver`
         subclass, or (deprecated) a callable

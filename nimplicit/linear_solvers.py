@@ -55,8 +55,10 @@ they go away in the next release.
 """
 from __future__ import annotations
 
-import inspect
 import enum
+import inspect
+import math
+import time
 import warnings
 from typing import Any, Callable, Optional, Union
 
@@ -560,6 +562,69 @@ def _resolve_preconditioner(preconditioner: Preconditioner, shape, point, name: 
     return _diagonal_preconditioner(preconditioner, shape, name, spd)
 
 
+def _gmres(matvec: MatVec, b: np.ndarray, rtol: float, budget: int, restart: int):
+    r"""Restarted GMRES on ``A x = b`` from ``x = 0``: at most ``budget`` products.
+
+    Arnoldi with classical Gram-Schmidt applied twice (CGS2: as stable as
+    modified Gram-Schmidt, but two matrix-vector products with the basis per
+    step instead of ``j`` vector operations), Givens rotations for the
+    least-squares residual ``|b - A x_j| = |g_{j+1}|``; stops when that
+    estimate is ``<= rtol |b|`` or the budget is spent.  The caller checks the
+    true residual.  Returns ``(x, info, iterations)`` with SciPy's ``info``
+    convention (0 converged, > 0 not converged).
+    """
+    n = b.size
+    bnorm = np.linalg.norm(b)
+    x = np.zeros(n)
+    if bnorm == 0:
+        return x, 0, 0
+    its, r, beta = 0, b, bnorm
+    while True:
+        k_max = max(1, min(restart, budget - its, n))
+        V = np.empty((k_max + 1, n))
+        R = np.zeros((k_max + 1, k_max))       # the rotated Hessenberg matrix
+        cs, sn = [0.0] * k_max, [0.0] * k_max  # Python floats: the rotations are scalar work
+        g = [0.0] * (k_max + 1)
+        V[0], g[0] = r / beta, float(beta)
+        k, hn = 0, 1.0
+        for j in range(k_max):
+            w = np.asarray(matvec(V[j]), dtype=float).ravel()
+            its += 1
+            basis = V[:j + 1]
+            h = basis @ w
+            w = w - h @ basis
+            h2 = basis @ w
+            w = w - h2 @ basis
+            h = (h + h2).tolist()
+            hn = float(np.linalg.norm(w))
+            for i in range(j):                  # the previous rotations
+                h[i], h[i + 1] = cs[i] * h[i] + sn[i] * h[i + 1], -sn[i] * h[i] + cs[i] * h[i + 1]
+            rho = math.hypot(h[j], hn)
+            if rho == 0:
+                break
+            cs[j], sn[j] = h[j] / rho, hn / rho
+            h[j] = rho
+            R[:j + 1, j] = h
+            g[j + 1], g[j] = -sn[j] * g[j], cs[j] * g[j]
+            k = j + 1
+            if hn > 0:
+                V[j + 1] = w / hn
+            if abs(g[j + 1]) <= rtol * bnorm or hn == 0:
+                break
+        if k:
+            y = scipy.linalg.solve_triangular(R[:k, :k], np.array(g[:k]), check_finite=False)
+            x = x + y @ V[:k]
+        converged = k > 0 and abs(g[k]) <= rtol * bnorm
+        if converged or k < k_max and (k == 0 or hn == 0) or its >= budget:
+            return x, 0 if converged else its, its
+        r = b - np.asarray(matvec(x), dtype=float).ravel()
+        beta = np.linalg.norm(r)
+        if beta <= rtol * bnorm:
+            return x, 0, its
+        if its >= budget:
+            return x, its, its
+
+
 def _one_krylov_solve(method, op, M, rhs, rtol, budget, restart):
     """One run of a SciPy Krylov method on ``op x = rhs`` from ``x = 0``, at
     most ``budget`` inner iterations.  Returns ``(x, info, iterations)``."""
@@ -568,6 +633,8 @@ def _one_krylov_solve(method, op, M, rhs, rtol, budget, restart):
     def count(*_):
         iterations[0] += 1
 
+    if method is spla.gmres and M is None:
+        return _gmres(op.matvec, rhs, rtol, budget, restart)
     if method is spla.gmres:
         # scipy counts GMRES restart cycles; here the budget bounds the inner
         # iterations (matrix-vector products), as for the other Krylov methods
@@ -583,6 +650,10 @@ def _one_krylov_solve(method, op, M, rhs, rtol, budget, restart):
                                    f"preconditioner.") from None
     return x, info, iterations[0]
 
+
+#: largest ``|A| |x| / |b|`` (a lower bound on ``cond(A)``) of a Krylov solution
+#: accepted at the noise floor; the LU's ``max_condition`` default
+MAX_KRYLOV_GROWTH = 1e12
 
 #: the noise floor's safety factor: ``|fl(A x) - A x| <= gamma_n |A| |x|`` with
 #: ``gamma_n ~ n eps`` in the worst case and ~ sqrt(n) eps typically.
@@ -670,9 +741,20 @@ def _krylov(name: str, method, apply: MatVec, apply_T: Optional[MatVec], b: np.n
             break
     # is what remains rounding noise of the operator?  (then rtol was unattainable)
     fT = None if apply_T is None else _flat_operator(apply_T, shape)
-    floor = noise_floor(_estimate_norm(fa, fT, n), np.linalg.norm(best_x), bnorm, n) / bnorm
-    if best_res <= floor:
+    norm_A, norm_x = _estimate_norm(fa, fT, n), np.linalg.norm(best_x)
+    floor = noise_floor(norm_A, norm_x, bnorm, n) / bnorm
+    # |A| |x| / |b| <= cond(A): a solution this large certifies that A is (numerically)
+    # singular, and its noise floor (which grows with |x|) says nothing
+    growth = norm_A * norm_x / bnorm
+    if best_res <= floor and growth <= MAX_KRYLOV_GROWTH:
         return best_x.reshape(shape)
+    if growth > MAX_KRYLOV_GROWTH:
+        raise _error(LinearSolveError, SolveStatus.SINGULAR,
+                     f"{name} did not converge (relative residual {best_res:.3g} > rtol={rtol:g}) "
+                     f"and its iterate grew to |A| |x| / |b| = {growth:.3g} > {MAX_KRYLOV_GROWTH:g}, "
+                     f"a lower bound on the condition number: J_F,y is singular or too "
+                     f"ill-conditioned for a unique derivative. Use linear_solver='lstsq' for the "
+                     f"minimum-norm solution or ridge=<small positive number>.")
     status = (SolveStatus.MAX_STEPS_REACHED if used >= maxiter else
               SolveStatus.BREAKDOWN if info < 0 else
               SolveStatus.STAGNATION if stalled else SolveStatus.REFINEMENTS_USED_UP)
@@ -812,6 +894,136 @@ class LSMR(LinearSolver):
 
 
 SOLVER_CLASSES = {cls.name: cls for cls in (LU, Cholesky, Lstsq, CG, MINRES, GMRES, BiCGSTAB, LSMR)}
+
+
+# --------------------------------------------------------------------------
+# 'auto' for mid-sized square J: Krylov first, dense LU when that is cheaper
+# --------------------------------------------------------------------------
+
+#: multiply-adds per second assumed for LAPACK's LU factorization (one thread,
+#: conservative): the dense cost of a block of size m is m^3/3 / LU_RATE seconds.
+LU_RATE = 1e9
+
+
+class _OverBudget(Exception):
+    """Raised by :class:`_CountingOperator` when the Krylov products exceed the dense cost."""
+
+
+class _CountingOperator(Operator):
+    """``operator`` with every product counted and timed, and a budget of products.
+
+    ``budget()`` is re-evaluated on each product (it depends on the measured cost of
+    one product); exceeding it raises :class:`_OverBudget`, which unwinds the
+    Krylov solve that asked for the product.
+    """
+
+    def __init__(self, operator: Operator, budget: Callable[[], float]):
+        super().__init__(operator.r, operator.m, operator.batch_size, operator.point)
+        self.inner, self.budget = operator, budget
+        self.products, self.fastest = 0, np.inf
+
+    def _count(self, apply, v):
+        if self.products >= self.budget():
+            raise _OverBudget
+        start = time.perf_counter()
+        out = apply(v)
+        self.fastest = min(self.fastest, time.perf_counter() - start)
+        self.products += 1
+        return out
+
+    def mv(self, u):
+        return self._count(self.inner.mv, u)
+
+    def rmv(self, w):
+        return self._count(self.inner.rmv, w)
+
+    def dense(self):
+        return self.inner.dense()
+
+
+class _KrylovOrDenseState(LinearSolverState):
+    def __init__(self, solver: "KrylovOrDense", operator: Operator, aux):
+        self.solver, self.operator, self.aux = solver, operator, aux
+        self.counted = _CountingOperator(operator, self.break_even)
+        self.krylov = solver.krylov.init(self.counted, aux)
+        self.dense_state: Optional[LinearSolverState] = None
+        self.switched_because: Optional[str] = None
+
+    @property
+    def exact(self) -> bool:
+        return True if self.dense_state is None else self.dense_state.exact
+
+    def break_even(self) -> float:
+        r"""The number of products that forming and factoring J would cost.
+
+        ``m`` VJPs (one per row, batched over the instances) plus the LU of the
+        ``B`` blocks, ``B m^3/3`` multiply-adds at :data:`LU_RATE`, converted to
+        products by the fastest product measured so far.
+        """
+        op = self.operator
+        blocks = op.batch_size or 1
+        t_lu = blocks * op.m ** 3 / 3.0 / LU_RATE
+        t_product = self.counted.fastest
+        extra = t_lu / t_product if np.isfinite(t_product) and t_product > 0 else 0.0
+        return op.m + extra
+
+    def solve(self, b, transpose=False):
+        if self.dense_state is None:
+            try:
+                return self.krylov.solve(b, transpose=transpose)
+            except _OverBudget:
+                self.switched_because = (f"the Krylov products ({self.counted.products}) "
+                                         f"reached the cost of forming and factoring J")
+            except LinearSolveError as exc:   # not converged: the dense solve decides
+                self.switched_because = f"{self.solver.krylov.name} failed: {exc}"
+            self.dense_state = self.solver.dense.init(self.operator, self.aux)
+        return self.dense_state.solve(b, transpose=transpose)
+
+
+class KrylovOrDense(LinearSolver):
+    r"""``linear_solver='auto'`` for a square J of moderate size: Krylov first, LU when cheaper.
+
+    The cost of a solve is counted in products with J (VJPs / JVPs), the
+    dominant cost of a traced residual.  Forming J densely costs ``m`` products
+    (batched over instances) plus the LU, ``B m^3/3`` multiply-adds; a Krylov
+    solve costs its iterations, which are not known in advance.  Rule (a
+    ski-rental bound): solve by ``krylov`` while the products spent at this
+    point stay below the dense cost ``N_d = m + t_LU / t_v`` (``t_v`` the
+    fastest product measured at the point, ``t_LU = B m^3 / (3 LU_RATE)``);
+    when a solve would exceed it, or the Krylov method does not converge, form
+    and factor J with ``dense`` and use it for this and every later solve.  So
+    a point never costs more than about twice the cheaper of the two, and a
+    well-conditioned J with ``m`` above the Krylov iteration count (typically
+    10-30 to rtol 1e-11) is never formed.  ``state.switched_because`` tells why
+    a point went dense (None while Krylov).
+
+    A Krylov solve does not estimate the condition of J: a singular J with a
+    right-hand side in its range is solved (one of the solutions) where the
+    LU would raise :class:`~nimplicit.errors.SingularJacobianError`; a
+    right-hand side outside it makes the Krylov method fail and the LU report
+    the singularity.  Pass ``linear_solver='lu'`` for the condition check on
+    every point.
+    """
+
+    name = "krylov_or_dense"
+    options: dict = {}
+
+    def __init__(self, krylov: Optional[LinearSolver] = None, dense: Optional[LinearSolver] = None):
+        self.krylov = GMRES() if krylov is None else krylov
+        self.dense = LU() if dense is None else dense
+        self.opts = {}
+
+    def init(self, operator, aux=None):
+        return _KrylovOrDenseState(self, operator, aux)
+
+    def __repr__(self):
+        return f"KrylovOrDense({self.krylov!r}, {self.dense!r})"
+
+    def __eq__(self, other):
+        return type(other) is KrylovOrDense and (other.krylov, other.dense) == (self.krylov,
+                                                                               self.dense)
+
+    __hash__ = object.__hash__
 DENSE_NAMES = ("lu", "cholesky", "lstsq")
 
 
@@ -909,6 +1121,11 @@ class LegacySolver(LinearSolver):
     def __init__(self, fn: Callable, **options):
         if not callable(fn):
             raise OptionError(f"a legacy linear solver must be callable, got {type(fn).__name__}")
+        warnings.warn(f"a callable linear_solver ({getattr(fn, '__qualname__', fn)!r}, the "
+                      f"solve(matvec, rmatvec, b, *, transpose, x_size, cache, point) protocol) is "
+                      f"deprecated and goes away in the next release: write a "
+                      f"nimplicit.linear_solvers.LinearSolver subclass (init(operator, aux) -> "
+                      f"state, state.solve(b, transpose)) instead", DeprecationWarning, stacklevel=3)
         self.fn = fn
         self.opts = dict(options)    # passed through to the callable, as before
 

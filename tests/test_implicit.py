@@ -356,6 +356,7 @@ def test_batch_axis0_gradients_and_shared_input(batch_data):
                  "batched forward-over-reverse")
 
 
+@pytest.mark.filterwarnings("ignore:a callable linear_solver:DeprecationWarning")  # counts via the old protocol
 def test_batch_blocks_cost_m_vjps_and_B_small_factorizations(batch_data, monkeypatch):
     A, W, c, _ = batch_data
     counts = {"J_T products": 0, "J products": 0}
@@ -444,6 +445,7 @@ def test_elementwise_grad_of_batched_layer_matches_per_instance_derivative():
     assert_close(elementwise_grad(layer)(x), 1 / (3 * y ** 2 + 1), RTOL, "batched scalar instances")
 
 
+@pytest.mark.filterwarnings("ignore:a callable linear_solver:DeprecationWarning")  # counts via the old protocol
 @settings(deadline=None, max_examples=15, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n_inst=st.integers(1, 4), m=st.integers(1, 4), batch_axis=st.sampled_from([0, 1, -1]),
        seed=st.integers(0, 2 ** 31))
@@ -607,8 +609,16 @@ def test_legacy_callable_protocol_still_works_and_marks_pseudo_inverse():
         cache["pseudo_inverse"] = True
         return linear_solvers.lu(matvec, rmatvec, b, transpose=transpose, x_size=x_size, cache=cache)
 
-    layer = implicit_layer(cubic_residual, cubic_solver, linear_solver=legacy)
+    with pytest.warns(DeprecationWarning, match="callable linear_solver") as caught:
+        layer = implicit_layer(cubic_residual, cubic_solver, linear_solver=legacy)
+    assert len(caught) == 1                  # once per construction
     assert_close(grad(layer)(0.4), fd_grad(cubic, 0.4), RTOL, "legacy solver gradient")
     assert isinstance(calls[0], ForwardPoint)
+    with record_points() as points:
+        grad(layer)(0.4)
+    with pytest.warns(DeprecationWarning, match="ForwardPoint.cache") as caught:
+        assert points[0].cache.get("pseudo_inverse") is True
+        points[0].cache
+    assert len(caught) == 1                  # once per point
     with pytest.raises(UnsupportedError, match="order >= 2"):
         grad(grad(layer))(0.4)

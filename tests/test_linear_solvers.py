@@ -316,7 +316,8 @@ def test_user_supplied_solver_caches_its_factorization(deq_data):
         solves.append(transpose)
         return scipy.linalg.lu_solve(cache["my_lu"], b, trans=1 if transpose else 0)
 
-    layer = implicit_layer(deq_residual, deq_solver, linear_solver=cached_lu)
+    with pytest.warns(DeprecationWarning, match="callable linear_solver"):
+        layer = implicit_layer(deq_residual, deq_solver, linear_solver=cached_lu)
     J = jacobian(lambda x: layer(W, U, x))(x)
     assert len(factorizations) == 1 and len(solves) == DEQ_D and all(solves)
     assert factorizations[0].y is not None and factorizations[0].m == DEQ_D

@@ -1,0 +1,146 @@
+"""``linear_solver='auto'`` between 12 and ``dense_max`` unknowns: Krylov first,
+the dense LU when forming J is cheaper (:class:`nimplicit.linear_solvers.KrylovOrDense`)."""
+from __future__ import annotations
+
+import autograd.numpy as anp
+import numpy as np
+import pytest
+from autograd import grad, jacobian
+
+from helpers import assert_close, assert_grad_matches_fd, fd_jacobian
+from nimplicit import fixed_point_layer, implicit_layer, linear_solvers, record_points
+from nimplicit.errors import SingularJacobianError
+from nimplicit.implicit import KRYLOV_MIN_PRODUCTS
+from verification import check_grad
+
+
+def T(y, W, b):
+    """A contraction ``y -> tanh(W y + b)`` (``|W|_2 = 0.5``)."""
+    return anp.tanh(anp.dot(W, y) + b)
+
+
+def iterate(W, b, k=80):
+    y = np.zeros(len(b))
+    for _ in range(k):
+        y = np.tanh(W @ y + b)
+    return y
+
+
+def problem(d, seed=0):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((d, d))
+    W *= 0.5 / np.linalg.norm(W, 2)
+    return W, rng.standard_normal(d)
+
+
+def layer_and_point(d, **options):
+    W, b = problem(d)
+    layer = fixed_point_layer(T, solver=iterate, **options)
+    with record_points() as points:
+        g = grad(lambda b: anp.sum(layer(W, b) ** 2))(b)
+    return layer, points[0], (W, b), g
+
+
+def test_small_m_forms_j_and_mid_m_tries_krylov_first():
+    _, small, _, _ = layer_and_point(KRYLOV_MIN_PRODUCTS)
+    assert isinstance(small.linear_solver, linear_solvers.LU)
+    _, mid, _, _ = layer_and_point(40)
+    assert isinstance(mid.linear_solver, linear_solvers.KrylovOrDense)
+    state = mid.solver_state
+    # a contraction: GMRES converges in far fewer products than the 40 rows of J
+    assert state.switched_because is None and 0 < state.counted.products < 40
+    _, large, _, _ = layer_and_point(40, dense_max=39)
+    assert isinstance(large.linear_solver, linear_solvers.GMRES)
+
+
+def test_krylov_gradient_is_as_accurate_as_the_lu_one():
+    layer, point, (W, b), g = layer_and_point(60)
+    assert point.solver_state.dense_state is None          # solved by GMRES
+    g_lu = grad(lambda b: anp.sum(fixed_point_layer(T, solver=iterate, linear_solver="lu")(W, b)
+                                  ** 2))(b)
+    assert_close(g, g_lu, 1e-12, "auto (GMRES at rtol 1e-14) vs LU")
+    report = check_grad(lambda b: layer(W, b), b, modes=("rev",))
+    assert report.passed, report
+
+
+def test_many_solves_at_one_point_switch_to_the_dense_lu():
+    """``jacobian`` asks for m solves: once the products reach the dense cost, J is formed."""
+    d = 30
+    W, b = problem(d, seed=1)
+    layer = fixed_point_layer(T, solver=iterate)
+    with record_points() as points:
+        J = jacobian(lambda b: layer(W, b))(b)
+    state = points[0].solver_state
+    assert state.dense_state is not None and "reached the cost" in state.switched_because
+    assert state.counted.products <= state.break_even() + 1
+    assert_close(J, fd_jacobian(lambda b: layer(W, b), b), 1e-6, "jacobian through the switch")
+
+
+def test_a_krylov_failure_falls_back_to_the_lu_and_its_typed_error():
+    """A singular J and a cotangent outside the range of J^T: GMRES cannot converge,
+    the LU then reports the singularity (as 'auto' did before Krylov came first)."""
+    d = 20
+
+    def residual(y, a):
+        return anp.concatenate([y[:-1] - a[:-1], anp.zeros(1) * y[-1]]) + 0.0 * a[-1]
+
+    layer = implicit_layer(residual, lambda a: np.concatenate([a[:-1], [0.0]]))
+    a = np.linspace(1.0, 2.0, d)
+    with pytest.raises(SingularJacobianError):
+        grad(lambda a: anp.sum(layer(a)))(a)       # g = 1 has a component along e_m
+
+
+def test_budget_rule_on_a_matrix_operator():
+    """Non-normal J whose GMRES needs ~m iterations: the state switches and solves exactly."""
+    m = 40
+    rng = np.random.default_rng(3)
+    J = np.eye(m) + np.diag(np.full(m - 1, 3.0), 1) + 1e-3 * rng.standard_normal((m, m))
+    op = linear_solvers.MatrixOperator(J)
+    state = linear_solvers.KrylovOrDense(linear_solvers.GMRES(rtol=1e-14)).init(op)
+    assert state.break_even() == m                       # no product timed yet
+    x_true = rng.standard_normal(m)
+    for transpose in (False, True):
+        b = (J.T if transpose else J) @ x_true
+        assert_close(state.solve(b, transpose=transpose), x_true, 1e-9, f"transpose={transpose}")
+    assert state.dense_state is not None and state.exact
+
+
+def test_user_rtol_reaches_the_krylov_candidate():
+    layer = fixed_point_layer(T, solver=iterate, linear_solver_options={"rtol": 1e-9})
+    assert layer._auto["gmres_or_lu"].krylov.opts["rtol"] == 1e-9
+    default = fixed_point_layer(T, solver=iterate)
+    assert default._auto["gmres_or_lu"].krylov.opts["rtol"] == 1e-14
+
+
+def test_second_order_through_the_krylov_path():
+    d = 24
+    W, b = problem(d, seed=2)
+    layer = fixed_point_layer(T, solver=iterate)
+    loss = lambda b: anp.sum(anp.sin(layer(W, b)))
+    H = jacobian(grad(loss))(b)
+    rng = np.random.default_rng(0)
+    assert_grad_matches_fd(grad(loss), b, H, rng, rtol=1e-6, what="hessian through auto")
+
+
+def test_gmres_refuses_a_blown_up_iterate_on_a_singular_j():
+    """Before: GMRES on J = diag(1, .., 1, 0) with b outside the range returned
+    x ~ 1e16 (accepted at a noise floor that grows with |x|) and a wrong gradient."""
+    from nimplicit.errors import LinearSolveError
+
+    def residual(y, a):
+        return anp.concatenate([y[:-1] - a[:-1], anp.zeros(1) * y[-1]]) + 0.0 * a[-1]
+
+    layer = implicit_layer(residual, lambda a: np.concatenate([a[:-1], [0.0]]),
+                           linear_solver="gmres")
+    with pytest.raises(LinearSolveError, match="singular|ill-conditioned") as info:
+        grad(lambda a: anp.sum(layer(a)))(np.linspace(1.0, 2.0, 20))
+    assert info.value.status in (linear_solvers.SolveStatus.SINGULAR,
+                                 linear_solvers.SolveStatus.STAGNATION)
+    # the refusal is the driver's, not the Krylov method's luck: a blown-up iterate
+    J = np.eye(20)
+    J[-1, -1] = 0.0
+    with pytest.raises(LinearSolveError, match="singular") as info:
+        linear_solvers._krylov("gmres", linear_solvers.spla.gmres, lambda v: J.T @ v,
+                               lambda v: J @ v, -np.ones(20), rtol=1e-14, maxiter=None,
+                               M=lambda v: v, refinements=3)
+    assert info.value.status is linear_solvers.SolveStatus.SINGULAR
