@@ -45,16 +45,25 @@ from .structure import Structure, substitute
 #: may form J_F,y densely; above it the matrix-free GMRES/LSMR are used.
 DENSE_MAX = 200
 
-#: up to this many unknowns per instance ``'auto'`` forms J (``m`` products) at
-#: once: GMRES needs about this many products (iterations plus the true residual)
-#: to reach rtol=1e-11 even on a well-conditioned J, so it cannot be cheaper.
-KRYLOV_MIN_PRODUCTS = 12
-
-#: GMRES tolerance of ``'auto'`` where it replaces the dense LU (up to ``dense_max``
-#: unknowns): tight enough that the gradient stays as accurate as the LU's (a few
-#: more iterations than at GMRES's default 1e-11; below the noise floor the
-#: refinement accepts the floor, see :func:`nimplicit.linear_solvers.noise_floor`).
+#: GMRES tolerance of ``linear_solver='krylov_or_dense'`` (unless the options
+#: give ``rtol``): tight enough that the gradient stays as accurate as the LU's
+#: (a few more iterations than at GMRES's default 1e-11; below the noise floor
+#: the refinement accepts the floor, see :func:`nimplicit.linear_solvers.noise_floor`).
 AUTO_KRYLOV_RTOL = 1e-14
+
+
+def _krylov_or_dense(options: dict) -> "linear_solvers.KrylovOrDense":
+    """GMRES (rtol ``AUTO_KRYLOV_RTOL`` by default) first, the LU when forming J is cheaper."""
+    known = linear_solvers.GMRES.options.keys() | linear_solvers.LU.options.keys()
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise OptionError(f"linear_solver_options has unknown option(s) {unknown} for "
+                          f"linear_solver='krylov_or_dense' (GMRES, then LU); known options "
+                          f"are {sorted(known)}")
+    gmres = {k: v for k, v in options.items() if k in linear_solvers.GMRES.options}
+    gmres.setdefault("rtol", AUTO_KRYLOV_RTOL)
+    lu = {k: v for k, v in options.items() if k in linear_solvers.LU.options}
+    return linear_solvers.KrylovOrDense(linear_solvers.GMRES(**gmres), linear_solvers.LU(**lu))
 
 
 # ------------------------------------------------------------------------------
@@ -353,6 +362,16 @@ def _input_products(point, y_flat, inputs, argnums):
     return F_of, tuple(inputs[i] for i in nums)
 
 
+def _pullback_of_inputs(F_of, sel):
+    """``w -> (J_i^T w)_i`` for the selected inputs.  One input is traced bare:
+    traced as a 1-tuple, autograd would build its gradient as zeros plus an add
+    (one more pass over a large input, e.g. an N^2 affinity, per product)."""
+    if len(sel) == 1:
+        pull = make_vjp(lambda s: F_of((s,)))(sel[0])[0]
+        return lambda w: (pull(w),)
+    return make_vjp(F_of)(sel)[0]
+
+
 def _node_vjp(argnums, y_flat, args, kwargs):
     point, inputs = args[0], args[1:]
     F_of, sel = _input_products(point, y_flat, inputs, argnums)
@@ -360,9 +379,9 @@ def _node_vjp(argnums, y_flat, args, kwargs):
     if raw:   # first order: trace F in the inputs once, reuse for every cotangent
         pull_inputs = point._pulls.get(tuple(argnums))
         if pull_inputs is None:
-            pull_inputs = point._pulls[tuple(argnums)] = make_vjp(F_of)(sel)[0]
+            pull_inputs = point._pulls[tuple(argnums)] = _pullback_of_inputs(F_of, sel)
     else:
-        pull_inputs = make_vjp(F_of)(sel)[0]
+        pull_inputs = _pullback_of_inputs(F_of, sel)
 
     def vjp(g):
         w = _solve(point, True, -g, y_flat, *inputs)        # J^T w = -g
@@ -477,12 +496,10 @@ class ImplicitLayer:
                                   f"candidate of linear_solver='auto' ({', '.join(_AUTO)}) takes "
                                   f"them; known options are {sorted(known)}")
             self._auto = {name: self._auto_candidate(name) for name in _AUTO}
-            tight = dict(self._auto["gmres"].opts)
-            if "rtol" not in self.linear_solver_options:
-                tight["rtol"] = AUTO_KRYLOV_RTOL
-            self._auto["gmres_or_lu"] = linear_solvers.KrylovOrDense(
-                linear_solvers.GMRES(**tight), self._auto["lu"])
             self.linear_solver = None
+        elif linear_solver == "krylov_or_dense":
+            self._auto = None
+            self.linear_solver = _krylov_or_dense(self.linear_solver_options)
         else:
             self._auto = None
             self.linear_solver = linear_solvers.make_solver(linear_solver,
@@ -502,7 +519,8 @@ class ImplicitLayer:
         if self._auto is None:
             chosen = self.linear_solver
             if point.r != point.m and isinstance(chosen, (linear_solvers.LU, linear_solvers.Cholesky,
-                                                          linear_solvers._Krylov)):
+                                                          linear_solvers._Krylov,
+                                                          linear_solvers.KrylovOrDense)):
                 raise ShapeError(
                     f"the residual has {point.r} entries per instance but the solver's output has "
                     f"{point.m}; linear_solver={self.linear_solver_name!r} needs a square dF/dy. "
@@ -516,11 +534,7 @@ class ImplicitLayer:
         dense = point.m <= self.dense_max
         if self.ridge:
             return self._auto["lstsq" if dense else "lsmr"]
-        if not dense:
-            return self._auto["gmres"]
-        if point.m <= KRYLOV_MIN_PRODUCTS:
-            return self._auto["lu"]
-        return self._auto["gmres_or_lu"]
+        return self._auto["lu" if dense else "gmres"]
 
     def solve_forward(self, *raw_inputs) -> ForwardPoint:
         """Run the forward solver on raw inputs, check its output, return the point."""
@@ -688,11 +702,13 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
         array of any shape or a tuple of arrays; ``aux`` reaches the linear
         solver's ``init(operator, aux)`` (see :class:`Solution`).
     linear_solver : str, LinearSolver or callable
-        How ``J = dF/dy`` is solved: ``'auto'`` (square J: LU up to
-        ``KRYLOV_MIN_PRODUCTS`` = 12 unknowns per instance; up to ``dense_max``
-        GMRES while its products cost less than forming and factoring J, else LU,
-        see :class:`~nimplicit.linear_solvers.KrylovOrDense`; above ``dense_max``
-        GMRES), ``'lu'``, ``'cholesky'``,
+        How ``J = dF/dy`` is solved: ``'auto'`` (square J: LU, with its
+        condition check, up to ``dense_max`` unknowns per instance, GMRES above),
+        ``'krylov_or_dense'`` (GMRES at rtol 1e-14 while its products cost less
+        than forming and factoring J, then LU: faster where a VJP is expensive,
+        but a singular J with a cotangent in its range is solved without the
+        LU's :class:`~nimplicit.errors.SingularJacobianError`; see
+        :class:`~nimplicit.linear_solvers.KrylovOrDense`), ``'lu'``, ``'cholesky'``,
         ``'lstsq'``, ``'cg'``, ``'minres'``, ``'gmres'``, ``'bicgstab'``,
         ``'lsmr'``, an instance of a :class:`~nimplicit.linear_solvers.LinearSolver`
         subclass, or (deprecated) a callable

@@ -1,5 +1,6 @@
-"""``linear_solver='auto'`` between 12 and ``dense_max`` unknowns: Krylov first,
-the dense LU when forming J is cheaper (:class:`nimplicit.linear_solvers.KrylovOrDense`)."""
+"""``linear_solver='krylov_or_dense'``: Krylov first, the dense LU when forming J
+is cheaper (:class:`nimplicit.linear_solvers.KrylovOrDense`); ``'auto'`` keeps the
+LU (and its singularity check) up to ``dense_max``."""
 from __future__ import annotations
 
 import autograd.numpy as anp
@@ -9,8 +10,7 @@ from autograd import grad, jacobian
 
 from helpers import assert_close, assert_grad_matches_fd, fd_jacobian
 from nimplicit import fixed_point_layer, implicit_layer, linear_solvers, record_points
-from nimplicit.errors import SingularJacobianError
-from nimplicit.implicit import KRYLOV_MIN_PRODUCTS
+from nimplicit.errors import OptionError, SingularJacobianError
 from verification import check_grad
 
 
@@ -35,22 +35,36 @@ def problem(d, seed=0):
 
 def layer_and_point(d, **options):
     W, b = problem(d)
+    options.setdefault("linear_solver", "krylov_or_dense")
     layer = fixed_point_layer(T, solver=iterate, **options)
     with record_points() as points:
         g = grad(lambda b: anp.sum(layer(W, b) ** 2))(b)
     return layer, points[0], (W, b), g
 
 
-def test_small_m_forms_j_and_mid_m_tries_krylov_first():
-    _, small, _, _ = layer_and_point(KRYLOV_MIN_PRODUCTS)
-    assert isinstance(small.linear_solver, linear_solvers.LU)
+def test_auto_keeps_the_lu_up_to_dense_max_and_krylov_or_dense_tries_krylov_first():
+    _, auto, _, _ = layer_and_point(40, linear_solver="auto")
+    assert isinstance(auto.linear_solver, linear_solvers.LU)
     _, mid, _, _ = layer_and_point(40)
     assert isinstance(mid.linear_solver, linear_solvers.KrylovOrDense)
     state = mid.solver_state
     # a contraction: GMRES converges in far fewer products than the 40 rows of J
     assert state.switched_because is None and 0 < state.counted.products < 40
-    _, large, _, _ = layer_and_point(40, dense_max=39)
+    _, large, _, _ = layer_and_point(40, linear_solver="auto", dense_max=39)
     assert isinstance(large.linear_solver, linear_solvers.GMRES)
+
+
+def test_auto_refuses_a_singular_j_even_with_a_cotangent_in_its_range():
+    """Why 'auto' keeps the LU: GMRES would return one of many solutions silently."""
+    d = 20
+
+    def residual(y, a):
+        return anp.concatenate([y[:-1] - a[:-1], anp.zeros(1) * y[-1]]) + 0.0 * a[-1]
+
+    layer = implicit_layer(residual, lambda a: np.concatenate([a[:-1], [0.0]]))
+    a = np.linspace(1.0, 2.0, d)
+    with pytest.raises(SingularJacobianError):
+        grad(lambda a: anp.sum(layer(a)[:-1]))(a)     # g has no component along e_m
 
 
 def test_krylov_gradient_is_as_accurate_as_the_lu_one():
@@ -67,7 +81,7 @@ def test_many_solves_at_one_point_switch_to_the_dense_lu():
     """``jacobian`` asks for m solves: once the products reach the dense cost, J is formed."""
     d = 30
     W, b = problem(d, seed=1)
-    layer = fixed_point_layer(T, solver=iterate)
+    layer = fixed_point_layer(T, solver=iterate, linear_solver="krylov_or_dense")
     with record_points() as points:
         J = jacobian(lambda b: layer(W, b))(b)
     state = points[0].solver_state
@@ -84,7 +98,8 @@ def test_a_krylov_failure_falls_back_to_the_lu_and_its_typed_error():
     def residual(y, a):
         return anp.concatenate([y[:-1] - a[:-1], anp.zeros(1) * y[-1]]) + 0.0 * a[-1]
 
-    layer = implicit_layer(residual, lambda a: np.concatenate([a[:-1], [0.0]]))
+    layer = implicit_layer(residual, lambda a: np.concatenate([a[:-1], [0.0]]),
+                           linear_solver="krylov_or_dense")
     a = np.linspace(1.0, 2.0, d)
     with pytest.raises(SingularJacobianError):
         grad(lambda a: anp.sum(layer(a)))(a)       # g = 1 has a component along e_m
@@ -106,16 +121,20 @@ def test_budget_rule_on_a_matrix_operator():
 
 
 def test_user_rtol_reaches_the_krylov_candidate():
-    layer = fixed_point_layer(T, solver=iterate, linear_solver_options={"rtol": 1e-9})
-    assert layer._auto["gmres_or_lu"].krylov.opts["rtol"] == 1e-9
-    default = fixed_point_layer(T, solver=iterate)
-    assert default._auto["gmres_or_lu"].krylov.opts["rtol"] == 1e-14
+    layer = fixed_point_layer(T, solver=iterate, linear_solver="krylov_or_dense",
+                              linear_solver_options={"rtol": 1e-9})
+    assert layer.linear_solver.krylov.opts["rtol"] == 1e-9
+    default = fixed_point_layer(T, solver=iterate, linear_solver="krylov_or_dense")
+    assert default.linear_solver.krylov.opts["rtol"] == 1e-14
+    with pytest.raises(OptionError, match="krylov_or_dense"):
+        fixed_point_layer(T, solver=iterate, linear_solver="krylov_or_dense",
+                          linear_solver_options={"bogus": 1})
 
 
 def test_second_order_through_the_krylov_path():
     d = 24
     W, b = problem(d, seed=2)
-    layer = fixed_point_layer(T, solver=iterate)
+    layer = fixed_point_layer(T, solver=iterate, linear_solver="krylov_or_dense")
     loss = lambda b: anp.sum(anp.sin(layer(W, b)))
     H = jacobian(grad(loss))(b)
     rng = np.random.default_rng(0)
