@@ -86,7 +86,8 @@ from autograd.extend import defjvp, defvjp, primitive
 from autograd.builtins import tuple as ag_tuple
 from autograd.tracer import isbox
 
-from nimplicit import implicit_layer
+from nimplicit import Solution, implicit_layer
+from nimplicit.batch_status import BatchStatus, Outcome
 from nimplicit.linear_solvers import LinearSolver, LinearSolverState, per_point
 from nimplicit.errors import (EmptyInputError, InvalidOptionError, NimplicitError,
                               NotConvergedError, OptionError, ShapeError,
@@ -496,9 +497,11 @@ def _check_bool(value, name: str) -> bool:
 class _DenseForward:
     """The dense forward ``W -> (v, lam)`` and its diagnostics (picklable)."""
 
-    def __init__(self, batched: bool, normalization: str, sign_reference, gap_tol: float):
+    def __init__(self, batched: bool, normalization: str, sign_reference, gap_tol: float,
+                 throw: bool = True):
         self.batched, self.normalization = batched, normalization
         self.sign_reference, self.gap_tol = sign_reference, gap_tol
+        self.throw = throw
 
     def _instance(self, W, at):
         _validate_dense(W, at)
@@ -517,8 +520,26 @@ class _DenseForward:
         if W.shape[0] == 0:
             raise EmptyInputError(f"the batch of affinities is empty (shape {W.shape}): there is "
                                   f"no instance to segment; skip the call for an empty batch")
-        out = [self._instance(Wb, where(b)) for b, Wb in enumerate(W)]
-        return onp.stack([v for _, v in out]), onp.array([lams[1] for lams, _ in out])
+        if self.throw:
+            out = [self._instance(Wb, where(b)) for b, Wb in enumerate(W)]
+            return onp.stack([v for _, v in out]), onp.array([lams[1] for lams, _ in out])
+        return self._each_or_status(W)
+
+    def _each_or_status(self, W):
+        """``throw=False``: a typed failure of one graph (invalid graph, repeated
+        eigenvalue) gives NaN rows and its outcome; the others are solved."""
+        v = onp.full(W.shape[:2], onp.nan)
+        lam = onp.full(W.shape[0], onp.nan)
+        failures = {}
+        for b, Wb in enumerate(W):
+            try:
+                lams, v[b] = self._instance(Wb, where(b))
+                lam[b] = lams[1]
+            except DegenerateEigenvalueError as exc:
+                failures[b] = (Outcome.SINGULAR_JACOBIAN, str(exc))
+            except NimplicitError as exc:
+                failures[b] = (Outcome.SOLVER_FAILED, str(exc))
+        return Solution((v, lam), status=BatchStatus.from_failures(len(W), failures))
 
     def diagnostics(self, point):
         W = onp.asarray(point.inputs[0], dtype=float)
@@ -563,7 +584,8 @@ def make_ncut_layer(*, batch_axis: Optional[int] = None, normalization: str = "d
         raise OptionError(f"make_ncut_layer: batch_axis must be None or 0, got {batch_axis!r}")
     batched = batch_axis == 0
 
-    forward = _DenseForward(batched, normalization, sign_reference, gap_tol)
+    forward = _DenseForward(batched, normalization, sign_reference, gap_tol,
+                            throw=bool(layer_options.get("throw", True)))
     solver, diagnostics = forward, forward.diagnostics
 
     layer_options.setdefault("name", "ncut-batched" if batched else "ncut-dense")
@@ -750,8 +772,11 @@ class SparseNCut:
         return _gap_diagnostics(lams, [_margin(self.sign_reference, onp.asarray(point.y[0]))])
 
     def __call__(self, weights):
-        v, lam = self.layer(weights)
-        return _outputs(v, lam, self.full_output)
+        if self.layer.throw:
+            v, lam = self.layer(weights)
+            return _outputs(v, lam, self.full_output)
+        (v, lam), status = self.layer(weights)
+        return _outputs(v, lam, self.full_output), status
 
 
 def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: str = "degree",
@@ -861,8 +886,11 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
     layer = make_ncut_layer(batch_axis=0 if ndim == 3 else None, normalization=normalization,
                             sign_reference=sign_reference, gap_tol=gap_tol,
                             linear_solver=linear_solver or "lu", **layer_options)
-    v, lam = layer(W)
-    return _outputs(v, lam, full)
+    if layer.throw:
+        v, lam = layer(W)
+        return _outputs(v, lam, full)
+    (v, lam), status = layer(W)
+    return _outputs(v, lam, full), status
 
 
 def _check_dense_only(shape: tuple, n_nodes, dense_max) -> None:

@@ -629,3 +629,63 @@ def test_eigen_gap_uses_the_shared_relative_test():
     good = block_affinity(onp.random.default_rng(1), n=6)
     lam = [float(ncut_layer(c * good)[1]) for c in (1e-150, 1.0, 1e150)]
     assert_close(onp.array(lam), onp.full(3, lam[1]), 1e-10, "lam invariant under scaling")
+
+
+def _three_graphs(seed=0):
+    rng = onp.random.default_rng(seed)
+    A = rng.random((3, 7, 7))
+    W = (A + A.transpose(0, 2, 1)) / 2
+    for k in range(3):
+        onp.fill_diagonal(W[k], 0.0)
+    return W
+
+
+def test_throw_false_keeps_the_good_graphs_of_a_batch():
+    """One graph with isolated nodes: its rows are NaN with its outcome; the others'
+    outputs and gradients are those of the batch without it (and match FD)."""
+    from autograd import grad
+    from nimplicit import Outcome
+    from verification import check_grad
+
+    W = _three_graphs()
+    W[1] = 0.0
+    W[1, 0, 1] = W[1, 1, 0] = 1.0                  # nodes 2..6 isolated: D singular
+    (v, lam), status = ncut_layer(W, throw=False, full_output=True)
+    assert status.ok.tolist() == [True, False, True]
+    assert status.codes[1] == Outcome.SOLVER_FAILED and "isolated" in status.messages[1]
+    assert onp.isnan(v[1]).all() and onp.isnan(lam[1])
+    good = W[[0, 2]]
+    v_good, lam_good = ncut_layer(good, full_output=True)
+    assert onp.array_equal(v[[0, 2]], v_good) and onp.array_equal(lam[[0, 2]], lam_good)
+
+    target = onp.random.default_rng(1).standard_normal(v_good.shape)
+
+    def loss(W):
+        v, status = ncut_layer(W, throw=False, full_output=False)
+        return np.sum(np.where(status.ok[:, None], v, 0.0) * target[[0, 0, 1]])
+
+    g = grad(loss)(W)
+    g_good = grad(lambda Wg: np.sum(ncut_layer(Wg, full_output=False) * target))(good)
+    assert onp.all(g[1] == 0.0) and onp.allclose(g[[0, 2]], g_good, rtol=1e-12, atol=1e-14)
+    off = 1.0 - onp.eye(good.shape[1])                # FD steps keep W >= 0, zero diagonal
+    report = check_grad(lambda P: ncut_layer(off * (P + np.swapaxes(P, 1, 2)) / 2,
+                                             throw=False, full_output=False)[0], good,
+                        modes=("rev",))
+    assert report.passed, report
+
+
+def test_throw_false_reports_a_repeated_eigenvalue_per_graph():
+    from nimplicit import Outcome
+    from nimplicit.errors import NimplicitError
+    W = _three_graphs(2)
+    n = 6
+    ring = onp.zeros((n, n))
+    for i in range(n):                               # a ring: lam_2 = lam_3 (repeated)
+        ring[i, (i + 1) % n] = ring[(i + 1) % n, i] = 1.0
+    W = W[:, :n, :n].copy()
+    W[0] = ring
+    v, status = ncut_layer(W, throw=False, full_output=False)
+    assert status.ok.tolist() == [False, True, True]
+    assert status.codes[0] == Outcome.SINGULAR_JACOBIAN
+    with pytest.raises(NimplicitError):
+        ncut_layer(W, full_output=False)             # throw=True: the whole batch raises
