@@ -1758,11 +1758,20 @@ def _polish_kernel(Q, q, G, h, A, b, Y, LAM, NU, NUBAR, SBAR, DONE, k0, k1,
                     if active[i]:
                         order[c] = i
                         c += 1
-                sel = np.argsort(-score[order[:c]], kind="mergesort")
+                # stable insertion sort of order[:c] by descending score (the order of
+                # a stable argsort of -score; c <= m is small, and np.argsort would
+                # compile a whole mergesort)
+                for t in range(1, c):
+                    j = order[t]
+                    u = t
+                    while u > 0 and score[order[u - 1]] < score[j]:
+                        order[u] = order[u - 1]
+                        u -= 1
+                    order[u] = j
                 for i in range(m):
                     act[i] = False
                 for t in range(cap):
-                    act[order[sel[t]]] = True
+                    act[order[t]] = True
             # the active set's KKT system, reduced to (y, lam, nu_a) (nu_i = 0 off a):
             # [[Q, A', G_a'], [A, 0, 0], [G_a, 0, 0]] (y, lam, nu_a) = (-q, b, h_a)
             na = 0
