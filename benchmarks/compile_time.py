@@ -16,6 +16,10 @@ lock, LLVM optimisation under the LLVM lock).  A caller's time includes the call
 it compiled first (numba compiles callees on the caller's type inference), so the rows
 do not add up; the top-level kernels' sum is the total.
 
+Then ``parallel_warmup``: :func:`~reference_layers.kernels.qp_pdipm.compile_kernels`
+with one kernel group per process, concurrently, into an empty cache, and the same
+child after it (it should find everything cached).
+
 Optionally (``--gradcheck``) it also times the cold and the warm
 ``python -m verification.cli --no-progress`` (the main job, ``nimplicit-gradcheck``).
 
@@ -91,6 +95,26 @@ def _child(cache_dir: str, threads: str) -> dict:
     return res
 
 
+def _parallel_warmup(cache_dir: str, threads: str) -> dict:
+    """Compile the kernel groups in one process each, concurrently (empty cache)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, NUMBA_NUM_THREADS=threads,
+               PYTHONPATH=ROOT)
+    from reference_layers.kernels.qp_pdipm import KERNEL_GROUPS
+    code = ("import sys, time; c = time.process_time(); "
+            "from reference_layers.kernels.qp_pdipm import compile_kernels; "
+            "compile_kernels((sys.argv[1],)); print('@@', time.process_time() - c)")
+    t0 = time.perf_counter()
+    procs = {g: subprocess.Popen([sys.executable, "-c", code, g], env=env, cwd=ROOT,
+                                 stdout=subprocess.PIPE, text=True) for g in KERNEL_GROUPS}
+    cpu = {}
+    for g, pr in procs.items():
+        out, _ = pr.communicate()
+        if pr.returncode:
+            raise RuntimeError(f"compile_kernels(({g!r},)) failed")
+        cpu[g] = float(out.split("@@")[-1])
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu}
+
+
 def _gradcheck(cache_dir: str, threads: str) -> float:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, NUMBA_NUM_THREADS=threads,
                PYTHONPATH=ROOT)
@@ -114,11 +138,20 @@ def main(argv=None) -> int:
         warm = _child(cache, args.threads)
     result["cold"] = cold
     result["warm"] = {k: v for k, v in warm.items() if k != "functions"}
+    with tempfile.TemporaryDirectory() as cache:
+        par = _parallel_warmup(cache, args.threads)
+        after = _child(cache, args.threads)
+    result["parallel_warmup"] = par
+    result["after_parallel_warmup"] = {k: v for k, v in after.items() if k != "functions"}
     print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
     for tag, r in (("cold", cold), ("warm", warm)):
         print(f"{tag}: process {r['process_wall_s']:.1f} s, import {r['import_s']:.1f} s, "
               f"first fwd+bwd {r['first_call_s']:.1f} s (CPU: import {r['import_cpu_s']:.1f} s, "
               f"first {r['first_call_cpu_s']:.1f} s), second {r['second_call_s'] * 1e3:.1f} ms")
+    print(f"compile_kernels, one process per group, concurrently: {par['wall_s']:.1f} s wall, "
+          + ", ".join(f"{g} {c:.1f} s CPU" for g, c in par["cpu_s"].items())
+          + f"; then the first fwd+bwd {after['first_call_s']:.2f} s (process "
+          f"{after['process_wall_s']:.1f} s)")
     print(f"{'function':34s} {'#sig':>4s} {'compile s':>10s} {'llvm s':>8s}")
     for name, rows in sorted(cold["functions"].items(),
                              key=lambda kv: -sum(r["compiler_lock"] or 0 for r in kv[1])):

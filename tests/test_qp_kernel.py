@@ -474,3 +474,12 @@ def test_polish_caps_an_overfull_active_set_by_score():
     assert done.all()
     np.testing.assert_allclose(y, truth[0], atol=1e-12, rtol=0)
     np.testing.assert_allclose(nu, truth[2], atol=1e-12, rtol=0)
+
+
+def test_compile_kernels_groups_and_unknown_group():
+    from reference_layers.kernels.qp_pdipm import KERNEL_GROUPS, compile_kernels
+    compile_kernels()                          # every group, from the cache after the first run
+    compile_kernels(("kkt",))
+    with pytest.raises(ValueError, match="unknown group.*'sovle'.*solve"):
+        compile_kernels(("sovle",))
+    assert set(KERNEL_GROUPS) == {"solve", "polish", "kkt"}
