@@ -1885,9 +1885,10 @@ def compile_kernels(groups: Tuple[str, ...] = KERNEL_GROUPS) -> None:
 
     The kernels have one signature each (the wrappers cast every input to
     C-contiguous float64 and every option to int/float/bool), so these calls compile
-    exactly what later calls use.  Cold (empty cache) the groups cost about
-    ``solve`` 17 s, ``polish`` 8 s, ``kkt`` 4 s of CPU on this project's 2-core
-    machine (``python -m benchmarks.compile_time``); numba compiles under a global
+    exactly what later calls use.  Cold (empty cache), each group in its own process,
+    they cost about ``solve`` 20 s, ``polish`` 8 s, ``kkt`` 8 s of CPU on this project's
+    2-core machine (each compiles the helpers it calls; all three in one process ~30 s;
+    ``python -m benchmarks.compile_time``); numba compiles under a global
     lock, so to overlap them, call this with one group per *process* (e.g. one job per
     group on a process pool before the real work), and later processes load the machine
     code from the cache in well under a second.
