@@ -1899,12 +1899,13 @@ def compile_kernels(groups: Tuple[str, ...] = KERNEL_GROUPS) -> None:
 
     Raises
     ------
-    ValueError
-        An unknown group name.
+    nimplicit.errors.InvalidOptionError
+        (a ``ValueError`` and ``TypeError``) An unknown group name.
     """
+    from nimplicit.errors import InvalidOptionError
     unknown = [g for g in groups if g not in KERNEL_GROUPS]
     if unknown:
-        raise ValueError(f"compile_kernels: unknown group(s) {unknown}; the groups are "
+        raise InvalidOptionError(f"compile_kernels: unknown group(s) {unknown}; the groups are "
                          f"{list(KERNEL_GROUPS)}")
     B, n, m, p = 1, 2, 1, 1
     Q = np.eye(n)[None]
