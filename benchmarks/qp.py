@@ -28,7 +28,7 @@ With ``--instances generic``: random instances as in issue 13 (``Q = LL'/n + 0.1
 verified to be a KKT point (:func:`make_generic_problem`).
 
 Run: ``PYTHONPATH=. python benchmarks/qp.py [--quick] [--repeats 5] [--instances generic]
-[--sizes 128,10,20,0]``.
+[--sizes 128,10,20,0] [--threads 1] [--clock cpu]``.
 """
 from __future__ import annotations
 
@@ -219,6 +219,10 @@ def main(argv=None):
                     help="e.g. '128,10,20,0;1,10,20,0' (B,n,m,p per size)")
     ap.add_argument("--no-generic-backward", action="store_true",
                     help="time only backward='structured' of ours (the generic one is slow)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall clock, or process CPU time (a shared machine; with one thread)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="numba.set_num_threads and torch.set_num_threads to this (default: as is)")
     ap.add_argument("--out", default=None,
                     help="also write the rows, versions and thread counts to this JSON file")
     args = ap.parse_args(argv)
@@ -231,6 +235,14 @@ def main(argv=None):
     peers = {} if args.no_peers else {
         "qpth": qpth_setup if available("qpth") and available("torch") else None,
         "cvxpylayers": cvxpylayers_setup if available("cvxpylayers") else None}
+    if args.threads is not None:
+        import numba
+        numba.set_num_threads(args.threads)
+        try:
+            import torch
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass
     try:
         import torch
         threads = torch.get_num_threads()
@@ -255,7 +267,7 @@ def main(argv=None):
                 runs[name] = run
             except Exception as exc:      # a peer failing on a size is reported, not fatal
                 print(f"{name} failed at {(B, n, m, p)}: {type(exc).__name__}: {exc}")
-        times = time_interleaved(runs, repeats=repeats, warmup=1)
+        times = time_interleaved(runs, repeats=repeats, warmup=1, clock=args.clock)
         base = times["ours structured"]
         for name in runs:
             t = times[name]
@@ -271,6 +283,7 @@ def main(argv=None):
     os.makedirs(OUT_DIR, exist_ok=True)
     record = {"machine": machine_info(), "versions": _versions(), "torch_threads": threads,
               "numba_threads": _numba_threads(), "instances": args.instances,
+              "clock": args.clock, "load_average": os.getloadavg(),
               "repeats": repeats, "rows": rows}
     write_json(os.path.join(OUT_DIR, f"qp_{args.instances}.json"), record)
     if args.out:

@@ -21,6 +21,7 @@ from reference_layers.kernels.qp_pdipm import (
     kkt_jacobian_factor,
     kkt_jacobian_solve,
     kkt_jacobian_solve_factored,
+    polish_active_set,
     solve_qp_batch,
 )
 
@@ -432,3 +433,54 @@ def test_default_thread_count_honours_numba_num_threads(monkeypatch):
     res = solve_qp_batch(*prob)
     assert not chunks            # one thread: no pool was created
     np.testing.assert_array_equal(res.y, ref.y)
+
+
+# --------------------------------------------------------------------------- #
+# compiled active-set polish
+# --------------------------------------------------------------------------- #
+_POLISH = dict(steps=24, accept=1e-13, sign_tol=1e-12)
+
+
+def test_polish_recovers_known_solution_and_thread_split_is_identical():
+    """From the interior point's margins the polish lands on the exact KKT point, and
+    splitting the batch over threads changes no bit."""
+    prob, truth = known_solution_qps(12, 6, 10, 1, seed=41)
+    res = solve_qp_batch(*prob)
+    args = (*prob, res.y, res.lam, np.maximum(res.nu, 0.0), res.nu, res.s)
+    one = polish_active_set(*args, num_threads=1, **_POLISH)
+    two = polish_active_set(*args, num_threads=2, **_POLISH)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+    y, lam, nu, done = one
+    assert done.all()
+    np.testing.assert_allclose(y, truth[0], atol=1e-12, rtol=0)
+    np.testing.assert_allclose(lam, truth[1], atol=1e-12, rtol=0)
+    np.testing.assert_allclose(nu, truth[2], atol=1e-12, rtol=0)
+
+
+def test_polish_caps_an_overfull_active_set_by_score():
+    """More rows marked active than n - p: the polish keeps the n - p highest scores.
+    The true active rows score highest and the others tie below them, so with one
+    step (no correction of the set) the polish succeeds only if the selection is right."""
+    n, m = 4, 10
+    prob, truth = known_solution_qps(1, n, m, 0, seed=5, n_active=n)
+    act = truth[2][0] > 0
+    nu_bar = np.where(act, 10.0, 1.0)[None]      # every row "active" (nu_bar > s_bar)
+    s_bar = np.full((1, m), 1e-3)
+    y0 = np.zeros((1, n))
+    y, lam, nu, done = polish_active_set(*prob, y0, np.zeros((1, 0)), np.zeros((1, m)),
+                                         nu_bar, s_bar, num_threads=1,
+                                         **dict(_POLISH, steps=1))
+    assert done.all()
+    np.testing.assert_allclose(y, truth[0], atol=1e-12, rtol=0)
+    np.testing.assert_allclose(nu, truth[2], atol=1e-12, rtol=0)
+
+
+def test_compile_kernels_groups_and_unknown_group():
+    from reference_layers.kernels.qp_pdipm import KERNEL_GROUPS, compile_kernels
+    compile_kernels()                          # every group, from the cache after the first run
+    compile_kernels(("kkt",))
+    from nimplicit.errors import InvalidOptionError
+    with pytest.raises(InvalidOptionError, match="unknown group.*'sovle'.*solve"):
+        compile_kernels(("sovle",))
+    assert set(KERNEL_GROUPS) == {"solve", "polish", "kkt"}
