@@ -17,9 +17,11 @@ no ``d x d`` parameter gradient hides the cost of the tape) is computed by
   solves ``(I - W^T D) v = 2 y*`` (``D = diag(1 - y*^2)``) by a dense LU of
   ``J`` (formed from ``d`` autograd VJPs) or by matrix-free GMRES
   (``rtol=1e-11``);
-- ``nimplicit auto``: the same with the default ``linear_solver='auto'`` (LU up
-  to 12 unknowns, GMRES at rtol 1e-14 falling back to LU once its products cost
-  more than forming J up to 200, GMRES at rtol 1e-11 above);
+- ``nimplicit auto``: the same with the default ``linear_solver='auto'`` (LU,
+  with its condition check, up to ``dense_max=200`` unknowns, GMRES at rtol
+  1e-11 above);
+- ``nimplicit krylov_or_dense``: ``linear_solver='krylov_or_dense'`` (GMRES at
+  rtol 1e-14, falling back to LU once its products cost more than forming J);
 - ``nimplicit cg``: the same with ``linear_solver='cg'``, which must refuse
   (``LinearSolveError``: its symmetry probe sees that ``I - W^T D`` is not
   symmetric) rather than return a wrong gradient;
@@ -297,6 +299,8 @@ def jaxopt_method(problem: Problem, k: int, wrt: str, linear_solver: str) -> Cal
 def methods(with_jax: bool) -> list:
     """``(name, make(problem, k, wrt) -> forward, memory_visible)``."""
     out = [("nimplicit auto", functools.partial(nimplicit_method, linear_solver="auto"), True),
+           ("nimplicit krylov_or_dense",
+            functools.partial(nimplicit_method, linear_solver="krylov_or_dense"), True),
            ("nimplicit lu", functools.partial(nimplicit_method, linear_solver="lu"), True),
            ("nimplicit gmres", functools.partial(nimplicit_method, linear_solver="gmres"), True),
            # expected to refuse: its symmetry probe rejects the nonsymmetric I - W^T D
@@ -437,6 +441,7 @@ def generic_row(sizes: list, k: int, rho: float, threads: int, clock: str, repea
     the per-repeat sums forward + backward and their ratios to jaxopt's."""
     with_jax = jax_available()
     chosen = [m for m in methods(with_jax) if m[0] in ("nimplicit auto", "nimplicit lu",
+                                                         "nimplicit krylov_or_dense",
                                                          "nimplicit gmres", "jaxopt gmres")]
     load_before = os.getloadavg()
     rows = []
@@ -469,8 +474,11 @@ def generic_row(sizes: list, k: int, rho: float, threads: int, clock: str, repea
     summary = []
     for d in sizes:
         ours = [r for r in rows if r["d"] == d and r["method"] == "nimplicit auto"][0]
+        kod = [r for r in rows if r["d"] == d and r["method"] == "nimplicit krylov_or_dense"][0]
         goal = GENERIC_GOALS.get(d)
         summary.append({"d": d, "nimplicit_auto_ms": ours["total_ms"],
+                        "krylov_or_dense_ms": kod["total_ms"],
+                        "krylov_or_dense_ratio": kod["over_jaxopt"],
                         "jaxopt_gmres_ms": next((r["total_ms"] for r in rows if r["d"] == d
                                                  and r["method"] == "jaxopt gmres"), None),
                         "ratio": ours["over_jaxopt"], "goal_ratio": goal,

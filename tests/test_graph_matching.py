@@ -508,3 +508,22 @@ def test_compiled_lanczos_takes_the_python_lanczos_steps(N, tol, maxiter):
     assert abs(b[5].beta - a[5].beta) <= 1e-10 * abs(a[1])
     # and the residual the Ritz test promised
     assert onp.abs(M @ b[0] - b[1] * b[0]).max() <= 10 * tol * b[1]
+
+
+def test_bordered_cg_that_does_not_converge_falls_back_to_the_exact_lu():
+    """A projected CG that cannot converge (here: one iteration allowed) must not fail the
+    backward below LU_FALLBACK_MAX unknowns: the balanced LU gives the exact solution."""
+    from reference_layers.matching.bordered import BorderedSystem
+    rng = onp.random.default_rng(0)
+    N = 30
+    A = rng.standard_normal((N, N))
+    M = A + A.T
+    w, V = onp.linalg.eigh(M)
+    B = V[:, -1:]
+    rhs = rng.standard_normal(N + 1)
+    scale = float(onp.abs(M).sum(axis=1).max())
+    exact = BorderedSystem(M, w[-1], B, mode="lu", scale=scale).solve(rhs, 1e-12, None)
+    stalled = BorderedSystem(M, w[-1], B, mode="cg", scale=scale)
+    x = stalled.solve(rhs, 1e-12, 1)
+    assert stalled.mode == "lu"
+    assert onp.allclose(x, exact, rtol=1e-12, atol=1e-12 * onp.abs(exact).max())
