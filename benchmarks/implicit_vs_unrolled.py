@@ -316,6 +316,16 @@ def methods(with_jax: bool) -> list:
 # measuring and reporting
 # ------------------------------------------------------------------------------
 
+def _timed(forward: Callable) -> Callable:
+    """``laps -> None`` timing one forward (which returns its backward) and that backward."""
+    def run(laps):
+        backward = forward()
+        laps.lap("forward")
+        backward()
+        laps.lap("backward")
+    return run
+
+
 def measure_group(forwards: dict, memory_visible: dict, reference: tuple, *, budget_s: float,
                   repeats: int, clock: str) -> dict:
     """Forward/backward times (interleaved across methods), peak memory and
@@ -336,15 +346,7 @@ def measure_group(forwards: dict, memory_visible: dict, reference: tuple, *, bud
         rows[name] = {"grad_err": gradient_error(grads, reference)}
         working[name] = forward
 
-    def timed(forward):
-        def run(laps):
-            backward = forward()
-            laps.lap("forward")
-            backward()
-            laps.lap("backward")
-        return run
-
-    times = time_interleaved({name: timed(f) for name, f in working.items()}, repeats=repeats,
+    times = time_interleaved({name: _timed(f) for name, f in working.items()}, repeats=repeats,
                              warmup=1, budget_s=budget_s, min_repeats=3, clock=clock)
     for name, forward in working.items():
         fwd, bwd = times[name]["forward"], times[name]["backward"]
@@ -451,15 +453,7 @@ def generic_row(sizes: list, k: int, rho: float, threads: int, clock: str, repea
         forwards = {name: make(problem, k, "all") for name, make, _ in chosen}
         errors = {name: gradient_error(f()(), reference) for name, f in forwards.items()}
 
-        def timed(forward):
-            def run(laps):
-                backward = forward()
-                laps.lap("forward")
-                backward()
-                laps.lap("backward")
-            return run
-
-        times = time_interleaved({n: timed(f) for n, f in forwards.items()}, repeats=repeats,
+        times = time_interleaved({n: _timed(f) for n, f in forwards.items()}, repeats=repeats,
                                  warmup=2, budget_s=budget_s, min_repeats=5, clock=clock)
         for name in forwards:
             fwd, bwd = times[name]["forward"], times[name]["backward"]
