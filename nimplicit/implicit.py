@@ -368,6 +368,9 @@ def _pullback_of_inputs(F_of, sel):
     (one more pass over a large input, e.g. an N^2 affinity, per product)."""
     if len(sel) == 1:
         pull = make_vjp(lambda s: F_of((s,)))(sel[0])[0]
+        dtype = np.result_type(getval(sel[0]))
+        if dtype == np.float32:   # autograd's gradient has its input's dtype
+            return lambda w: (pull(w).astype(dtype),)
         return lambda w: (pull(w),)
     return make_vjp(F_of)(sel)[0]
 
