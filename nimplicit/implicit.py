@@ -469,8 +469,10 @@ class ImplicitLayer:
                               f"(use check_residual=False to turn the check off)")
         if not (np.isfinite(ridge) and ridge >= 0):
             raise OptionError(f"ridge must be >= 0 and finite, got {ridge}")
-        if not isinstance(throw, (bool, np.bool_)):
-            raise OptionError(f"throw must be True or False, got {throw!r}")
+        for flag, value in (("throw", throw), ("check_residual", check_residual),
+                            ("check_independence", check_independence)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise OptionError(f"{flag} must be True or False, got {value!r}")
         self.throw = bool(throw)
         self.residual = residual
         self.solver = solver
@@ -480,6 +482,11 @@ class ImplicitLayer:
         self.residual_tol = residual_tol
         self.check_residual = bool(check_residual)
         self.check_independence = bool(check_independence)
+        if isinstance(dense_max, bool) or not isinstance(dense_max, (int, np.integer)) \
+                or dense_max < 0:
+            raise OptionError(f"dense_max must be an integer >= 0 (the largest number of "
+                              f"unknowns per instance for which J is formed densely), got "
+                              f"{dense_max!r}")
         self.dense_max = int(dense_max)
         self.ridge = float(ridge)
         self.linear_solver_name = linear_solver

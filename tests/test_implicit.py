@@ -622,3 +622,14 @@ def test_legacy_callable_protocol_still_works_and_marks_pseudo_inverse():
     assert len(caught) == 1                  # once per point
     with pytest.raises(UnsupportedError, match="order >= 2"):
         grad(grad(layer))(0.4)
+
+
+@pytest.mark.parametrize("option, bad", [("dense_max", -3), ("dense_max", 2.5),
+                                         ("dense_max", float("nan")), ("dense_max", True),
+                                         ("dense_max", "200"), ("check_residual", "yes"),
+                                         ("check_independence", 1), ("throw", None)])
+def test_numeric_and_flag_options_are_validated(option, bad):
+    """Found by the fuzz suite at 10 examples per class: dense_max=-3 and
+    check_residual='yes' were accepted."""
+    with pytest.raises(OptionError, match=option):
+        implicit_layer(cubic_residual, cubic_solver, **{option: bad})
