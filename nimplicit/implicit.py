@@ -45,26 +45,6 @@ from .structure import Structure, substitute
 #: may form J_F,y densely; above it the matrix-free GMRES/LSMR are used.
 DENSE_MAX = 200
 
-#: GMRES tolerance of ``linear_solver='krylov_or_dense'`` (unless the options
-#: give ``rtol``): tight enough that the gradient stays as accurate as the LU's
-#: (a few more iterations than at GMRES's default 1e-11; below the noise floor
-#: the refinement accepts the floor, see :func:`nimplicit.linear_solvers.noise_floor`).
-AUTO_KRYLOV_RTOL = 1e-14
-
-
-def _krylov_or_dense(options: dict) -> "linear_solvers.KrylovOrDense":
-    """GMRES (rtol ``AUTO_KRYLOV_RTOL`` by default) first, the LU when forming J is cheaper."""
-    known = linear_solvers.GMRES.options.keys() | linear_solvers.LU.options.keys()
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise OptionError(f"linear_solver_options has unknown option(s) {unknown} for "
-                          f"linear_solver='krylov_or_dense' (GMRES, then LU); known options "
-                          f"are {sorted(known)}")
-    gmres = {k: v for k, v in options.items() if k in linear_solvers.GMRES.options}
-    gmres.setdefault("rtol", AUTO_KRYLOV_RTOL)
-    lu = {k: v for k, v in options.items() if k in linear_solvers.LU.options}
-    return linear_solvers.KrylovOrDense(linear_solvers.GMRES(**gmres), linear_solvers.LU(**lu))
-
 
 # ------------------------------------------------------------------------------
 # what a forward solver returns
@@ -507,9 +487,6 @@ class ImplicitLayer:
                                   f"them; known options are {sorted(known)}")
             self._auto = {name: self._auto_candidate(name) for name in _AUTO}
             self.linear_solver = None
-        elif linear_solver == "krylov_or_dense":
-            self._auto = None
-            self.linear_solver = _krylov_or_dense(self.linear_solver_options)
         else:
             self._auto = None
             self.linear_solver = linear_solvers.make_solver(linear_solver,

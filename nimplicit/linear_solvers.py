@@ -980,6 +980,12 @@ class _KrylovOrDenseState(LinearSolverState):
         return self.dense_state.solve(b, transpose=transpose)
 
 
+#: default GMRES tolerance of :class:`KrylovOrDense` (a few more iterations than at
+#: GMRES's 1e-11; below the noise floor the refinement accepts the floor, see
+#: :func:`noise_floor`)
+KRYLOV_OR_DENSE_RTOL = 1e-14
+
+
 class KrylovOrDense(LinearSolver):
     r"""``linear_solver='auto'`` for a square J of moderate size: Krylov first, LU when cheaper.
 
@@ -1006,12 +1012,19 @@ class KrylovOrDense(LinearSolver):
     """
 
     name = "krylov_or_dense"
-    options: dict = {}
+    #: GMRES's options, with an rtol tight enough that the gradient is as accurate
+    #: as the LU's, and the LU's
+    options: dict = {**GMRES.options, "rtol": KRYLOV_OR_DENSE_RTOL, **LU.options}
 
-    def __init__(self, krylov: Optional[LinearSolver] = None, dense: Optional[LinearSolver] = None):
-        self.krylov = GMRES() if krylov is None else krylov
-        self.dense = LU() if dense is None else dense
-        self.opts = {}
+    def __init__(self, krylov: Optional[LinearSolver] = None, dense: Optional[LinearSolver] = None,
+                 **options):
+        if options and (krylov is not None or dense is not None):
+            raise OptionError(f"KrylovOrDense: options {sorted(options)} given together with "
+                              f"constructed solvers: pass them to those solvers' constructors")
+        super().__init__(**options)
+        self.krylov = GMRES(**{k: self.opts[k] for k in GMRES.options}) if krylov is None \
+            else krylov
+        self.dense = LU(**{k: self.opts[k] for k in LU.options}) if dense is None else dense
 
     def init(self, operator, aux=None):
         return _KrylovOrDenseState(self, operator, aux)
@@ -1024,6 +1037,9 @@ class KrylovOrDense(LinearSolver):
                                                                                self.dense)
 
     __hash__ = object.__hash__
+
+
+SOLVER_CLASSES[KrylovOrDense.name] = KrylovOrDense
 DENSE_NAMES = ("lu", "cholesky", "lstsq")
 
 
