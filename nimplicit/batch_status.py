@@ -64,12 +64,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import autograd.numpy as anp
 import numpy as np
 import scipy.linalg
-from autograd.builtins import tuple as autograd_tuple
 from autograd.extend import defjvp, defvjp, primitive
 from autograd.tracer import getval, isbox
 
 from . import linear_solvers
-from .errors import NonFiniteError, ShapeError, finite_or_raise
+from .errors import NonFiniteError, ShapeError
 from .structure import Structure
 
 __all__ = ["Outcome", "BatchStatus", "OUTCOME_MESSAGES"]
@@ -277,21 +276,9 @@ def call_with_status(layer, inputs: tuple):
     """``layer(*inputs)`` for a layer built with ``throw=False``: ``(y, BatchStatus)``."""
     from . import implicit as core   # the node lives there; imported late (no cycle)
 
-    for k, x in enumerate(inputs):
-        if isbox(x):
-            core._check_input(getval(x), k, differentiated=True)
+    core._check_differentiated_inputs(inputs)
     raw = tuple(getval(x) for x in inputs)
-    for k, x in enumerate(raw):
-        core._check_input(x, k, differentiated=False)
-        finite_or_raise(x, f"input {k}")
-    solution = core._as_solution(layer.solver(*raw))
-    check = layer.check_residual
-    for intercept, check_residual in core._INTERCEPTORS.get():
-        replaced = intercept(layer, raw, solution)
-        if replaced is not None:
-            solution = core._as_solution(replaced)
-        if check_residual is not None:
-            check = check and check_residual
+    solution, check = layer._run_solver(raw)
     core._check_output(solution.y)
 
     point, codes, msgs = _masked_point(layer, solution, raw, check)
@@ -308,12 +295,7 @@ def call_with_status(layer, inputs: tuple):
     if failed:
         bad = ~status.ok if point.y_structure.batch_size is not None else bool(failed)
         flat = anp.where(bad[:, None] if np.ndim(bad) else bad, np.nan, flat)
-    y = point.y_structure.unflatten(flat)
-    if point.y_dtype == np.float32 and not any(isbox(x) for x in inputs):
-        y = core._cast(y, np.float32)
-    if point.y_structure.is_tuple and any(isbox(x) for x in inputs):
-        y = autograd_tuple(y)
-    return y, status
+    return core._output(point, flat, inputs), status
 
 
 def _flat(structure: Structure, value) -> np.ndarray:

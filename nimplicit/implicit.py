@@ -523,8 +523,13 @@ class ImplicitLayer:
             return self._auto["lstsq" if dense else "lsmr"]
         return self._auto["lu" if dense else "gmres"]
 
-    def solve_forward(self, *raw_inputs) -> ForwardPoint:
-        """Run the forward solver on raw inputs, check its output, return the point."""
+    def _run_solver(self, raw_inputs: tuple):
+        """Validate raw inputs, run the forward solver and the active interceptors.
+
+        Returns the :class:`Solution` and whether the residual check is to run
+        (an interceptor may turn it off).  Shared by :meth:`solve_forward` and
+        the ``throw=False`` path (``batch_status``).
+        """
         for k, x in enumerate(raw_inputs):
             _check_input(x, k, differentiated=False)
             finite_or_raise(x, f"input {k}")
@@ -536,6 +541,11 @@ class ImplicitLayer:
                 solution = _as_solution(replaced)
             if check_residual is not None:
                 check = check and check_residual
+        return solution, check
+
+    def solve_forward(self, *raw_inputs) -> ForwardPoint:
+        """Run the forward solver on raw inputs, check its output, return the point."""
+        solution, check = self._run_solver(raw_inputs)
         finite_or_raise(solution.y, "the solver's output")
         _check_output(solution.y)
         point = ForwardPoint(self, solution, raw_inputs)
@@ -600,22 +610,31 @@ class ImplicitLayer:
     def __call__(self, *inputs):
         if not self.throw:   # (y, BatchStatus): failed instances masked out (batch_status.py)
             return batch_status.call_with_status(self, inputs)
-        for k, x in enumerate(inputs):
-            if isbox(x):
-                _check_input(getval(x), k, differentiated=True)
+        _check_differentiated_inputs(inputs)
         point = self.solve_forward(*[getval(x) for x in inputs])
-        flat = _node(point, *inputs)
-        y = point.y_structure.unflatten(flat)
-        if point.y_dtype == np.float32 and not any(isbox(x) for x in inputs):
-            y = _cast(y, np.float32)
-        if point.y_structure.is_tuple and any(isbox(x) for x in inputs):
-            # a plain tuple of boxes is invisible to autograd's make_jvp/make_vjp
-            # on the layer itself (they would silently return zeros): box it
-            y = autograd_tuple(y)
-        return y
+        return _output(point, _node(point, *inputs), inputs)
 
     def __repr__(self):
         return f"ImplicitLayer({self.name!r})"
+
+
+def _check_differentiated_inputs(inputs) -> None:
+    for k, x in enumerate(inputs):
+        if isbox(x):
+            _check_input(getval(x), k, differentiated=True)
+
+
+def _output(point: ForwardPoint, flat, inputs):
+    """The layer's output from the node's flat ``y``: its structure, float32 when the
+    solver gave float32 and nothing is traced, an autograd tuple when traced."""
+    y = point.y_structure.unflatten(flat)
+    if point.y_dtype == np.float32 and not any(isbox(x) for x in inputs):
+        y = _cast(y, np.float32)
+    if point.y_structure.is_tuple and any(isbox(x) for x in inputs):
+        # a plain tuple of boxes is invisible to autograd's make_jvp/make_vjp
+        # on the layer itself (they would silently return zeros): box it
+        y = autograd_tuple(y)
+    return y
 
 
 def _cast(y, dtype):
