@@ -772,11 +772,7 @@ class SparseNCut:
         return _gap_diagnostics(lams, [_margin(self.sign_reference, onp.asarray(point.y[0]))])
 
     def __call__(self, weights):
-        if self.layer.throw:
-            v, lam = self.layer(weights)
-            return _outputs(v, lam, self.full_output)
-        (v, lam), status = self.layer(weights)
-        return _outputs(v, lam, self.full_output), status
+        return _call(self.layer, weights, self.full_output)
 
 
 def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: str = "degree",
@@ -886,11 +882,7 @@ def ncut_layer(W, *, edges=None, n_nodes: Optional[int] = None, normalization: s
     layer = make_ncut_layer(batch_axis=0 if ndim == 3 else None, normalization=normalization,
                             sign_reference=sign_reference, gap_tol=gap_tol,
                             linear_solver=linear_solver or "lu", **layer_options)
-    if layer.throw:
-        v, lam = layer(W)
-        return _outputs(v, lam, full)
-    (v, lam), status = layer(W)
-    return _outputs(v, lam, full), status
+    return _call(layer, W, full)
 
 
 def _check_dense_only(shape: tuple, n_nodes, dense_max) -> None:
@@ -905,6 +897,15 @@ def _check_dense_only(shape: tuple, n_nodes, dense_max) -> None:
                 f"with edges=")
     if dense_max is not None:
         _check_int(dense_max, "ncut_layer: dense_max", 0)
+
+
+def _call(layer, x, full_output: bool):
+    """``layer(x)`` as the public functions return it; with ``throw=False`` also the status."""
+    if layer.throw:
+        v, lam = layer(x)
+        return _outputs(v, lam, full_output)
+    (v, lam), status = layer(x)
+    return _outputs(v, lam, full_output), status
 
 
 def _outputs(v, lam, full_output: bool):
