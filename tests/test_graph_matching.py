@@ -486,17 +486,21 @@ def test_krylov_forward_detects_repeated_leading_eigenvalue_when_start_is_an_eig
         gm.spectral_matching_layer(M, solver_options={"eig_method": "krylov"})
 
 
-@pytest.mark.parametrize("N, tol, maxiter", [(30, 1e-13, 300), (120, 1e-10, 300), (120, 1e-13, 3)])
-def test_compiled_lanczos_takes_the_python_lanczos_steps(N, tol, maxiter):
-    # the dense forward runs the Lanczos loop compiled: same steps, same Ritz test, same
-    # byproducts (the backward's deflation space) as the operator version, or None for both
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("N, tol, maxiter", [(30, 1e-13, 300), (120, 1e-10, 300), (120, 1e-13, 3),
+                                             (1100, 1e-10, 300)])
+def test_compiled_lanczos_takes_the_python_lanczos_steps(N, tol, maxiter, symmetric):
+    # the dense forward runs the Lanczos loop compiled (BLAS dgemv, or dsymv on one triangle
+    # of an exactly symmetric M; LAPACK dsyev for the Ritz test): same steps, same Ritz test,
+    # same byproducts (the backward's deflation space) as the operator version, or None for both
     from reference_layers.matching import eigen
     rng = onp.random.default_rng(N)
     A = rng.uniform(size=(N, N))
     M = A + A.T
+    assert onp.array_equal(M, M.T)
     w0 = M.sum(axis=1) / onp.sqrt(N)
     a = eigen._lanczos(lambda v: M @ v, onp.ones(N), tol, maxiter, w0=w0)
-    b = eigen._lanczos_dense(M, onp.ones(N), tol, maxiter, w0=w0)
+    b = eigen._lanczos_dense(M, onp.ones(N), tol, maxiter, w0=w0, symmetric=symmetric)
     if a is None:
         assert b is None
         return
