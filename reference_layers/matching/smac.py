@@ -296,7 +296,8 @@ def smac_layer(M, C=None, d=None, *, shape: Optional[Tuple[int, int]] = None,
     layer = implicit_layer(_smac_residual, _smac_solver(kw.opts, kw.gap_tol, kw.dense_max, store),
                            linear_solver=solve, residual_tol=kw.residual_tol,
                            linear_solver_options=linear_solver_options,
-                           diagnostics=_smac_diagnostics, name="smac")
+                           diagnostics=_smac_diagnostics, name="smac",
+                           finite_inputs=(0,))   # M: check_affinity counted NaN/Inf
     y, lam, _mu = layer(M, Ceq)
     if return_unit or homogeneous:
         x = y

@@ -211,7 +211,7 @@ def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[
         _sm_residual, _sm_solver(opts, gap_tol, dense_max, store), linear_solver=solve,
         batch_axis=0 if batched else None, residual_tol=kw.residual_tol,
         linear_solver_options=linear_solver_options, diagnostics=_sm_diagnostics,
-        name="spectral-matching")
+        name="spectral-matching", finite_inputs=(0,))   # check_affinity counted NaN/Inf
     y, lam = layer(M)
     if full_output:
         return autograd_tuple((y, lam)) if isbox(y) else (y, lam)
