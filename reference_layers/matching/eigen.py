@@ -47,15 +47,19 @@ class EigenData:
     ``|eigenvalue|`` seen), ``w, V`` (full ``eigh`` of the matrix solved,
     ascending; dense only), ``basis`` (the orthonormal basis the matrix was
     expressed in, SMAC: ``Z0``; else ``None``), ``krylov`` (Lanczos only: a
-    :class:`KrylovData`, the other Ritz pairs and the Lanczos residual vector).
+    :class:`KrylovData`, the other Ritz pairs and the Lanczos residual vector),
+    ``symmetric`` (``M`` exactly symmetric, so the backward's products may use
+    :func:`product`'s one-triangle BLAS ``dsymv`` too).
     """
 
-    __slots__ = ("y", "lam", "lam2", "scale", "w", "V", "basis", "steps", "krylov")
+    __slots__ = ("y", "lam", "lam2", "scale", "w", "V", "basis", "steps", "krylov", "symmetric")
 
-    def __init__(self, y, lam, lam2, scale, w=None, V=None, basis=None, steps=0, krylov=None):
+    def __init__(self, y, lam, lam2, scale, w=None, V=None, basis=None, steps=0, krylov=None,
+                 symmetric=False):
         self.y, self.lam, self.lam2, self.scale = y, float(lam), float(lam2), float(scale)
         self.w, self.V, self.basis, self.steps = w, V, basis, steps
         self.krylov = krylov
+        self.symmetric = bool(symmetric)   # M exactly symmetric: products may read one triangle
 
     @property
     def gap(self) -> float:
@@ -306,7 +310,8 @@ def krylov_eigendata(matvec, N: int, *, tol: float, max_iter: int, start=None,
         _, lam2, _ = lanczos_top(lambda v: deflate(matvec(deflate(v))), deflate(r), tol=1e-8,
                                  maxiter=max_iter)
     scale = max(abs(lam), abs(lam_min), abs(lam2) if np.isfinite(lam2) else 0.0)
-    return EigenData(fix_sign(y), lam, lam2, scale, steps=steps, krylov=krylov)
+    return EigenData(fix_sign(y), lam, lam2, scale, steps=steps, krylov=krylov,
+                     symmetric=symmetric)
 
 
 def default_tol(tol: Optional[float], N: int) -> float:

@@ -179,7 +179,7 @@ def _smac_solver(opts: dict, gap_tol: float, dense_max: int, precomputed: dict):
         My = Mx(y)
         mu = scipy.linalg.solve_triangular(R, Q.T @ My) if Ceq.shape[0] else np.zeros(0)
         aux = [EigenData(y, e.lam, e.lam2, e.scale, w=e.w, V=e.V, basis=e.basis,
-                         krylov=e.krylov)]
+                         krylov=e.krylov, symmetric=checked is not None and checked.symmetric)]
         return Solution((y, np.array(float(y @ My)), mu), aux=aux)
     return solver
 
