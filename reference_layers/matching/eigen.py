@@ -158,7 +158,8 @@ def _lanczos_dense_kernel(M, q0, w0, tol, kmax, every, symmetric):  # pragma: no
     and unnormalized residual vector ``w``."""
     N = q0.shape[0]
     Q = np.empty((kmax + 1, N))
-    Q[0] = q0
+    for i in range(N):
+        Q[0, i] = q0[i]
     alphas = np.zeros(kmax)
     betas = np.zeros(kmax)
     w = np.empty(N)
@@ -171,7 +172,8 @@ def _lanczos_dense_kernel(M, q0, w0, tol, kmax, every, symmetric):  # pragma: no
     beta = 0.0
     for k in range(kmax):
         if k == 0 and w0.shape[0] == N:
-            w[:] = w0
+            for i in range(N):
+                w[i] = w0[i]
         elif symmetric:
             symv(M, Q[k], w, ibuf, dbuf)
         else:
@@ -194,12 +196,14 @@ def _lanczos_dense_kernel(M, q0, w0, tol, kmax, every, symmetric):  # pragma: no
         alphas[k] = alpha
         if (k + 1) % every != 0 and k + 1 < kmax and beta > 1e-10 * wn:
             betas[k] = beta
-            Q[k + 1] = w / beta
+            for i in range(N):
+                Q[k + 1, i] = w[i] / beta
             continue
         n = k + 1
         S = T[:n * n].reshape((n, n))
-        S[:] = 0.0
         for i in range(n):
+            for j in range(n):
+                S[i, j] = 0.0
             S[i, i] = alphas[i]
         for i in range(k):
             S[i, i + 1] = betas[i]
@@ -212,7 +216,8 @@ def _lanczos_dense_kernel(M, q0, w0, tol, kmax, every, symmetric):  # pragma: no
             return Q, alphas, betas, k, beta, w, True
         if k + 1 < kmax:
             betas[k] = beta
-        Q[k + 1] = w / beta
+        for i in range(N):
+            Q[k + 1, i] = w[i] / beta
     return Q, alphas, betas, kmax - 1, beta, w, False
 
 
