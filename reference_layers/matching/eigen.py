@@ -25,10 +25,10 @@ from typing import Optional, Tuple
 import numpy as np
 from numba import njit
 
-from ..kernels.blas import gemv, gemv_t, symv, syev
-
 from nimplicit.errors import NotConvergedError, finite_or_raise
 from nimplicit.spectral import relative_gap
+
+from ..kernels.blas import gemv, gemv_t, symv, syev
 
 #: above this many unknowns (nm) the dense paths (eigh fallback, LU backward) are not used
 DENSE_MAX = 100
