@@ -434,7 +434,7 @@ class ImplicitLayer:
                  check_residual: bool = True, dense_max: int = DENSE_MAX,
                  linear_solver_options: Optional[dict] = None, diagnostics=None,
                  name: Optional[str] = None, check_independence: bool = True,
-                 throw: bool = True, **unknown):
+                 throw: bool = True, finite_inputs: tuple = (), **unknown):
         if unknown:
             raise OptionError(f"implicit_layer got unknown option(s) {sorted(unknown)}")
         if not callable(residual) or not callable(solver):
@@ -454,6 +454,12 @@ class ImplicitLayer:
             if not isinstance(value, (bool, np.bool_)):
                 raise OptionError(f"{flag} must be True or False, got {value!r}")
         self.throw = bool(throw)
+        if not isinstance(finite_inputs, (tuple, list)) or not all(
+                isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 0
+                for k in finite_inputs):
+            raise OptionError(f"finite_inputs must be a tuple of input indices, got "
+                              f"{finite_inputs!r}")
+        self.finite_inputs = frozenset(int(k) for k in finite_inputs)
         self.residual = residual
         self.solver = solver
         self.diagnostics = diagnostics
@@ -532,7 +538,8 @@ class ImplicitLayer:
         """
         for k, x in enumerate(raw_inputs):
             _check_input(x, k, differentiated=False)
-            finite_or_raise(x, f"input {k}")
+            if k not in self.finite_inputs:   # else the caller's own pass checked it
+                finite_or_raise(x, f"input {k}")
         solution = _as_solution(self.solver(*raw_inputs))
         check = self.check_residual
         for intercept, check_residual in _INTERCEPTORS.get():
@@ -693,7 +700,7 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
                    linear_solver_options: Optional[dict] = None,
                    diagnostics: Optional[Callable] = None,
                    name: Optional[str] = None, check_independence: bool = True,
-                   throw: bool = True) -> ImplicitLayer:
+                   throw: bool = True, finite_inputs: tuple = ()) -> ImplicitLayer:
     r"""A layer ``x -> y*`` defined implicitly by ``F(y*, x) = 0``.
 
     Parameters
@@ -750,6 +757,11 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
         per-instance outcomes; failed instances get NaN rows in ``y`` and no
         gradient contribution (see :mod:`nimplicit.batch_status`).  Without
         ``batch_axis`` the problem is one instance (``len(status) == 1``).
+    finite_inputs : tuple of int
+        Indices of inputs whose finiteness the caller has already verified (a
+        reference layer's own validation pass over them, e.g. the affinity of
+        spectral matching): the core's NaN/Inf check skips them (one pass over
+        the input saved).  Default ``()``: every input is checked.
 
     Returns
     -------
@@ -777,4 +789,5 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
                          batch_axis=batch_axis, residual_tol=residual_tol,
                          check_residual=check_residual, dense_max=dense_max,
                          linear_solver_options=linear_solver_options, diagnostics=diagnostics,
-                         name=name, check_independence=check_independence, throw=throw)
+                         name=name, check_independence=check_independence, throw=throw,
+                         finite_inputs=finite_inputs)

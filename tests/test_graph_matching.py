@@ -486,17 +486,21 @@ def test_krylov_forward_detects_repeated_leading_eigenvalue_when_start_is_an_eig
         gm.spectral_matching_layer(M, solver_options={"eig_method": "krylov"})
 
 
-@pytest.mark.parametrize("N, tol, maxiter", [(30, 1e-13, 300), (120, 1e-10, 300), (120, 1e-13, 3)])
-def test_compiled_lanczos_takes_the_python_lanczos_steps(N, tol, maxiter):
-    # the dense forward runs the Lanczos loop compiled: same steps, same Ritz test, same
-    # byproducts (the backward's deflation space) as the operator version, or None for both
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("N, tol, maxiter", [(30, 1e-13, 300), (120, 1e-10, 300), (120, 1e-13, 3),
+                                             (1100, 1e-10, 300)])
+def test_compiled_lanczos_takes_the_python_lanczos_steps(N, tol, maxiter, symmetric):
+    # the dense forward runs the Lanczos loop compiled (BLAS dgemv, or dsymv on one triangle
+    # of an exactly symmetric M; LAPACK dsyev for the Ritz test): same steps, same Ritz test,
+    # same byproducts (the backward's deflation space) as the operator version, or None for both
     from reference_layers.matching import eigen
     rng = onp.random.default_rng(N)
     A = rng.uniform(size=(N, N))
     M = A + A.T
+    assert onp.array_equal(M, M.T)
     w0 = M.sum(axis=1) / onp.sqrt(N)
     a = eigen._lanczos(lambda v: M @ v, onp.ones(N), tol, maxiter, w0=w0)
-    b = eigen._lanczos_dense(M, onp.ones(N), tol, maxiter, w0=w0)
+    b = eigen._lanczos_dense(M, onp.ones(N), tol, maxiter, w0=w0, symmetric=symmetric)
     if a is None:
         assert b is None
         return
@@ -527,3 +531,32 @@ def test_bordered_cg_that_does_not_converge_falls_back_to_the_exact_lu():
     x = stalled.solve(rhs, 1e-12, 1)
     assert stalled.mode == "lu"
     assert onp.allclose(x, exact, rtol=1e-12, atol=1e-12 * onp.abs(exact).max())
+
+
+@pytest.mark.parametrize("N", [60, 1100])
+def test_exact_symmetry_picks_the_one_triangle_product_with_the_same_result(N):
+    # check_affinity reports exact symmetry; SM and SMAC then run their products on one
+    # triangle (BLAS dsymv).  A matrix asymmetric within the accepted 1e-10 takes the full
+    # product instead; both give the eigenvector to the forward's accuracy.
+    from reference_layers.matching.validation import check_affinity
+    rng = onp.random.default_rng(N)
+    A = rng.uniform(size=(N, N))
+    M = A + A.T
+    (exact,) = check_affinity(M, batched=False)
+    assert exact.symmetric
+    onp.testing.assert_allclose(exact.row_sums, M.sum(axis=1), rtol=1e-13)
+    E = rng.uniform(size=(N, N)) * 1e-13 * onp.abs(M).max()
+    near = M + onp.triu(E, 1)
+    (checked,) = check_affinity(near, batched=False)
+    assert not checked.symmetric
+    opts = {"eig_method": "krylov"}
+    y, lam = gm.spectral_matching_layer(M, solver_options=opts, full_output=True)
+    y2, lam2 = gm.spectral_matching_layer(near, solver_options=opts, full_output=True)
+    assert onp.abs(M @ y - lam * y).max() <= 1e-9 * lam
+    assert onp.abs(near @ y2 - lam2 * y2).max() <= 1e-9 * lam2
+    assert onp.abs(y - y2).max() <= 1e-9
+    C = onp.ones((1, N))            # SMAC on sum(x) = 1 (Krylov forward above dense_max)
+    x = gm.smac_layer(M, C, onp.ones(1))
+    x2 = gm.smac_layer(near, C, onp.ones(1))
+    assert abs(x.sum() - 1) <= 1e-12
+    assert onp.abs(x - x2).max() <= 1e-9 * onp.abs(x).max()

@@ -633,3 +633,21 @@ def test_numeric_and_flag_options_are_validated(option, bad):
     check_residual='yes' were accepted."""
     with pytest.raises(OptionError, match=option):
         implicit_layer(cubic_residual, cubic_solver, **{option: bad})
+
+
+def test_finite_inputs_skips_the_core_check_of_inputs_the_caller_verified():
+    from nimplicit.errors import NonFiniteError
+    seen = []
+    residual = lambda y, x: y - x
+    solver = lambda x: seen.append(x) or onp.array(x, dtype=float)
+    x = onp.array([1.0, onp.nan])
+    with pytest.raises(NonFiniteError, match="input 0"):
+        implicit_layer(residual, solver)(x)
+    assert not seen                 # the default checks before the solver runs
+    layer = implicit_layer(residual, solver, finite_inputs=(0,), check_residual=False)
+    with pytest.raises(NonFiniteError, match="solver's output"):
+        layer(x)                    # input 0 is the caller's promise; the output is still checked
+    assert len(seen) == 1
+    for bad in ((-1,), 0, ("0",), (True,)):
+        with pytest.raises(OptionError, match="finite_inputs"):
+            implicit_layer(residual, solver, finite_inputs=bad)

@@ -41,6 +41,7 @@ import scipy.linalg
 from nimplicit.errors import LinearSolveError
 from nimplicit.linear_solvers import LinearSolver, LinearSolverState
 
+from .eigen import product
 from .errors import DegenerateEigenvalueError
 
 #: relative rounding floor of the projected CG (the projector and the products with M
@@ -60,6 +61,8 @@ class BorderedSystem:
     def __init__(self, M, lam: float, B, *, mode: str, scale: float, eigen=None,
                  max_condition: float = 1e12):
         self.M, self.lam, self.B = M, float(lam), B
+        # M @ v, on one triangle (BLAS dsymv) when the forward found M exactly symmetric
+        self.Mx = product(M, eigen is not None and eigen.symmetric)
         self.N, self.q = B.shape
         self.mode = mode
         self.spectral_scale = scale if scale > 0 else float(np.abs(M).sum(axis=1).max())
@@ -109,7 +112,7 @@ class BorderedSystem:
                 f"dependent.")
 
     def _A(self, v):
-        return self.M @ v - self.lam * v
+        return self.Mx(v) - self.lam * v
 
     def _proj(self, v):
         return v - self.B @ (self.Bpinv @ v)

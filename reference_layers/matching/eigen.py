@@ -28,6 +28,8 @@ from numba import njit
 from nimplicit.errors import NotConvergedError, finite_or_raise
 from nimplicit.spectral import relative_gap
 
+from ..kernels.blas import gemv, gemv_t, symv, syev
+
 #: above this many unknowns (nm) the dense paths (eigh fallback, LU backward) are not used
 DENSE_MAX = 100
 EIG_DENSE_MAX = DENSE_MAX   # the old name, kept for one release
@@ -45,15 +47,19 @@ class EigenData:
     ``|eigenvalue|`` seen), ``w, V`` (full ``eigh`` of the matrix solved,
     ascending; dense only), ``basis`` (the orthonormal basis the matrix was
     expressed in, SMAC: ``Z0``; else ``None``), ``krylov`` (Lanczos only: a
-    :class:`KrylovData`, the other Ritz pairs and the Lanczos residual vector).
+    :class:`KrylovData`, the other Ritz pairs and the Lanczos residual vector),
+    ``symmetric`` (``M`` exactly symmetric, so the backward's products may use
+    :func:`product`'s one-triangle BLAS ``dsymv`` too).
     """
 
-    __slots__ = ("y", "lam", "lam2", "scale", "w", "V", "basis", "steps", "krylov")
+    __slots__ = ("y", "lam", "lam2", "scale", "w", "V", "basis", "steps", "krylov", "symmetric")
 
-    def __init__(self, y, lam, lam2, scale, w=None, V=None, basis=None, steps=0, krylov=None):
+    def __init__(self, y, lam, lam2, scale, w=None, V=None, basis=None, steps=0, krylov=None,
+                 symmetric=False):
         self.y, self.lam, self.lam2, self.scale = y, float(lam), float(lam2), float(scale)
         self.w, self.V, self.basis, self.steps = w, V, basis, steps
         self.krylov = krylov
+        self.symmetric = bool(symmetric)   # M exactly symmetric: products may read one triangle
 
     @property
     def gap(self) -> float:
@@ -81,6 +87,17 @@ def fix_sign(y: np.ndarray) -> np.ndarray:
     big = np.abs(y)
     first = int(np.argmax(big >= 0.5 * big.max()))
     return y if y[first] > 0 else -y
+
+
+def product(M: np.ndarray, symmetric: bool):
+    """``v -> M @ v``; when ``M`` is exactly ``symmetric`` (and a C-contiguous
+    float64 array) BLAS ``dsymv`` on its upper triangle: the same product,
+    reading half of ``M`` (about 0.55x the time of ``M @ v`` at 2500 x 2500)."""
+    if symmetric and M.dtype == np.float64 and M.flags.c_contiguous and M.ndim == 2:
+        from scipy.linalg.blas import dsymv
+        MT = M.T                  # Fortran-ordered: no copy; its lower triangle is M's upper
+        return lambda v: dsymv(1.0, MT, v, lower=1)
+    return lambda v: M @ v
 
 
 def _lanczos(matvec, v0, tol: float, maxiter: int, w0=None):
@@ -128,61 +145,99 @@ def _lanczos(matvec, v0, tol: float, maxiter: int, w0=None):
 
 
 @njit(cache=True)
-def _lanczos_dense_kernel(M, q0, w0, tol, kmax, every):  # pragma: no cover - numba
-    """:func:`_lanczos` on a dense symmetric ``M``, the whole loop compiled (no
-    per-step Python): the same steps, the same Ritz test.  ``w0 = M q0`` (or
-    empty to compute it).  Returns ``(Q, T, k, beta, w, converged)``: the
-    basis ``Q[:k + 1]``, ``T[:k + 1, :k + 1]``, the last ``beta`` and unnormalized
-    residual vector ``w``."""
+def _lanczos_dense_kernel(M, q0, w0, tol, kmax, every, symmetric):  # pragma: no cover - numba
+    """:func:`_lanczos` on a dense ``M``, the whole loop compiled (no per-step
+    Python): the same steps, the same Ritz test.  The products are BLAS calls
+    (:mod:`reference_layers.kernels.blas`): ``dsymv`` (one triangle of ``M``
+    read, about half the memory traffic of ``M @ q``) when ``symmetric``
+    (``M`` exactly symmetric, as the validation pass found), else ``dgemv``;
+    the Ritz test's eigen-decomposition is LAPACK ``dsyev``.  ``w0 = M q0``
+    (or empty to compute it).  Returns ``(Q, alphas, betas, k, beta, w,
+    converged)``: the basis ``Q[:k + 1]``, the tridiagonal ``T[:k + 1, :k + 1]``
+    (diagonal ``alphas[:k + 1]``, off-diagonal ``betas[:k]``), the last ``beta``
+    and unnormalized residual vector ``w``."""
     N = q0.shape[0]
-    Q = np.zeros((kmax + 1, N))
-    Q[0] = q0
-    T = np.zeros((kmax, kmax))
+    Q = np.empty((kmax + 1, N))
+    for i in range(N):
+        Q[0, i] = q0[i]
+    alphas = np.zeros(kmax)
+    betas = np.zeros(kmax)
     w = np.empty(N)
+    c = np.empty(kmax)
+    ibuf = np.empty(4, dtype=np.int32)
+    dbuf = np.empty(2)
+    T = np.empty(kmax * kmax)
+    theta = np.empty(kmax)
+    work = np.empty(3 * kmax + 2)
     beta = 0.0
     for k in range(kmax):
         if k == 0 and w0.shape[0] == N:
-            w[:] = w0
+            for i in range(N):
+                w[i] = w0[i]
+        elif symmetric:
+            symv(M, Q[k], w, ibuf, dbuf)
         else:
-            w[:] = M @ Q[k]
-        alpha = Q[k] @ w
-        wn = np.sqrt(w @ w)
+            gemv(M, Q[k], w, 1.0, 0.0, ibuf, dbuf)
+        alpha = 0.0
+        wn = 0.0
+        for i in range(N):
+            alpha += Q[k, i] * w[i]
+            wn += w[i] * w[i]
+        wn = np.sqrt(wn)
         Qk = Q[:k + 1]
+        ck = c[:k + 1]
         for _ in range(2):          # full reorthogonalization, twice is enough
-            c = Qk @ w
-            for j in range(k + 1):  # w -= Qk' c, row by row (no transposed copy)
-                w -= c[j] * Q[j]
-        beta = np.sqrt(w @ w)
-        T[k, k] = alpha
+            gemv(Qk, w, ck, 1.0, 0.0, ibuf, dbuf)       # c = Qk w
+            gemv_t(Qk, ck, w, -1.0, 1.0, ibuf, dbuf)    # w -= Qk' c
+        beta = 0.0
+        for i in range(N):
+            beta += w[i] * w[i]
+        beta = np.sqrt(beta)
+        alphas[k] = alpha
         if (k + 1) % every != 0 and k + 1 < kmax and beta > 1e-10 * wn:
-            T[k, k + 1] = beta
-            T[k + 1, k] = beta
-            Q[k + 1] = w / beta
+            betas[k] = beta
+            for i in range(N):
+                Q[k + 1, i] = w[i] / beta
             continue
-        theta, S = np.linalg.eigh(T[:k + 1, :k + 1].copy())
+        n = k + 1
+        S = T[:n * n].reshape((n, n))
+        for i in range(n):
+            for j in range(n):
+                S[i, j] = 0.0
+            S[i, i] = alphas[i]
+        for i in range(k):
+            S[i, i + 1] = betas[i]
+            S[i + 1, i] = betas[i]
+        if syev(S, theta, work[:3 * n - 1], ibuf) != 0:
+            raise ValueError("LAPACK dsyev failed on the Lanczos tridiagonal matrix")
         top = theta[k]
         spread = max(abs(top), abs(theta[0]))
         if beta * abs(S[k, k]) <= tol * abs(top) or beta <= 1e-14 * spread or k + 1 == N:
-            return Q, T, k, beta, w, True
+            return Q, alphas, betas, k, beta, w, True
         if k + 1 < kmax:
-            T[k, k + 1] = beta
-            T[k + 1, k] = beta
-            Q[k + 1] = w / beta
-    return Q, T, kmax - 1, beta, w, False
+            betas[k] = beta
+        for i in range(N):
+            Q[k + 1, i] = w[i] / beta
+    return Q, alphas, betas, kmax - 1, beta, w, False
 
 
-def _lanczos_dense(M, v0, tol: float, maxiter: int, w0=None):
-    """:func:`_lanczos` for a dense ``M`` through :func:`_lanczos_dense_kernel`."""
+def _lanczos_dense(M, v0, tol: float, maxiter: int, w0=None, symmetric: bool = False):
+    """:func:`_lanczos` for a dense ``M`` through :func:`_lanczos_dense_kernel`
+    (``symmetric``: ``M`` is exactly symmetric, its products may read one triangle)."""
     N = v0.shape[0]
     kmax = min(maxiter, N)
     nv0 = np.linalg.norm(v0)
     w0 = np.empty(0) if w0 is None else np.ascontiguousarray(w0, dtype=float)
     every = 1 if N >= 1000 else 2
-    Q, T, k, beta, w, ok = _lanczos_dense_kernel(np.ascontiguousarray(M, dtype=float),
-                                                 v0 / nv0, w0, float(tol), kmax, every)
+    Q, alphas, betas, k, beta, w, ok = _lanczos_dense_kernel(
+        np.ascontiguousarray(M, dtype=float), v0 / nv0, w0, float(tol), kmax, every,
+        bool(symmetric))
     if not ok:
         return None
-    theta, S = np.linalg.eigh(T[:k + 1, :k + 1])
+    T = np.diag(alphas[:k + 1])
+    if k:
+        T[np.arange(k), np.arange(1, k + 1)] = T[np.arange(1, k + 1), np.arange(k)] = betas[:k]
+    theta, S = np.linalg.eigh(T)
     return _ritz_output(Q[:k + 1], theta, S, k, beta, w, N)
 
 
@@ -230,15 +285,17 @@ def dense_eigendata(A: np.ndarray, basis: Optional[np.ndarray] = None) -> EigenD
 
 def krylov_eigendata(matvec, N: int, *, tol: float, max_iter: int, start=None,
                      start_product=None, raise_on_fail: bool = True,
-                     matrix: Optional[np.ndarray] = None) -> Optional[EigenData]:
+                     matrix: Optional[np.ndarray] = None,
+                     symmetric: bool = False) -> Optional[EigenData]:
     """Leading eigenpair by Lanczos from ``start`` (default ``1``); with the dense
-    ``matrix`` (``matvec(v) = matrix @ v``) the loop runs compiled."""
+    ``matrix`` (``matvec(v) = matrix @ v``) the loop runs compiled, its products
+    reading one triangle when ``symmetric`` (``matrix`` exactly symmetric)."""
     v0 = np.ones(N) if start is None else np.asarray(start, dtype=float)
     if not np.any(v0):
         v0, start_product = np.ones(N), None
     w0 = None if start_product is None else start_product / np.linalg.norm(v0)
     if matrix is not None:
-        out = _lanczos_dense(matrix, v0, tol, max_iter, w0=w0)
+        out = _lanczos_dense(matrix, v0, tol, max_iter, w0=w0, symmetric=symmetric)
     else:
         out = _lanczos(matvec, v0, tol, max_iter, w0=w0)
     if out is None:
@@ -258,7 +315,8 @@ def krylov_eigendata(matvec, N: int, *, tol: float, max_iter: int, start=None,
         _, lam2, _ = lanczos_top(lambda v: deflate(matvec(deflate(v))), deflate(r), tol=1e-8,
                                  maxiter=max_iter)
     scale = max(abs(lam), abs(lam_min), abs(lam2) if np.isfinite(lam2) else 0.0)
-    return EigenData(fix_sign(y), lam, lam2, scale, steps=steps, krylov=krylov)
+    return EigenData(fix_sign(y), lam, lam2, scale, steps=steps, krylov=krylov,
+                     symmetric=symmetric)
 
 
 def default_tol(tol: Optional[float], N: int) -> float:
@@ -272,8 +330,11 @@ def default_tol(tol: Optional[float], N: int) -> float:
 
 def leading_eigendata(M: np.ndarray, *, method: str = "auto", tol: Optional[float] = None,
                       max_iter: int = 300, dense_max: int = DENSE_MAX,
-                      row_sums: Optional[np.ndarray] = None) -> EigenData:
-    """The forward eigensolver of SM, chosen by ``method``, size and gap (module docstring)."""
+                      row_sums: Optional[np.ndarray] = None,
+                      symmetric: bool = False) -> EigenData:
+    """The forward eigensolver of SM, chosen by ``method``, size and gap (module
+    docstring); ``symmetric``: ``M`` is exactly symmetric (the validation pass
+    says so), so Lanczos' products may read one triangle (BLAS ``dsymv``)."""
     N = M.shape[0]
     tol = default_tol(tol, N)
     if method == "dense" or N < 4:
@@ -281,9 +342,10 @@ def leading_eigendata(M: np.ndarray, *, method: str = "auto", tol: Optional[floa
     matvec = lambda v: M @ v
     if method == "krylov" or N > dense_max:
         return krylov_eigendata(matvec, N, tol=tol, max_iter=max_iter, start_product=row_sums,
-                                matrix=M)
+                                matrix=M, symmetric=symmetric)
     data = krylov_eigendata(matvec, N, tol=tol, max_iter=min(max_iter, AUTO_LANCZOS_STEPS),
-                            start_product=row_sums, raise_on_fail=False, matrix=M)
+                            start_product=row_sums, raise_on_fail=False, matrix=M,
+                            symmetric=symmetric)
     return data if data is not None else dense_eigendata(M)
 
 

@@ -47,7 +47,7 @@ from nimplicit import Solution, implicit_layer
 from nimplicit.errors import NonFiniteError, ShapeError
 from nimplicit.spectral import DEFAULT_GAP_TOL, require_simple_eigenvalue
 
-from .eigen import (DENSE_MAX, EigenData, default_tol, dense_eigendata, fix_sign,
+from .eigen import (DENSE_MAX, EigenData, default_tol, dense_eigendata, fix_sign, product,
                     krylov_eigendata)
 from .errors import ConstraintRankError, DegenerateEigenvalueError, InfeasibleConstraintsError
 from .spectral import backward_solver, layer_keywords
@@ -148,6 +148,9 @@ def _smac_solver(opts: dict, gap_tol: float, dense_max: int, precomputed: dict):
         N = M.shape[0]
         store = dict(precomputed)      # the validation pass's row sums, used once
         precomputed.clear()
+        checked = store.get("checked") if store.get("M") is M else None
+        # exactly symmetric M (the validation pass says so): products read one triangle
+        Mx = product(M, checked is not None and checked.symmetric)
         dense = opts["eig_method"] == "dense" or (opts["eig_method"] == "auto" and N <= dense_max)
         Q, R, Z0 = _null_space(Ceq, dense)
         proj = lambda v: v - Q @ (Q.T @ v)
@@ -156,10 +159,10 @@ def _smac_solver(opts: dict, gap_tol: float, dense_max: int, precomputed: dict):
             e = dense_eigendata(0.5 * (H + H.T), basis=Z0)
         else:
             v0 = proj(np.ones(N))
-            rows = store.get("row_sums") if store.get("M") is M else None
+            rows = None if checked is None else checked.row_sums
             start_product = proj(rows) if rows is not None and np.abs(v0 - 1).max() <= 1e-12 \
                 else None
-            e = krylov_eigendata(lambda v: proj(M @ proj(v)), N,
+            e = krylov_eigendata(lambda v: proj(Mx(proj(v))), N,
                                  tol=default_tol(opts["tol"], N),
                                  max_iter=opts["max_iter"], start=v0, start_product=start_product)
         if not e.lam > gap_tol * e.scale:
@@ -173,10 +176,10 @@ def _smac_solver(opts: dict, gap_tol: float, dense_max: int, precomputed: dict):
                                        "change the constraints.")
         y = proj(e.y)
         y = fix_sign(y / np.linalg.norm(y))
-        My = M @ y
+        My = Mx(y)
         mu = scipy.linalg.solve_triangular(R, Q.T @ My) if Ceq.shape[0] else np.zeros(0)
         aux = [EigenData(y, e.lam, e.lam2, e.scale, w=e.w, V=e.V, basis=e.basis,
-                         krylov=e.krylov)]
+                         krylov=e.krylov, symmetric=checked is not None and checked.symmetric)]
         return Solution((y, np.array(float(y @ My)), mu), aux=aux)
     return solver
 
@@ -269,7 +272,7 @@ def smac_layer(M, C=None, d=None, *, shape: Optional[Tuple[int, int]] = None,
     Mv = as_real_array(getval(M), "the affinity M")
     if Mv is not getval(M) and not isbox(M):
         M = Mv
-    store = {"M": Mv, "row_sums": check_affinity(Mv, batched=False)[0]}
+    store = {"M": Mv, "checked": check_affinity(Mv, batched=False)[0]}
     N = Mv.shape[0]
     if C is None:
         C, d = _default_constraints(N, shape, C, d)
@@ -293,7 +296,8 @@ def smac_layer(M, C=None, d=None, *, shape: Optional[Tuple[int, int]] = None,
     layer = implicit_layer(_smac_residual, _smac_solver(kw.opts, kw.gap_tol, kw.dense_max, store),
                            linear_solver=solve, residual_tol=kw.residual_tol,
                            linear_solver_options=linear_solver_options,
-                           diagnostics=_smac_diagnostics, name="smac")
+                           diagnostics=_smac_diagnostics, name="smac",
+                           finite_inputs=(0,))   # M: check_affinity counted NaN/Inf
     y, lam, _mu = layer(M, Ceq)
     if return_unit or homogeneous:
         x = y

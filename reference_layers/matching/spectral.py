@@ -52,16 +52,17 @@ def _sm_residual(z, M):
 def _sm_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
     def solver(M):
         batched = M.ndim == 3
-        # the validation pass's row sums, used once (the layer keeps no input after the call)
-        rows = store.get("row_sums") if store.get("M") is M else None
+        # the validation pass's results (row sums, exact symmetry), used once (the layer
+        # keeps no input after the call)
+        checked = store.get("checked") if store.get("M") is M else None
         store.clear()
-        if rows is None:
-            rows = check_affinity(M, batched=batched)
+        if checked is None:
+            checked = check_affinity(M, batched=batched)
         data = []
         for b, Mb in enumerate(M.reshape((-1,) + M.shape[-2:])):
             e = leading_eigendata(Mb, method=opts["eig_method"], tol=opts["tol"],
                                   max_iter=opts["max_iter"], dense_max=dense_max,
-                                  row_sums=rows[b])
+                                  row_sums=checked[b].row_sums, symmetric=checked[b].symmetric)
             require_simple_eigenvalue(e.lam, [e.lam2], e.scale, gap_tol=gap_tol,
                                       what="the affinity M",
                                       where=f" (batch instance {b})" if batched else "",
@@ -203,14 +204,14 @@ def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[
     if Mv is not getval(M) and not isbox(M):
         M = Mv
     batched = Mv.ndim == 3
-    store = {"M": Mv, "row_sums": check_affinity(Mv, batched=batched)}
+    store = {"M": Mv, "checked": check_affinity(Mv, batched=batched)}
     solve, linear_solver_options = backward_solver(kw, "sm", linear_solver,
                                                    linear_solver_options)
     layer = implicit_layer(
         _sm_residual, _sm_solver(opts, gap_tol, dense_max, store), linear_solver=solve,
         batch_axis=0 if batched else None, residual_tol=kw.residual_tol,
         linear_solver_options=linear_solver_options, diagnostics=_sm_diagnostics,
-        name="spectral-matching")
+        name="spectral-matching", finite_inputs=(0,))   # check_affinity counted NaN/Inf
     y, lam = layer(M)
     if full_output:
         return autograd_tuple((y, lam)) if isbox(y) else (y, lam)

@@ -34,9 +34,21 @@ def as_real_array(value, what: str) -> np.ndarray:
     return arr.astype(float, copy=False)
 
 
+class CheckedAffinity:
+    """What the validation pass learnt about one instance: its row sums ``M 1``
+    (the forward's first Lanczos product) and whether ``M`` is exactly symmetric
+    (``M == M'`` entry by entry: its products may then read one triangle)."""
+
+    __slots__ = ("row_sums", "symmetric")
+
+    def __init__(self, row_sums: np.ndarray, symmetric: bool):
+        self.row_sums, self.symmetric = row_sums, bool(symmetric)
+
+
 def check_affinity(M: np.ndarray, *, batched: bool, allow_negative: bool = False) -> list:
     """Validate a real affinity (``(N, N)``, or ``(B, N, N)`` when ``batched``)
-    and return the row sums ``M 1`` of each instance (the validation pass computes them)."""
+    and return a :class:`CheckedAffinity` per instance (row sums and exact
+    symmetry, computed by the validation pass)."""
     if M.ndim != (3 if batched else 2) or M.shape[-1] != M.shape[-2] or M.shape[-1] == 0:
         want = "(B, nm, nm)" if batched else "(nm, nm)"
         raise AffinityError(f"the affinity must be a non-empty square matrix of shape {want}, "
@@ -44,7 +56,7 @@ def check_affinity(M: np.ndarray, *, batched: bool, allow_negative: bool = False
     if batched and M.shape[0] == 0:
         raise AffinityError("the batch of affinities is empty (B = 0)")
     from ..kernels.affinity import affinity_stats
-    row_sums = []
+    checked = []
     for b, Mb in enumerate(M.reshape((-1,) + M.shape[-2:])):
         where = f" (batch instance {b})" if batched else ""
         scale, asym, low, bad, rows = affinity_stats(np.ascontiguousarray(Mb, dtype=float))
@@ -65,8 +77,8 @@ def check_affinity(M: np.ndarray, *, batched: bool, allow_negative: bool = False
                 f"the affinity matrix has negative entries{where} (min {low:.3g}): spectral "
                 f"matching needs M >= 0 (Perron-Frobenius: a non-negative leading eigenvector). "
                 f"Use a non-negative kernel (e.g. exp(-distance)).")
-        row_sums.append(rows)
-    return row_sums
+        checked.append(CheckedAffinity(rows, asym == 0.0))
+    return checked
 
 
 # ------------------------------------------------------------------------------
