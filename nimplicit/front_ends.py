@@ -484,34 +484,83 @@ class _KKTChecked:
         # the unsigned margins count a negative multiplier as 0: the same before and after
         # the rounding of nu below, computed once
         nb, sb, _ = pb.margins(d)
+        hessians = {}   # the Hessian of the Lagrangian at (y, lam, nu), formed at most once
+
+        def hessian_at(multipliers):
+            key = onp.asarray(multipliers, dtype=float).tobytes()
+            if key not in hessians:
+                hessians[key] = local.hessian(d["y"], lam, multipliers)
+            return hessians[key]
+
         if self.second_order_tol is not None:
             _, inactive = kkt.strict_sets(nb, sb, self.weak_tol)
             C = onp.vstack([d["Jh"], d["Jg"][~inactive]])
-            kkt.check_second_order("constrained_argmin_layer",
-                                   lambda: local.hessian(d["y"], lam, nu),
+            kkt.check_second_order("constrained_argmin_layer", lambda: hessian_at(nu),
                                    C if C.size else None, tol=self.second_order_tol)
         # tiny negative multipliers (within kkt_tol) are rounding: exactly 0
         nu = onp.maximum(onp.asarray(nu, dtype=float), 0.0) if onp.size(nu) else nu
         # the weakly active set, decided once here for the backward (KKTLinearSolver)
         weak = kkt.weak_mask(nb, sb, self.weak_tol)
-        return Solution((y, lam, nu), aux=_KKTAux(weak, d["y"].size + d["h"].size))
+        z = onp.concatenate([onp.ravel(onp.asarray(v, dtype=float)) for v in (y, lam, nu)])
+        nu_flat = onp.ravel(onp.asarray(nu, dtype=float))
+
+        def kkt_jacobian():
+            """``dF/dz`` of the residual (eq. 27) at this point from the forward's data:
+            ``[[H, Jh', Jg'], [Jh, 0, 0], [diag(nu) Jg, 0, diag(g)]]``."""
+            n, p_, mi = d["y"].size, d["h"].size, d["g"].size
+            J = onp.zeros((n + p_ + mi,) * 2)
+            J[:n, :n] = hessian_at(nu)
+            J[:n, n:n + p_] = d["Jh"].T
+            J[:n, n + p_:] = d["Jg"].T
+            J[n:n + p_, :n] = d["Jh"]
+            J[n + p_:, :n] = nu_flat[:, None] * d["Jg"]
+            J[n + p_:, n + p_:] = onp.diag(d["g"])
+            return J
+
+        return Solution((y, lam, nu), aux=_KKTAux(weak, d["y"].size + d["h"].size,
+                                                  _KKTForwardData(z, inputs, kkt_jacobian)))
+
+
+class _KKTForwardData:
+    """The checked forward's data for ``dF/dz``: the flat point ``z`` and the raw
+    inputs it belongs to, and a function forming ``dF/dz`` there (from the Hessian
+    of the Lagrangian and the constraint Jacobians, instead of one VJP per row)."""
+
+    __slots__ = ("z", "inputs", "jacobian")
+
+    def __init__(self, z: onp.ndarray, inputs: tuple, jacobian: Callable[[], onp.ndarray]):
+        self.z, self.inputs, self.jacobian = z, inputs, jacobian
 
 
 class _KKTAux:
     """What the checked forward hands to :class:`KKTLinearSolver`: the weakly active
-    constraints (``weak``, ``(n_ineq,)``) and the offset of the complementarity rows in
-    ``z = (y, lam, nu)``."""
+    constraints (``weak``, ``(n_ineq,)``), the offset of the complementarity rows in
+    ``z = (y, lam, nu)`` and the :class:`_KKTForwardData` (``None`` after pickling)."""
 
-    __slots__ = ("weak", "offset")
+    __slots__ = ("weak", "offset", "forward")
 
-    def __init__(self, weak: onp.ndarray, offset: int):
-        self.weak, self.offset = weak, offset
+    def __init__(self, weak: onp.ndarray, offset: int, forward: Optional[_KKTForwardData] = None):
+        self.weak, self.offset, self.forward = weak, offset, forward
 
-    def __getstate__(self):
+    def __getstate__(self):   # the forward's closures stay behind
         return self.weak, self.offset
 
     def __setstate__(self, state):
         self.weak, self.offset = state
+        self.forward = None
+
+    def dense(self, operator) -> onp.ndarray:
+        """``dF/dz`` at the operator's point: formed from the forward's data when the
+        point is the forward's own (same ``z``, same inputs); otherwise (a point moved
+        by an interceptor, a batch) from VJPs, ``operator.dense()``."""
+        fwd, point = self.forward, operator.point
+        if (fwd is not None and point is not None and operator.batch_size is None
+                and operator.r == operator.m == fwd.z.size
+                and len(point.inputs) == len(fwd.inputs)
+                and all(a is b for a, b in zip(point.inputs, fwd.inputs))
+                and onp.array_equal(point.y_flat, fwd.z)):
+            return fwd.jacobian()
+        return operator.dense()
 
 
 class KKTLinearSolver(linear_solvers.LinearSolver):
@@ -536,10 +585,10 @@ class KKTLinearSolver(linear_solvers.LinearSolver):
                               "the linear solver of constrained_argmin_layer only")
         if aux.weak.any():
             kkt.warn_weak("constrained_argmin_layer", aux.weak, self.opts["weak_tol"])
-            return kkt.MinimumNormState(operator.dense()[None], aux.weak[None], aux.offset)
+            return kkt.MinimumNormState(aux.dense(operator)[None], aux.weak[None], aux.offset)
         base, options = self.opts["base"], dict(self.opts["base_options"] or {})
         if base in ("lu", linear_solvers.lu):
-            return kkt.equilibrated_lu_state(operator.dense(), **options)
+            return kkt.equilibrated_lu_state(aux.dense(operator), **options)
         return linear_solvers.make_solver(base, options).init(operator, aux)
 
 
