@@ -328,7 +328,6 @@ class _Problem:
         return nu_bar, s_bar, eq_bar
 
 
-
 def _value_and_rows(fn, v):
     """``(fn(v), dfn/dv)`` of a flat function of a flat ``v``: one trace and one VJP
     per output entry (what ``autograd.jacobian`` does, without its re-wrapping)."""
@@ -498,18 +497,18 @@ class _KKTChecked:
             kkt.check_second_order("constrained_argmin_layer", lambda: hessian_at(nu),
                                    C if C.size else None, tol=self.second_order_tol)
         # tiny negative multipliers (within kkt_tol) are rounding: exactly 0
-        nu = onp.maximum(onp.asarray(nu, dtype=float), 0.0) if onp.size(nu) else nu
+        nu_out = onp.maximum(onp.asarray(nu, dtype=float), 0.0) if onp.size(nu) else nu
         # the weakly active set, decided once here for the backward (KKTLinearSolver)
         weak = kkt.weak_mask(nb, sb, self.weak_tol)
-        z = onp.concatenate([onp.ravel(onp.asarray(v, dtype=float)) for v in (y, lam, nu)])
-        nu_flat = onp.ravel(onp.asarray(nu, dtype=float))
+        z = onp.concatenate([onp.ravel(onp.asarray(v, dtype=float)) for v in (y, lam, nu_out)])
+        nu_flat = onp.ravel(onp.asarray(nu_out, dtype=float))
 
         def kkt_jacobian():
             """``dF/dz`` of the residual (eq. 27) at this point from the forward's data:
             ``[[H, Jh', Jg'], [Jh, 0, 0], [diag(nu) Jg, 0, diag(g)]]``."""
             n, p_, mi = d["y"].size, d["h"].size, d["g"].size
             J = onp.zeros((n + p_ + mi,) * 2)
-            J[:n, :n] = hessian_at(nu)
+            J[:n, :n] = hessian_at(nu_out)   # the check's Hessian unless nu was rounded
             J[:n, n:n + p_] = d["Jh"].T
             J[:n, n + p_:] = d["Jg"].T
             J[n:n + p_, :n] = d["Jh"]
@@ -517,8 +516,8 @@ class _KKTChecked:
             J[n + p_:, n + p_:] = onp.diag(d["g"])
             return J
 
-        return Solution((y, lam, nu), aux=_KKTAux(weak, d["y"].size + d["h"].size,
-                                                  _KKTForwardData(z, inputs, kkt_jacobian)))
+        return Solution((y, lam, nu_out), aux=_KKTAux(weak, d["y"].size + d["h"].size,
+                                                      _KKTForwardData(z, inputs, kkt_jacobian)))
 
 
 class _KKTForwardData:
