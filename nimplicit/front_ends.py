@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import autograd.numpy as np
 import numpy as onp
 import scipy.optimize
-from autograd import grad, hessian, jacobian
+from autograd import grad, hessian, make_vjp
 
 from . import kkt
 from .errors import InvalidOptionError, NotConvergedError, ShapeError, SolverError
@@ -311,24 +311,6 @@ class _Problem:
             value = value + np.sum(nu * self.ineq(y, *inputs))
         return value
 
-    def at(self, y, lam, nu, inputs) -> dict:
-        """Values and first derivatives (``y`` flattened) at a raw point."""
-        y = onp.asarray(y, dtype=float)
-        shape = y.shape
-        flat = lambda f: (lambda v: np.reshape(f(np.reshape(v, shape), *inputs), (-1,)))
-        v = y.ravel()
-        d = {"y": v, "shape": shape,
-             "grad_f": onp.ravel(grad(lambda w: self.objective(np.reshape(w, shape), *inputs))(v))}
-        for name, fn in (("h", self.eq), ("g", self.ineq)):
-            if fn is None:
-                d[name], d["J" + name] = onp.zeros(0), onp.zeros((0, v.size))
-            else:
-                d[name] = onp.asarray(flat(fn)(v), dtype=float)
-                d["J" + name] = onp.reshape(jacobian(flat(fn))(v), (d[name].size, v.size))
-        d["lam"] = onp.ravel(onp.asarray(lam, dtype=float))
-        d["nu"] = onp.ravel(onp.asarray(nu, dtype=float))
-        return d
-
     @staticmethod
     def margins(d: dict, signed: bool = False):
         """Scale-free ``(nu_bar, s_bar)`` of :mod:`nimplicit.kkt` and ``eq_bar``;
@@ -344,6 +326,100 @@ class _Problem:
         else:
             nu_bar, s_bar = kkt.normalized_margins(d["nu"], -d["g"], rows, terms, slack_terms)
         return nu_bar, s_bar, eq_bar
+
+
+def _value_and_rows(fn, v):
+    """``(fn(v), dfn/dv)`` of a flat function of a flat ``v``: one trace and one VJP
+    per output entry (what ``autograd.jacobian`` does, without its re-wrapping)."""
+    vjp, value = make_vjp(fn)(v)
+    value = onp.asarray(value, dtype=float)
+    rows = [vjp(e) for e in onp.eye(value.size)]
+    J = onp.stack(rows) if rows else onp.zeros((0, v.size))
+    return value, onp.reshape(J, (value.size, v.size))
+
+
+class _Local:
+    """The functions of a :class:`_Problem` at fixed raw inputs, of a flat ``y``.
+
+    Every function is traced once per point; the first-order data of the last
+    point asked for is kept, so that the default forward (SLSQP, the multipliers'
+    least squares and polish) and the check (:class:`_KKTChecked`) share it
+    instead of tracing again.  One object per forward call: layers keep no state.
+    """
+
+    def __init__(self, problem: _Problem, shape: tuple, inputs: tuple):
+        self.problem, self.shape, self.inputs = problem, shape, inputs
+        self._last = {}
+
+    def _flat(self, fn):
+        shape, inputs = self.shape, self.inputs
+        return lambda v: np.reshape(fn(np.reshape(v, shape), *inputs), (-1,))
+
+    def _cached(self, name, v, compute):
+        key = v.tobytes()
+        hit = self._last.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._last[name] = (key, compute(v))
+        return hit[1]
+
+    # -- for scipy's SLSQP: plain values, traced derivatives (copies: scipy may write) --
+    def objective(self, v):
+        return float(self.problem.objective(v.reshape(self.shape), *self.inputs))
+
+    def objective_grad(self, v):
+        return onp.array(self.grad_f(v), dtype=float)
+
+    def eq_values(self, v):
+        return onp.asarray(self.problem.eq(v.reshape(self.shape), *self.inputs), float)
+
+    def ineq_values(self, v):   # scipy's convention is fun(y) >= 0
+        return -onp.asarray(self.problem.ineq(v.reshape(self.shape), *self.inputs), float)
+
+    def eq_jac(self, v):
+        return onp.array(self.constraint("h", v)[1])
+
+    def ineq_jac(self, v):
+        return -self.constraint("g", v)[1]
+
+    # -- derivatives ---------------------------------------------------------
+    def grad_f(self, v):
+        """``grad f`` at a flat ``v`` (the layer's objective must be scalar)."""
+        shape, inputs, objective = self.shape, self.inputs, self.problem.objective
+        return self._cached("grad_f", v, lambda w: onp.ravel(
+            grad(lambda u: objective(np.reshape(u, shape), *inputs))(w)))
+
+    def constraint(self, name, v):
+        """``(values, Jacobian)`` of the equalities (``"h"``) or inequalities (``"g"``)."""
+        fn = self.problem.eq if name == "h" else self.problem.ineq
+        if fn is None:
+            return onp.zeros(0), onp.zeros((0, v.size))
+        return self._cached(name, v, lambda w: _value_and_rows(self._flat(fn), w))
+
+    def point(self, v, lam, nu) -> dict:
+        """The data of :meth:`_Problem.margins` at a flat ``v`` with multipliers."""
+        d = {"y": v, "shape": self.shape, "grad_f": self.grad_f(v)}
+        d["h"], d["Jh"] = self.constraint("h", v)
+        d["g"], d["Jg"] = self.constraint("g", v)
+        d["lam"] = onp.ravel(onp.asarray(lam, dtype=float))
+        d["nu"] = onp.ravel(onp.asarray(nu, dtype=float))
+        return d
+
+    def hessian(self, v, lam, nu):
+        """The Hessian of the Lagrangian in ``y`` (flat, ``(n, n)``): the Jacobian of
+        its gradient, one trace and ``n`` VJPs."""
+        pb, shape, inputs = self.problem, self.shape, self.inputs
+        lagrangian = lambda u: pb.lagrangian(np.reshape(u, shape), lam, nu, *inputs)
+        return _value_and_rows(grad(lagrangian), v)[1]
+
+
+class _SLSQPPoint:
+    """The default forward's byproduct for :class:`_KKTChecked`: the :class:`_Local`
+    holding the first-order data at the returned point (not recomputed)."""
+
+    __slots__ = ("local",)
+
+    def __init__(self, local: _Local):
+        self.local = local
 
 
 class _KKTResidual:
@@ -369,8 +445,7 @@ class _SLSQPSolver:
         self.active_tol, self.max_iter = active_tol, max_iter
 
     def __call__(self, *inputs):
-        pb = self.problem
-        return _slsqp_kkt(pb.objective, pb.eq, pb.ineq, _initial_guess(self.y0, inputs), inputs,
+        return _slsqp_kkt(self.problem, _initial_guess(self.y0, inputs), inputs,
                           tol=self.tol, active_tol=self.active_tol, max_iter=self.max_iter)
 
 
@@ -386,12 +461,18 @@ class _KKTChecked:
 
     def __call__(self, *inputs):
         z = self.solver(*inputs)
+        local = None
+        if isinstance(z, Solution) and isinstance(z.aux, _SLSQPPoint):   # the default forward
+            z, local = z.y, z.aux.local
         if not (isinstance(z, (tuple, list)) and len(z) == 3):
             raise ShapeError("constrained_argmin_layer: the forward solver must return "
                              f"(y, lam, nu), got {type(z).__name__}")
         y, lam, nu = z
         pb = self.problem
-        d = pb.at(y, lam, nu, inputs)
+        yv = onp.asarray(y, dtype=float)
+        if local is None:
+            local = _Local(pb, yv.shape, inputs)
+        d = local.point(yv.ravel(), lam, nu)
         if d["nu"].size != d["g"].size or d["lam"].size != d["h"].size:
             raise ShapeError(f"constrained_argmin_layer: the solver returned {d['lam'].size} "
                              f"equality and {d['nu'].size} inequality multipliers for "
@@ -399,37 +480,86 @@ class _KKTChecked:
         nu_bar, s_bar, eq_bar = pb.margins(d, signed=True)
         kkt.check_kkt_point("constrained_argmin_layer", eq_bar=eq_bar, nu_bar=nu_bar,
                             s_bar=s_bar, tol=self.kkt_tol)
+        # the unsigned margins count a negative multiplier as 0: the same before and after
+        # the rounding of nu below, computed once
+        nb, sb, _ = pb.margins(d)
+        hessians = {}   # the Hessian of the Lagrangian at (y, lam, nu), formed at most once
+
+        def hessian_at(multipliers):
+            key = onp.asarray(multipliers, dtype=float).tobytes()
+            if key not in hessians:
+                hessians[key] = local.hessian(d["y"], lam, multipliers)
+            return hessians[key]
+
         if self.second_order_tol is not None:
-            H = hessian(lambda v: pb.lagrangian(np.reshape(v, d["shape"]), lam, nu, *inputs))(d["y"])
-            nb, sb, _ = pb.margins(d)
             _, inactive = kkt.strict_sets(nb, sb, self.weak_tol)
             C = onp.vstack([d["Jh"], d["Jg"][~inactive]])
-            kkt.check_second_order("constrained_argmin_layer", onp.reshape(H, (d["y"].size,) * 2),
+            kkt.check_second_order("constrained_argmin_layer", lambda: hessian_at(nu),
                                    C if C.size else None, tol=self.second_order_tol)
         # tiny negative multipliers (within kkt_tol) are rounding: exactly 0
-        nu = onp.maximum(onp.asarray(nu, dtype=float), 0.0) if onp.size(nu) else nu
+        nu_out = onp.maximum(onp.asarray(nu, dtype=float), 0.0) if onp.size(nu) else nu
         # the weakly active set, decided once here for the backward (KKTLinearSolver)
-        d["nu"] = onp.ravel(onp.asarray(nu, dtype=float))
-        nb, sb, _ = pb.margins(d)
         weak = kkt.weak_mask(nb, sb, self.weak_tol)
-        return Solution((y, lam, nu), aux=_KKTAux(weak, d["y"].size + d["h"].size))
+        z = onp.concatenate([onp.ravel(onp.asarray(v, dtype=float)) for v in (y, lam, nu_out)])
+        nu_flat = onp.ravel(onp.asarray(nu_out, dtype=float))
+
+        def kkt_jacobian():
+            """``dF/dz`` of the residual (eq. 27) at this point from the forward's data:
+            ``[[H, Jh', Jg'], [Jh, 0, 0], [diag(nu) Jg, 0, diag(g)]]``."""
+            n, p_, mi = d["y"].size, d["h"].size, d["g"].size
+            J = onp.zeros((n + p_ + mi,) * 2)
+            J[:n, :n] = hessian_at(nu_out)   # the check's Hessian unless nu was rounded
+            J[:n, n:n + p_] = d["Jh"].T
+            J[:n, n + p_:] = d["Jg"].T
+            J[n:n + p_, :n] = d["Jh"]
+            J[n + p_:, :n] = nu_flat[:, None] * d["Jg"]
+            J[n + p_:, n + p_:] = onp.diag(d["g"])
+            return J
+
+        return Solution((y, lam, nu_out), aux=_KKTAux(weak, d["y"].size + d["h"].size,
+                                                      _KKTForwardData(z, inputs, kkt_jacobian)))
+
+
+class _KKTForwardData:
+    """The checked forward's data for ``dF/dz``: the flat point ``z`` and the raw
+    inputs it belongs to, and a function forming ``dF/dz`` there (from the Hessian
+    of the Lagrangian and the constraint Jacobians, instead of one VJP per row)."""
+
+    __slots__ = ("z", "inputs", "jacobian")
+
+    def __init__(self, z: onp.ndarray, inputs: tuple, jacobian: Callable[[], onp.ndarray]):
+        self.z, self.inputs, self.jacobian = z, inputs, jacobian
 
 
 class _KKTAux:
     """What the checked forward hands to :class:`KKTLinearSolver`: the weakly active
-    constraints (``weak``, ``(n_ineq,)``) and the offset of the complementarity rows in
-    ``z = (y, lam, nu)``."""
+    constraints (``weak``, ``(n_ineq,)``), the offset of the complementarity rows in
+    ``z = (y, lam, nu)`` and the :class:`_KKTForwardData` (``None`` after pickling)."""
 
-    __slots__ = ("weak", "offset")
+    __slots__ = ("weak", "offset", "forward")
 
-    def __init__(self, weak: onp.ndarray, offset: int):
-        self.weak, self.offset = weak, offset
+    def __init__(self, weak: onp.ndarray, offset: int, forward: Optional[_KKTForwardData] = None):
+        self.weak, self.offset, self.forward = weak, offset, forward
 
-    def __getstate__(self):
+    def __getstate__(self):   # the forward's closures stay behind
         return self.weak, self.offset
 
     def __setstate__(self, state):
         self.weak, self.offset = state
+        self.forward = None
+
+    def dense(self, operator) -> onp.ndarray:
+        """``dF/dz`` at the operator's point: formed from the forward's data when the
+        point is the forward's own (same ``z``, same inputs); otherwise (a point moved
+        by an interceptor, a batch) from VJPs, ``operator.dense()``."""
+        fwd, point = self.forward, operator.point
+        if (fwd is not None and point is not None and operator.batch_size is None
+                and operator.r == operator.m == fwd.z.size
+                and len(point.inputs) == len(fwd.inputs)
+                and all(a is b for a, b in zip(point.inputs, fwd.inputs))
+                and onp.array_equal(point.y_flat, fwd.z)):
+            return fwd.jacobian()
+        return operator.dense()
 
 
 class KKTLinearSolver(linear_solvers.LinearSolver):
@@ -454,10 +584,10 @@ class KKTLinearSolver(linear_solvers.LinearSolver):
                               "the linear solver of constrained_argmin_layer only")
         if aux.weak.any():
             kkt.warn_weak("constrained_argmin_layer", aux.weak, self.opts["weak_tol"])
-            return kkt.MinimumNormState(operator.dense()[None], aux.weak[None], aux.offset)
+            return kkt.MinimumNormState(aux.dense(operator)[None], aux.weak[None], aux.offset)
         base, options = self.opts["base"], dict(self.opts["base_options"] or {})
         if base in ("lu", linear_solvers.lu):
-            return kkt.equilibrated_lu_state(operator.dense(), **options)
+            return kkt.equilibrated_lu_state(aux.dense(operator), **options)
         return linear_solvers.make_solver(base, options).init(operator, aux)
 
 
@@ -521,74 +651,65 @@ def constrained_argmin_layer(objective: Callable, eq: Optional[Callable] = None,
                                                         weak_tol=weak_tol), **options)
 
 
-def _slsqp_kkt(objective, eq, ineq, y_init, inputs, *, tol, active_tol, max_iter):
+def _slsqp_kkt(problem: _Problem, y_init, inputs, *, tol, active_tol, max_iter):
+    """SLSQP from ``y_init``, multipliers of the active set by least squares, Newton
+    polish of the active KKT system to ``tol``; returns the point and its
+    :class:`_SLSQPPoint` (``Solution``)."""
     shape = y_init.shape
-    f = lambda v: float(objective(v.reshape(shape), *inputs))
-    df = grad(lambda v: objective(v.reshape(shape), *inputs))
+    local = _Local(problem, shape, inputs)
     cons = []
-    if eq is not None:
-        h = lambda v: onp.asarray(eq(v.reshape(shape), *inputs), float)
-        cons.append({"type": "eq", "fun": h, "jac": jacobian(lambda v: eq(v.reshape(shape), *inputs))})
-    if ineq is not None:   # scipy's convention is fun(y) >= 0
-        cons.append({"type": "ineq", "fun": lambda v: -onp.asarray(ineq(v.reshape(shape), *inputs), float),
-                     "jac": jacobian(lambda v: -ineq(v.reshape(shape), *inputs))})
-    res = scipy.optimize.minimize(f, y_init.ravel(), jac=df, constraints=cons, method="SLSQP",
+    if problem.eq is not None:
+        cons.append({"type": "eq", "fun": local.eq_values, "jac": local.eq_jac})
+    if problem.ineq is not None:
+        cons.append({"type": "ineq", "fun": local.ineq_values, "jac": local.ineq_jac})
+    res = scipy.optimize.minimize(local.objective, y_init.ravel(), jac=local.objective_grad,
+                                  constraints=cons, method="SLSQP",
                                   options={"ftol": 1e-15, "maxiter": max_iter})
     # status 8 (positive directional derivative in the line search) is SLSQP stopping at
     # its precision: accepted here, the point is then polished and checked (_KKTChecked)
     if not res.success and res.status not in (8,):
         raise SolverError(f"SLSQP failed: {res.message} (status {res.status}); check feasibility, "
                           f"pass a better y0, or solver=")
-    y = res.x
-    p = 0 if eq is None else onp.size(eq(y.reshape(shape), *inputs))
-    mi = 0 if ineq is None else onp.size(ineq(y.reshape(shape), *inputs))
+    y = onp.asarray(res.x, dtype=float)
+    ny = y.size
+    h, Jh = local.constraint("h", y)
+    g, Jg = local.constraint("g", y)
+    p, mi = h.size, g.size
     if mi:
-        gfun = lambda v: np.reshape(ineq(np.reshape(v, shape), *inputs), (-1,))
-        g = onp.asarray(gfun(y), float)
-        Jg = onp.reshape(jacobian(gfun)(y), (mi, y.size))
         # scale-free slack: -g_i relative to the terms ||grad g_i|| ||y|| + |grad g_i . y - g_i|
         s_bar = kkt._safe_ratio(-g, onp.linalg.norm(Jg, axis=1) * onp.linalg.norm(y)
                                 + onp.abs(Jg @ y - g))
         active = onp.flatnonzero(s_bar <= active_tol)
     else:
         active = onp.zeros(0, dtype=int)
+    na = active.size
 
-    ny = y.size
-
-    def active_lagrangian(yy, lam, nu_a):
-        Y = np.reshape(yy, shape)
-        value = objective(Y, *inputs)
-        if p:
-            value = value + np.sum(lam * eq(Y, *inputs))
-        if active.size:
-            value = value + np.sum(nu_a * ineq(Y, *inputs)[active])
-        return value
-    grad_L = grad(active_lagrangian, 0)
-
-    def active_kkt(z):
+    # multipliers: least squares on stationarity with y fixed, then Newton on the active
+    # KKT system [grad f + Jh' lam + Ja' nu_a; h; g_a] = 0, whose Jacobian is
+    # [[H, Jh', Ja'], [Jh, 0, 0], [Ja, 0, 0]] (H: the Hessian of the Lagrangian)
+    z = onp.concatenate([y, onp.zeros(p + na)])
+    if p + na:
+        A = onp.hstack([Jh.T, Jg[active].T])
+        z[ny:] = onp.linalg.lstsq(A, -local.grad_f(y), rcond=None)[0]
+    for it in range(21):   # at most 20 steps; the data at the final point is kept
         yy, lam, nu_a = z[:ny], z[ny:ny + p], z[ny + p:]
-        Y = np.reshape(yy, shape)
-        parts = [grad_L(yy, lam, nu_a)]
-        if p:
-            parts.append(np.reshape(eq(Y, *inputs), (-1,)))
-        if active.size:
-            parts.append(np.reshape(ineq(Y, *inputs), (-1,))[active])
-        return np.concatenate(parts)
-
-    # multipliers: least squares on stationarity with y fixed, then Newton on the active KKT system
-    z = onp.concatenate([y, onp.zeros(p + active.size)])
-    Jz = jacobian(active_kkt)
-    if p + active.size:
-        A = Jz(z)[:y.size, y.size:]
-        z[y.size:] = onp.linalg.lstsq(A, -df(y), rcond=None)[0]
-    for _ in range(20):
-        r = active_kkt(z)
-        if onp.abs(r).max() <= tol * (1 + onp.abs(z).max()):
+        grad_f = local.grad_f(yy)
+        h, Jh = local.constraint("h", yy)
+        g, Jg = local.constraint("g", yy)
+        Ja = Jg[active]
+        r = onp.concatenate([grad_f + Jh.T @ lam + Ja.T @ nu_a, h, g[active]])
+        if it == 20 or onp.abs(r).max() <= tol * (1 + onp.abs(z).max()):
             break
-        step = onp.linalg.lstsq(Jz(z), -r, rcond=None)[0]
+        nu = onp.zeros(mi)
+        nu[active] = nu_a
+        K = onp.zeros((z.size, z.size))
+        K[:ny, :ny] = local.hessian(yy, lam, nu)
+        K[:ny, ny:] = onp.hstack([Jh.T, Ja.T])
+        K[ny:, :ny] = onp.vstack([Jh, Ja])
+        step = onp.linalg.lstsq(K, -r, rcond=None)[0]
         z = z + step
-    y, lam = z[:y.size], z[y.size:y.size + p]
+    y, lam = z[:ny], z[ny:ny + p]
     nu = onp.zeros(mi)
-    nu[active] = z[y.size + p:]
+    nu[active] = z[ny + p:]
     # the signs of nu and the feasibility of y are checked by _KKTChecked, scale-free
-    return y.reshape(shape), lam, nu
+    return Solution((y.reshape(shape), lam, nu), aux=_SLSQPPoint(local))

@@ -326,17 +326,19 @@ def check_second_order(who: str, H: np.ndarray, C: Optional[np.ndarray] = None,
     null space of ``C`` (the active constraints' Jacobian; ``None``: no constraints).
 
     Positive definite means ``lambda_min(Z^T H Z) > tol * max(|lambda(H)|)``
-    (scale-free); otherwise :class:`~nimplicit.errors.NotAMinimumError`.
+    (scale-free); otherwise :class:`~nimplicit.errors.NotAMinimumError`.  ``H`` may
+    be a callable returning it, called only when the null space is not trivial
+    (an expensive Hessian is then not formed when nothing is to be checked).
     """
     import scipy.linalg
     from .errors import NotAMinimumError
-    H = np.asarray(H, float)
-    H = 0.5 * (H + H.T)
     Z = None
     if C is not None and np.size(C):
         Z = scipy.linalg.null_space(np.asarray(C, float))
         if Z.shape[1] == 0:
             return
+    H = np.asarray(H() if callable(H) else H, float)
+    H = 0.5 * (H + H.T)
     Hr = H if Z is None else Z.T @ H @ Z
     ev = np.linalg.eigvalsh(Hr)
     scale = float(np.abs(np.linalg.eigvalsh(H)).max(initial=0.0))
