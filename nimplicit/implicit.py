@@ -33,8 +33,10 @@ import autograd.numpy as anp
 import numpy as np
 from autograd import make_jvp, make_vjp
 from autograd.builtins import tuple as autograd_tuple
+from autograd.core import VJPNode, add_outgrads, vspace
 from autograd.extend import defjvp_argnums, defvjp_argnums, primitive
-from autograd.tracer import getval, isbox
+from autograd.tracer import getval, isbox, new_box, trace_stack
+from autograd.util import toposort
 
 from . import batch_status, linear_solvers
 from .errors import (CouplingError, DTypeError, NonFiniteError, OptionError, ResidualError,
@@ -140,6 +142,70 @@ def intercept_forward(intercept: Callable[["ImplicitLayer", tuple, Solution], Op
 
 
 # ------------------------------------------------------------------------------
+# a traced function, replayed for many cotangents (first order, raw numbers)
+# ------------------------------------------------------------------------------
+
+class _Tape:
+    """``fun(*args)`` traced once by autograd at raw ``args``, each argument its own root.
+
+    ``tape.vjp(g)`` returns the tuple ``(d<fun, g>/d arg_k)_k`` by one backward
+    pass over the recorded graph, in a topological order computed once.  The
+    same numbers as ``autograd.make_vjp`` (the same node VJPs, accumulated by
+    autograd's ``add_outgrads``), without two per-call costs of it:
+
+    - the topological sort of the graph on every call (a product in a Krylov
+      solve is one call);
+    - for several arguments, ``make_vjp`` traces one tuple: the VJP of each
+      ``tuple[k]`` is a sparse object added into zeros of the WHOLE tuple, one
+      allocation and one pass over every argument (an ``N x N`` parameter) per
+      argument and per call.
+
+    Only for raw (unboxed) arguments and cotangents: the higher-order paths
+    keep ``make_vjp``, whose backward pass is itself traced.
+    """
+
+    __slots__ = ("args", "roots", "end", "order", "dtypes")
+
+    def __init__(self, fun: Callable, args: tuple):
+        self.args = args
+        self.roots = {}
+        with trace_stack.new_trace() as t:
+            boxes = []
+            for k, a in enumerate(args):
+                root = VJPNode.new_root()
+                self.roots[root] = k
+                boxes.append(new_box(a, t, root))
+            out = fun(*boxes)
+            ours = isbox(out) and out._trace == t
+        self.end = out._node if ours else None
+        self.order = list(toposort(self.end)) if ours else []
+        # autograd's tuple path returns a float32 argument's gradient as float32
+        self.dtypes = [np.float32 if np.result_type(a) == np.float32 else None for a in args]
+
+    def vjp(self, g) -> tuple:
+        grads = [None] * len(self.args)
+        if self.end is not None:
+            outgrads = {self.end: (g, False)}
+            roots = self.roots
+            for node in self.order:
+                outgrad = outgrads.pop(node)
+                k = roots.get(node)
+                if k is not None:
+                    grads[k] = outgrad[0]
+                    continue
+                for parent, ingrad in zip(node.parents, node.vjp(outgrad[0])):
+                    outgrads[parent] = add_outgrads(outgrads.get(parent), ingrad)
+        out = []
+        for a, gk, dtype in zip(self.args, grads, self.dtypes):
+            if gk is None:      # fun does not depend on this argument
+                gk = vspace(a).zeros()
+            elif dtype is not None and np.result_type(gk) != dtype:
+                gk = np.asarray(gk).astype(dtype)
+            out.append(gk)
+        return tuple(out)
+
+
+# ------------------------------------------------------------------------------
 # the forward point
 # ------------------------------------------------------------------------------
 
@@ -209,8 +275,8 @@ class ForwardPoint:
         """``J^T w``, an autograd VJP of F in y."""
         if not (isbox(y_flat) or any(isbox(x) for x in inputs)):
             if self._vjp_y is None:   # trace F once per point, reuse for every product
-                self._vjp_y = make_vjp(lambda yy: self.F(yy, *self.inputs))(self.y_flat)[0]
-            return self._vjp_y(w)
+                self._vjp_y = _Tape(lambda yy: self.F(yy, *self.inputs), (self.y_flat,))
+            return self._vjp_y.vjp(w)[0]
         return make_vjp(lambda yy: self.F(yy, *inputs))(y_flat)[0](w)
 
     def J(self, u, y_flat, inputs):
@@ -362,7 +428,7 @@ def _node_vjp(argnums, y_flat, args, kwargs):
     if raw:   # first order: trace F in the inputs once, reuse for every cotangent
         pull_inputs = point._pulls.get(tuple(argnums))
         if pull_inputs is None:
-            pull_inputs = point._pulls[tuple(argnums)] = _pullback_of_inputs(F_of, sel)
+            pull_inputs = point._pulls[tuple(argnums)] = _Tape(lambda *s: F_of(s), sel).vjp
     else:
         pull_inputs = _pullback_of_inputs(F_of, sel)
 
