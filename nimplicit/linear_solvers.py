@@ -962,10 +962,43 @@ class _KrylovOrDenseState(LinearSolverState):
         self.krylov = solver.krylov.init(self.counted, aux)
         self.dense_state: Optional[LinearSolverState] = None
         self.switched_because: Optional[str] = None
+        self.probed = not solver.opts["probe"]
+        if not self.probed:
+            k = solver.krylov
+            self.probe_krylov = type(k)(**{**k.opts, "rtol": max(PROBE_RTOL, k.opts["rtol"])}
+                                        ).init(self.counted, aux)
 
     @property
     def exact(self) -> bool:
         return True if self.dense_state is None else self.dense_state.exact
+
+    def _probe(self, shape, transpose: bool) -> None:
+        r"""Once per point, before the first Krylov solve: is J (numerically) singular?
+
+        A Krylov method only explores the range of J from the right-hand side, so
+        it solves a singular J with a right-hand side in its range without noticing
+        (one of many solutions).  A random right-hand side ``z`` (fixed seed) has a
+        component outside the range of a singular J, of relative size ``c``; no
+        solve gets the residual below ``c |z|``, and ``c < PROBE_RTOL = 1e-8``
+        has probability ``~ 0.8 * 1e-8 sqrt(m)`` (a one-dimensional null space;
+        less for a larger one).  So the probe's solve, to ``PROBE_RTOL``, fails
+        (or runs over the budget), and the state goes to the dense LU, which
+        reports the singularity as a typed error.  A converged probe whose solution
+        grew to ``|A z| |x| / |z|^2 > max_condition`` (a lower bound on
+        ``cond(A)``, within a factor of about ``m`` of it) goes to the LU too,
+        whose condition test decides.  Costs one Krylov solve to ``PROBE_RTOL``
+        and one product.
+        """
+        self.probed = True
+        z = np.random.default_rng(PROBE_SEED).standard_normal(shape)
+        x = self.probe_krylov.solve(z, transpose=transpose)
+        Az = (self.counted.rmv if transpose else self.counted.mv)(z)
+        growth = float(np.linalg.norm(Az) * np.linalg.norm(x) / np.vdot(z, z))
+        limit = self.solver.dense.opts.get("max_condition", MAX_KRYLOV_GROWTH)
+        if not growth <= limit:
+            raise _error(LinearSolveError, SolveStatus.ILL_CONDITIONED,
+                         f"the probe solve's solution grew to |A z| |x| / |z|^2 = {growth:.3g} > "
+                         f"max_condition={limit:.3g}: J_F,y is ill-conditioned")
 
     def break_even(self) -> float:
         r"""The number of products that forming and factoring J would cost.
@@ -984,6 +1017,12 @@ class _KrylovOrDenseState(LinearSolverState):
     def solve(self, b, transpose=False):
         if self.dense_state is None:
             try:
+                if not self.probed:
+                    try:
+                        self._probe(np.shape(b), transpose)
+                    except LinearSolveError as exc:
+                        raise LinearSolveError(f"the probe with a random right-hand side (is "
+                                               f"J_F,y singular?): {exc}") from exc
                 return self.krylov.solve(b, transpose=transpose)
             except _OverBudget:
                 self.switched_because = (f"the Krylov products ({self.counted.products}) "
@@ -998,6 +1037,13 @@ class _KrylovOrDenseState(LinearSolverState):
 #: GMRES's 1e-11; below the noise floor the refinement accepts the floor, see
 #: :func:`noise_floor`)
 KRYLOV_OR_DENSE_RTOL = 1e-14
+
+#: seed of the random right-hand side of :meth:`_KrylovOrDenseState._probe`
+PROBE_SEED = 20261202
+
+#: the relative residual the singularity probe of :class:`KrylovOrDense` solves to
+#: (a singular J goes unnoticed with probability ~ PROBE_RTOL sqrt(m))
+PROBE_RTOL = 1e-8
 
 
 class KrylovOrDense(LinearSolver):
@@ -1021,19 +1067,23 @@ class KrylovOrDense(LinearSolver):
     right-hand side in its range is solved (one of the solutions) where the
     LU would raise :class:`~nimplicit.errors.SingularJacobianError`; a
     right-hand side outside it makes the Krylov method fail and the LU report
-    the singularity.  Pass ``linear_solver='lu'`` for the condition check on
-    every point.
+    the singularity.  ``probe=True`` (what ``linear_solver='auto'`` uses)
+    closes that gap: before the first solve at a point, one Krylov solve with a
+    random right-hand side, which a singular J cannot solve, so the LU reports
+    it (see ``_KrylovOrDenseState._probe``; one more Krylov solve per point).
+    Pass ``linear_solver='lu'`` for the LU's condition check on every point.
     """
 
     name = "krylov_or_dense"
     #: GMRES's options, with an rtol tight enough that the gradient is as accurate
     #: as the LU's, and the LU's
-    options: dict = {**GMRES.options, "rtol": KRYLOV_OR_DENSE_RTOL, **LU.options}
+    options: dict = {**GMRES.options, "rtol": KRYLOV_OR_DENSE_RTOL, **LU.options, "probe": False}
 
     def __init__(self, krylov: Optional[LinearSolver] = None, dense: Optional[LinearSolver] = None,
                  **options):
-        if options and (krylov is not None or dense is not None):
-            raise OptionError(f"KrylovOrDense: options {sorted(options)} given together with "
+        inner = sorted(set(options) - {"probe"})
+        if inner and (krylov is not None or dense is not None):
+            raise OptionError(f"KrylovOrDense: options {inner} given together with "
                               f"constructed solvers: pass them to those solvers' constructors")
         super().__init__(**options)
         self.krylov = GMRES(**{k: self.opts[k] for k in GMRES.options}) if krylov is None \
@@ -1044,11 +1094,12 @@ class KrylovOrDense(LinearSolver):
         return _KrylovOrDenseState(self, operator, aux)
 
     def __repr__(self):
-        return f"KrylovOrDense({self.krylov!r}, {self.dense!r})"
+        probe = ", probe=True" if self.opts["probe"] else ""
+        return f"KrylovOrDense({self.krylov!r}, {self.dense!r}{probe})"
 
     def __eq__(self, other):
-        return type(other) is KrylovOrDense and (other.krylov, other.dense) == (self.krylov,
-                                                                               self.dense)
+        return type(other) is KrylovOrDense and (other.krylov, other.dense, other.opts["probe"]) \
+            == (self.krylov, self.dense, self.opts["probe"])
 
     __hash__ = object.__hash__
 
