@@ -221,20 +221,45 @@ def T(y, W, U, x):
 #: autograd's VJP of each ``params[k]`` is a sparse object added into zeros of the
 #: WHOLE tuple (at d = 1000 two 8 MB allocations and passes per parameter, the same for
 #: every autograd method, none for jaxopt); ``"roots"`` one trace with a root per
-#: parameter (:class:`nimplicit.implicit._Tape`), which has no such cost.  Set by
-#: ``--harness``.
+#: parameter (:func:`vjp_with_roots`), which has no such cost.  Set by ``--harness``.
 HARNESS = "tuple"
+
+
+def vjp_with_roots(fun: Callable, args: tuple) -> Callable:
+    """``g -> (d<fun(*args), g>/d args[k])_k``: autograd's trace with one root per
+    argument and its backward pass, collecting each root's gradient (the harness
+    ``"roots"``; independent of nimplicit's internals)."""
+    from autograd.core import VJPNode, add_outgrads, vspace
+    from autograd.tracer import isbox, new_box, trace_stack
+    from autograd.util import toposort
+
+    with trace_stack.new_trace() as t:
+        roots = [VJPNode.new_root() for _ in args]
+        out = fun(*[new_box(a, t, r) for a, r in zip(args, roots)])
+        end = out._node if isbox(out) and out._trace == t else None
+    index = {r: k for k, r in enumerate(roots)}
+
+    def vjp(g):
+        grads = [None] * len(args)
+        if end is not None:
+            outgrads = {end: (g, False)}
+            for node in toposort(end):
+                outgrad = outgrads.pop(node)
+                if node in index:
+                    grads[index[node]] = outgrad[0]
+                    continue
+                for parent, ingrad in zip(node.parents, node.vjp(outgrad[0])):
+                    outgrads[parent] = add_outgrads(outgrads.get(parent), ingrad)
+        return tuple(vspace(a).zeros() if gk is None else gk for a, gk in zip(args, grads))
+    return vjp
 
 
 def _autograd_forward(loss, problem: Problem, wrt: str) -> Callable:
     """``forward()`` records ``loss`` for reverse mode and returns ``backward()``."""
     W, U, x = problem.params
     if wrt == "all" and HARNESS == "roots":
-        from nimplicit.implicit import _Tape
-
         def forward():
-            tape = _Tape(lambda W_, U_, x_: loss((W_, U_, x_)), (W, U, x))
-            return lambda: tape.vjp(1.0)
+            return functools.partial(vjp_with_roots(lambda *p: loss(p), (W, U, x)), 1.0)
     elif wrt == "all":
         def forward():
             vjp, _value = make_vjp(loss)((W, U, x))
