@@ -790,11 +790,15 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
         solver's ``init(operator, aux)`` (see :class:`Solution`).
     linear_solver : str, LinearSolver or callable
         How ``J = dF/dy`` is solved: ``'auto'`` (square J: LU, with its
-        condition check, up to ``dense_max`` unknowns per instance, GMRES above),
+        condition check, below :data:`KRYLOV_MIN` = 64 unknowns, and for a batch
+        or ``throw=False`` up to ``dense_max``; from ``KRYLOV_MIN`` to
+        ``dense_max`` for one instance, ``'krylov_or_dense'`` with its singularity
+        probe, ``probe=True``, so a singular J still ends in the LU's
+        :class:`~nimplicit.errors.SingularJacobianError`; GMRES above ``dense_max``),
         ``'krylov_or_dense'`` (GMRES at rtol 1e-14 while its products cost less
-        than forming and factoring J, then LU: faster where a VJP is expensive,
-        but a singular J with a cotangent in its range is solved without the
-        LU's :class:`~nimplicit.errors.SingularJacobianError`; see
+        than forming and factoring J, then LU: faster where a VJP is expensive;
+        without ``probe=True`` a singular J with a cotangent in its range is
+        solved without the LU's error; see
         :class:`~nimplicit.linear_solvers.KrylovOrDense`), ``'lu'``, ``'cholesky'``,
         ``'lstsq'``, ``'cg'``, ``'minres'``, ``'gmres'``, ``'bicgstab'``,
         ``'lsmr'``, an instance of a :class:`~nimplicit.linear_solvers.LinearSolver`
