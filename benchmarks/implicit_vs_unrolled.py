@@ -216,10 +216,51 @@ def T(y, W, U, x):
     return np.tanh(np.dot(W, y) + np.dot(U, x))
 
 
+#: how the autograd-based methods take the gradient with respect to (W, U, x):
+#: ``"tuple"`` (default) ``make_vjp`` of ``loss((W, U, x))``, as a user writes it:
+#: autograd's VJP of each ``params[k]`` is a sparse object added into zeros of the
+#: WHOLE tuple (at d = 1000 two 8 MB allocations and passes per parameter, the same for
+#: every autograd method, none for jaxopt); ``"roots"`` one trace with a root per
+#: parameter (:func:`vjp_with_roots`), which has no such cost.  Set by ``--harness``.
+HARNESS = "tuple"
+
+
+def vjp_with_roots(fun: Callable, args: tuple) -> Callable:
+    """``g -> (d<fun(*args), g>/d args[k])_k``: autograd's trace with one root per
+    argument and its backward pass, collecting each root's gradient (the harness
+    ``"roots"``; independent of nimplicit's internals)."""
+    from autograd.core import VJPNode, add_outgrads, vspace
+    from autograd.tracer import isbox, new_box, trace_stack
+    from autograd.util import toposort
+
+    with trace_stack.new_trace() as t:
+        roots = [VJPNode.new_root() for _ in args]
+        out = fun(*[new_box(a, t, r) for a, r in zip(args, roots)])
+        end = out._node if isbox(out) and out._trace == t else None
+    index = {r: k for k, r in enumerate(roots)}
+
+    def vjp(g):
+        grads = [None] * len(args)
+        if end is not None:
+            outgrads = {end: (g, False)}
+            for node in toposort(end):
+                outgrad = outgrads.pop(node)
+                if node in index:
+                    grads[index[node]] = outgrad[0]
+                    continue
+                for parent, ingrad in zip(node.parents, node.vjp(outgrad[0])):
+                    outgrads[parent] = add_outgrads(outgrads.get(parent), ingrad)
+        return tuple(vspace(a).zeros() if gk is None else gk for a, gk in zip(args, grads))
+    return vjp
+
+
 def _autograd_forward(loss, problem: Problem, wrt: str) -> Callable:
     """``forward()`` records ``loss`` for reverse mode and returns ``backward()``."""
     W, U, x = problem.params
-    if wrt == "all":
+    if wrt == "all" and HARNESS == "roots":
+        def forward():
+            return functools.partial(vjp_with_roots(lambda *p: loss(p), (W, U, x)), 1.0)
+    elif wrt == "all":
         def forward():
             vjp, _value = make_vjp(loss)((W, U, x))
             return lambda: vjp(1.0)
@@ -482,6 +523,7 @@ def generic_row(sizes: list, k: int, rho: float, threads: int, clock: str, repea
             "problem": f"y = tanh(W y + U x), |W|_2 = {rho}, k = {k} forward iterations, "
                        f"loss sum(y^2), gradient wrt (W, U, x)",
             "clock": clock, "threads": threads, "krylov_rtol_jaxopt": KRYLOV_RTOL,
+            "autograd_harness": HARNESS,
             "load_before": load_before, "load_after": os.getloadavg(),
             "machine": machine_info(), "versions": _versions(),
             "rows": rows, "summary": summary}
@@ -504,7 +546,7 @@ def main_generic(args) -> int:
     budget_s, repeats = (1.0, 7) if args.quick else (6.0, 31)
     result = generic_row(sizes, k, args.rho, args.threads, args.clock, repeats, budget_s)
     print(f"generic node: {result['problem']}; median {args.clock} ms of fwd+bwd, "
-          f"{args.threads} thread(s); load {result['load_before']} -> {result['load_after']}")
+          f"{args.threads} thread(s); autograd harness {HARNESS}; load {result['load_before']} -> {result['load_after']}")
     print(format_table(result["rows"], GENERIC_COLUMNS, separator_key="d"))
     for s in result["summary"]:
         shown = "-" if s["ratio"] is None else f"{s['ratio']:.2f}x"
@@ -546,7 +588,13 @@ def main(argv: Optional[list] = None) -> int:
                         help="only the issue-13 row: fwd+bwd of nimplicit auto vs jaxopt gmres, "
                              "wrt (W, U, x), k = the first --iters, d in --sizes (default 10 100 "
                              "1000); writes benchmarks/results/generic-<date>.json (or --json)")
+    parser.add_argument("--harness", choices=["tuple", "roots"], default="tuple",
+                        help="how autograd-based methods differentiate wrt (W, U, x): make_vjp "
+                             "of a tuple (default, as a user writes it) or one root per "
+                             "parameter (no sparse-add cost of autograd's tuples); see HARNESS")
     args = parser.parse_args(argv)
+    global HARNESS
+    HARNESS = args.harness
     if args.generic:
         return main_generic(args)
     sizes = args.sizes or ([10, 100] if args.quick else [10, 100, 1000])

@@ -33,8 +33,10 @@ import autograd.numpy as anp
 import numpy as np
 from autograd import make_jvp, make_vjp
 from autograd.builtins import tuple as autograd_tuple
+from autograd.core import VJPNode, add_outgrads, vspace
 from autograd.extend import defjvp_argnums, defvjp_argnums, primitive
-from autograd.tracer import getval, isbox
+from autograd.tracer import getval, isbox, new_box, trace_stack
+from autograd.util import toposort
 
 from . import batch_status, linear_solvers
 from .errors import (CouplingError, DTypeError, NonFiniteError, OptionError, ResidualError,
@@ -44,6 +46,11 @@ from .structure import Structure, substitute
 #: largest number of unknowns per instance for which ``linear_solver='auto'``
 #: may form J_F,y densely; above it the matrix-free GMRES/LSMR are used.
 DENSE_MAX = 200
+
+#: smallest number of unknowns for which ``linear_solver='auto'`` (square J, one
+#: instance, ``throw=True``) solves by GMRES first (``krylov_or_dense`` with its
+#: singularity probe) instead of forming J from ``m`` VJPs; below it, the LU.
+KRYLOV_MIN = 64
 
 
 # ------------------------------------------------------------------------------
@@ -140,6 +147,70 @@ def intercept_forward(intercept: Callable[["ImplicitLayer", tuple, Solution], Op
 
 
 # ------------------------------------------------------------------------------
+# a traced function, replayed for many cotangents (first order, raw numbers)
+# ------------------------------------------------------------------------------
+
+class _Tape:
+    """``fun(*args)`` traced once by autograd at raw ``args``, each argument its own root.
+
+    ``tape.vjp(g)`` returns the tuple ``(d<fun, g>/d arg_k)_k`` by one backward
+    pass over the recorded graph, in a topological order computed once.  The
+    same numbers as ``autograd.make_vjp`` (the same node VJPs, accumulated by
+    autograd's ``add_outgrads``), without two per-call costs of it:
+
+    - the topological sort of the graph on every call (a product in a Krylov
+      solve is one call);
+    - for several arguments, ``make_vjp`` traces one tuple: the VJP of each
+      ``tuple[k]`` is a sparse object added into zeros of the WHOLE tuple, one
+      allocation and one pass over every argument (an ``N x N`` parameter) per
+      argument and per call.
+
+    Only for raw (unboxed) arguments and cotangents: the higher-order paths
+    keep ``make_vjp``, whose backward pass is itself traced.
+    """
+
+    __slots__ = ("args", "roots", "end", "order", "dtypes")
+
+    def __init__(self, fun: Callable, args: tuple):
+        self.args = args
+        self.roots = {}
+        with trace_stack.new_trace() as t:
+            boxes = []
+            for k, a in enumerate(args):
+                root = VJPNode.new_root()
+                self.roots[root] = k
+                boxes.append(new_box(a, t, root))
+            out = fun(*boxes)
+            ours = isbox(out) and out._trace == t
+        self.end = out._node if ours else None
+        self.order = list(toposort(self.end)) if ours else []
+        # autograd's tuple path returns a float32 argument's gradient as float32
+        self.dtypes = [np.float32 if np.result_type(a) == np.float32 else None for a in args]
+
+    def vjp(self, g) -> tuple:
+        grads = [None] * len(self.args)
+        if self.end is not None:
+            outgrads = {self.end: (g, False)}
+            roots = self.roots
+            for node in self.order:
+                outgrad = outgrads.pop(node)
+                k = roots.get(node)
+                if k is not None:
+                    grads[k] = outgrad[0]
+                    continue
+                for parent, ingrad in zip(node.parents, node.vjp(outgrad[0])):
+                    outgrads[parent] = add_outgrads(outgrads.get(parent), ingrad)
+        out = []
+        for a, gk, dtype in zip(self.args, grads, self.dtypes):
+            if gk is None:      # fun does not depend on this argument
+                gk = vspace(a).zeros()
+            elif dtype is not None and np.result_type(gk) != dtype:
+                gk = np.asarray(gk).astype(dtype)
+            out.append(gk)
+        return tuple(out)
+
+
+# ------------------------------------------------------------------------------
 # the forward point
 # ------------------------------------------------------------------------------
 
@@ -209,8 +280,8 @@ class ForwardPoint:
         """``J^T w``, an autograd VJP of F in y."""
         if not (isbox(y_flat) or any(isbox(x) for x in inputs)):
             if self._vjp_y is None:   # trace F once per point, reuse for every product
-                self._vjp_y = make_vjp(lambda yy: self.F(yy, *self.inputs))(self.y_flat)[0]
-            return self._vjp_y(w)
+                self._vjp_y = _Tape(lambda yy: self.F(yy, *self.inputs), (self.y_flat,))
+            return self._vjp_y.vjp(w)[0]
         return make_vjp(lambda yy: self.F(yy, *inputs))(y_flat)[0](w)
 
     def J(self, u, y_flat, inputs):
@@ -362,7 +433,7 @@ def _node_vjp(argnums, y_flat, args, kwargs):
     if raw:   # first order: trace F in the inputs once, reuse for every cotangent
         pull_inputs = point._pulls.get(tuple(argnums))
         if pull_inputs is None:
-            pull_inputs = point._pulls[tuple(argnums)] = _pullback_of_inputs(F_of, sel)
+            pull_inputs = point._pulls[tuple(argnums)] = _Tape(lambda *s: F_of(s), sel).vjp
     else:
         pull_inputs = _pullback_of_inputs(F_of, sel)
 
@@ -417,7 +488,7 @@ def _check_input(x, k: int, differentiated: bool) -> None:
 # the public layer
 # ------------------------------------------------------------------------------
 
-_AUTO = ("lu", "gmres", "lstsq", "lsmr")
+_AUTO = ("lu", "gmres", "lstsq", "lsmr", "krylov_or_dense")
 
 
 class ImplicitLayer:
@@ -500,7 +571,10 @@ class ImplicitLayer:
 
     def _auto_candidate(self, name):
         cls = linear_solvers.SOLVER_CLASSES[name]
-        return cls(**{k: v for k, v in self.linear_solver_options.items() if k in cls.options})
+        opts = {k: v for k, v in self.linear_solver_options.items() if k in cls.options}
+        if name == "krylov_or_dense":    # auto's Krylov path keeps a singular J a typed error
+            opts.setdefault("probe", True)
+        return cls(**opts)
 
     @property
     def last_point(self):
@@ -527,7 +601,14 @@ class ImplicitLayer:
         dense = point.m <= self.dense_max
         if self.ridge:
             return self._auto["lstsq" if dense else "lsmr"]
-        return self._auto["lu" if dense else "gmres"]
+        if not dense:
+            return self._auto["gmres"]
+        if point.m >= KRYLOV_MIN and point.y_structure.batch_size is None and self.throw:
+            # forming J costs m VJPs; a well-conditioned J needs far fewer Krylov products,
+            # and the probe keeps a singular J the LU's typed error (KrylovOrDense, probe=True);
+            # the ski-rental budget, priced by the measured product, bounds a hard J at ~2x
+            return self._auto["krylov_or_dense"]
+        return self._auto["lu"]
 
     def _run_solver(self, raw_inputs: tuple):
         """Validate raw inputs, run the forward solver and the active interceptors.
@@ -716,11 +797,15 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
         solver's ``init(operator, aux)`` (see :class:`Solution`).
     linear_solver : str, LinearSolver or callable
         How ``J = dF/dy`` is solved: ``'auto'`` (square J: LU, with its
-        condition check, up to ``dense_max`` unknowns per instance, GMRES above),
+        condition check, below :data:`KRYLOV_MIN` = 64 unknowns, and for a batch
+        or ``throw=False`` up to ``dense_max``; from ``KRYLOV_MIN`` to
+        ``dense_max`` for one instance, ``'krylov_or_dense'`` with its singularity
+        probe, ``probe=True``, so a singular J still ends in the LU's
+        :class:`~nimplicit.errors.SingularJacobianError`; GMRES above ``dense_max``),
         ``'krylov_or_dense'`` (GMRES at rtol 1e-14 while its products cost less
-        than forming and factoring J, then LU: faster where a VJP is expensive,
-        but a singular J with a cotangent in its range is solved without the
-        LU's :class:`~nimplicit.errors.SingularJacobianError`; see
+        than forming and factoring J, then LU: faster where a VJP is expensive;
+        without ``probe=True`` a singular J with a cotangent in its range is
+        solved without the LU's error; see
         :class:`~nimplicit.linear_solvers.KrylovOrDense`), ``'lu'``, ``'cholesky'``,
         ``'lstsq'``, ``'cg'``, ``'minres'``, ``'gmres'``, ``'bicgstab'``,
         ``'lsmr'``, an instance of a :class:`~nimplicit.linear_solvers.LinearSolver`

@@ -574,19 +574,22 @@ def _gmres(matvec: MatVec, b: np.ndarray, rtol: float, budget: int, restart: int
     convention (0 converged, > 0 not converged).
     """
     n = b.size
-    bnorm = np.linalg.norm(b)
+    bnorm = float(np.linalg.norm(b))
     x = np.zeros(n)
     if bnorm == 0:
         return x, 0, 0
     its, r, beta = 0, b, bnorm
+    trtrs = _TRTRS
     while True:
         k_max = max(1, min(restart, budget - its, n))
         V = np.empty((k_max + 1, n))
         R = np.zeros((k_max + 1, k_max))       # the rotated Hessenberg matrix
         cs, sn = [0.0] * k_max, [0.0] * k_max  # Python floats: the rotations are scalar work
         g = [0.0] * (k_max + 1)
-        V[0], g[0] = r / beta, float(beta)
+        np.divide(r, beta, out=V[0])
+        g[0] = float(beta)
         k, hn = 0, 1.0
+        target = rtol * bnorm
         for j in range(k_max):
             w = np.asarray(matvec(V[j]), dtype=float).ravel()
             its += 1
@@ -594,47 +597,58 @@ def _gmres(matvec: MatVec, b: np.ndarray, rtol: float, budget: int, restart: int
             h = basis @ w
             w = w - h @ basis
             h2 = basis @ w
-            w = w - h2 @ basis
+            w -= h2 @ basis
             h = (h + h2).tolist()
-            hn = float(np.linalg.norm(w))
+            hn = math.sqrt(float(w @ w))
             for i in range(j):                  # the previous rotations
-                h[i], h[i + 1] = cs[i] * h[i] + sn[i] * h[i + 1], -sn[i] * h[i] + cs[i] * h[i + 1]
+                c, s_, hi, hi1 = cs[i], sn[i], h[i], h[i + 1]
+                h[i], h[i + 1] = c * hi + s_ * hi1, -s_ * hi + c * hi1
             rho = math.hypot(h[j], hn)
             if rho == 0:
                 break
-            cs[j], sn[j] = h[j] / rho, hn / rho
+            c, s_ = h[j] / rho, hn / rho
+            cs[j], sn[j] = c, s_
             h[j] = rho
             R[:j + 1, j] = h
-            g[j + 1], g[j] = -sn[j] * g[j], cs[j] * g[j]
+            g[j + 1], g[j] = -s_ * g[j], c * g[j]
             k = j + 1
             if hn > 0:
-                V[j + 1] = w / hn
-            if abs(g[j + 1]) <= rtol * bnorm or hn == 0:
+                np.divide(w, hn, out=V[j + 1])
+            if abs(g[j + 1]) <= target or hn == 0:
                 break
         if k:
-            y = scipy.linalg.solve_triangular(R[:k, :k], np.array(g[:k]), check_finite=False)
+            y, info = trtrs(R[:k, :k], np.array(g[:k]))
+            if info != 0:      # an exactly zero diagonal: rho == 0 stopped before it
+                y = scipy.linalg.solve_triangular(R[:k, :k], np.array(g[:k]), check_finite=False)
             x = x + y @ V[:k]
-        converged = k > 0 and abs(g[k]) <= rtol * bnorm
+        converged = k > 0 and abs(g[k]) <= target
         if converged or k < k_max and (k == 0 or hn == 0) or its >= budget:
             return x, 0 if converged else its, its
         r = b - np.asarray(matvec(x), dtype=float).ravel()
-        beta = np.linalg.norm(r)
-        if beta <= rtol * bnorm:
+        beta = float(np.linalg.norm(r))
+        if beta <= target:
             return x, 0, its
         if its >= budget:
             return x, its, its
 
 
-def _one_krylov_solve(method, op, M, rhs, rtol, budget, restart):
+#: LAPACK's triangular solve (the back substitution of GMRES), without
+#: ``scipy.linalg.solve_triangular``'s per-call checks (~30 us, once per restart)
+_TRTRS = scipy.linalg.lapack.dtrtrs
+
+
+def _one_krylov_solve(method, op, M, rhs, rtol, budget, restart, flat=None):
     """One run of a SciPy Krylov method on ``op x = rhs`` from ``x = 0``, at
-    most ``budget`` inner iterations.  Returns ``(x, info, iterations)``."""
+    most ``budget`` inner iterations.  Returns ``(x, info, iterations)``.
+    ``flat``: ``op``'s product as a plain function (our GMRES calls it directly,
+    without the ~5 us of ``LinearOperator.matvec``'s checks per product)."""
     iterations = [0]
 
     def count(*_):
         iterations[0] += 1
 
     if method is spla.gmres and M is None:
-        return _gmres(op.matvec, rhs, rtol, budget, restart)
+        return _gmres(flat or op.matvec, rhs, rtol, budget, restart)
     if method is spla.gmres:
         # scipy counts GMRES restart cycles; here the budget bounds the inner
         # iterations (matrix-vector products), as for the other Krylov methods
@@ -726,10 +740,10 @@ def _krylov(name: str, method, apply: MatVec, apply_T: Optional[MatVec], b: np.n
         # certified: never ask a round for less, or an unattainable rtol burns maxiter
         asked = (min(0.5, max(rtol / res / gap, EPS)) if rounds
                  else max(rtol, 2 * NOISE_FACTOR * np.sqrt(n) * EPS))
-        d, info, its = _one_krylov_solve(method, op, Mop, r, asked, maxiter - used, restart)
+        d, info, its = _one_krylov_solve(method, op, Mop, r, asked, maxiter - used, restart, fa)
         used, rounds = used + its, rounds + 1
         x = x + d
-        r = bf - op.matvec(x)
+        r = bf - fa(x)
         previous, res = res, np.linalg.norm(r) / bnorm
         if res < best_res:
             best_x, best_res = x, res
@@ -948,10 +962,43 @@ class _KrylovOrDenseState(LinearSolverState):
         self.krylov = solver.krylov.init(self.counted, aux)
         self.dense_state: Optional[LinearSolverState] = None
         self.switched_because: Optional[str] = None
+        self.probed = not solver.opts["probe"]
+        if not self.probed:
+            k = solver.krylov
+            self.probe_krylov = type(k)(**{**k.opts, "rtol": max(PROBE_RTOL, k.opts["rtol"])}
+                                        ).init(self.counted, aux)
 
     @property
     def exact(self) -> bool:
         return True if self.dense_state is None else self.dense_state.exact
+
+    def _probe(self, shape, transpose: bool) -> None:
+        r"""Once per point, before the first Krylov solve: is J (numerically) singular?
+
+        A Krylov method only explores the range of J from the right-hand side, so
+        it solves a singular J with a right-hand side in its range without noticing
+        (one of many solutions).  A random right-hand side ``z`` (fixed seed) has a
+        component outside the range of a singular J, of relative size ``c``; no
+        solve gets the residual below ``c |z|``, and ``c < PROBE_RTOL = 1e-8``
+        has probability ``~ 0.8 * 1e-8 sqrt(m)`` (a one-dimensional null space;
+        less for a larger one).  So the probe's solve, to ``PROBE_RTOL``, fails
+        (or runs over the budget), and the state goes to the dense LU, which
+        reports the singularity as a typed error.  A converged probe whose solution
+        grew to ``|A z| |x| / |z|^2 > max_condition`` (a lower bound on
+        ``cond(A)``, within a factor of about ``m`` of it) goes to the LU too,
+        whose condition test decides.  Costs one Krylov solve to ``PROBE_RTOL``
+        and one product.
+        """
+        self.probed = True
+        z = np.random.default_rng(PROBE_SEED).standard_normal(shape)
+        x = self.probe_krylov.solve(z, transpose=transpose)
+        Az = (self.counted.rmv if transpose else self.counted.mv)(z)
+        growth = float(np.linalg.norm(Az) * np.linalg.norm(x) / np.vdot(z, z))
+        limit = self.solver.dense.opts.get("max_condition", MAX_KRYLOV_GROWTH)
+        if not growth <= limit:
+            raise _error(LinearSolveError, SolveStatus.ILL_CONDITIONED,
+                         f"the probe solve's solution grew to |A z| |x| / |z|^2 = {growth:.3g} > "
+                         f"max_condition={limit:.3g}: J_F,y is ill-conditioned")
 
     def break_even(self) -> float:
         r"""The number of products that forming and factoring J would cost.
@@ -970,6 +1017,12 @@ class _KrylovOrDenseState(LinearSolverState):
     def solve(self, b, transpose=False):
         if self.dense_state is None:
             try:
+                if not self.probed:
+                    try:
+                        self._probe(np.shape(b), transpose)
+                    except LinearSolveError as exc:
+                        raise LinearSolveError(f"the probe with a random right-hand side (is "
+                                               f"J_F,y singular?): {exc}") from exc
                 return self.krylov.solve(b, transpose=transpose)
             except _OverBudget:
                 self.switched_because = (f"the Krylov products ({self.counted.products}) "
@@ -984,6 +1037,13 @@ class _KrylovOrDenseState(LinearSolverState):
 #: GMRES's 1e-11; below the noise floor the refinement accepts the floor, see
 #: :func:`noise_floor`)
 KRYLOV_OR_DENSE_RTOL = 1e-14
+
+#: seed of the random right-hand side of :meth:`_KrylovOrDenseState._probe`
+PROBE_SEED = 20261202
+
+#: the relative residual the singularity probe of :class:`KrylovOrDense` solves to
+#: (a singular J goes unnoticed with probability ~ PROBE_RTOL sqrt(m))
+PROBE_RTOL = 1e-8
 
 
 class KrylovOrDense(LinearSolver):
@@ -1007,19 +1067,23 @@ class KrylovOrDense(LinearSolver):
     right-hand side in its range is solved (one of the solutions) where the
     LU would raise :class:`~nimplicit.errors.SingularJacobianError`; a
     right-hand side outside it makes the Krylov method fail and the LU report
-    the singularity.  Pass ``linear_solver='lu'`` for the condition check on
-    every point.
+    the singularity.  ``probe=True`` (what ``linear_solver='auto'`` uses)
+    closes that gap: before the first solve at a point, one Krylov solve with a
+    random right-hand side, which a singular J cannot solve, so the LU reports
+    it (see ``_KrylovOrDenseState._probe``; one more Krylov solve per point).
+    Pass ``linear_solver='lu'`` for the LU's condition check on every point.
     """
 
     name = "krylov_or_dense"
     #: GMRES's options, with an rtol tight enough that the gradient is as accurate
     #: as the LU's, and the LU's
-    options: dict = {**GMRES.options, "rtol": KRYLOV_OR_DENSE_RTOL, **LU.options}
+    options: dict = {**GMRES.options, "rtol": KRYLOV_OR_DENSE_RTOL, **LU.options, "probe": False}
 
     def __init__(self, krylov: Optional[LinearSolver] = None, dense: Optional[LinearSolver] = None,
                  **options):
-        if options and (krylov is not None or dense is not None):
-            raise OptionError(f"KrylovOrDense: options {sorted(options)} given together with "
+        inner = sorted(set(options) - {"probe"})
+        if inner and (krylov is not None or dense is not None):
+            raise OptionError(f"KrylovOrDense: options {inner} given together with "
                               f"constructed solvers: pass them to those solvers' constructors")
         super().__init__(**options)
         self.krylov = GMRES(**{k: self.opts[k] for k in GMRES.options}) if krylov is None \
@@ -1030,11 +1094,12 @@ class KrylovOrDense(LinearSolver):
         return _KrylovOrDenseState(self, operator, aux)
 
     def __repr__(self):
-        return f"KrylovOrDense({self.krylov!r}, {self.dense!r})"
+        probe = ", probe=True" if self.opts["probe"] else ""
+        return f"KrylovOrDense({self.krylov!r}, {self.dense!r}{probe})"
 
     def __eq__(self, other):
-        return type(other) is KrylovOrDense and (other.krylov, other.dense) == (self.krylov,
-                                                                               self.dense)
+        return type(other) is KrylovOrDense and (other.krylov, other.dense, other.opts["probe"]) \
+            == (self.krylov, self.dense, self.opts["probe"])
 
     __hash__ = object.__hash__
 

@@ -1,6 +1,8 @@
 """``linear_solver='krylov_or_dense'``: Krylov first, the dense LU when forming J
 is cheaper (:class:`nimplicit.linear_solvers.KrylovOrDense`); ``'auto'`` keeps the
-LU (and its singularity check) up to ``dense_max``."""
+LU below ``KRYLOV_MIN`` unknowns and takes ``krylov_or_dense`` with its singularity
+probe from there up to ``dense_max`` (one instance, ``throw=True``), so a singular J
+stays the LU's typed error on every path of ``'auto'`` up to ``dense_max``."""
 from __future__ import annotations
 
 import autograd.numpy as anp
@@ -9,7 +11,7 @@ import pytest
 from autograd import grad, jacobian
 
 from helpers import assert_close, assert_grad_matches_fd, fd_jacobian
-from nimplicit import fixed_point_layer, implicit_layer, linear_solvers, record_points
+from nimplicit import fixed_point_layer, implicit, implicit_layer, linear_solvers, record_points
 from nimplicit.errors import OptionError, SingularJacobianError
 from verification import check_grad
 
@@ -42,7 +44,8 @@ def layer_and_point(d, **options):
     return layer, points[0], (W, b), g
 
 
-def test_auto_keeps_the_lu_up_to_dense_max_and_krylov_or_dense_tries_krylov_first():
+def test_auto_keeps_the_lu_below_krylov_min_and_krylov_or_dense_tries_krylov_first():
+    assert 40 < implicit.KRYLOV_MIN
     _, auto, _, _ = layer_and_point(40, linear_solver="auto")
     assert isinstance(auto.linear_solver, linear_solvers.LU)
     _, mid, _, _ = layer_and_point(40)
@@ -54,17 +57,87 @@ def test_auto_keeps_the_lu_up_to_dense_max_and_krylov_or_dense_tries_krylov_firs
     assert isinstance(large.linear_solver, linear_solvers.GMRES)
 
 
-def test_auto_refuses_a_singular_j_even_with_a_cotangent_in_its_range():
-    """Why 'auto' keeps the LU: GMRES would return one of many solutions silently."""
-    d = 20
+def _singular_residual(y, a):
+    """J = diag(1, ..., 1, 0): singular; a cotangent without an e_m part is in its range."""
+    return anp.concatenate([y[:-1] - a[:-1], anp.zeros(1) * y[-1]]) + 0.0 * a[-1]
 
-    def residual(y, a):
-        return anp.concatenate([y[:-1] - a[:-1], anp.zeros(1) * y[-1]]) + 0.0 * a[-1]
 
-    layer = implicit_layer(residual, lambda a: np.concatenate([a[:-1], [0.0]]))
+@pytest.mark.parametrize("d", [20, implicit.KRYLOV_MIN, 150])
+def test_auto_refuses_a_singular_j_even_with_a_cotangent_in_its_range(d):
+    """GMRES alone would return one of many solutions silently: below KRYLOV_MIN the
+    LU refuses, from there the probe (a random right-hand side) sends the point to it."""
+    layer = implicit_layer(_singular_residual, lambda a: np.concatenate([a[:-1], [0.0]]))
     a = np.linspace(1.0, 2.0, d)
-    with pytest.raises(SingularJacobianError):
-        grad(lambda a: anp.sum(layer(a)[:-1]))(a)     # g has no component along e_m
+    with record_points() as points:
+        with pytest.raises(SingularJacobianError):
+            grad(lambda a: anp.sum(layer(a)[:-1]))(a)     # g has no component along e_m
+    chosen = points[0].linear_solver
+    if d < implicit.KRYLOV_MIN:
+        assert isinstance(chosen, linear_solvers.LU)
+    else:
+        assert isinstance(chosen, linear_solvers.KrylovOrDense) and chosen.opts["probe"]
+        assert "probe" in points[0].solver_state.switched_because
+
+
+def test_without_the_probe_krylov_or_dense_solves_that_singular_j_silently():
+    """The gap the probe closes (and why plain 'krylov_or_dense' is opt-in)."""
+    d = 80
+    layer = implicit_layer(_singular_residual, lambda a: np.concatenate([a[:-1], [0.0]]),
+                           linear_solver="krylov_or_dense")
+    g = grad(lambda a: anp.sum(layer(a)[:-1]))(np.linspace(1.0, 2.0, d))
+    assert np.all(np.isfinite(g))
+
+
+def test_auto_takes_krylov_with_the_probe_from_krylov_min_to_dense_max():
+    d = implicit.KRYLOV_MIN + 16
+    layer, point, (W, b), g = layer_and_point(d, linear_solver="auto")
+    solver = point.linear_solver
+    assert isinstance(solver, linear_solvers.KrylovOrDense) and solver.opts["probe"]
+    assert solver.krylov.opts["rtol"] == linear_solvers.KRYLOV_OR_DENSE_RTOL
+    state = point.solver_state
+    assert state.probed and state.dense_state is None and state.switched_because is None
+    # probe + solve: still fewer products than the d VJPs that form J
+    assert state.counted.products < d
+    g_lu = grad(lambda b: anp.sum(fixed_point_layer(T, solver=iterate, linear_solver="lu")(W, b)
+                                  ** 2))(b)
+    assert_close(g, g_lu, 1e-12, "auto (GMRES at rtol 1e-14, probed) vs LU")
+    report = check_grad(lambda b: layer(W, b), b, modes=("rev", "fwd"))
+    assert report.passed, report
+    # the explicit choices still force each path; a batch, throw=False and dense_max keep the LU
+    for kind, cls in (("lu", linear_solvers.LU), ("gmres", linear_solvers.GMRES),
+                      ("krylov_or_dense", linear_solvers.KrylovOrDense)):
+        _, p, _, _ = layer_and_point(d, linear_solver=kind)
+        assert type(p.linear_solver) is cls
+    _, p, _, _ = layer_and_point(d, linear_solver="krylov_or_dense")
+    assert not p.linear_solver.opts["probe"]
+    _, p, _, _ = layer_and_point(d, linear_solver="auto", dense_max=d - 1)
+    assert isinstance(p.linear_solver, linear_solvers.GMRES)
+    _, p, _, _ = layer_and_point(d, linear_solver="auto", linear_solver_options={"probe": False})
+    assert not p.linear_solver.opts["probe"]
+    bad = implicit_layer(lambda y, a: y - a, lambda a: a, throw=False)
+    with record_points() as points:
+        bad(np.ones(d))
+    assert isinstance(points[0].linear_solver, linear_solvers.LU)
+
+
+def test_auto_refuses_an_ill_conditioned_j_on_the_krylov_path():
+    """J = I + (eps - 1) u u^T: the probe's solution grows by 1/eps; the LU decides."""
+    d = implicit.KRYLOV_MIN + 16
+    rng = np.random.default_rng(1)
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    for eps, fails in ((1e-6, False), (1e-13, True), (0.0, True)):
+        M = np.eye(d) + (eps - 1) * np.outer(u, u)
+        layer = implicit_layer(lambda y, a: anp.dot(M, y) - a,
+                               lambda a: np.linalg.lstsq(M, a, rcond=None)[0])
+        a = M @ rng.standard_normal(d)
+        P = np.eye(d) - np.outer(u, u)          # a cotangent in the range of J
+        loss = lambda a: anp.sum(anp.dot(P, layer(a)))
+        if fails:
+            with pytest.raises(SingularJacobianError):
+                grad(loss)(a)
+        else:
+            assert_close(grad(loss)(a), np.linalg.solve(M.T, P.T @ np.ones(d)), 1e-10, "eps=1e-6")
 
 
 def test_krylov_gradient_is_as_accurate_as_the_lu_one():
