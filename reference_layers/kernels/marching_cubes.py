@@ -571,6 +571,8 @@ def marching_cubes(
     (3, dtype('int64'))
     """
     phi = np.ascontiguousarray(phi, dtype=np.float64)
+    if not phi.flags.writeable:  # numba compiles read-only arrays as another specialization
+        phi = phi.copy()
     if phi.ndim != 3:
         raise ValueError(f"phi must be a 3-D array, got shape {phi.shape}")
     level = float(level)
