@@ -5,7 +5,9 @@ Each measurement runs in a fresh interpreter (``subprocess``) with its own
 
 - ``cold``: an empty cache directory; ``import reference_layers.qp`` and then the first
   ``qp_layer`` forward + backward (a batch of 4 planted QPs with inequalities and equalities,
-  then one without equalities), so every kernel the main job uses compiles;
+  then one without equalities), so every kernel the main job uses compiles; then an
+  unbatched forward + backward (``unbatched_call_s``: the layer hands the kernels
+  read-only broadcast views there; with one specialization per kernel nothing compiles);
 - ``warm``: the same, again, with the cache directory the cold run filled (numba loads
   the machine code from disk: no compilation).
 
@@ -21,7 +23,8 @@ with one kernel group per process, concurrently, into an empty cache, and the sa
 child after it (it should find everything cached).
 
 Optionally (``--gradcheck``) it also times the cold and the warm
-``python -m verification.cli --no-progress`` (the main job, ``nimplicit-gradcheck``).
+``python -m verification.cli --no-progress`` (the main job, ``nimplicit-gradcheck``):
+wall, user CPU of the CLI and its workers, and each layer's seconds.
 
 Run: ``python -m benchmarks.compile_time [--gradcheck] [--json PATH]``.
 """
@@ -61,6 +64,17 @@ for p in (2, 0):
     g = grad(loss)(inp[1])
     assert onp.all(onp.isfinite(g))
 t_first = time.perf_counter() - t1; c_first = time.process_time() - c1
+# the unbatched layer (the CLI's 'qp', 'qp-eq' entries): its inputs reach the kernels as
+# read-only broadcast views with B = 1, which numba would type (and compile) apart
+t3 = time.perf_counter(); c3 = time.process_time()
+for p in (2, 0):
+    d = planted_qp(rng, 5, 8, p, 0.2, max_condition=1e6)
+    one = [d[k] for k in (("Q", "q", "G", "h", "A", "b") if p else ("Q", "q", "G", "h"))]
+    def loss1(q):
+        args = list(one); args[1] = q
+        return np.sum(qp_layer(*args) ** 2)
+    assert onp.all(onp.isfinite(grad(loss1)(one[1])))
+t_unbatched = time.perf_counter() - t3; c_unbatched = time.process_time() - c3
 t2 = time.perf_counter()
 g = grad(loss)(inp[1])
 t_second = time.perf_counter() - t2
@@ -77,7 +91,8 @@ for name in dir(K):
         if rows:
             funcs[name] = rows
 print("@@" + json.dumps({"import_s": t_import, "first_call_s": t_first,
-                         "second_call_s": t_second,
+                         "second_call_s": t_second, "unbatched_call_s": t_unbatched,
+                         "unbatched_call_cpu_s": c_unbatched,
                          "import_cpu_s": c_import, "first_call_cpu_s": c_first, "functions": funcs}))
 """
 
@@ -115,13 +130,24 @@ def _parallel_warmup(cache_dir: str, threads: str) -> dict:
     return {"wall_s": time.perf_counter() - t0, "cpu_s": cpu}
 
 
-def _gradcheck(cache_dir: str, threads: str) -> float:
+def _gradcheck(cache_dir: str, threads: str) -> dict:
+    """One ``python -m verification.cli --no-progress`` run: wall and CPU seconds (of the
+    CLI and its workers) and each layer's seconds (the sum of its cases')."""
+    import resource
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, NUMBA_NUM_THREADS=threads,
                PYTHONPATH=ROOT)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "verification.cli", "--no-progress"], env=env,
-                   cwd=ROOT, capture_output=True, text=True, check=True)
-    return time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "gradcheck.json")
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "verification.cli", "--no-progress", "--json", out],
+                       env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        with open(out) as f:
+            layers = {r["layer"]: round(r["seconds"], 2) for r in json.load(f)["layers"]}
+    return {"wall_s": wall, "user_cpu_s": r1.ru_utime - r0.ru_utime,
+            "system_cpu_s": r1.ru_stime - r0.ru_stime, "layer_seconds": layers}
 
 
 def main(argv=None) -> int:
@@ -147,7 +173,8 @@ def main(argv=None) -> int:
     for tag, r in (("cold", cold), ("warm", warm)):
         print(f"{tag}: process {r['process_wall_s']:.1f} s, import {r['import_s']:.1f} s, "
               f"first fwd+bwd {r['first_call_s']:.1f} s (CPU: import {r['import_cpu_s']:.1f} s, "
-              f"first {r['first_call_cpu_s']:.1f} s), second {r['second_call_s'] * 1e3:.1f} ms")
+              f"first {r['first_call_cpu_s']:.1f} s), second {r['second_call_s'] * 1e3:.1f} ms, "
+              f"then unbatched {r['unbatched_call_s']:.1f} s (CPU {r['unbatched_call_cpu_s']:.1f} s)")
     print(f"compile_kernels, one process per group, concurrently: {par['wall_s']:.1f} s wall, "
           + ", ".join(f"{g} {c:.1f} s CPU" for g, c in par["cpu_s"].items())
           + f"; then the first fwd+bwd {after['first_call_s']:.2f} s (process "
@@ -160,10 +187,11 @@ def main(argv=None) -> int:
         print(f"{name:34s} {len(rows):4d} {c:10.2f} {ll:8.2f}")
     if args.gradcheck:
         with tempfile.TemporaryDirectory() as cache:
-            result["gradcheck_cold_s"] = _gradcheck(cache, args.threads)
-            result["gradcheck_warm_s"] = _gradcheck(cache, args.threads)
-        print(f"gradcheck: cold {result['gradcheck_cold_s']:.1f} s, "
-              f"warm {result['gradcheck_warm_s']:.1f} s")
+            result["gradcheck_cold"] = _gradcheck(cache, args.threads)
+            result["gradcheck_warm"] = _gradcheck(cache, args.threads)
+        for tag in ("cold", "warm"):
+            r = result[f"gradcheck_{tag}"]
+            print(f"gradcheck {tag}: {r['wall_s']:.1f} s wall, {r['user_cpu_s']:.1f} s user CPU")
     result["load_after"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:

@@ -244,7 +244,10 @@ _NO_CORNERS = onp.empty((0, 8))
 
 
 def _f64(a) -> onp.ndarray:
-    return onp.ascontiguousarray(a, dtype=onp.float64)
+    """C-contiguous writeable float64 (a read-only array is copied: numba would compile
+    the kernels once more for it)."""
+    a = onp.ascontiguousarray(a, dtype=onp.float64)
+    return a if a.flags.writeable else a.copy()
 
 
 def _traced(*args) -> bool:

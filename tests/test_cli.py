@@ -551,3 +551,47 @@ def test_compare_framework_torch(circle_file, tmp_path):
     bad = subprocess.run(base + ["--target", "torch_layers:plain_circle_times_two"], cwd=tmp_path,
                          env=env, capture_output=True, text=True)
     assert bad.returncode == 2          # no such function
+
+
+# ------------------------------------------------------------------------------
+# local pool scheduling: a family's kernels are compiled by one worker
+# ------------------------------------------------------------------------------
+
+def _timed_job(job):
+    """Picklable worker for the scheduling test: a first job of a layer is slow (compiles)."""
+    import time as _time
+    start = _time.time()
+    _time.sleep(0.3 if job["seed"] == 0 else 0.05)
+    return {"layer": job["layer"], "seed": job["seed"], "start": start, "end": _time.time()}
+
+
+def test_job_order_puts_each_layers_first_job_first_families_in_turn():
+    jobs = [{"layer": name, "seed": s} for name in ("qp", "qp-eq", "ls-edge", "deq")
+            for s in range(2)]
+    order = [(jobs[i]["layer"], jobs[i]["seed"]) for i in cli._job_order(jobs)]
+    assert order == [("qp", 0), ("ls-edge", 0), ("deq", 0), ("qp-eq", 0),
+                     ("qp", 1), ("qp-eq", 1), ("ls-edge", 1), ("deq", 1)]
+    assert sorted(cli._job_order(jobs)) == list(range(len(jobs)))
+    assert cli._family("level-set-edge") == "level" and cli._family("qp") == "qp"
+
+
+def test_run_pool_never_runs_two_cold_jobs_of_a_family_at_once():
+    jobs = [{"layer": name, "seed": s} for name in ("qp", "qp-eq", "qp-batched", "deq")
+            for s in range(2)]
+    seen = []
+    res = cli._run_pool(_timed_job, jobs, 2, seen.append)
+    assert [(r["layer"], r["seed"]) for r in res] == [(j["layer"], j["seed"]) for j in jobs]
+    assert len(seen) == len(jobs)
+    first = {}
+    for r in res:                          # each layer's first finished job made it warm
+        first.setdefault(r["layer"], r)
+        if r["end"] < first[r["layer"]]["end"]:
+            first[r["layer"]] = r
+    for a in res:
+        for b in res:
+            if a is b or cli._family(a["layer"]) != cli._family(b["layer"]):
+                continue
+            cold_a = a["start"] < first[a["layer"]]["end"]   # started before its layer was warm
+            cold_b = b["start"] < first[b["layer"]]["end"]
+            if cold_a and cold_b:
+                assert a["end"] <= b["start"] or b["end"] <= a["start"], (a, b)

@@ -401,3 +401,25 @@ def test_faces_stay_raw_integers_under_tracing():
     assert seen[-1] is onp.ndarray
     fd = directional_derivative(area, phi, t)
     onp.testing.assert_allclose(onp.sum(g * t), fd.value, atol=float(fd.error) + 1e-10)
+
+
+def test_read_only_field_reuses_the_one_compiled_specialization():
+    """A read-only ``phi`` (a broadcast view, a read-only memory map) is copied by the
+    wrappers, so the marching-cubes kernels are not compiled a second time for it."""
+    from reference_layers.kernels import marching_cubes as mck
+
+    x = onp.linspace(-1.0, 1.0, 9)
+    phi = onp.sqrt(x[:, None, None] ** 2 + x[None, :, None] ** 2 + x[None, None, :] ** 2) - 0.6
+    ro = onp.broadcast_to(phi, phi.shape)
+    assert not ro.flags.writeable
+    a, b = marching_cubes(phi, 0.0), marching_cubes(ro, 0.0)
+    for u, v in zip(a, b):
+        onp.testing.assert_array_equal(u, v)
+    for mode in ("edge", "normal"):
+        def loss(p):
+            out = iso_surface_layer(p, 0.0, mode=mode)
+            return np.sum((out[0] if isinstance(out, tuple) else out) ** 2)
+        assert onp.all(onp.isfinite(grad(loss)(ro)))
+    for name in ("_classify_range", "_count_range", "_emit_range", "cell_geometry",
+                 "transfer_corners", "trilinear_rules", "edge_direction_dot"):
+        assert len(getattr(mck, name).signatures) <= 1, (name, getattr(mck, name).signatures)

@@ -484,3 +484,35 @@ def test_compile_kernels_groups_and_unknown_group():
     with pytest.raises(InvalidOptionError, match="unknown group.*'sovle'.*solve"):
         compile_kernels(("sovle",))
     assert set(KERNEL_GROUPS) == {"solve", "polish", "kkt"}
+
+
+def test_read_only_inputs_reuse_the_one_compiled_specialization():
+    """An unbatched layer hands the kernels read-only broadcast views (B = 1); numba
+    would type them apart and compile every kernel again (once per read-only pattern).
+    The wrappers copy read-only inputs, so each kernel keeps one signature."""
+    from reference_layers.kernels import qp_pdipm as K
+    from reference_layers.qp import qp_layer
+
+    rng = np.random.default_rng(3)
+    n, m, p = 3, 4, 1
+    M = rng.standard_normal((n, n))
+    Q, q = M @ M.T + np.eye(n), rng.standard_normal(n)
+    G, h = rng.standard_normal((m, n)), np.ones(m)
+    A, b = rng.standard_normal((p, n)), np.zeros(p)
+    ro = [np.broadcast_to(x, (1,) + x.shape) for x in (Q, q, G, h, A, b)]
+    assert not any(x.flags.writeable for x in ro)
+    res_ro = solve_qp_batch(*ro, num_threads=1)
+    res_w = solve_qp_batch(*(x.copy() for x in ro), num_threads=1)
+    np.testing.assert_array_equal(res_ro.y, res_w.y)
+    fac = kkt_jacobian_factor(ro[0], ro[2], ro[4], res_ro.s, res_ro.nu, num_threads=1)
+    rhs = np.broadcast_to(np.ones(n + p + m), (1, n + p + m))
+    z_ro = kkt_jacobian_solve_factored(fac, rhs, num_threads=1)
+    fac_w = kkt_jacobian_factor(*(x.copy() for x in (ro[0], ro[2], ro[4])), res_w.s, res_w.nu,
+                                num_threads=1)
+    np.testing.assert_array_equal(z_ro, kkt_jacobian_solve_factored(fac_w, rhs.copy(),
+                                                                    num_threads=1))
+    polish_active_set(*ro, res_ro.y, res_ro.lam, res_ro.nu, res_ro.nu, res_ro.s,
+                      num_threads=1, **dict(_POLISH, steps=1))
+    qp_layer(Q, q, G, h, A, b)                 # the layer's own (unbatched) path
+    for name in ("_qp_kernel", "_kkt_factor_kernel", "_kkt_solve_kernel", "_polish_kernel"):
+        assert len(getattr(K, name).signatures) == 1, (name, getattr(K, name).signatures)

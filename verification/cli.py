@@ -197,10 +197,80 @@ def run_selftest_case(job: Dict[str, Any]) -> Dict[str, Any]:
     return res.to_dict()
 
 
+def _family(layer: str) -> str:
+    """The scheduling family of a layer: the first dash-separated word of its name.
+
+    Registered layers that share it (``qp``, ``qp-eq``, ``qp-batched``...; the
+    ``level-set-*`` ones; the ``gm-*`` ones) call the same compiled (numba) kernels.
+    """
+    return layer.split("-", 1)[0]
+
+
+def _job_order(jobs: List[Dict[str, Any]]) -> List[int]:
+    """Indices of ``jobs`` in the order they are offered to the workers.
+
+    First every layer's first job, the families taken in turn (one layer of each
+    family, then the next layer of each...), so the compile-heavy first cases of
+    different families start early and side by side; then the other jobs in
+    their given order.
+    """
+    first: Dict[str, int] = {}
+    for i, job in enumerate(jobs):
+        first.setdefault(job["layer"], i)
+    by_family: Dict[str, List[int]] = {}
+    for i in first.values():
+        by_family.setdefault(_family(jobs[i]["layer"]), []).append(i)
+    lists = list(by_family.values())
+    heads = [lst[t] for t in range(max(map(len, lists), default=0)) for lst in lists
+             if t < len(lst)]
+    chosen = set(heads)
+    return heads + [i for i in range(len(jobs)) if i not in chosen]
+
+
+def _run_pool(worker: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dict[str, Any]],
+              workers: int, on_result: Callable[[Dict[str, Any]], None]) -> List[Dict]:
+    """Run the jobs on a local process pool so that compiling is not done twice.
+
+    A layer is *cold* until one of its jobs has finished (its first job compiles
+    the numba kernels it calls, which numba's on-disk cache then serves to every
+    other process).  A cold layer's job never starts while a cold job of the same
+    :func:`_family` is running in another worker: the second worker would compile
+    the same kernels at the same time; it takes other work instead (order:
+    :func:`_job_order`).  Results in the order of ``jobs``.
+    """
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    results: List[Any] = [None] * len(jobs)
+    pending = _job_order(jobs)
+    warm: set = set()
+    running: Dict[Any, int] = {}
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        while pending or running:
+            compiling = {_family(jobs[i]["layer"]) for i in running.values()
+                         if jobs[i]["layer"] not in warm}
+            while len(running) < workers:
+                pick = next((i for i in pending if jobs[i]["layer"] in warm
+                             or _family(jobs[i]["layer"]) not in compiling), None)
+                if pick is None:
+                    break
+                pending.remove(pick)
+                running[pool.submit(worker, jobs[pick])] = pick
+                if jobs[pick]["layer"] not in warm:
+                    compiling.add(_family(jobs[pick]["layer"]))
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = running.pop(fut)
+                results[i] = fut.result()
+                warm.add(jobs[i]["layer"])
+                on_result(results[i])
+    return results
+
+
 def _run_jobs(worker: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dict[str, Any]],
               workers: int, progress: Progress, scheduler: Optional[str] = None) -> List[Dict]:
-    """Run ``worker`` on every job: in this process, a local process pool, or
-    on the Dask cluster at ``scheduler``; results in the order of ``jobs``."""
+    """Run ``worker`` on every job: in this process, a local process pool
+    (scheduled by :func:`_run_pool`), or on the Dask cluster at ``scheduler``;
+    results in the order of ``jobs``."""
     results = []
     if scheduler is not None:
         from .distributed import run_on_cluster
@@ -210,10 +280,7 @@ def _run_jobs(worker: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dic
             results.append(worker(job))
             progress.update(job["layer"])
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for res in pool.map(worker, jobs, chunksize=1):
-                results.append(res)
-                progress.update(res["layer"])
+        results = _run_pool(worker, jobs, workers, lambda r: progress.update(r["layer"]))
     progress.close()
     return results
 

@@ -367,15 +367,13 @@ def _emit_range(
                     u &= u - _ONE
                     k = 64 * w + np.int64(sb)
                     inside = ((r >> sb) & _ONE) == 0
-                    if (cx >> sb) & _ONE:
-                        _emit_vertex(phi, level, sp, inside, i, j, k, 0, n, verts, edges, tv)
-                        n += 1
-                    if (cy >> sb) & _ONE:
-                        _emit_vertex(phi, level, sp, inside, i, j, k, 1, n, verts, edges, tv)
-                        n += 1
-                    if (cz >> sb) & _ONE:
-                        _emit_vertex(phi, level, sp, inside, i, j, k, 2, n, verts, edges, tv)
-                        n += 1
+                    # axes 0, 1, 2 in turn through one (inlined) call site: numba
+                    # inlines, types and lowers every call site of _emit_vertex anew
+                    for a in range(3):
+                        ca = cx if a == 0 else (cy if a == 1 else cz)
+                        if (ca >> sb) & _ONE:
+                            _emit_vertex(phi, level, sp, inside, i, j, k, a, n, verts, edges, tv)
+                            n += 1
             # triangles of cell row (i, j)
             if i + 1 < nx and j + 1 < ny and rowt[i, j] > 0:
                 f = toff[i, j]
@@ -573,6 +571,8 @@ def marching_cubes(
     (3, dtype('int64'))
     """
     phi = np.ascontiguousarray(phi, dtype=np.float64)
+    if not phi.flags.writeable:  # numba compiles read-only arrays as another specialization
+        phi = phi.copy()
     if phi.ndim != 3:
         raise ValueError(f"phi must be a 3-D array, got shape {phi.shape}")
     level = float(level)
