@@ -50,17 +50,24 @@ def symv(A, x, y, ibuf, dbuf):  # pragma: no cover - numba
 
 
 @njit(cache=True)
-def gemv(A, x, y, alpha, beta, ibuf, dbuf):  # pragma: no cover - numba
-    """``y[:] = alpha A x + beta y`` for a C-contiguous ``(m, n)`` ``A`` (BLAS
-    ``dgemv``); ``ibuf`` (int32, >= 4) and ``dbuf`` (float64, >= 2) are scratch."""
+def _gemv(A, x, y, alpha, beta, trans, ibuf, dbuf):  # pragma: no cover - numba
+    """BLAS ``dgemv`` on the Fortran array ``A'`` of a C-contiguous ``(m, n)``
+    ``A``: ``trans = _T`` gives ``A x``, ``trans = _N`` gives ``A' x``."""
     ibuf[0] = A.shape[1]        # Fortran rows of A'
     ibuf[1] = A.shape[0]        # Fortran columns of A'
     ibuf[2] = 1
-    ibuf[3] = _T
+    ibuf[3] = trans
     dbuf[0] = alpha
     dbuf[1] = beta
     _dgemv(ibuf[3:].ctypes, ibuf.ctypes, ibuf[1:].ctypes, dbuf.ctypes, A.ctypes, ibuf.ctypes,
            x.ctypes, ibuf[2:].ctypes, dbuf[1:].ctypes, y.ctypes, ibuf[2:].ctypes)
+
+
+@njit(cache=True)
+def gemv(A, x, y, alpha, beta, ibuf, dbuf):  # pragma: no cover - numba
+    """``y[:] = alpha A x + beta y`` for a C-contiguous ``(m, n)`` ``A`` (BLAS
+    ``dgemv``); ``ibuf`` (int32, >= 4) and ``dbuf`` (float64, >= 2) are scratch."""
+    _gemv(A, x, y, alpha, beta, _T, ibuf, dbuf)
 
 
 @njit(cache=True)
@@ -83,11 +90,4 @@ def syev(A, w, work, ibuf):  # pragma: no cover - numba
 def gemv_t(A, x, y, alpha, beta, ibuf, dbuf):  # pragma: no cover - numba
     """``y[:] = alpha A' x + beta y`` for a C-contiguous ``(m, n)`` ``A`` (BLAS
     ``dgemv``, Fortran ``'N'`` on ``A'``); scratch as in :func:`gemv`."""
-    ibuf[0] = A.shape[1]
-    ibuf[1] = A.shape[0]
-    ibuf[2] = 1
-    ibuf[3] = _N
-    dbuf[0] = alpha
-    dbuf[1] = beta
-    _dgemv(ibuf[3:].ctypes, ibuf.ctypes, ibuf[1:].ctypes, dbuf.ctypes, A.ctypes, ibuf.ctypes,
-           x.ctypes, ibuf[2:].ctypes, dbuf[1:].ctypes, y.ctypes, ibuf[2:].ctypes)
+    _gemv(A, x, y, alpha, beta, _N, ibuf, dbuf)
