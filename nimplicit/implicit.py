@@ -150,6 +150,11 @@ def intercept_forward(intercept: Callable[["ImplicitLayer", tuple, Solution], Op
 # a traced function, replayed for many cotangents (first order, raw numbers)
 # ------------------------------------------------------------------------------
 
+def _is_float32(a) -> bool:
+    """Whether ``a`` is a float32 array or scalar (a tuple input is not)."""
+    return getattr(a, "dtype", None) == np.float32
+
+
 class _Tape:
     """``fun(*args)`` traced once by autograd at raw ``args``, each argument its own root.
 
@@ -185,7 +190,7 @@ class _Tape:
         self.end = out._node if ours else None
         self.order = list(toposort(self.end)) if ours else []
         # autograd's tuple path returns a float32 argument's gradient as float32
-        self.dtypes = [np.float32 if np.result_type(a) == np.float32 else None for a in args]
+        self.dtypes = [np.float32 if _is_float32(a) else None for a in args]
 
     def vjp(self, g) -> tuple:
         grads = [None] * len(self.args)
@@ -204,7 +209,9 @@ class _Tape:
         for a, gk, dtype in zip(self.args, grads, self.dtypes):
             if gk is None:      # fun does not depend on this argument
                 gk = vspace(a).zeros()
-            elif dtype is not None and np.result_type(gk) != dtype:
+            elif dtype is not None and not isbox(gk) and getattr(gk, "dtype", None) != dtype:
+                # a boxed gk (the VJP differentiated in its cotangent) keeps its dtype:
+                # autograd's astype has no JVP
                 gk = np.asarray(gk).astype(dtype)
             out.append(gk)
         return tuple(out)
@@ -419,9 +426,8 @@ def _pullback_of_inputs(F_of, sel):
     (one more pass over a large input, e.g. an N^2 affinity, per product)."""
     if len(sel) == 1:
         pull = make_vjp(lambda s: F_of((s,)))(sel[0])[0]
-        dtype = np.result_type(getval(sel[0]))
-        if dtype == np.float32:   # autograd's gradient has its input's dtype
-            return lambda w: (pull(w).astype(dtype),)
+        if _is_float32(getval(sel[0])):   # autograd's gradient has its input's dtype
+            return lambda w: (pull(w).astype(np.float32),)
         return lambda w: (pull(w),)
     return make_vjp(F_of)(sel)[0]
 

@@ -651,3 +651,27 @@ def test_finite_inputs_skips_the_core_check_of_inputs_the_caller_verified():
     for bad in ((-1,), 0, ("0",), (True,)):
         with pytest.raises(OptionError, match="finite_inputs"):
             implicit_layer(residual, solver, finite_inputs=bad)
+
+
+def test_tuple_input_beside_another_input_and_alone():
+    """A tuple-valued input differentiated together with another one, or alone
+    (the replayed tape casts per array, a tuple has no dtype)."""
+    a, b, c = onp.array([0.5, 0.7]), onp.array([1.0, 2.0, 3.0]), onp.array([1.5, 2.5])
+    layer = implicit_layer(lambda y, p, c: y - (p[0] * c + np.sum(p[1])),
+                   lambda p, c: onp.asarray(p[0]) * c + onp.sum(p[1]))
+    y = a * c + b.sum()
+    (ga, gb), gc = grad(lambda args: np.sum(layer(*args) ** 2))(((a, b), c))
+    onp.testing.assert_allclose(ga, 2 * y * c, rtol=1e-12)
+    onp.testing.assert_allclose(gb, onp.full(3, 2 * y.sum()), rtol=1e-12)
+    onp.testing.assert_allclose(gc, 2 * y * a, rtol=1e-12)
+    ga1, gb1 = grad(lambda p: np.sum(layer(p, c) ** 2))((a, b))
+    onp.testing.assert_allclose(ga1, ga, rtol=1e-12)
+
+
+def test_vjp_differentiated_in_its_cotangent_with_a_float32_input():
+    a, c = onp.array([0.5, 0.7], dtype=onp.float32), onp.array([1.5, 2.5])
+    layer = implicit_layer(lambda y, a, c: y - a * c, lambda a, c: onp.asarray(a, float) * c)
+    vjp, _ = make_vjp(lambda t: layer(t[0], t[1]))((a, c))
+    assert vjp(onp.ones(2))[0].dtype == onp.float32
+    onp.testing.assert_allclose(make_jvp(lambda g: vjp(g)[0])(onp.ones(2))(onp.ones(2))[1], c)
+    onp.testing.assert_allclose(grad(lambda g: np.sum(vjp(g)[0] ** 2))(onp.ones(2)), 2 * c * c)
