@@ -103,6 +103,7 @@ from nimplicit.errors import NonFiniteError, ShapeError, SingularJacobianError
 from nimplicit.errors import OptionError, check_backward, check_options, renamed
 from nimplicit.linear_solvers import LinearSolver, LinearSolverState, legacy_function
 
+from .kernels import kernel_f64
 from .kernels import marching_cubes as _mck
 from .kernels.marching_cubes import MCResult, marching_cubes
 
@@ -243,11 +244,7 @@ _NO_G = onp.empty(0)                # placeholders of unused kernel arguments
 _NO_CORNERS = onp.empty((0, 8))
 
 
-def _f64(a) -> onp.ndarray:
-    """C-contiguous writeable float64 (a read-only array is copied: numba would compile
-    the kernels once more for it)."""
-    a = onp.ascontiguousarray(a, dtype=onp.float64)
-    return a if a.flags.writeable else a.copy()
+_f64 = kernel_f64
 
 
 def _traced(*args) -> bool:

@@ -84,6 +84,7 @@ from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
+from . import kernel_f64
 from ._mc_tables import build_tables
 
 __all__ = ["MCResult", "marching_cubes"]
@@ -570,9 +571,7 @@ def marching_cubes(
     >>> res.verts.shape[1], res.faces.dtype
     (3, dtype('int64'))
     """
-    phi = np.ascontiguousarray(phi, dtype=np.float64)
-    if not phi.flags.writeable:  # numba compiles read-only arrays as another specialization
-        phi = phi.copy()
+    phi = kernel_f64(phi)
     if phi.ndim != 3:
         raise ValueError(f"phi must be a 3-D array, got shape {phi.shape}")
     level = float(level)

@@ -130,6 +130,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 import numba
 from numba import njit
+from . import kernel_f64
 
 __all__ = [
     "QPStatus",
@@ -1044,19 +1045,8 @@ def _run_batch(fn, B: int, num_threads: Optional[int]) -> None:
         f.result()
 
 
-def _c64(x: np.ndarray) -> np.ndarray:
-    """``x`` as a C-contiguous, writeable float64 array (no copy when it is one).
-
-    A read-only input (e.g. an unbatched layer's ``broadcast_to`` view with a leading
-    batch dimension of 1, which ``ascontiguousarray`` passes through) is copied:
-    numba types read-only arrays apart and would compile every kernel once more for
-    them (about 9 s of CPU for the two KKT kernels alone)."""
-    a = np.ascontiguousarray(x, dtype=np.float64)
-    return a if a.flags.writeable else a.copy()
-
-
 def _as_f64(x: np.ndarray, ndim: int, name: str) -> np.ndarray:
-    a = _c64(x)
+    a = kernel_f64(x)
     if a.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
     return a
@@ -1578,7 +1568,7 @@ def kkt_jacobian_solve_factored(
     if R.ndim != 3 or R.shape[0] != B or R.shape[2] != n + p + m:
         raise ValueError("rhs must have shape (B, n+p+m) or (B, K, n+p+m) with "
                          "B=%d, n+p+m=%d; got %s" % (B, n + p + m, np.shape(rhs)))
-    R = _c64(R)
+    R = kernel_f64(R)
     Z = np.empty_like(R)
     f = factors
     _run_batch(
@@ -1872,9 +1862,9 @@ def polish_active_set(Q, q, G, h, A, b, y, lam, nu, nu_bar, s_bar, *, steps: int
     """Compiled active-set polish of a batch (all arrays ``(B, .)`` float64, C-contiguous):
     returns ``(y, lam, nu, done)``, copies with the polished instances replaced."""
     y, lam, nu = (np.ascontiguousarray(v, dtype=np.float64).copy() for v in (y, lam, nu))
-    args = [_c64(v) for v in (Q, q, G, h, A, b)]
-    nu_bar = _c64(nu_bar)
-    s_bar = _c64(s_bar)
+    args = [kernel_f64(v) for v in (Q, q, G, h, A, b)]
+    nu_bar = kernel_f64(nu_bar)
+    s_bar = kernel_f64(s_bar)
     B = y.shape[0]
     done = np.zeros(B, np.bool_)
     _run_batch(lambda k0, k1: _polish_kernel(*args, y, lam, nu, nu_bar, s_bar, done, k0, k1,
