@@ -155,6 +155,102 @@ def _is_float32(a) -> bool:
     return getattr(a, "dtype", None) == np.float32
 
 
+def _is_f64(a) -> bool:
+    """A plain float64 array or a Python / NumPy float (not a box, not complex, not float32)."""
+    return (type(a) is np.ndarray and a.dtype == np.float64) or isinstance(a, float)
+
+
+def _elementwise(*vjps):
+    """A fast VJP maker for an elementwise primitive ``f(x[, y])``: ``vjps[k](g, *args)``
+    is the VJP in argument ``k``, the same expression as autograd's.  Applies when every
+    argument is a float64 array or a number (a Python int too) and no differentiated
+    argument is broadcast (autograd's ``unbroadcast`` would then be the identity)."""
+    def maker(argnums, ans, args, kwargs):
+        if kwargs or len(args) != len(vjps) or not _is_f64(ans) or not all(
+                _is_f64(a) or type(a) is int for a in args):
+            return None
+        if any(np.shape(args[k]) != np.shape(ans) for k in argnums):
+            return None
+        fs = [vjps[k] for k in argnums]
+        if len(fs) == 1:
+            f = fs[0]
+            return lambda g: (f(g, *args),)
+        return lambda g: tuple(f(g, *args) for f in fs)
+    return maker
+
+
+def _unary(factor, vjp):
+    """Fast VJP maker for an elementwise unary ``f(x)``: ``c = factor(ans, x)`` is computed
+    once per tape and ``vjp(g, c)`` reproduces autograd's expression with it (e.g. tanh:
+    autograd's ``g / cosh(x)**2`` is ``g / c`` with ``c = cosh(x)**2``)."""
+    def maker(argnums, ans, args, kwargs):
+        if kwargs or len(args) != 1 or not (_is_f64(ans) and _is_f64(args[0])):
+            return None
+        c = factor(ans, args[0])
+        return lambda g: (vjp(g, c),)
+    return maker
+
+
+def _product(argnums, ans, args, kwargs):
+    """Fast VJP of ``dot`` / ``matmul`` of float64 matrices and vectors (ndim 1 or 2, not
+    both 1): BLAS products in place of autograd's ``tensordot`` / ``expand_dims`` chains."""
+    if kwargs or len(args) != 2 or not all(type(a) is np.ndarray and a.dtype == np.float64
+                                           for a in args):
+        return None
+    A, B = args
+    if A.ndim not in (1, 2) or B.ndim not in (1, 2) or A.ndim + B.ndim == 2:
+        return None
+    if A.ndim == 2 and B.ndim == 1:
+        fs = (lambda g: np.multiply.outer(g, B), lambda g: np.dot(g, A))
+    elif A.ndim == 1:
+        fs = (lambda g: np.dot(B, g), lambda g: np.multiply.outer(A, g))
+    else:
+        fs = (lambda g: np.dot(g, B.T), lambda g: np.dot(A.T, g))
+    fs = [fs[k] for k in argnums]
+    if len(fs) == 1:
+        f = fs[0]
+        return lambda g: (f(g),)
+    return lambda g: tuple(f(g) for f in fs)
+
+
+#: primitive -> maker of a faster first-order VJP on raw float64 values (or None where
+#: it does not apply): the same numbers as autograd's VJP (up to the summation order
+#: of a BLAS product), without its per-call wrapping, metadata and broadcasting checks
+_FAST_VJPS = {
+    anp.add: _elementwise(lambda g, x, y: g, lambda g, x, y: g),
+    anp.subtract: _elementwise(lambda g, x, y: g, lambda g, x, y: -g),
+    anp.multiply: _elementwise(lambda g, x, y: y * g, lambda g, x, y: x * g),
+    anp.true_divide: _elementwise(lambda g, x, y: g / y, lambda g, x, y: -g * x / y ** 2),
+    anp.negative: _elementwise(lambda g, x: -g),
+    anp.tanh: _unary(lambda ans, x: np.cosh(x) ** 2, lambda g, c: g / c),
+    anp.exp: _unary(lambda ans, x: ans, lambda g, c: c * g),
+    anp.log: _unary(lambda ans, x: x, lambda g, c: g / c),
+    anp.sin: _unary(lambda ans, x: np.cos(x), lambda g, c: g * c),
+    anp.cos: _unary(lambda ans, x: np.sin(x), lambda g, c: -g * c),
+    anp.sqrt: _unary(lambda ans, x: x ** -0.5, lambda g, c: g * 0.5 * c),
+    anp.square: _unary(lambda ans, x: x, lambda g, c: g * 2 * c),
+    anp.dot: _product,
+    anp.matmul: _product,
+}
+
+
+class _TapeNode(VJPNode):
+    """A node of a :class:`_Tape`: autograd's VJP (``vjp``) and, for the primitives of
+    :data:`_FAST_VJPS` on plain float64 values, a faster one (``fast``, else None),
+    used for raw cotangents."""
+
+    __slots__ = ("fast",)
+
+    def __init__(self, value, fun, args, kwargs, parent_argnums, parents):
+        super().__init__(value, fun, args, kwargs, parent_argnums, parents)
+        maker = _FAST_VJPS.get(fun)
+        self.fast = None if maker is None else maker(parent_argnums, value, args, kwargs)
+
+    def initialize_root(self):
+        super().initialize_root()
+        self.fast = None
+
+
 class _Tape:
     """``fun(*args)`` traced once by autograd at raw ``args``, each argument its own root.
 
@@ -182,7 +278,7 @@ class _Tape:
         with trace_stack.new_trace() as t:
             boxes = []
             for k, a in enumerate(args):
-                root = VJPNode.new_root()
+                root = _TapeNode.new_root()
                 self.roots[root] = k
                 boxes.append(new_box(a, t, root))
             out = fun(*boxes)
@@ -197,13 +293,15 @@ class _Tape:
         if self.end is not None:
             outgrads = {self.end: (g, False)}
             roots = self.roots
+            raw = not isbox(g)      # then every outgrad is raw too: the fast VJPs apply
             for node in self.order:
                 outgrad = outgrads.pop(node)
                 k = roots.get(node)
                 if k is not None:
                     grads[k] = outgrad[0]
                     continue
-                for parent, ingrad in zip(node.parents, node.vjp(outgrad[0])):
+                vjp = node.fast if raw and node.fast is not None else node.vjp
+                for parent, ingrad in zip(node.parents, vjp(outgrad[0])):
                     outgrads[parent] = add_outgrads(outgrads.get(parent), ingrad)
         out = []
         for a, gk, dtype in zip(self.args, grads, self.dtypes):
