@@ -213,7 +213,14 @@ def _product(argnums, ans, args, kwargs):
     return lambda g: tuple(f(g) for f in fs)
 
 
-#: primitive -> maker of a faster first-order VJP on raw float64 values (or None where
+def _transpose(argnums, ans, args, kwargs):
+    """Fast VJP of ``transpose(x)`` (``x.T``, no axes): ``g.T``, as autograd's."""
+    if kwargs or len(args) != 1 or not (type(args[0]) is np.ndarray and _is_f64(ans)):
+        return None
+    return lambda g: (np.transpose(g),)
+
+
+#: primitive -> maker of a faster first-order VJP on raw float64 values (None where
 #: it does not apply): the same numbers as autograd's VJP (up to the summation order
 #: of a BLAS product), without its per-call wrapping, metadata and broadcasting checks
 _FAST_VJPS = {
@@ -231,6 +238,7 @@ _FAST_VJPS = {
     anp.square: _unary(lambda ans, x: x, lambda g, c: g * 2 * c),
     anp.dot: _product,
     anp.matmul: _product,
+    anp.transpose: _transpose,
 }
 
 
