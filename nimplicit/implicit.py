@@ -259,6 +259,20 @@ class _TapeNode(VJPNode):
         self.fast = None
 
 
+def _add_outgrads(prev, g):
+    """autograd's ``add_outgrads`` (the sum of the cotangents reaching a node), inlined
+    for plain arrays: the same sums (``prev + g``, then in place), without a vspace per add."""
+    if type(g) is not np.ndarray or (prev is not None and type(prev[0]) is not np.ndarray):
+        return add_outgrads(prev, g)
+    if prev is None:
+        return g, False
+    total, mutable = prev
+    if mutable:             # a sum made here: ours to update
+        total += g
+        return total, True
+    return total + g, True
+
+
 class _Tape:
     """``fun(*args)`` traced once by autograd at raw ``args``, each argument its own root.
 
@@ -310,7 +324,7 @@ class _Tape:
                     continue
                 vjp = node.fast if raw and node.fast is not None else node.vjp
                 for parent, ingrad in zip(node.parents, vjp(outgrad[0])):
-                    outgrads[parent] = add_outgrads(outgrads.get(parent), ingrad)
+                    outgrads[parent] = _add_outgrads(outgrads.get(parent), ingrad)
         out = []
         for a, gk, dtype in zip(self.args, grads, self.dtypes):
             if gk is None:      # fun does not depend on this argument
@@ -339,7 +353,7 @@ class JacobianOperator(linear_solvers.Operator):
 
     def rmv(self, w):
         p = self.point
-        return np.asarray(p.J_T(np.asarray(w, float), p.y_flat, p.inputs), dtype=float)
+        return np.asarray(p.raw_J_T(np.asarray(w, float)), dtype=float)
 
 
 class ForwardPoint:
@@ -392,10 +406,15 @@ class ForwardPoint:
     def J_T(self, w, y_flat, inputs):
         """``J^T w``, an autograd VJP of F in y."""
         if not (isbox(y_flat) or any(isbox(x) for x in inputs)):
-            if self._vjp_y is None:   # trace F once per point, reuse for every product
-                self._vjp_y = _Tape(lambda yy: self.F(yy, *self.inputs), (self.y_flat,))
-            return self._vjp_y.vjp(w)[0]
+            return self.raw_J_T(w)
         return make_vjp(lambda yy: self.F(yy, *inputs))(y_flat)[0](w)
+
+    def raw_J_T(self, w):
+        """``J^T w`` at this point's own (raw) ``y`` and inputs: F traced once per point,
+        replayed for every product."""
+        if self._vjp_y is None:
+            self._vjp_y = _Tape(lambda yy: self.F(yy, *self.inputs), (self.y_flat,))
+        return self._vjp_y.vjp(w)[0]
 
     def J(self, u, y_flat, inputs):
         """``J u``, an autograd JVP (forward mode) of F in y."""

@@ -926,18 +926,19 @@ class _OverBudget(Exception):
 class _CountingOperator(Operator):
     """``operator`` with every product counted and timed, and a budget of products.
 
-    ``budget()`` is re-evaluated on each product (it depends on the measured cost of
-    one product); exceeding it raises :class:`_OverBudget`, which unwinds the
-    Krylov solve that asked for the product.
+    ``budget()`` is re-evaluated on each product from the ``floor``-th on (it depends
+    on the measured cost of one product, and is never below ``floor``); exceeding it
+    raises :class:`_OverBudget`, which unwinds the Krylov solve that asked for the
+    product.
     """
 
-    def __init__(self, operator: Operator, budget: Callable[[], float]):
+    def __init__(self, operator: Operator, budget: Callable[[], float], floor: int = 0):
         super().__init__(operator.r, operator.m, operator.batch_size, operator.point)
-        self.inner, self.budget = operator, budget
+        self.inner, self.budget, self.floor = operator, budget, floor
         self.products, self.fastest = 0, np.inf
 
     def _count(self, apply, v):
-        if self.products >= self.budget():
+        if self.products >= self.floor and self.products >= self.budget():
             raise _OverBudget
         start = time.perf_counter()
         out = apply(v)
@@ -958,7 +959,7 @@ class _CountingOperator(Operator):
 class _KrylovOrDenseState(LinearSolverState):
     def __init__(self, solver: "KrylovOrDense", operator: Operator, aux):
         self.solver, self.operator, self.aux = solver, operator, aux
-        self.counted = _CountingOperator(operator, self.break_even)
+        self.counted = _CountingOperator(operator, self.break_even, floor=operator.m)
         self.krylov = solver.krylov.init(self.counted, aux)
         self.dense_state: Optional[LinearSolverState] = None
         self.switched_because: Optional[str] = None
