@@ -33,7 +33,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd import make_jvp, make_vjp
 from autograd.builtins import tuple as autograd_tuple
-from autograd.core import VJPNode, add_outgrads, vspace
+from autograd.core import VJPNode, add_outgrads, primitive_vjps, vspace
 from autograd.extend import defjvp_argnums, defvjp_argnums, primitive
 from autograd.tracer import getval, isbox, new_box, trace_stack
 from autograd.util import toposort
@@ -243,20 +243,33 @@ _FAST_VJPS = {
 
 
 class _TapeNode(VJPNode):
-    """A node of a :class:`_Tape`: autograd's VJP (``vjp``) and, for the primitives of
-    :data:`_FAST_VJPS` on plain float64 values, a faster one (``fast``, else None),
-    used for raw cotangents."""
+    """A node of a :class:`_Tape`: for the primitives of :data:`_FAST_VJPS` on plain
+    float64 values a faster VJP (``fast``, else None), used for raw cotangents;
+    autograd's own (:meth:`autograd_vjp`) is built only when needed (any other
+    primitive or value, or a boxed cotangent)."""
 
-    __slots__ = ("fast",)
+    __slots__ = ("fast", "recipe")
 
     def __init__(self, value, fun, args, kwargs, parent_argnums, parents):
-        super().__init__(value, fun, args, kwargs, parent_argnums, parents)
         maker = _FAST_VJPS.get(fun)
         self.fast = None if maker is None else maker(parent_argnums, value, args, kwargs)
+        self.recipe = None
+        if self.fast is None:
+            super().__init__(value, fun, args, kwargs, parent_argnums, parents)
+        else:
+            self.parents, self.vjp = parents, None
+            self.recipe = (fun, value, args, kwargs, parent_argnums)
+
+    def autograd_vjp(self) -> Callable:
+        """autograd's VJP of this node (built on first use)."""
+        if self.vjp is None:
+            fun, value, args, kwargs, argnums = self.recipe
+            self.vjp = primitive_vjps[fun](argnums, value, args, kwargs)
+        return self.vjp
 
     def initialize_root(self):
         super().initialize_root()
-        self.fast = None
+        self.fast = self.recipe = None
 
 
 def _add_outgrads(prev, g):
@@ -292,7 +305,7 @@ class _Tape:
     keep ``make_vjp``, whose backward pass is itself traced.
     """
 
-    __slots__ = ("args", "roots", "end", "order", "dtypes")
+    __slots__ = ("args", "roots", "end", "order", "steps", "dtypes")
 
     def __init__(self, fun: Callable, args: tuple):
         self.args = args
@@ -307,6 +320,9 @@ class _Tape:
             ours = isbox(out) and out._trace == t
         self.end = out._node if ours else None
         self.order = list(toposort(self.end)) if ours else []
+        # (node, its argument index if a root, its parents, its fast VJP), in order
+        self.steps = [(node, self.roots.get(node), node.parents, node.fast)
+                      for node in self.order]
         # autograd's tuple path returns a float32 argument's gradient as float32
         self.dtypes = [np.float32 if _is_float32(a) else None for a in args]
 
@@ -314,16 +330,14 @@ class _Tape:
         grads = [None] * len(self.args)
         if self.end is not None:
             outgrads = {self.end: (g, False)}
-            roots = self.roots
             raw = not isbox(g)      # then every outgrad is raw too: the fast VJPs apply
-            for node in self.order:
-                outgrad = outgrads.pop(node)
-                k = roots.get(node)
+            for node, k, parents, fast in self.steps:
+                outgrad = outgrads.pop(node)[0]
                 if k is not None:
-                    grads[k] = outgrad[0]
+                    grads[k] = outgrad
                     continue
-                vjp = node.fast if raw and node.fast is not None else node.vjp
-                for parent, ingrad in zip(node.parents, vjp(outgrad[0])):
+                vjp = fast if raw and fast is not None else node.autograd_vjp()
+                for parent, ingrad in zip(parents, vjp(outgrad)):
                     outgrads[parent] = _add_outgrads(outgrads.get(parent), ingrad)
         out = []
         for a, gk, dtype in zip(self.args, grads, self.dtypes):
