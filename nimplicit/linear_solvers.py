@@ -727,7 +727,9 @@ def _krylov(name: str, method, apply: MatVec, apply_T: Optional[MatVec], b: np.n
         return np.zeros(shape)
     n = bf.size
     fa = _flat_operator(apply, shape)
-    op = spla.LinearOperator((n, n), matvec=fa, dtype=float)
+    # our GMRES calls fa itself; SciPy's methods take a LinearOperator
+    op = None if method is spla.gmres and M is None else \
+        spla.LinearOperator((n, n), matvec=fa, dtype=float)
     Mop = None if M is None else spla.LinearOperator((n, n), matvec=_flat_operator(M, shape),
                                                      dtype=float)
     maxiter = maxiter or 10 * n
@@ -991,7 +993,7 @@ class _KrylovOrDenseState(LinearSolverState):
         and one product.
         """
         self.probed = True
-        z = np.random.default_rng(PROBE_SEED).standard_normal(shape)
+        z = _probe_vector(shape)
         x = self.probe_krylov.solve(z, transpose=transpose)
         Az = (self.counted.rmv if transpose else self.counted.mv)(z)
         growth = float(np.linalg.norm(Az) * np.linalg.norm(x) / np.vdot(z, z))
@@ -1044,6 +1046,22 @@ KRYLOV_OR_DENSE_RTOL = 1e-14
 
 #: seed of the random right-hand side of :meth:`_KrylovOrDenseState._probe`
 PROBE_SEED = 20261202
+
+_PROBE_VECTORS: dict = {}
+
+
+def _probe_vector(shape) -> np.ndarray:
+    """The probe's right-hand side of ``shape``: standard normal from :data:`PROBE_SEED`,
+    drawn once per shape (read-only; the last few shapes are kept)."""
+    z = _PROBE_VECTORS.get(shape)
+    if z is None:
+        if len(_PROBE_VECTORS) >= 16:
+            _PROBE_VECTORS.clear()
+        z = np.random.default_rng(PROBE_SEED).standard_normal(shape)
+        z.flags.writeable = False
+        z = _PROBE_VECTORS.setdefault(shape, z)
+    return z
+
 
 #: the relative residual the singularity probe of :class:`KrylovOrDense` solves to
 #: (a singular J goes unnoticed with probability ~ PROBE_RTOL sqrt(m))
