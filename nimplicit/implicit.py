@@ -200,12 +200,13 @@ def _product(argnums, ans, args, kwargs):
     A, B = args
     if A.ndim not in (1, 2) or B.ndim not in (1, 2) or A.ndim + B.ndim == 2:
         return None
+    # written for a stack of cotangents too (leading axes of g, see _Tape.rows)
     if A.ndim == 2 and B.ndim == 1:
         fs = (lambda g: np.multiply.outer(g, B), lambda g: np.dot(g, A))
     elif A.ndim == 1:
-        fs = (lambda g: np.dot(B, g), lambda g: np.multiply.outer(A, g))
+        fs = (lambda g: np.dot(g, B.T), lambda g: A[:, None] * np.expand_dims(g, -2))
     else:
-        fs = (lambda g: np.dot(g, B.T), lambda g: np.dot(A.T, g))
+        fs = (lambda g: np.dot(g, B.T), lambda g: np.matmul(A.T, g))
     fs = [fs[k] for k in argnums]
     if len(fs) == 1:
         f = fs[0]
@@ -214,15 +215,21 @@ def _product(argnums, ans, args, kwargs):
 
 
 def _transpose(argnums, ans, args, kwargs):
-    """Fast VJP of ``transpose(x)`` (``x.T``, no axes): ``g.T``, as autograd's."""
-    if kwargs or len(args) != 1 or not (type(args[0]) is np.ndarray and _is_f64(ans)):
+    """Fast VJP of ``transpose(x)`` (``x.T``, no axes) of a vector or matrix: ``g.T``, as
+    autograd's (the last two axes, for a stack of cotangents)."""
+    if kwargs or len(args) != 1 or not (type(args[0]) is np.ndarray and args[0].ndim <= 2
+                                        and _is_f64(ans)):
         return None
-    return lambda g: (np.transpose(g),)
+    if args[0].ndim < 2:
+        return lambda g: (g,)
+    return lambda g: (np.swapaxes(g, -1, -2),)
 
 
 #: primitive -> maker of a faster first-order VJP on raw float64 values (None where
 #: it does not apply): the same numbers as autograd's VJP (up to the summation order
-#: of a BLAS product), without its per-call wrapping, metadata and broadcasting checks
+#: of a BLAS product), without its per-call wrapping, metadata and broadcasting checks.
+#: Each also maps a stack of cotangents (extra leading axes) row by row, so a tape of
+#: such nodes forms J in one replay (:meth:`_Tape.rows`).
 _FAST_VJPS = {
     anp.add: _elementwise(lambda g, x, y: g, lambda g, x, y: g),
     anp.subtract: _elementwise(lambda g, x, y: g, lambda g, x, y: -g),
@@ -248,9 +255,10 @@ class _TapeNode(VJPNode):
     autograd's own (:meth:`autograd_vjp`) is built only when needed (any other
     primitive or value, or a boxed cotangent)."""
 
-    __slots__ = ("fast", "recipe")
+    __slots__ = ("fast", "recipe", "size")
 
     def __init__(self, value, fun, args, kwargs, parent_argnums, parents):
+        self.size = np.size(value)
         maker = _FAST_VJPS.get(fun)
         self.fast = None if maker is None else maker(parent_argnums, value, args, kwargs)
         self.recipe = None
@@ -270,6 +278,7 @@ class _TapeNode(VJPNode):
     def initialize_root(self):
         super().initialize_root()
         self.fast = self.recipe = None
+        self.size = 0
 
 
 def _add_outgrads(prev, g):
@@ -305,7 +314,7 @@ class _Tape:
     keep ``make_vjp``, whose backward pass is itself traced.
     """
 
-    __slots__ = ("args", "roots", "end", "order", "steps", "dtypes")
+    __slots__ = ("args", "roots", "end", "order", "steps", "dtypes", "batchable", "widest")
 
     def __init__(self, fun: Callable, args: tuple):
         self.args = args
@@ -325,6 +334,10 @@ class _Tape:
                       for node in self.order]
         # autograd's tuple path returns a float32 argument's gradient as float32
         self.dtypes = [np.float32 if _is_float32(a) else None for a in args]
+        # every node has a fast VJP (they map stacks of cotangents row by row): see rows()
+        self.batchable = ours and all(k is not None or fast is not None
+                                      for _, k, _, fast in self.steps)
+        self.widest = max([node.size for node in self.order] + [1])
 
     def vjp(self, g) -> tuple:
         grads = [None] * len(self.args)
@@ -350,6 +363,21 @@ class _Tape:
             out.append(gk)
         return tuple(out)
 
+    def rows(self, r: int) -> np.ndarray:
+        """``(r, n)``: the rows ``d<fun, e_k>/d args[0]`` for the ``r`` unit cotangents
+        ``e_k`` of a flat ``(r,)`` output (for ``J^T``: ``J`` itself), by replaying stacks
+        of unit cotangents (of at most :data:`STACK_ELEMENTS` entries per node), when
+        :attr:`batchable`; the same numbers as ``r`` replays, up to the summation order
+        of the BLAS products."""
+        eye = np.eye(r)
+        chunk = max(1, STACK_ELEMENTS // self.widest)
+        return np.concatenate([np.asarray(self.vjp(eye[lo:lo + chunk])[0], dtype=float)
+                               for lo in range(0, r, chunk)])
+
+
+#: largest number of entries of one node's stack of cotangents in :meth:`_Tape.rows`
+STACK_ELEMENTS = 2 ** 22
+
 
 # ------------------------------------------------------------------------------
 # the forward point
@@ -368,6 +396,16 @@ class JacobianOperator(linear_solvers.Operator):
     def rmv(self, w):
         p = self.point
         return np.asarray(p.raw_J_T(np.asarray(w, float)), dtype=float)
+
+    def dense_is_cheap(self) -> bool:
+        """Whether J forms in one replay of the residual's tape (one instance, every node
+        with a fast VJP: see ``_Tape.rows``) instead of ``r`` products."""
+        return self.batch_size is None and self.point.y_tape().batchable
+
+    def dense(self) -> np.ndarray:
+        if self._dense is None and self.dense_is_cheap():
+            self._dense = self.point.y_tape().rows(self.r)
+        return super().dense()
 
 
 class ForwardPoint:
@@ -424,11 +462,14 @@ class ForwardPoint:
         return make_vjp(lambda yy: self.F(yy, *inputs))(y_flat)[0](w)
 
     def raw_J_T(self, w):
-        """``J^T w`` at this point's own (raw) ``y`` and inputs: F traced once per point,
-        replayed for every product."""
+        """``J^T w`` at this point's own (raw) ``y`` and inputs."""
+        return self.y_tape().vjp(w)[0]
+
+    def y_tape(self) -> _Tape:
+        """F traced in ``y`` at this point (raw numbers), once; replayed for every product."""
         if self._vjp_y is None:
             self._vjp_y = _Tape(lambda yy: self.F(yy, *self.inputs), (self.y_flat,))
-        return self._vjp_y.vjp(w)[0]
+        return self._vjp_y
 
     def J(self, u, y_flat, inputs):
         """``J u``, an autograd JVP (forward mode) of F in y."""
@@ -719,6 +760,7 @@ class ImplicitLayer:
         opts = {k: v for k, v in self.linear_solver_options.items() if k in cls.options}
         if name == "krylov_or_dense":    # auto's Krylov path keeps a singular J a typed error
             opts.setdefault("probe", True)
+            opts.setdefault("dense_if_cheap", True)
         return cls(**opts)
 
     @property

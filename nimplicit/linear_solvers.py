@@ -966,6 +966,11 @@ class _KrylovOrDenseState(LinearSolverState):
         self.dense_state: Optional[LinearSolverState] = None
         self.switched_because: Optional[str] = None
         self.probed = not solver.opts["probe"]
+        cheap = getattr(operator, "dense_is_cheap", None)
+        if solver.opts["dense_if_cheap"] and cheap is not None and cheap():
+            self.switched_because = ("J forms in one replay of the residual's tape: the dense "
+                                     "solve, with its condition check, is the cheaper")
+            self.dense_state = solver.dense.init(operator, aux)
         if not self.probed:
             k = solver.krylov
             self.probe_krylov = type(k)(**{**k.opts, "rtol": max(PROBE_RTOL, k.opts["rtol"])}
@@ -1093,17 +1098,21 @@ class KrylovOrDense(LinearSolver):
     closes that gap: before the first solve at a point, one Krylov solve with a
     random right-hand side, which a singular J cannot solve, so the LU reports
     it (see ``_KrylovOrDenseState._probe``; one more Krylov solve per point).
-    Pass ``linear_solver='lu'`` for the LU's condition check on every point.
+    ``dense_if_cheap=True`` (also what ``'auto'`` uses): when the operator forms J
+    at about the cost of a product (``operator.dense_is_cheap()``: the residual's
+    tape replays a stack of unit cotangents at once), the dense solver from the
+    start.  Pass ``linear_solver='lu'`` for the LU's condition check on every point.
     """
 
     name = "krylov_or_dense"
     #: GMRES's options, with an rtol tight enough that the gradient is as accurate
     #: as the LU's, and the LU's
-    options: dict = {**GMRES.options, "rtol": KRYLOV_OR_DENSE_RTOL, **LU.options, "probe": False}
+    options: dict = {**GMRES.options, "rtol": KRYLOV_OR_DENSE_RTOL, **LU.options, "probe": False,
+                     "dense_if_cheap": False}
 
     def __init__(self, krylov: Optional[LinearSolver] = None, dense: Optional[LinearSolver] = None,
                  **options):
-        inner = sorted(set(options) - {"probe"})
+        inner = sorted(set(options) - {"probe", "dense_if_cheap"})
         if inner and (krylov is not None or dense is not None):
             raise OptionError(f"KrylovOrDense: options {inner} given together with "
                               f"constructed solvers: pass them to those solvers' constructors")
@@ -1116,12 +1125,13 @@ class KrylovOrDense(LinearSolver):
         return _KrylovOrDenseState(self, operator, aux)
 
     def __repr__(self):
-        probe = ", probe=True" if self.opts["probe"] else ""
-        return f"KrylovOrDense({self.krylov!r}, {self.dense!r}{probe})"
+        flags = "".join(f", {k}=True" for k in ("probe", "dense_if_cheap") if self.opts[k])
+        return f"KrylovOrDense({self.krylov!r}, {self.dense!r}{flags})"
 
     def __eq__(self, other):
-        return type(other) is KrylovOrDense and (other.krylov, other.dense, other.opts["probe"]) \
-            == (self.krylov, self.dense, self.opts["probe"])
+        def key(s):
+            return s.krylov, s.dense, s.opts["probe"], s.opts["dense_if_cheap"]
+        return type(other) is KrylovOrDense and key(other) == key(self)
 
     __hash__ = object.__hash__
 

@@ -723,6 +723,13 @@ def test_replayed_tape_matches_autograd_and_takes_the_fast_vjps(name, fun, args,
         assert ours[k].dtype == onp.asarray(a).dtype and ours[k].shape == onp.shape(ref)
         rtol = 1e-14 if onp.asarray(a).dtype == onp.float64 else 1e-6
         onp.testing.assert_allclose(ours[k], ref, rtol=rtol, atol=rtol * onp.abs(ref).max())
+    assert tape.batchable == fast
+    if fast:    # a stack of cotangents (a leading axis) replays row by row
+        G = _R.standard_normal((3,) + onp.shape(g))
+        stacked = tape.vjp(G)
+        for k in range(len(args)):
+            rows = onp.stack([tape.vjp(Gi)[k] for Gi in G])
+            onp.testing.assert_allclose(stacked[k], rows, rtol=1e-13, atol=1e-14)
     again = tape.vjp(2 * g)            # a tape replays: the same factors for every cotangent
     for k, a in enumerate(args):
         rtol = 1e-14 if onp.asarray(a).dtype == onp.float64 else 1e-6
@@ -736,3 +743,14 @@ def test_replayed_tape_with_a_boxed_cotangent_uses_autograd_vjps():
     H = jacobian(lambda g: tape.vjp(g)[1])(onp.ones(4))      # d(A^T diag(t') g)/dg
     t = onp.tanh(_A[:, :3] @ _v)
     onp.testing.assert_allclose(H, (_A[:, :3] * (1 - t ** 2)[:, None]).T, rtol=1e-12)
+
+
+def test_tape_rows_form_the_jacobian_in_chunks():
+    from nimplicit import implicit
+    from nimplicit.implicit import _Tape
+    W = _R.standard_normal((7, 7))
+    tape = _Tape(lambda y: np.tanh(np.dot(W, y)) - y, (_R.standard_normal(7),))
+    J = onp.stack([tape.vjp(e)[0] for e in onp.eye(7)])
+    onp.testing.assert_allclose(tape.rows(7), J, rtol=1e-13, atol=1e-15)
+    with mock.patch.object(implicit, "STACK_ELEMENTS", 14):      # 2 rows per replay
+        onp.testing.assert_allclose(tape.rows(7), J, rtol=1e-13, atol=1e-15)
