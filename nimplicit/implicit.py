@@ -793,7 +793,8 @@ class ImplicitLayer:
         if point.m >= KRYLOV_MIN and point.y_structure.batch_size is None and self.throw:
             # forming J costs m VJPs; a well-conditioned J needs far fewer Krylov products,
             # and the probe keeps a singular J the LU's typed error (KrylovOrDense, probe=True);
-            # the ski-rental budget, priced by the measured product, bounds a hard J at ~2x
+            # the ski-rental budget, priced by the measured product, bounds a hard J at ~2x;
+            # where J forms in one replay of the tape (dense_if_cheap=True), the LU at once
             return self._auto["krylov_or_dense"]
         return self._auto["lu"]
 
@@ -988,7 +989,11 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
         or ``throw=False`` up to ``dense_max``; from ``KRYLOV_MIN`` to
         ``dense_max`` for one instance, ``'krylov_or_dense'`` with its singularity
         probe, ``probe=True``, so a singular J still ends in the LU's
-        :class:`~nimplicit.errors.SingularJacobianError`; GMRES above ``dense_max``),
+        :class:`~nimplicit.errors.SingularJacobianError`, and ``dense_if_cheap=True``:
+        the LU from the start when J forms in one replay of the residual's tape,
+        i.e. every primitive of the residual has a fast VJP (``_FAST_VJPS``:
+        elementwise arithmetic, tanh/exp/log/sin/cos/sqrt/square, dot/matmul,
+        transpose, on float64 arrays without broadcasting); GMRES above ``dense_max``),
         ``'krylov_or_dense'`` (GMRES at rtol 1e-14 while its products cost less
         than forming and factoring J, then LU: faster where a VJP is expensive;
         without ``probe=True`` a singular J with a cotangent in its range is
