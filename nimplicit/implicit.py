@@ -33,7 +33,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd import make_jvp, make_vjp
 from autograd.builtins import tuple as autograd_tuple
-from autograd.core import VJPNode, add_outgrads, vspace
+from autograd.core import VJPNode, add_outgrads, primitive_vjps, vspace
 from autograd.extend import defjvp_argnums, defvjp_argnums, primitive
 from autograd.tracer import getval, isbox, new_box, trace_stack
 from autograd.util import toposort
@@ -155,6 +155,146 @@ def _is_float32(a) -> bool:
     return getattr(a, "dtype", None) == np.float32
 
 
+def _is_f64(a) -> bool:
+    """A plain float64 array or a Python / NumPy float (not a box, not complex, not float32)."""
+    return (type(a) is np.ndarray and a.dtype == np.float64) or isinstance(a, float)
+
+
+def _elementwise(*vjps):
+    """A fast VJP maker for an elementwise primitive ``f(x[, y])``: ``vjps[k](g, *args)``
+    is the VJP in argument ``k``, the same expression as autograd's.  Applies when every
+    argument is a float64 array or a number (a Python int too) and no differentiated
+    argument is broadcast (autograd's ``unbroadcast`` would then be the identity)."""
+    def maker(argnums, ans, args, kwargs):
+        if kwargs or len(args) != len(vjps) or not _is_f64(ans) or not all(
+                _is_f64(a) or type(a) is int for a in args):
+            return None
+        if any(np.shape(args[k]) != np.shape(ans) for k in argnums):
+            return None
+        fs = [vjps[k] for k in argnums]
+        if len(fs) == 1:
+            f = fs[0]
+            return lambda g: (f(g, *args),)
+        return lambda g: tuple(f(g, *args) for f in fs)
+    return maker
+
+
+def _unary(factor, vjp):
+    """Fast VJP maker for an elementwise unary ``f(x)``: ``c = factor(ans, x)`` is computed
+    once per tape and ``vjp(g, c)`` reproduces autograd's expression with it (e.g. tanh:
+    autograd's ``g / cosh(x)**2`` is ``g / c`` with ``c = cosh(x)**2``)."""
+    def maker(argnums, ans, args, kwargs):
+        if kwargs or len(args) != 1 or not (_is_f64(ans) and _is_f64(args[0])):
+            return None
+        c = factor(ans, args[0])
+        return lambda g: (vjp(g, c),)
+    return maker
+
+
+def _product(argnums, ans, args, kwargs):
+    """Fast VJP of ``dot`` / ``matmul`` of float64 matrices and vectors (ndim 1 or 2, not
+    both 1): BLAS products in place of autograd's ``tensordot`` / ``expand_dims`` chains."""
+    if kwargs or len(args) != 2 or not all(type(a) is np.ndarray and a.dtype == np.float64
+                                           for a in args):
+        return None
+    A, B = args
+    if A.ndim not in (1, 2) or B.ndim not in (1, 2) or A.ndim + B.ndim == 2:
+        return None
+    # written for a stack of cotangents too (leading axes of g, see _Tape.rows)
+    if A.ndim == 2 and B.ndim == 1:
+        fs = (lambda g: np.multiply.outer(g, B), lambda g: np.dot(g, A))
+    elif A.ndim == 1:
+        fs = (lambda g: np.dot(g, B.T), lambda g: A[:, None] * np.expand_dims(g, -2))
+    else:
+        fs = (lambda g: np.dot(g, B.T), lambda g: np.matmul(A.T, g))
+    fs = [fs[k] for k in argnums]
+    if len(fs) == 1:
+        f = fs[0]
+        return lambda g: (f(g),)
+    return lambda g: tuple(f(g) for f in fs)
+
+
+def _transpose(argnums, ans, args, kwargs):
+    """Fast VJP of ``transpose(x)`` (``x.T``, no axes) of a vector or matrix: ``g.T``, as
+    autograd's (the last two axes, for a stack of cotangents)."""
+    if kwargs or len(args) != 1 or not (type(args[0]) is np.ndarray and args[0].ndim <= 2
+                                        and _is_f64(ans)):
+        return None
+    if args[0].ndim < 2:
+        return lambda g: (g,)
+    return lambda g: (np.swapaxes(g, -1, -2),)
+
+
+#: primitive -> maker of a faster first-order VJP on raw float64 values (None where
+#: it does not apply): the same numbers as autograd's VJP (up to the summation order
+#: of a BLAS product), without its per-call wrapping, metadata and broadcasting checks.
+#: Each also maps a stack of cotangents (extra leading axes) row by row, so a tape of
+#: such nodes forms J in one replay (:meth:`_Tape.rows`).
+_FAST_VJPS = {
+    anp.add: _elementwise(lambda g, x, y: g, lambda g, x, y: g),
+    anp.subtract: _elementwise(lambda g, x, y: g, lambda g, x, y: -g),
+    anp.multiply: _elementwise(lambda g, x, y: y * g, lambda g, x, y: x * g),
+    anp.true_divide: _elementwise(lambda g, x, y: g / y, lambda g, x, y: -g * x / y ** 2),
+    anp.negative: _elementwise(lambda g, x: -g),
+    anp.tanh: _unary(lambda ans, x: np.cosh(x) ** 2, lambda g, c: g / c),
+    anp.exp: _unary(lambda ans, x: ans, lambda g, c: c * g),
+    anp.log: _unary(lambda ans, x: x, lambda g, c: g / c),
+    anp.sin: _unary(lambda ans, x: np.cos(x), lambda g, c: g * c),
+    anp.cos: _unary(lambda ans, x: np.sin(x), lambda g, c: -g * c),
+    anp.sqrt: _unary(lambda ans, x: x ** -0.5, lambda g, c: g * 0.5 * c),
+    anp.square: _unary(lambda ans, x: x, lambda g, c: g * 2 * c),
+    anp.dot: _product,
+    anp.matmul: _product,
+    anp.transpose: _transpose,
+}
+
+
+class _TapeNode(VJPNode):
+    """A node of a :class:`_Tape`: for the primitives of :data:`_FAST_VJPS` on plain
+    float64 values a faster VJP (``fast``, else None), used for raw cotangents;
+    autograd's own (:meth:`autograd_vjp`) is built only when needed (any other
+    primitive or value, or a boxed cotangent)."""
+
+    __slots__ = ("fast", "recipe", "size")
+
+    def __init__(self, value, fun, args, kwargs, parent_argnums, parents):
+        self.size = np.size(value)
+        maker = _FAST_VJPS.get(fun)
+        self.fast = None if maker is None else maker(parent_argnums, value, args, kwargs)
+        self.recipe = None
+        if self.fast is None:
+            super().__init__(value, fun, args, kwargs, parent_argnums, parents)
+        else:
+            self.parents, self.vjp = parents, None
+            self.recipe = (fun, value, args, kwargs, parent_argnums)
+
+    def autograd_vjp(self) -> Callable:
+        """autograd's VJP of this node (built on first use)."""
+        if self.vjp is None:
+            fun, value, args, kwargs, argnums = self.recipe
+            self.vjp = primitive_vjps[fun](argnums, value, args, kwargs)
+        return self.vjp
+
+    def initialize_root(self):
+        super().initialize_root()
+        self.fast = self.recipe = None
+        self.size = 0
+
+
+def _add_outgrads(prev, g):
+    """autograd's ``add_outgrads`` (the sum of the cotangents reaching a node), inlined
+    for plain arrays: the same sums (``prev + g``, then in place), without a vspace per add."""
+    if type(g) is not np.ndarray or (prev is not None and type(prev[0]) is not np.ndarray):
+        return add_outgrads(prev, g)
+    if prev is None:
+        return g, False
+    total, mutable = prev
+    if mutable:             # a sum made here: ours to update
+        total += g
+        return total, True
+    return total + g, True
+
+
 class _Tape:
     """``fun(*args)`` traced once by autograd at raw ``args``, each argument its own root.
 
@@ -174,7 +314,7 @@ class _Tape:
     keep ``make_vjp``, whose backward pass is itself traced.
     """
 
-    __slots__ = ("args", "roots", "end", "order", "dtypes")
+    __slots__ = ("args", "roots", "end", "order", "steps", "dtypes", "batchable", "widest")
 
     def __init__(self, fun: Callable, args: tuple):
         self.args = args
@@ -182,29 +322,36 @@ class _Tape:
         with trace_stack.new_trace() as t:
             boxes = []
             for k, a in enumerate(args):
-                root = VJPNode.new_root()
+                root = _TapeNode.new_root()
                 self.roots[root] = k
                 boxes.append(new_box(a, t, root))
             out = fun(*boxes)
             ours = isbox(out) and out._trace == t
         self.end = out._node if ours else None
         self.order = list(toposort(self.end)) if ours else []
+        # (node, its argument index if a root, its parents, its fast VJP), in order
+        self.steps = [(node, self.roots.get(node), node.parents, node.fast)
+                      for node in self.order]
         # autograd's tuple path returns a float32 argument's gradient as float32
         self.dtypes = [np.float32 if _is_float32(a) else None for a in args]
+        # every node has a fast VJP (they map stacks of cotangents row by row): see rows()
+        self.batchable = ours and all(k is not None or fast is not None
+                                      for _, k, _, fast in self.steps)
+        self.widest = max([node.size for node in self.order] + [1])
 
     def vjp(self, g) -> tuple:
         grads = [None] * len(self.args)
         if self.end is not None:
             outgrads = {self.end: (g, False)}
-            roots = self.roots
-            for node in self.order:
-                outgrad = outgrads.pop(node)
-                k = roots.get(node)
+            raw = not isbox(g)      # then every outgrad is raw too: the fast VJPs apply
+            for node, k, parents, fast in self.steps:
+                outgrad = outgrads.pop(node)[0]
                 if k is not None:
-                    grads[k] = outgrad[0]
+                    grads[k] = outgrad
                     continue
-                for parent, ingrad in zip(node.parents, node.vjp(outgrad[0])):
-                    outgrads[parent] = add_outgrads(outgrads.get(parent), ingrad)
+                vjp = fast if raw and fast is not None else node.autograd_vjp()
+                for parent, ingrad in zip(parents, vjp(outgrad)):
+                    outgrads[parent] = _add_outgrads(outgrads.get(parent), ingrad)
         out = []
         for a, gk, dtype in zip(self.args, grads, self.dtypes):
             if gk is None:      # fun does not depend on this argument
@@ -215,6 +362,21 @@ class _Tape:
                 gk = np.asarray(gk).astype(dtype)
             out.append(gk)
         return tuple(out)
+
+    def rows(self, r: int) -> np.ndarray:
+        """``(r, n)``: the rows ``d<fun, e_k>/d args[0]`` for the ``r`` unit cotangents
+        ``e_k`` of a flat ``(r,)`` output (for ``J^T``: ``J`` itself), by replaying stacks
+        of unit cotangents (of at most :data:`STACK_ELEMENTS` entries per node), when
+        :attr:`batchable`; the same numbers as ``r`` replays, up to the summation order
+        of the BLAS products."""
+        eye = np.eye(r)
+        chunk = max(1, STACK_ELEMENTS // self.widest)
+        return np.concatenate([np.asarray(self.vjp(eye[lo:lo + chunk])[0], dtype=float)
+                               for lo in range(0, r, chunk)])
+
+
+#: largest number of entries of one node's stack of cotangents in :meth:`_Tape.rows`
+STACK_ELEMENTS = 2 ** 22
 
 
 # ------------------------------------------------------------------------------
@@ -233,7 +395,17 @@ class JacobianOperator(linear_solvers.Operator):
 
     def rmv(self, w):
         p = self.point
-        return np.asarray(p.J_T(np.asarray(w, float), p.y_flat, p.inputs), dtype=float)
+        return np.asarray(p.raw_J_T(np.asarray(w, float)), dtype=float)
+
+    def dense_is_cheap(self) -> bool:
+        """Whether J forms in one replay of the residual's tape (one instance, every node
+        with a fast VJP: see ``_Tape.rows``) instead of ``r`` products."""
+        return self.batch_size is None and self.point.y_tape().batchable
+
+    def dense(self) -> np.ndarray:
+        if self._dense is None and self.dense_is_cheap():
+            self._dense = self.point.y_tape().rows(self.r)
+        return super().dense()
 
 
 class ForwardPoint:
@@ -286,10 +458,18 @@ class ForwardPoint:
     def J_T(self, w, y_flat, inputs):
         """``J^T w``, an autograd VJP of F in y."""
         if not (isbox(y_flat) or any(isbox(x) for x in inputs)):
-            if self._vjp_y is None:   # trace F once per point, reuse for every product
-                self._vjp_y = _Tape(lambda yy: self.F(yy, *self.inputs), (self.y_flat,))
-            return self._vjp_y.vjp(w)[0]
+            return self.raw_J_T(w)
         return make_vjp(lambda yy: self.F(yy, *inputs))(y_flat)[0](w)
+
+    def raw_J_T(self, w):
+        """``J^T w`` at this point's own (raw) ``y`` and inputs."""
+        return self.y_tape().vjp(w)[0]
+
+    def y_tape(self) -> _Tape:
+        """F traced in ``y`` at this point (raw numbers), once; replayed for every product."""
+        if self._vjp_y is None:
+            self._vjp_y = _Tape(lambda yy: self.F(yy, *self.inputs), (self.y_flat,))
+        return self._vjp_y
 
     def J(self, u, y_flat, inputs):
         """``J u``, an autograd JVP (forward mode) of F in y."""
@@ -580,6 +760,7 @@ class ImplicitLayer:
         opts = {k: v for k, v in self.linear_solver_options.items() if k in cls.options}
         if name == "krylov_or_dense":    # auto's Krylov path keeps a singular J a typed error
             opts.setdefault("probe", True)
+            opts.setdefault("dense_if_cheap", True)
         return cls(**opts)
 
     @property
@@ -612,7 +793,8 @@ class ImplicitLayer:
         if point.m >= KRYLOV_MIN and point.y_structure.batch_size is None and self.throw:
             # forming J costs m VJPs; a well-conditioned J needs far fewer Krylov products,
             # and the probe keeps a singular J the LU's typed error (KrylovOrDense, probe=True);
-            # the ski-rental budget, priced by the measured product, bounds a hard J at ~2x
+            # the ski-rental budget, priced by the measured product, bounds a hard J at ~2x;
+            # where J forms in one replay of the tape (dense_if_cheap=True), the LU at once
             return self._auto["krylov_or_dense"]
         return self._auto["lu"]
 
@@ -807,7 +989,11 @@ def implicit_layer(residual: Callable[..., Any], solver: Callable[..., Any], *,
         or ``throw=False`` up to ``dense_max``; from ``KRYLOV_MIN`` to
         ``dense_max`` for one instance, ``'krylov_or_dense'`` with its singularity
         probe, ``probe=True``, so a singular J still ends in the LU's
-        :class:`~nimplicit.errors.SingularJacobianError`; GMRES above ``dense_max``),
+        :class:`~nimplicit.errors.SingularJacobianError`, and ``dense_if_cheap=True``:
+        the LU from the start when J forms in one replay of the residual's tape,
+        i.e. every primitive of the residual has a fast VJP (``_FAST_VJPS``:
+        elementwise arithmetic, tanh/exp/log/sin/cos/sqrt/square, dot/matmul,
+        transpose, on float64 arrays without broadcasting); GMRES above ``dense_max``),
         ``'krylov_or_dense'`` (GMRES at rtol 1e-14 while its products cost less
         than forming and factoring J, then LU: faster where a VJP is expensive;
         without ``probe=True`` a singular J with a cotangent in its range is

@@ -727,7 +727,9 @@ def _krylov(name: str, method, apply: MatVec, apply_T: Optional[MatVec], b: np.n
         return np.zeros(shape)
     n = bf.size
     fa = _flat_operator(apply, shape)
-    op = spla.LinearOperator((n, n), matvec=fa, dtype=float)
+    # our GMRES calls fa itself; SciPy's methods take a LinearOperator
+    op = None if method is spla.gmres and M is None else \
+        spla.LinearOperator((n, n), matvec=fa, dtype=float)
     Mop = None if M is None else spla.LinearOperator((n, n), matvec=_flat_operator(M, shape),
                                                      dtype=float)
     maxiter = maxiter or 10 * n
@@ -926,18 +928,19 @@ class _OverBudget(Exception):
 class _CountingOperator(Operator):
     """``operator`` with every product counted and timed, and a budget of products.
 
-    ``budget()`` is re-evaluated on each product (it depends on the measured cost of
-    one product); exceeding it raises :class:`_OverBudget`, which unwinds the
-    Krylov solve that asked for the product.
+    ``budget()`` is re-evaluated on each product from the ``floor``-th on (it depends
+    on the measured cost of one product, and is never below ``floor``); exceeding it
+    raises :class:`_OverBudget`, which unwinds the Krylov solve that asked for the
+    product.
     """
 
-    def __init__(self, operator: Operator, budget: Callable[[], float]):
+    def __init__(self, operator: Operator, budget: Callable[[], float], floor: int = 0):
         super().__init__(operator.r, operator.m, operator.batch_size, operator.point)
-        self.inner, self.budget = operator, budget
+        self.inner, self.budget, self.floor = operator, budget, floor
         self.products, self.fastest = 0, np.inf
 
     def _count(self, apply, v):
-        if self.products >= self.budget():
+        if self.products >= self.floor and self.products >= self.budget():
             raise _OverBudget
         start = time.perf_counter()
         out = apply(v)
@@ -958,11 +961,16 @@ class _CountingOperator(Operator):
 class _KrylovOrDenseState(LinearSolverState):
     def __init__(self, solver: "KrylovOrDense", operator: Operator, aux):
         self.solver, self.operator, self.aux = solver, operator, aux
-        self.counted = _CountingOperator(operator, self.break_even)
+        self.counted = _CountingOperator(operator, self.break_even, floor=operator.m)
         self.krylov = solver.krylov.init(self.counted, aux)
         self.dense_state: Optional[LinearSolverState] = None
         self.switched_because: Optional[str] = None
         self.probed = not solver.opts["probe"]
+        cheap = getattr(operator, "dense_is_cheap", None)
+        if solver.opts["dense_if_cheap"] and cheap is not None and cheap():
+            self.switched_because = ("J forms in one replay of the residual's tape: the dense "
+                                     "solve, with its condition check, is the cheaper")
+            self.dense_state = solver.dense.init(operator, aux)
         if not self.probed:
             k = solver.krylov
             self.probe_krylov = type(k)(**{**k.opts, "rtol": max(PROBE_RTOL, k.opts["rtol"])}
@@ -990,7 +998,7 @@ class _KrylovOrDenseState(LinearSolverState):
         and one product.
         """
         self.probed = True
-        z = np.random.default_rng(PROBE_SEED).standard_normal(shape)
+        z = _probe_vector(shape)
         x = self.probe_krylov.solve(z, transpose=transpose)
         Az = (self.counted.rmv if transpose else self.counted.mv)(z)
         growth = float(np.linalg.norm(Az) * np.linalg.norm(x) / np.vdot(z, z))
@@ -1044,6 +1052,22 @@ KRYLOV_OR_DENSE_RTOL = 1e-14
 #: seed of the random right-hand side of :meth:`_KrylovOrDenseState._probe`
 PROBE_SEED = 20261202
 
+_PROBE_VECTORS: dict = {}
+
+
+def _probe_vector(shape) -> np.ndarray:
+    """The probe's right-hand side of ``shape``: standard normal from :data:`PROBE_SEED`,
+    drawn once per shape (read-only; the last few shapes are kept)."""
+    z = _PROBE_VECTORS.get(shape)
+    if z is None:
+        if len(_PROBE_VECTORS) >= 16:
+            _PROBE_VECTORS.clear()
+        z = np.random.default_rng(PROBE_SEED).standard_normal(shape)
+        z.flags.writeable = False
+        z = _PROBE_VECTORS.setdefault(shape, z)
+    return z
+
+
 #: the relative residual the singularity probe of :class:`KrylovOrDense` solves to
 #: (a singular J goes unnoticed with probability ~ PROBE_RTOL sqrt(m))
 PROBE_RTOL = 1e-8
@@ -1074,17 +1098,21 @@ class KrylovOrDense(LinearSolver):
     closes that gap: before the first solve at a point, one Krylov solve with a
     random right-hand side, which a singular J cannot solve, so the LU reports
     it (see ``_KrylovOrDenseState._probe``; one more Krylov solve per point).
-    Pass ``linear_solver='lu'`` for the LU's condition check on every point.
+    ``dense_if_cheap=True`` (also what ``'auto'`` uses): when the operator forms J
+    at about the cost of a product (``operator.dense_is_cheap()``: the residual's
+    tape replays a stack of unit cotangents at once), the dense solver from the
+    start.  Pass ``linear_solver='lu'`` for the LU's condition check on every point.
     """
 
     name = "krylov_or_dense"
     #: GMRES's options, with an rtol tight enough that the gradient is as accurate
     #: as the LU's, and the LU's
-    options: dict = {**GMRES.options, "rtol": KRYLOV_OR_DENSE_RTOL, **LU.options, "probe": False}
+    options: dict = {**GMRES.options, "rtol": KRYLOV_OR_DENSE_RTOL, **LU.options, "probe": False,
+                     "dense_if_cheap": False}
 
     def __init__(self, krylov: Optional[LinearSolver] = None, dense: Optional[LinearSolver] = None,
                  **options):
-        inner = sorted(set(options) - {"probe"})
+        inner = sorted(set(options) - {"probe", "dense_if_cheap"})
         if inner and (krylov is not None or dense is not None):
             raise OptionError(f"KrylovOrDense: options {inner} given together with "
                               f"constructed solvers: pass them to those solvers' constructors")
@@ -1097,12 +1125,13 @@ class KrylovOrDense(LinearSolver):
         return _KrylovOrDenseState(self, operator, aux)
 
     def __repr__(self):
-        probe = ", probe=True" if self.opts["probe"] else ""
-        return f"KrylovOrDense({self.krylov!r}, {self.dense!r}{probe})"
+        flags = "".join(f", {k}=True" for k in ("probe", "dense_if_cheap") if self.opts[k])
+        return f"KrylovOrDense({self.krylov!r}, {self.dense!r}{flags})"
 
     def __eq__(self, other):
-        return type(other) is KrylovOrDense and (other.krylov, other.dense, other.opts["probe"]) \
-            == (self.krylov, self.dense, self.opts["probe"])
+        def key(s):
+            return s.krylov, s.dense, s.opts["probe"], s.opts["dense_if_cheap"]
+        return type(other) is KrylovOrDense and key(other) == key(self)
 
     __hash__ = object.__hash__
 

@@ -675,3 +675,82 @@ def test_vjp_differentiated_in_its_cotangent_with_a_float32_input():
     assert vjp(onp.ones(2))[0].dtype == onp.float32
     onp.testing.assert_allclose(make_jvp(lambda g: vjp(g)[0])(onp.ones(2))(onp.ones(2))[1], c)
     onp.testing.assert_allclose(grad(lambda g: np.sum(vjp(g)[0] ** 2))(onp.ones(2)), 2 * c * c)
+
+
+# the replayed tape's fast first-order VJPs (nimplicit.implicit._FAST_VJPS)
+
+_R = onp.random.default_rng(11)
+_A, _B, _v, _u = _R.standard_normal((4, 3)), _R.standard_normal((3, 5)), _R.standard_normal(3), \
+    _R.standard_normal(4)
+_p = onp.abs(_R.standard_normal(3)) + 0.5
+
+#: (name, fun, args, whether every node takes the fast path)
+_TAPE_CASES = [
+    ("add", lambda a, b: a + b, (_v, _v[::-1].copy()), True),
+    ("subtract", lambda a, b: a - b, (_v, _p), True),
+    ("multiply", lambda a, b: a * b, (_v, _p), True),
+    ("divide", lambda a, b: a / b, (_v, _p), True),
+    ("negative", lambda a, b: -a + 0.0 * b, (_v, _p), True),
+    ("same argument twice", lambda a, b: a * a - b * a, (_v, _p), True),
+    ("int constant", lambda a, b: 2 * a - 1 + b, (_v, _p), True),
+    ("unary", lambda a, b: np.tanh(a) + np.exp(a) * np.log(b) + np.sin(b) - np.cos(a)
+     + np.sqrt(b) + np.square(a), (_v, _p), True),
+    ("dot 2-1", lambda a, b: np.dot(a, b), (_A[:, :3], _v), True),
+    ("dot 1-2", lambda a, b: np.dot(a, b), (_v, _B), True),
+    ("dot 2-2", lambda a, b: np.dot(a, b), (_A[:, :3].copy(), _B), True),
+    ("matmul 2-1", lambda a, b: a @ b, (_A[:, :3].copy(), _v), True),
+    ("matmul 1-2 and 2-2", lambda a, b: (a @ b) @ b.T, (_v, _B), True),
+    ("broadcast (autograd's unbroadcast)", lambda a, b: a + b, (_v, 2.5), False),
+    ("float32 (autograd casts)", lambda a, b: np.tanh(a) * b, (_v.astype(onp.float32), _p), False),
+    ("dot 1-1 (a scalar)", lambda a, b: np.dot(a, b) * a, (_v, _p), False),
+    ("a primitive without a fast VJP", lambda a, b: np.sum(a) * b + np.reshape(a, (3,)),
+     (_v, _p), False),
+]
+
+
+@pytest.mark.parametrize("name, fun, args, fast", _TAPE_CASES, ids=[c[0] for c in _TAPE_CASES])
+def test_replayed_tape_matches_autograd_and_takes_the_fast_vjps(name, fun, args, fast):
+    from nimplicit.implicit import _Tape
+    tape = _Tape(fun, args)
+    inner = [node for node in tape.order if node not in tape.roots]
+    assert inner and all(node.fast is not None for node in inner) == fast
+    g = _R.standard_normal(onp.shape(fun(*args)))
+    ours = tape.vjp(g)
+    for k, a in enumerate(args):
+        pull = make_vjp(lambda s: fun(*[s if i == k else x for i, x in enumerate(args)]))(a)[0]
+        ref = pull(g)
+        # in the argument's dtype (a float32 gradient rounded, as autograd's tuple path)
+        assert ours[k].dtype == onp.asarray(a).dtype and ours[k].shape == onp.shape(ref)
+        rtol = 1e-14 if onp.asarray(a).dtype == onp.float64 else 1e-6
+        onp.testing.assert_allclose(ours[k], ref, rtol=rtol, atol=rtol * onp.abs(ref).max())
+    assert tape.batchable == fast
+    if fast:    # a stack of cotangents (a leading axis) replays row by row
+        G = _R.standard_normal((3,) + onp.shape(g))
+        stacked = tape.vjp(G)
+        for k in range(len(args)):
+            rows = onp.stack([tape.vjp(Gi)[k] for Gi in G])
+            onp.testing.assert_allclose(stacked[k], rows, rtol=1e-13, atol=1e-14)
+    again = tape.vjp(2 * g)            # a tape replays: the same factors for every cotangent
+    for k, a in enumerate(args):
+        rtol = 1e-14 if onp.asarray(a).dtype == onp.float64 else 1e-6
+        onp.testing.assert_allclose(again[k], 2 * ours[k], rtol=rtol, atol=1e-300)
+
+
+def test_replayed_tape_with_a_boxed_cotangent_uses_autograd_vjps():
+    """A cotangent being differentiated (the VJP's own derivative) takes autograd's VJPs."""
+    from nimplicit.implicit import _Tape
+    tape = _Tape(lambda a, b: np.tanh(np.dot(a, b)), (_A[:, :3].copy(), _v))
+    H = jacobian(lambda g: tape.vjp(g)[1])(onp.ones(4))      # d(A^T diag(t') g)/dg
+    t = onp.tanh(_A[:, :3] @ _v)
+    onp.testing.assert_allclose(H, (_A[:, :3] * (1 - t ** 2)[:, None]).T, rtol=1e-12)
+
+
+def test_tape_rows_form_the_jacobian_in_chunks():
+    from nimplicit import implicit
+    from nimplicit.implicit import _Tape
+    W = _R.standard_normal((7, 7))
+    tape = _Tape(lambda y: np.tanh(np.dot(W, y)) - y, (_R.standard_normal(7),))
+    J = onp.stack([tape.vjp(e)[0] for e in onp.eye(7)])
+    onp.testing.assert_allclose(tape.rows(7), J, rtol=1e-13, atol=1e-15)
+    with mock.patch.object(implicit, "STACK_ELEMENTS", 14):      # 2 rows per replay
+        onp.testing.assert_allclose(tape.rows(7), J, rtol=1e-13, atol=1e-15)

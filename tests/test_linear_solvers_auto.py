@@ -35,10 +35,16 @@ def problem(d, seed=0):
     return W, rng.standard_normal(d)
 
 
-def layer_and_point(d, **options):
+def T_sliced(y, W, b):
+    """``T`` through an indexing of ``y``: a primitive without a fast VJP, so J is not
+    formed in one replay of the tape and 'auto' keeps its Krylov path."""
+    return anp.tanh(anp.dot(W, y[::1]) + b)
+
+
+def layer_and_point(d, fn=T, **options):
     W, b = problem(d)
     options.setdefault("linear_solver", "krylov_or_dense")
-    layer = fixed_point_layer(T, solver=iterate, **options)
+    layer = fixed_point_layer(fn, solver=iterate, **options)
     with record_points() as points:
         g = grad(lambda b: anp.sum(layer(W, b) ** 2))(b)
     return layer, points[0], (W, b), g
@@ -90,7 +96,7 @@ def test_without_the_probe_krylov_or_dense_solves_that_singular_j_silently():
 
 def test_auto_takes_krylov_with_the_probe_from_krylov_min_to_dense_max():
     d = implicit.KRYLOV_MIN + 16
-    layer, point, (W, b), g = layer_and_point(d, linear_solver="auto")
+    layer, point, (W, b), g = layer_and_point(d, fn=T_sliced, linear_solver="auto")
     solver = point.linear_solver
     assert isinstance(solver, linear_solvers.KrylovOrDense) and solver.opts["probe"]
     assert solver.krylov.opts["rtol"] == linear_solvers.KRYLOV_OR_DENSE_RTOL
@@ -118,6 +124,32 @@ def test_auto_takes_krylov_with_the_probe_from_krylov_min_to_dense_max():
     with record_points() as points:
         bad(np.ones(d))
     assert isinstance(points[0].linear_solver, linear_solvers.LU)
+
+
+def test_auto_forms_j_in_one_replay_when_every_node_has_a_fast_vjp():
+    """tanh(W y + b) - y: every node of the tape maps a stack of cotangents, J forms in one
+    replay, and 'auto' solves by the LU (its condition check) without Krylov products."""
+    d = implicit.KRYLOV_MIN + 16
+    layer, point, (W, b), g = layer_and_point(d, linear_solver="auto")
+    solver = point.linear_solver
+    assert isinstance(solver, linear_solvers.KrylovOrDense) and solver.opts["dense_if_cheap"]
+    state = point.solver_state
+    assert point.operator.dense_is_cheap() and "one replay" in state.switched_because
+    assert isinstance(state.dense_state, linear_solvers._LUState)
+    assert state.counted.products == 0 and not state.probed
+    rows = linear_solvers.form_jacobian(point.operator.rmv, None, np.zeros(d), True, d)
+    assert_close(point.operator.dense(), rows, 1e-13, "J from one replay vs d replays")
+    g_lu = grad(lambda b: anp.sum(fixed_point_layer(T, solver=iterate, linear_solver="lu")(W, b)
+                                  ** 2))(b)
+    assert_close(g, g_lu, 1e-13, "auto (one-replay LU) vs LU")
+    report = check_grad(lambda b: layer(W, b), b, modes=("rev", "fwd"))
+    assert report.passed, report
+    # forceable: the Krylov path with its probe
+    _, p, _, _ = layer_and_point(d, linear_solver="auto",
+                                 linear_solver_options={"dense_if_cheap": False})
+    assert p.solver_state.probed and p.solver_state.dense_state is None
+    _, p, _, _ = layer_and_point(d)                  # explicit krylov_or_dense: Krylov first
+    assert p.solver_state.dense_state is None
 
 
 def test_auto_refuses_an_ill_conditioned_j_on_the_krylov_path():
@@ -236,3 +268,28 @@ def test_gmres_refuses_a_blown_up_iterate_on_a_singular_j():
                                lambda v: J @ v, -np.ones(20), rtol=1e-14, maxiter=None,
                                M=lambda v: v, refinements=3)
     assert info.value.status is linear_solvers.SolveStatus.SINGULAR
+
+
+@pytest.mark.parametrize("options", [{}, {"dense_if_cheap": False}],
+                         ids=["one-replay LU", "probed Krylov"])
+@pytest.mark.parametrize("cond, fails", [(1e6, False), (5e11, True), (5e12, True), (5e13, True)])
+def test_both_auto_paths_refuse_what_the_lu_refuses(options, cond, fails):
+    """m = 80, J = I + (1/cond - 1) u u^T and a cotangent in the range of J: 'auto' by the
+    one-replay LU and by the probed Krylov path (dense_if_cheap=False) decide as the LU."""
+    d = 80
+    rng = np.random.default_rng(1)
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    M = np.eye(d) + (1 / cond - 1) * np.outer(u, u)
+    P = np.eye(d) - np.outer(u, u)
+    a = M @ rng.standard_normal(d)
+    for kind, opts in (("auto", options), ("lu", {})):
+        layer = implicit_layer(lambda y, a: anp.dot(M, y) - a,
+                               lambda a: np.linalg.lstsq(M, a, rcond=None)[0],
+                               linear_solver=kind, linear_solver_options=opts)
+        loss = lambda a: anp.sum(anp.dot(P, layer(a)))
+        if fails:
+            with pytest.raises(SingularJacobianError):
+                grad(loss)(a)
+        else:
+            assert_close(grad(loss)(a), np.linalg.solve(M.T, P.T @ np.ones(d)), 1e-9, kind)
