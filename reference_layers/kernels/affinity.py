@@ -279,6 +279,80 @@ def affinity_stats(M):  # pragma: no cover - numba
     return big, asym, low, bad, rows
 
 
+
+# the same flags as affinity_stats: the float reductions vectorize, NaN/Inf semantics are kept
+@njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
+def affinity_scan(M, X, r, s):  # pragma: no cover - numba
+    """One streamed, row-major pass over ``M`` (square, float64, C-contiguous)
+    with an exact randomized symmetry certificate:
+    ``(max|M|, min M, number of non-finite entries, M 1, certified)``.
+
+    ``X`` is ``M.view(np.uint64)`` (the entries' bit patterns), ``r`` and ``s``
+    are independent uniform random integers in ``[0, 2**32)`` (uint64).  Each
+    entry is split into its two 32-bit words ``lo``, ``hi``, and the pass
+    computes ``u = L r + H s`` and ``c = L' r + H' s`` in integer arithmetic
+    modulo ``2**64`` (``L``, ``H``: the matrices of the words; ``c`` by an axpy
+    per row, so ``M`` is read once, in memory order).  No rounding is involved:
+
+    - an exactly symmetric ``M`` (bit-identical ``M[i, j]``, ``M[j, i]``) always
+      gives ``u == c`` (``certified`` True);
+    - otherwise some row ``i`` has an entry ``j`` whose words differ, and
+      ``u_i - c_i`` contains ``d r_j`` (or ``d s_j``) with ``0 < |d| < 2**32``:
+      ``r_j -> d r_j mod 2**64`` is injective on ``[0, 2**32)``, so given the
+      other draws at most one value of ``r_j`` makes the row cancel, and
+      ``certified`` is True with probability at most ``2**-32``.
+
+    ``certified`` False says nothing about the size of ``M - M'`` (``-0.0``
+    against ``0.0`` also differs): the caller then measures it exactly
+    (:func:`affinity_stats`)."""
+    N = M.shape[0]
+    top = -np.inf
+    low = np.inf
+    total = 0.0
+    rows = np.empty(N)
+    u = np.empty(N, dtype=np.uint64)
+    c = np.zeros(N, dtype=np.uint64)
+    mask = np.uint64(0xFFFFFFFF)
+    shift = np.uint64(32)
+    rm = r & mask
+    sm = s & mask
+    for i in range(N):
+        Mi = M[i]
+        t = 0.0
+        b = -np.inf
+        lo_ = np.inf
+        for j in range(N):            # the float statistics ...
+            a = Mi[j]
+            t += a
+            b = a if a > b else b
+            lo_ = a if a < lo_ else lo_
+        Xi = X[i]
+        ui = np.uint64(0)
+        ri = rm[i]
+        si = sm[i]
+        for j in range(N):            # ... and the certificate, on the row still in cache
+            x = Xi[j]
+            wl = x & mask
+            wh = x >> shift
+            ui += wl * rm[j] + wh * sm[j]
+            c[j] += wl * ri + wh * si
+        rows[i] = t
+        top = max(top, b)
+        low = min(low, lo_)
+        total += t
+        u[i] = ui
+    certified = True
+    for i in range(N):
+        if u[i] != c[i]:
+            certified = False
+    bad = 0
+    if not np.isfinite(total):   # a NaN/Inf entry makes its row sum non-finite: count them
+        for i in range(N):
+            for j in range(N):
+                if not np.isfinite(M[i, j]):
+                    bad += 1
+    return max(top, -low), low, bad, rows, certified
+
 # Each kernel in two compilations: serial (small problems, where a parallel region's
 # start-up dominates, badly so on a loaded machine) and parallel (prange over rows).
 # The copies get their own qualified names so that numba's on-disk cache keeps the two
