@@ -25,7 +25,7 @@ from nimplicit import Solution, implicit_layer
 from nimplicit.spectral import DEFAULT_GAP_TOL, check_gap_tol, require_simple_eigenvalue
 
 from .bordered import KKT_DENSE_MAX, BorderedKKT
-from .eigen import DENSE_MAX, EIG_METHODS, dense_eigendata, leading_eigendata
+from .eigen import DENSE_MAX, EIG_METHODS, dense_eigendata, leading_eigendata, product
 from .validation import (as_real_array, check_affinity, choice, deprecated, parse_options,
                          positive_float, positive_int, resolve_backward)
 
@@ -47,6 +47,24 @@ def _sm_residual(z, M):
         My = anp.einsum("bij,bj->bi", M, y)
         return My - lam[:, None] * y, 0.5 * (1.0 - anp.sum(y * y, axis=1))
     return anp.dot(M, y) - lam * y, 0.5 * (1.0 - anp.dot(y, y))
+
+
+def _sm_residual_on(M_checked: np.ndarray, symmetric: bool):
+    """:func:`_sm_residual`; at plain (unboxed) ``y`` and the validated 2-D
+    ``M_checked`` itself, when the validation found it exactly ``symmetric``, its
+    ``M y`` is the one-triangle product of :func:`.eigen.product` (the same
+    product: the core's residual check then reads half of ``M``).  Traced calls
+    (the backward's autograd products) use :func:`_sm_residual` unchanged."""
+    if not symmetric or M_checked.ndim != 2:
+        return _sm_residual
+    Mv = product(M_checked, True)
+
+    def residual(z, M):
+        y, lam = z
+        if M is not M_checked or isbox(y) or isbox(lam):
+            return _sm_residual(z, M)
+        return Mv(y) - lam * y, 0.5 * (1.0 - np.dot(y, y))
+    return residual
 
 
 def _sm_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
@@ -204,11 +222,13 @@ def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[
     if Mv is not getval(M) and not isbox(M):
         M = Mv
     batched = Mv.ndim == 3
-    store = {"M": Mv, "checked": check_affinity(Mv, batched=batched)}
+    checked = check_affinity(Mv, batched=batched)
+    store = {"M": Mv, "checked": checked}
     solve, linear_solver_options = backward_solver(kw, "sm", linear_solver,
                                                    linear_solver_options)
+    residual = _sm_residual_on(Mv, not batched and checked[0].symmetric)
     layer = implicit_layer(
-        _sm_residual, _sm_solver(opts, gap_tol, dense_max, store), linear_solver=solve,
+        residual, _sm_solver(opts, gap_tol, dense_max, store), linear_solver=solve,
         batch_axis=0 if batched else None, residual_tol=kw.residual_tol,
         linear_solver_options=linear_solver_options, diagnostics=_sm_diagnostics,
         name="spectral-matching", finite_inputs=(0,))   # check_affinity counted NaN/Inf
