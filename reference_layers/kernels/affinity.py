@@ -280,12 +280,17 @@ def affinity_stats(M):  # pragma: no cover - numba
 
 
 
-# the same flags as affinity_stats: the float reductions vectorize, NaN/Inf semantics are kept
+# the same flags as affinity_stats: the row sums vectorize, NaN/Inf semantics are kept
 @njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
 def affinity_scan(M, X, r, s):  # pragma: no cover - numba
     """One streamed, row-major pass over ``M`` (square, float64, C-contiguous)
     with an exact randomized symmetry certificate:
-    ``(max|M|, min M, number of non-finite entries, M 1, certified)``.
+    ``(number of non-finite entries, M 1, certified, signed)``.
+
+    ``signed``: some entry has its sign bit set (a negative entry or ``-0.0``;
+    with ``signed`` False every entry is ``>= +0``, so ``M == 0`` exactly when
+    ``M 1 == 0``).  A NaN/Inf entry makes its row sum non-finite, so the entries
+    are counted only then.
 
     ``X`` is ``M.view(np.uint64)`` (the entries' bit patterns), ``r`` and ``s``
     are independent uniform random integers in ``[0, 2**32)`` (uint64).  Each
@@ -306,52 +311,45 @@ def affinity_scan(M, X, r, s):  # pragma: no cover - numba
     against ``0.0`` also differs): the caller then measures it exactly
     (:func:`affinity_stats`)."""
     N = M.shape[0]
-    top = -np.inf
-    low = np.inf
     total = 0.0
     rows = np.empty(N)
     u = np.empty(N, dtype=np.uint64)
     c = np.zeros(N, dtype=np.uint64)
     mask = np.uint64(0xFFFFFFFF)
     shift = np.uint64(32)
-    rm = r & mask
-    sm = s & mask
+    bits = np.uint64(0)
     for i in range(N):
         Mi = M[i]
-        t = 0.0
-        b = -np.inf
-        lo_ = np.inf
-        for j in range(N):            # the float statistics ...
-            a = Mi[j]
-            t += a
-            b = a if a > b else b
-            lo_ = a if a < lo_ else lo_
         Xi = X[i]
+        t = 0.0
         ui = np.uint64(0)
-        ri = rm[i]
-        si = sm[i]
-        for j in range(N):            # ... and the certificate, on the row still in cache
+        ri = r[i] & mask
+        si = s[i] & mask
+        o = np.uint64(0)
+        for j in range(N):
+            t += Mi[j]
             x = Xi[j]
+            o |= x
             wl = x & mask
             wh = x >> shift
-            ui += wl * rm[j] + wh * sm[j]
+            ui += wl * (r[j] & mask) + wh * (s[j] & mask)   # masks: 32x32-bit products
             c[j] += wl * ri + wh * si
         rows[i] = t
-        top = max(top, b)
-        low = min(low, lo_)
         total += t
         u[i] = ui
+        bits |= o
     certified = True
     for i in range(N):
         if u[i] != c[i]:
             certified = False
     bad = 0
-    if not np.isfinite(total):   # a NaN/Inf entry makes its row sum non-finite: count them
+    if not np.isfinite(total):
         for i in range(N):
             for j in range(N):
                 if not np.isfinite(M[i, j]):
                     bad += 1
-    return max(top, -low), low, bad, rows, certified
+    return bad, rows, certified, (bits >> np.uint64(63)) != 0
+
 
 # Each kernel in two compilations: serial (small problems, where a parallel region's
 # start-up dominates, badly so on a loaded machine) and parallel (prange over rows).

@@ -61,12 +61,15 @@ def check_affinity(M: np.ndarray, *, batched: bool, allow_negative: bool = False
     Errors, in this order: non-finite entries (:class:`NonFiniteError`), all
     zero, ``max|M - M'| > 1e-10 max|M|``, ``min M < -1e-12 max|M|`` (unless
     ``allow_negative``) (:class:`AffinityError`).  One streamed pass
-    (:func:`~reference_layers.kernels.affinity.affinity_scan`) gives everything
-    but ``max|M - M'|``: its certificate always accepts an exactly symmetric
-    ``M`` and accepts any other with probability at most ``2**-32``; when it does
-    not accept, a tiled pass (:func:`~reference_layers.kernels.affinity.affinity_stats`)
-    measures ``max|M - M'|`` exactly (a nearly symmetric ``M`` is accepted then, with
-    ``symmetric`` False: its products use the whole matrix)."""
+    (:func:`~reference_layers.kernels.affinity.affinity_scan`) gives the row sums,
+    the non-finite count, whether some entry has its sign bit set, and a
+    certificate of exact symmetry that always accepts an exactly symmetric ``M``
+    and accepts any other with probability at most ``2**-32``.  An accepted ``M``
+    without sign bits passes every test (``M == 0`` exactly when its row sums are
+    0); any other gets a second, tiled pass
+    (:func:`~reference_layers.kernels.affinity.affinity_stats`) that measures
+    ``max|M|``, ``max|M - M'|`` and ``min M`` exactly (a nearly symmetric ``M`` is
+    accepted then, with ``symmetric`` False: its products use the whole matrix)."""
     if M.ndim != (3 if batched else 2) or M.shape[-1] != M.shape[-2] or M.shape[-1] == 0:
         want = "(B, nm, nm)" if batched else "(nm, nm)"
         raise AffinityError(f"the affinity must be a non-empty square matrix of shape {want}, "
@@ -80,16 +83,20 @@ def check_affinity(M: np.ndarray, *, batched: bool, allow_negative: bool = False
         where = f" (batch instance {b})" if batched else ""
         Mb = np.ascontiguousarray(Mb, dtype=float)
         words = _CERTIFICATE_RNG.integers(0, 2 ** 32, (2, N), dtype=np.uint64)
-        scale, low, bad, rows, certified = affinity_scan(Mb, Mb.view(np.uint64), words[0],
-                                                         words[1])
+        bad, rows, certified, signed = affinity_scan(Mb, Mb.view(np.uint64), words[0],
+                                                     words[1])
         if bad:
             raise NonFiniteError(f"the affinity matrix{where} contains {bad} non-finite pair(s) "
                                  f"(NaN or Inf). Check the affinity builder's inputs.")
+        if certified and not signed:   # exactly symmetric, every entry >= +0
+            # the tests below then need only whether M == 0 (scale: 0 or any positive)
+            scale, asym, low = (1.0 if rows.any() else 0.0), 0.0, 0.0
+        else:                          # measure max|M|, max|M - M'| and min M exactly
+            scale, asym, low, _, _ = affinity_stats(Mb)
         if scale == 0.0:
             raise AffinityError(f"the affinity matrix is all zero{where}: every vector is a "
                                 f"leading eigenvector and nothing is matched. Check the affinity "
                                 f"builder (kernel bandwidths, edge lists).")
-        asym = 0.0 if certified else affinity_stats(Mb)[1]
         if asym > 1e-10 * scale:
             raise AffinityError(
                 f"the affinity matrix is not symmetric{where}: max|M - M'| = {asym:.3g} (max|M| = "
