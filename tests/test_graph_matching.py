@@ -636,3 +636,34 @@ def test_check_affinity_fast_and_measured_paths_keep_the_contract():
         check_affinity(bad, batched=False)
     with pytest.raises(NonFiniteError, match="batch instance 1"):
         check_affinity(onp.stack([M, bad]), batched=True)
+
+
+def test_one_triangle_residual_product_keeps_first_and_second_derivatives(monkeypatch):
+    # the residual's M y reads one triangle of an exactly symmetric M (_sym_matvec, an
+    # autograd primitive); its derivatives must be those of M @ y on all square matrices:
+    # a non-symmetric direction W gives the same JVP, VJP and Hessian-vector product as
+    # the plain anp.dot residual, and the symmetric one matches finite differences
+    import reference_layers.matching.spectral as sp
+    rng = onp.random.default_rng(5)
+    N = 12
+    A = rng.uniform(size=(N, N))
+    M = A + A.T
+    c = rng.standard_normal(N)
+    f = lambda M: np.dot(c, gm.spectral_matching_layer(M))
+    V = rng.standard_normal((N, N))
+    V = V + V.T
+    W = rng.standard_normal((N, N))
+    calls = []
+    product = sp.product
+    monkeypatch.setattr(sp, "product", lambda M, s: calls.append(1) or product(M, s))
+    ours = [make_jvp(f)(M)(W)[1], grad(f)(M), make_jvp(grad(f))(M)(W)[1],
+            make_jvp(grad(f))(M)(V)[1]]
+    assert calls
+    monkeypatch.setattr(sp, "_sm_residual_on", lambda M, symmetric: sp._sm_residual)
+    plain = [make_jvp(f)(M)(W)[1], grad(f)(M), make_jvp(grad(f))(M)(W)[1],
+             make_jvp(grad(f))(M)(V)[1]]
+    for a, b in zip(ours, plain):
+        assert_close(a, b, 1e-9, "one-triangle residual vs anp.dot")
+    e = 1e-5
+    fd = (grad(f)(M + e * V) - grad(f)(M - e * V)) / (2 * e)
+    assert_close(ours[3], fd, 1e-6, "Hessian-vector product vs FD")
