@@ -560,3 +560,130 @@ def test_exact_symmetry_picks_the_one_triangle_product_with_the_same_result(N):
     x2 = gm.smac_layer(near, C, onp.ones(1))
     assert abs(x.sum() - 1) <= 1e-12
     assert onp.abs(x - x2).max() <= 1e-9 * onp.abs(x).max()
+
+
+def test_symmetry_certificate_of_the_streamed_validation_pass():
+    # affinity_scan's integer certificate: an exactly symmetric M is always accepted; each
+    # kind of asymmetry (one ulp, a factor 2 = exponent bits only, a sign flip = the sign
+    # bit only, two of them in one row) is refused (probability of a miss <= 2**-32 each)
+    from reference_layers.kernels.affinity import affinity_scan, affinity_stats
+    rng = onp.random.default_rng(3)
+    N = 40
+    A = rng.uniform(size=(N, N))
+    M = A + A.T
+
+    def scan(M):
+        words = rng.integers(0, 2 ** 32, (2, N), dtype=onp.uint64)
+        return affinity_scan(M, M.view(onp.uint64), words[0], words[1])
+
+    for _ in range(5):
+        bad, rows, certified, signed = scan(M)
+        assert (bad, certified, signed) == (0, True, False)
+        onp.testing.assert_allclose(rows, M.sum(axis=1), rtol=1e-14)
+    changes = [lambda v: onp.nextafter(v, 2.0), lambda v: 2.0 * v, lambda v: -v]
+    for change in changes:
+        for pairs in ([(3, 7)], [(3, 7), (3, 9)], [(5, 1), (8, 2), (8, 30)]):
+            B = M.copy()
+            for i, j in pairs:
+                B[i, j] = change(B[i, j])
+            assert not scan(B)[2]
+            assert affinity_stats(B)[1] > 0
+    Z = M.copy()
+    Z[0, 1], Z[1, 0] = -0.0, 0.0         # equal values, different bits: refused, then measured
+    bad, rows, certified, signed = scan(Z)
+    assert not certified and signed and affinity_stats(Z)[1] == 0.0
+    N = 3                                # a NaN is counted
+    Q = onp.ones((3, 3))
+    Q[1, 2] = Q[2, 1] = onp.nan
+    assert scan(Q)[0] == 2
+
+
+def test_check_affinity_fast_and_measured_paths_keep_the_contract():
+    # the fast path (certified, no sign bit) and the measured one (tiled affinity_stats)
+    # give the same verdicts and typed errors as before
+    from reference_layers.matching.validation import check_affinity
+    rng = onp.random.default_rng(4)
+    A = rng.uniform(size=(30, 30))
+    M = A + A.T
+    (c,) = check_affinity(M, batched=False)
+    assert c.symmetric
+    Z = M.copy()
+    Z[0, 1], Z[1, 0] = -0.0, 0.0         # measured path: exactly symmetric in value
+    (c,) = check_affinity(Z, batched=False)
+    assert c.symmetric
+    near = M.copy()
+    near[2, 5] = onp.nextafter(near[2, 5], 2.0)   # within 1e-10: accepted, not exact
+    (c,) = check_affinity(near, batched=False)
+    assert not c.symmetric
+    onp.testing.assert_allclose(c.row_sums, near.sum(axis=1), rtol=1e-14)
+    far = M.copy()
+    far[2, 5] *= 1.0 + 1e-8
+    with pytest.raises(gm.AffinityError, match="not symmetric"):
+        check_affinity(far, batched=False)
+    neg = M.copy()
+    neg[4, 6] = neg[6, 4] = -0.5         # exactly symmetric but negative
+    with pytest.raises(gm.AffinityError, match="negative"):
+        check_affinity(neg, batched=False)
+    (c,) = check_affinity(neg, batched=False, allow_negative=True)
+    assert c.symmetric
+    with pytest.raises(gm.AffinityError, match="all zero"):
+        check_affinity(onp.zeros((5, 5)), batched=False)
+    with pytest.raises(gm.AffinityError, match="all zero"):
+        check_affinity(-onp.zeros((5, 5)), batched=False)   # -0.0: the measured path
+    bad = M.copy()
+    bad[3, 3] = onp.inf
+    with pytest.raises(NonFiniteError):
+        check_affinity(bad, batched=False)
+    with pytest.raises(NonFiniteError, match="batch instance 1"):
+        check_affinity(onp.stack([M, bad]), batched=True)
+
+
+def test_one_triangle_residual_product_keeps_first_and_second_derivatives(monkeypatch):
+    # the residual's M y reads one triangle of an exactly symmetric M (_sym_matvec, an
+    # autograd primitive); its derivatives must be those of M @ y on all square matrices:
+    # a non-symmetric direction W gives the same JVP, VJP and Hessian-vector product as
+    # the plain anp.dot residual, and the symmetric one matches finite differences
+    import reference_layers.matching.spectral as sp
+    rng = onp.random.default_rng(5)
+    N = 12
+    A = rng.uniform(size=(N, N))
+    M = A + A.T
+    c = rng.standard_normal(N)
+    f = lambda M: np.dot(c, gm.spectral_matching_layer(M))
+    V = rng.standard_normal((N, N))
+    V = V + V.T
+    W = rng.standard_normal((N, N))
+    calls = []
+    product = sp.product
+    monkeypatch.setattr(sp, "product", lambda M, s: calls.append(1) or product(M, s))
+    ours = [make_jvp(f)(M)(W)[1], grad(f)(M), make_jvp(grad(f))(M)(W)[1],
+            make_jvp(grad(f))(M)(V)[1]]
+    assert calls
+    monkeypatch.setattr(sp, "_sm_residual_on", lambda M, symmetric: sp._sm_residual)
+    plain = [make_jvp(f)(M)(W)[1], grad(f)(M), make_jvp(grad(f))(M)(W)[1],
+             make_jvp(grad(f))(M)(V)[1]]
+    for a, b in zip(ours, plain):
+        assert_close(a, b, 1e-9, "one-triangle residual vs anp.dot")
+    e = 1e-5
+    fd = (grad(f)(M + e * V) - grad(f)(M - e * V)) / (2 * e)
+    assert_close(ours[3], fd, 1e-6, "Hessian-vector product vs FD")
+
+
+def test_smac_one_triangle_residual_product_keeps_the_derivatives(monkeypatch):
+    # SMAC's residual uses the same one-triangle product; JVP and VJP equal the anp.dot
+    # residual's
+    import reference_layers.matching.smac as smac_module
+    rng = onp.random.default_rng(6)
+    N = 16
+    A = rng.uniform(size=(N, N))
+    M = A + A.T
+    C = onp.ones((1, N))
+    c = rng.standard_normal(N)
+    f = lambda M: np.dot(c, gm.smac_layer(M, C, onp.ones(1)))
+    W = rng.standard_normal((N, N))
+    ours = [make_jvp(f)(M)(W)[1], grad(f)(M)]
+    monkeypatch.setattr(smac_module, "_smac_residual_on",
+                        lambda M, symmetric: smac_module._smac_residual)
+    plain = [make_jvp(f)(M)(W)[1], grad(f)(M)]
+    for a, b in zip(ours, plain):
+        assert_close(a, b, 1e-9, "SMAC one-triangle residual vs anp.dot")

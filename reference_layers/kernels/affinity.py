@@ -279,6 +279,78 @@ def affinity_stats(M):  # pragma: no cover - numba
     return big, asym, low, bad, rows
 
 
+
+# the same flags as affinity_stats: the row sums vectorize, NaN/Inf semantics are kept
+@njit(cache=True, fastmath={"reassoc", "nsz", "contract"})
+def affinity_scan(M, X, r, s):  # pragma: no cover - numba
+    """One streamed, row-major pass over ``M`` (square, float64, C-contiguous)
+    with an exact randomized symmetry certificate:
+    ``(number of non-finite entries, M 1, certified, signed)``.
+
+    ``signed``: some entry has its sign bit set (a negative entry or ``-0.0``;
+    with ``signed`` False every entry is ``>= +0``, so ``M == 0`` exactly when
+    ``M 1 == 0``).  A NaN/Inf entry makes its row sum non-finite, so the entries
+    are counted only then.
+
+    ``X`` is ``M.view(np.uint64)`` (the entries' bit patterns), ``r`` and ``s``
+    are independent uniform random integers in ``[0, 2**32)`` (uint64).  Each
+    entry is split into its two 32-bit words ``lo``, ``hi``, and the pass
+    computes ``u = L r + H s`` and ``c = L' r + H' s`` in integer arithmetic
+    modulo ``2**64`` (``L``, ``H``: the matrices of the words; ``c`` by an axpy
+    per row, so ``M`` is read once, in memory order).  No rounding is involved:
+
+    - an exactly symmetric ``M`` (bit-identical ``M[i, j]``, ``M[j, i]``) always
+      gives ``u == c`` (``certified`` True);
+    - otherwise some row ``i`` has an entry ``j`` whose words differ, and
+      ``u_i - c_i`` contains ``d r_j`` (or ``d s_j``) with ``0 < |d| < 2**32``:
+      ``r_j -> d r_j mod 2**64`` is injective on ``[0, 2**32)``, so given the
+      other draws at most one value of ``r_j`` makes the row cancel, and
+      ``certified`` is True with probability at most ``2**-32``.
+
+    ``certified`` False says nothing about the size of ``M - M'`` (``-0.0``
+    against ``0.0`` also differs): the caller then measures it exactly
+    (:func:`affinity_stats`)."""
+    N = M.shape[0]
+    total = 0.0
+    rows = np.empty(N)
+    u = np.empty(N, dtype=np.uint64)
+    c = np.zeros(N, dtype=np.uint64)
+    mask = np.uint64(0xFFFFFFFF)
+    shift = np.uint64(32)
+    bits = np.uint64(0)
+    for i in range(N):
+        Mi = M[i]
+        Xi = X[i]
+        t = 0.0
+        ui = np.uint64(0)
+        ri = r[i] & mask
+        si = s[i] & mask
+        o = np.uint64(0)
+        for j in range(N):
+            t += Mi[j]
+            x = Xi[j]
+            o |= x
+            wl = x & mask
+            wh = x >> shift
+            ui += wl * (r[j] & mask) + wh * (s[j] & mask)   # masks: 32x32-bit products
+            c[j] += wl * ri + wh * si
+        rows[i] = t
+        total += t
+        u[i] = ui
+        bits |= o
+    certified = True
+    for i in range(N):
+        if u[i] != c[i]:
+            certified = False
+    bad = 0
+    if not np.isfinite(total):
+        for i in range(N):
+            for j in range(N):
+                if not np.isfinite(M[i, j]):
+                    bad += 1
+    return bad, rows, certified, (bits >> np.uint64(63)) != 0
+
+
 # Each kernel in two compilations: serial (small problems, where a parallel region's
 # start-up dominates, badly so on a loaded machine) and parallel (prange over rows).
 # The copies get their own qualified names so that numba's on-disk cache keeps the two

@@ -50,7 +50,7 @@ from nimplicit.spectral import DEFAULT_GAP_TOL, require_simple_eigenvalue
 from .eigen import (DENSE_MAX, EigenData, default_tol, dense_eigendata, fix_sign, product,
                     krylov_eigendata)
 from .errors import ConstraintRankError, DegenerateEigenvalueError, InfeasibleConstraintsError
-from .spectral import backward_solver, layer_keywords
+from .spectral import _sym_matvec, backward_solver, layer_keywords
 from .validation import as_real_array, check_affinity, positive_float
 
 #: relative singular-value threshold of the constraint rank
@@ -128,6 +128,22 @@ def _smac_residual(z, M, Ceq):
     y, lam, mu = z
     return (anp.dot(M, y) - lam * y - anp.dot(mu, Ceq), 0.5 * (1.0 - anp.dot(y, y)),
             -anp.dot(Ceq, y))
+
+
+def _smac_residual_on(M_checked: np.ndarray, symmetric: bool):
+    """:func:`_smac_residual`, with ``M y`` by :func:`.spectral._sym_matvec` (one
+    triangle) when ``M`` is the validated, exactly ``symmetric`` float64 ``M_checked``
+    (see :func:`.spectral._sm_residual_on`)."""
+    if not symmetric or M_checked.dtype != np.float64 or not M_checked.flags.c_contiguous:
+        return _smac_residual
+
+    def residual(z, M, Ceq):
+        if getval(M) is not M_checked:
+            return _smac_residual(z, M, Ceq)
+        y, lam, mu = z
+        return (_sym_matvec(M, y) - lam * y - anp.dot(mu, Ceq), 0.5 * (1.0 - anp.dot(y, y)),
+                -anp.dot(Ceq, y))
+    return residual
 
 
 def _null_space(Ceq: np.ndarray, full: bool):
@@ -293,7 +309,8 @@ def smac_layer(M, C=None, d=None, *, shape: Optional[Tuple[int, int]] = None,
         Ceq = Ceq[rows] if isbox(Ceq) else np.asarray(Ceq)[rows]
     solve, linear_solver_options = backward_solver(kw, "smac", linear_solver,
                                                    linear_solver_options)
-    layer = implicit_layer(_smac_residual, _smac_solver(kw.opts, kw.gap_tol, kw.dense_max, store),
+    residual = _smac_residual_on(Mv, store["checked"].symmetric)
+    layer = implicit_layer(residual, _smac_solver(kw.opts, kw.gap_tol, kw.dense_max, store),
                            linear_solver=solve, residual_tol=kw.residual_tol,
                            linear_solver_options=linear_solver_options,
                            diagnostics=_smac_diagnostics, name="smac",

@@ -19,13 +19,14 @@ from typing import Optional
 import autograd.numpy as anp
 import numpy as np
 from autograd.builtins import tuple as autograd_tuple
+from autograd.extend import defjvp, defvjp, primitive
 from autograd.tracer import getval, isbox
 
 from nimplicit import Solution, implicit_layer
 from nimplicit.spectral import DEFAULT_GAP_TOL, check_gap_tol, require_simple_eigenvalue
 
 from .bordered import KKT_DENSE_MAX, BorderedKKT
-from .eigen import DENSE_MAX, EIG_METHODS, dense_eigendata, leading_eigendata
+from .eigen import DENSE_MAX, EIG_METHODS, dense_eigendata, leading_eigendata, product
 from .validation import (as_real_array, check_affinity, choice, deprecated, parse_options,
                          positive_float, positive_int, resolve_backward)
 
@@ -47,6 +48,46 @@ def _sm_residual(z, M):
         My = anp.einsum("bij,bj->bi", M, y)
         return My - lam[:, None] * y, 0.5 * (1.0 - anp.sum(y * y, axis=1))
     return anp.dot(M, y) - lam * y, 0.5 * (1.0 - anp.dot(y, y))
+
+
+@primitive
+def _sym_matvec(M, y):
+    """``M @ y`` for an exactly symmetric, C-contiguous float64 ``(N, N)`` ``M``,
+    reading one triangle (BLAS ``dsymv``, :func:`.eigen.product`); an autograd
+    primitive with the derivatives of ``M @ y``: the cotangent of ``M`` is
+    ``outer(g, y)`` (written directly: ``anp.dot``'s ``tensordot`` takes about
+    1.4x as long at 2500 x 2500), that of ``y`` is ``M' g = M g``."""
+    return product(M, True)(y)
+
+
+def _sym_matvec_vjp_y(ans, M, y):
+    # M' g; equal to M g at the exactly symmetric value, but a traced M needs M' g (its
+    # derivative in M is that of the transpose on all square matrices)
+    return (lambda g: anp.dot(g, M)) if isbox(M) else (lambda g: _sym_matvec(M, g))
+
+
+defvjp(_sym_matvec, lambda ans, M, y: lambda g: anp.outer(g, y), _sym_matvec_vjp_y)
+defjvp(_sym_matvec,
+       lambda dM, ans, M, y: anp.dot(dM, y),
+       lambda dy, ans, M, y: _sym_matvec(M, dy))
+
+
+def _sm_residual_on(M_checked: np.ndarray, symmetric: bool):
+    """:func:`_sm_residual`, with ``M y`` by :func:`_sym_matvec` when ``M`` is the
+    validated, exactly ``symmetric`` 2-D float64 ``M_checked`` (plain or traced:
+    the core's residual check and the backward's products then read half of
+    ``M``); any other ``M`` (a batch, float32, another array) takes
+    :func:`_sm_residual`."""
+    if (not symmetric or M_checked.ndim != 2 or M_checked.dtype != np.float64
+            or not M_checked.flags.c_contiguous):
+        return _sm_residual
+
+    def residual(z, M):
+        if getval(M) is not M_checked:
+            return _sm_residual(z, M)
+        y, lam = z
+        return _sym_matvec(M, y) - lam * y, 0.5 * (1.0 - anp.dot(y, y))
+    return residual
 
 
 def _sm_solver(opts: dict, gap_tol: float, dense_max: int, store: dict):
@@ -204,11 +245,13 @@ def spectral_matching_layer(M, *, full_output: bool = False, backward: Optional[
     if Mv is not getval(M) and not isbox(M):
         M = Mv
     batched = Mv.ndim == 3
-    store = {"M": Mv, "checked": check_affinity(Mv, batched=batched)}
+    checked = check_affinity(Mv, batched=batched)
+    store = {"M": Mv, "checked": checked}
     solve, linear_solver_options = backward_solver(kw, "sm", linear_solver,
                                                    linear_solver_options)
+    residual = _sm_residual_on(Mv, not batched and checked[0].symmetric)
     layer = implicit_layer(
-        _sm_residual, _sm_solver(opts, gap_tol, dense_max, store), linear_solver=solve,
+        residual, _sm_solver(opts, gap_tol, dense_max, store), linear_solver=solve,
         batch_axis=0 if batched else None, residual_tol=kw.residual_tol,
         linear_solver_options=linear_solver_options, diagnostics=_sm_diagnostics,
         name="spectral-matching", finite_inputs=(0,))   # check_affinity counted NaN/Inf

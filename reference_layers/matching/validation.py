@@ -1,8 +1,11 @@
 """Input and option checks of the graph-matching layers.
 
-:func:`check_affinity` validates an affinity in ONE pass over each instance
-(numba :func:`~reference_layers.kernels.affinity.affinity_stats`: finiteness,
-symmetry, sign, scale and the row sums that the forward eigensolver reuses).
+:func:`check_affinity` validates an affinity in ONE streamed pass over each
+instance (numba :func:`~reference_layers.kernels.affinity.affinity_scan`:
+finiteness, sign, scale, the row sums that the forward eigensolver reuses, and
+an exact randomized certificate of symmetry); only an instance the certificate
+does not find exactly symmetric gets a second, tiled pass that measures
+``max|M - M'|`` (:func:`~reference_layers.kernels.affinity.affinity_stats`).
 The option helpers implement the keyword convention of the reference layers:
 ``solver_options`` validated against the allowed keys, ``backward`` in
 ``{'structured', 'generic'}`` (``'fast'`` a deprecated alias), deprecated
@@ -45,24 +48,51 @@ class CheckedAffinity:
         self.row_sums, self.symmetric = row_sums, bool(symmetric)
 
 
+#: the random words of the symmetry certificate (fresh for every call, so that its bound
+#: holds for every input)
+_CERTIFICATE_RNG = np.random.default_rng()
+
+
 def check_affinity(M: np.ndarray, *, batched: bool, allow_negative: bool = False) -> list:
     """Validate a real affinity (``(N, N)``, or ``(B, N, N)`` when ``batched``)
     and return a :class:`CheckedAffinity` per instance (row sums and exact
-    symmetry, computed by the validation pass)."""
+    symmetry, computed by the validation pass).
+
+    Errors, in this order: non-finite entries (:class:`NonFiniteError`), all
+    zero, ``max|M - M'| > 1e-10 max|M|``, ``min M < -1e-12 max|M|`` (unless
+    ``allow_negative``) (:class:`AffinityError`).  One streamed pass
+    (:func:`~reference_layers.kernels.affinity.affinity_scan`) gives the row sums,
+    the non-finite count, whether some entry has its sign bit set, and a
+    certificate of exact symmetry that always accepts an exactly symmetric ``M``
+    and accepts any other with probability at most ``2**-32``.  An accepted ``M``
+    without sign bits passes every test (``M == 0`` exactly when its row sums are
+    0); any other gets a second, tiled pass
+    (:func:`~reference_layers.kernels.affinity.affinity_stats`) that measures
+    ``max|M|``, ``max|M - M'|`` and ``min M`` exactly (a nearly symmetric ``M`` is
+    accepted then, with ``symmetric`` False: its products use the whole matrix)."""
     if M.ndim != (3 if batched else 2) or M.shape[-1] != M.shape[-2] or M.shape[-1] == 0:
         want = "(B, nm, nm)" if batched else "(nm, nm)"
         raise AffinityError(f"the affinity must be a non-empty square matrix of shape {want}, "
                             f"got shape {M.shape}")
     if batched and M.shape[0] == 0:
         raise AffinityError("the batch of affinities is empty (B = 0)")
-    from ..kernels.affinity import affinity_stats
+    from ..kernels.affinity import affinity_scan, affinity_stats
     checked = []
+    N = M.shape[-1]
     for b, Mb in enumerate(M.reshape((-1,) + M.shape[-2:])):
         where = f" (batch instance {b})" if batched else ""
-        scale, asym, low, bad, rows = affinity_stats(np.ascontiguousarray(Mb, dtype=float))
+        Mb = np.ascontiguousarray(Mb, dtype=float)
+        words = _CERTIFICATE_RNG.integers(0, 2 ** 32, (2, N), dtype=np.uint64)
+        bad, rows, certified, signed = affinity_scan(Mb, Mb.view(np.uint64), words[0],
+                                                     words[1])
         if bad:
             raise NonFiniteError(f"the affinity matrix{where} contains {bad} non-finite pair(s) "
                                  f"(NaN or Inf). Check the affinity builder's inputs.")
+        if certified and not signed:   # exactly symmetric, every entry >= +0
+            # the tests below then need only whether M == 0 (scale: 0 or any positive)
+            scale, asym, low = (1.0 if rows.any() else 0.0), 0.0, 0.0
+        else:                          # measure max|M|, max|M - M'| and min M exactly
+            scale, asym, low, _, _ = affinity_stats(Mb)
         if scale == 0.0:
             raise AffinityError(f"the affinity matrix is all zero{where}: every vector is a "
                                 f"leading eigenvector and nothing is matched. Check the affinity "
