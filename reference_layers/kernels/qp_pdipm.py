@@ -246,11 +246,11 @@ _NUMERICAL_ERROR = 6
 # "contract" allow SIMD reductions/FMA but keep NaN/inf semantics; with
 # error_model="numpy" a division by zero gives inf/nan instead of raising.
 _JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"},
-            error_model="numpy")
+            error_model="numpy", no_cfunc_wrapper=True)
 # The helpers below are only called from other kernels: numba would otherwise lower,
 # optimise and emit a CPython (boxing) wrapper and a C wrapper for each of them, about
 # a quarter of the cold compile time; only the four batch kernels are called from Python.
-_HELPER = dict(_JIT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+_HELPER = dict(_JIT, no_cpython_wrapper=True)
 
 
 # --------------------------------------------------------------------------- #
