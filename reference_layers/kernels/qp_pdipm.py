@@ -246,13 +246,18 @@ _NUMERICAL_ERROR = 6
 # "contract" allow SIMD reductions/FMA but keep NaN/inf semantics; with
 # error_model="numpy" a division by zero gives inf/nan instead of raising.
 _JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"},
-            error_model="numpy")
+            error_model="numpy", no_cfunc_wrapper=True)
+# No kernel is used as a C callback (no_cfunc_wrapper), and the helpers (_HELPER) are
+# only called from other kernels, never from Python (no_cpython_wrapper): numba would
+# otherwise lower, optimise and emit a boxing wrapper for each of them (about a tenth of
+# the cold compile of the solve group; the machine code of the kernels is unchanged).
+_HELPER = dict(_JIT, no_cpython_wrapper=True)
 
 
 # --------------------------------------------------------------------------- #
 # Small dense linear algebra kernels
 # --------------------------------------------------------------------------- #
-@njit(**_JIT)
+@njit(**_HELPER)
 def _dot(x, y, n):
     acc = 0.0
     for i in range(n):
@@ -260,7 +265,7 @@ def _dot(x, y, n):
     return acc
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _norm_inf(x, n):
     acc = 0.0
     for i in range(n):
@@ -270,7 +275,7 @@ def _norm_inf(x, n):
     return acc
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _cholesky(K, L, n, shift, piv_min):
     """Row-wise Cholesky ``L L' = K + shift*I`` reading the lower triangle of K.
 
@@ -294,7 +299,7 @@ def _cholesky(K, L, n, shift, piv_min):
     return True
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _lsolve(L, x, n):
     """x <- L^{-1} x (L lower triangular)."""
     for i in range(n):
@@ -305,7 +310,7 @@ def _lsolve(L, x, n):
         x[i] = acc / Li[i]
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _ltsolve(L, x, n):
     """x <- L^{-T} x (L lower triangular)."""
     for i in range(n - 1, -1, -1):
@@ -316,7 +321,7 @@ def _ltsolve(L, x, n):
             x[k] -= Li[k] * xi
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _schur_solve(L, Ls, Wt, f, g, n, pc):
     r"""The block elimination shared by the Newton step and the KKT-Jacobian
     solve, in place: with ``K = L L^T``, the rows ``Wt`` (``W = L^{-1} C^T``) and
@@ -337,14 +342,14 @@ def _schur_solve(L, Ls, Wt, f, g, n, pc):
     _ltsolve(L, f, n)
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _symv(K, x, out, n):
     """out <- K x for a full symmetric K."""
     for i in range(n):
         out[i] = _dot(K[i], x, n)
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _gemtv_add(M, x, out, r, c, alpha):
     """out <- out + alpha * M' x, M (r, c)."""
     for i in range(r):
@@ -355,7 +360,7 @@ def _gemtv_add(M, x, out, r, c, alpha):
                 out[j] += xi * Mi[j]
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _add_gtdg_lower(K, G, d, m, n):
     """K (lower triangle) += G' diag(d) G."""
     for i in range(m):
@@ -371,7 +376,7 @@ def _add_gtdg_lower(K, G, d, m, n):
                     Kj[k] += gij * Gi[k]
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _chol_retry(K, L, n, delta, base):
     """Cholesky of K + shift I with shift = delta, growing the shift 100x (and
     to at least 1e-14 (1 + max(base, max diag K))) up to 6 times on a
@@ -391,7 +396,7 @@ def _chol_retry(K, L, n, delta, base):
 # --------------------------------------------------------------------------- #
 # Newton system: factorisation and solves
 # --------------------------------------------------------------------------- #
-@njit(**_JIT)
+@njit(**_HELPER)
 def _factor_newton(Kb, G, A, D, K, L, Wt, S, Ls, n, p, m, delta, base):
     """K = Kb + G' diag(D) G (lower triangles), L L' = K + shift I,
     Wt = (L^{-1} A')' (row j: L^{-1} a_j), Ls Ls' = Wt Wt' = A K^{-1} A'.
@@ -419,7 +424,7 @@ def _factor_newton(Kb, G, A, D, K, L, Wt, S, Ls, n, p, m, delta, base):
     return True
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _newton(Q, A, G, L, Wt, Ls, n, p, m, rho, s, nu, D, R1, R2, R3, R4,
             dy, dl, dnu, ds, W, nref):
     """Solve the linearised KKT system for (dy, dl, dnu, ds)::
@@ -504,7 +509,7 @@ def _newton(Q, A, G, L, Wt, Ls, n, p, m, rho, s, nu, D, R1, R2, R3, R4,
                 ds[i] += cs[i]
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _min_val(x, m):
     v = np.inf
     for i in range(m):
@@ -513,7 +518,7 @@ def _min_val(x, m):
     return v
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _max_step(x, dx, m):
     a = np.inf
     for i in range(m):
@@ -527,7 +532,7 @@ def _max_step(x, dx, m):
 # --------------------------------------------------------------------------- #
 # Residuals and certificates
 # --------------------------------------------------------------------------- #
-@njit(**_JIT)
+@njit(**_HELPER)
 def _residuals(Q, q, G, h, A, b, y, lam, nu, s, n, p, m, rd, rpe, rpi, t_n, t_n2):
     """Compute rd, rpe, rpi and return the relative KKT residual."""
     # stationarity
@@ -576,7 +581,7 @@ def _residuals(Q, q, G, h, A, b, y, lam, nu, s, n, p, m, rd, rpe, rpi, t_n, t_n2
     return res
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _primal_infeasible(G, h, A, b, lam, nu, n, p, m, radius, t_n):
     """Farkas test on the dual iterate (lam, nu >= 0):
     ``radius * ||A'lam + G'nu||_inf < -(b'lam + h'nu)`` proves that no feasible
@@ -591,7 +596,7 @@ def _primal_infeasible(G, h, A, b, lam, nu, n, p, m, radius, t_n):
     return radius * _norm_inf(t_n, n) < -ctb
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _dual_infeasible(Q, q, G, A, d, n, p, m, radius, t_n):
     """Unboundedness test on a direction d:
     ``radius * max(||Qd||, ||Ad||, ||max(Gd, 0)||)_inf < -q'd`` proves that no
@@ -614,7 +619,7 @@ def _dual_infeasible(Q, q, G, A, d, n, p, m, radius, t_n):
 # --------------------------------------------------------------------------- #
 # Preprocessing helpers
 # --------------------------------------------------------------------------- #
-@njit(**_JIT)
+@njit(**_HELPER)
 def _finite2(x):
     for i in range(x.shape[0]):
         for j in range(x.shape[1]):
@@ -623,7 +628,7 @@ def _finite2(x):
     return True
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _finite1(x):
     for i in range(x.shape[0]):
         if not np.isfinite(x[i]):
@@ -631,7 +636,7 @@ def _finite1(x):
     return True
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _equality_rows(A, b, rank_tol, cons_tol, keep, U, ub, v):
     """Modified Gram-Schmidt (twice) on the rows of [A | b].
 
@@ -982,7 +987,7 @@ def _qp_kernel(Q, q, G, h, A, b, Y, LAM, NU, SL, STATUS, ITERS, RES, k0, k1, war
         ITERS[k] = it
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _copy_iterate(y, lam, nu, s, y2, lam2, nu2, s2):
     for i in range(y.shape[0]):
         y2[i] = y[i]
@@ -993,7 +998,7 @@ def _copy_iterate(y, lam, nu, s, y2, lam2, nu2, s2):
         s2[i] = s[i]
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _count_true(x, p):
     c = 0
     for j in range(p):
@@ -1002,7 +1007,7 @@ def _count_true(x, p):
     return c
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _fill_nan(y, lam, nu, s, RES, k):
     for i in range(y.shape[0]):
         y[i] = np.nan
@@ -1609,7 +1614,7 @@ def kkt_jacobian_solve(
 # --------------------------------------------------------------------------- #
 # Active-set polish (the layer's _QPLayer._polish, per instance, compiled)
 # --------------------------------------------------------------------------- #
-@njit(**_JIT)
+@njit(**_HELPER)
 def _lu_solve_inplace(K, z, N):
     """Solve ``K z = rhs`` (``z`` holds rhs) by LU with partial pivoting, in place;
     False when a pivot is exactly 0 (LAPACK gesv's singularity criterion)."""
@@ -1646,7 +1651,7 @@ def _lu_solve_inplace(K, z, N):
     return True
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _signed_margins_one(Qs, q, G, h, A, y, lam, nu, n, p, m, nb, sb, w):
     """Unclipped scale-free margins ``nu_bar, s_bar`` of one instance (into nb, sb)."""
     ny = 0.0
@@ -1684,7 +1689,7 @@ def _signed_margins_one(Qs, q, G, h, A, y, lam, nu, n, p, m, nb, sb, w):
         nb[i] = w[i] * nu[i] / S if S > 0 else 0.0
 
 
-@njit(**_JIT)
+@njit(**_HELPER)
 def _relative_kkt_residual_one(Qs, q, G, h, A, b, y, lam, nu, n, p, m, nb, sb, w):
     """Scale-free size of eq. 27 at one instance: each equation relative to the terms it
     is made of, complementarity by the margins ``min(|nu_bar_i|, |s_bar_i|)``."""
