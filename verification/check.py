@@ -407,10 +407,12 @@ class _Target:
     once per check: ``memo`` maps ``(i, bytes of x_i)`` to the values already
     computed there, under ``name`` (``"f"``: ``fn``'s flat output, ``"h"``: the
     gradient of the order-2 reduction).  With ``joint`` (a function of the whole
-    argument list returning both), a point of the order-1 differences also
-    yields the gradient, from the same forward pass, for the order-2 differences
-    that visit the same points (``fn`` is a function of its inputs: the values
-    are the ones a second evaluation would return).
+    argument list returning the flat output and a function computing ``h`` by a
+    backward pass), the order-1 differences trace their forward passes and keep
+    them (``"vjp"``), so the order-2 differences, which visit the same points
+    (coordinate directions, same steps), only run the backward there.  ``fn``
+    is taken as a function of its inputs: the values are the ones a second
+    evaluation would return.
     """
 
     def __init__(self, flat_fn: Callable, inputs: Sequence[Any], i: int,
@@ -430,10 +432,12 @@ class _Target:
         if self.memo is None:
             return onp.asarray(self(xi), dtype=float)
         known = self.memo.setdefault((self.i, onp.asarray(xi, dtype=float).tobytes()), {})
-        if self.name not in known or (self.joint is not None and "h" not in known):
+        if self.name == "h" and "h" not in known and "vjp" in known:
+            known["h"] = onp.asarray(known.pop("vjp")(), dtype=float)
+        if self.name not in known:
             if self.joint is not None:
-                f, h = self.joint(*self._args(xi))
-                known["f"], known["h"] = onp.asarray(f, dtype=float), onp.asarray(h, dtype=float)
+                f, known["vjp"] = self.joint(*self._args(xi))
+                known["f"] = onp.asarray(f, dtype=float)
             else:
                 known[self.name] = onp.asarray(self(xi), dtype=float)
         return known[self.name]
@@ -618,25 +622,26 @@ def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODE
     w = rng.standard_normal(layout.size) if order == 2 else None
 
     def value_and_gradient(*args):
-        """``(flat fn, h)`` at ``args`` from one forward pass, with ``h`` the gradient of
-        ``<w, flat fn>`` in every differentiated input, concatenated."""
+        """``fn``'s flat output at ``args`` and a function returning ``h``, the gradient of
+        ``<w, flat fn>`` in every differentiated input (concatenated), from that forward."""
         def of_selected(sel):
             full = list(args)
             for k, v in zip(argnums, sel):
                 full[k] = v
             return flat_fn(*full)
         vjp, value = make_vjp(of_selected)(tuple(args[k] for k in argnums))
-        return value, anp.concatenate([anp.reshape(gk, (-1,)) for gk in vjp(w)])
+        return value, lambda: anp.concatenate([anp.reshape(gk, (-1,)) for gk in vjp(w)])
 
     def flat_gradient(*args):
-        return value_and_gradient(*args)[1]
+        return value_and_gradient(*args)[1]()
 
     memo: dict = {}
     for i in argnums:
-        memo[(i, onp.asarray(inputs[i], dtype=float).tobytes())] = {
-            "f": onp.asarray(layout.flatten(out0), dtype=float)}
         # coordinate directions (a whole Jacobian) are the same points at both orders
         joint = value_and_gradient if order == 2 and onp.size(inputs[i]) <= cfg.full_max else None
+        if joint is None:
+            memo[(i, onp.asarray(inputs[i], dtype=float).tobytes())] = {
+                "f": onp.asarray(layout.flatten(out0), dtype=float)}
         _check_input(report, cfg, _Target(flat_fn, inputs, i, memo, "f", joint), inputs[i], i,
                      layout, 1, probes[i], cache, ("order1", i))
     if order == 2:
@@ -646,6 +651,8 @@ def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODE
             _check_input(report, cfg, _Target(flat_gradient, inputs, i, memo, "h"), inputs[i], i,
                          glayout, 2, _random_probes(rng, cfg, inputs[i], glayout.size), {},
                          ("order2", i))
+            for key in [key for key in memo if key[0] == i]:
+                del memo[key]      # the kept forward passes of input i
     report.seconds = time.perf_counter() - start
     if raise_on_fail:
         report.raise_if_failed()
