@@ -170,3 +170,26 @@ def test_nan_input_and_output_raise_non_finite():
 def test_complex_output_raises_dtype_error():
     with _pytest.raises(_DTypeError):
         _cg(lambda x: x * 1j, [_np_ones()], argnums=(0,))
+
+
+def test_each_finite_difference_point_is_evaluated_once_per_check():
+    """The order-1 differences keep their forward passes for order 2 (the same points
+    along coordinate directions): no point but x itself is evaluated twice, the
+    report is the one of a check that evaluates everything afresh."""
+    seen = []
+
+    def fn(x, c):
+        seen.append(onp.asarray(getval(x), dtype=float).tobytes())
+        return np.sin(x) * x ** 2 + c * np.sum(x ** 3)
+
+    x, c = onp.array([0.3, -1.1, 0.7]), 0.5
+    rep = check_grad(fn, x, c, order=2, argnums=[0])
+    assert rep.passed
+    points = [p for p in seen if p != x.tobytes()]
+    assert len(points) == len(set(points)) and len(points) < rep.n_evals / 2   # 40 of 88
+
+    def fresh(x, c):              # the same function, not recognised as evaluated before
+        return np.sin(x) * x ** 2 + c * np.sum(x ** 3)
+    ref = check_grad(fresh, x, c, order=2, argnums=[0])
+    strip = lambda d: {k: v for k, v in d.items() if k != "seconds"}
+    assert strip(rep.to_dict()) == strip(ref.to_dict())

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as onp
@@ -595,3 +596,32 @@ def test_run_pool_never_runs_two_cold_jobs_of_a_family_at_once():
             cold_b = b["start"] < first[b["layer"]]["end"]
             if cold_a and cold_b:
                 assert a["end"] <= b["start"] or b["end"] <= a["start"], (a, b)
+
+
+def _timed_warmup(job):
+    """Picklable warm-up worker for the scheduling test."""
+    import time as _time
+    start = _time.time()
+    _time.sleep(0.3)
+    return dict(job, start=start, end=_time.time())
+
+
+def test_run_pool_runs_warmups_first_and_holds_their_family():
+    jobs = [{"layer": name, "seed": s} for name in ("qp", "qp-eq", "deq") for s in range(2)]
+    warmups = [{"family": "qp", "group": g} for g in ("solve", "polish")]
+    t0 = time.time()
+    res = cli._run_pool(_timed_job, jobs, 2, lambda r: None, warmups, _timed_warmup)
+    assert [(r["layer"], r["seed"]) for r in res] == [(j["layer"], j["seed"]) for j in jobs]
+    # the two warm-ups (0.3 s each) took both workers first: every job started after them
+    assert min(r["start"] for r in res) - t0 >= 0.3
+
+
+def test_warmup_jobs_one_per_kernel_group_of_the_families_used():
+    from reference_layers.kernels.qp_pdipm import KERNEL_GROUPS
+    got = cli.warmup_jobs([{"layer": "qp-eq"}, {"layer": "deq-tanh"}])
+    assert [w["group"] for w in got] == list(KERNEL_GROUPS)
+    assert {w["family"] for w in got} == {"qp"}
+    assert cli.warmup_jobs([{"layer": "deq-tanh"}]) == []
+    bad = cli.run_warmup({"family": "qp", "module": "reference_layers.kernels.qp_pdipm",
+                          "function": "compile_kernels", "group": "no-such-group"})
+    assert bad["error"] and "no-such-group" in bad["error"]

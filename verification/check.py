@@ -64,7 +64,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import autograd.numpy as anp
 import numpy as onp
-from autograd import grad as ag_grad
 from autograd import make_jvp, make_vjp
 from nimplicit.errors import (DTypeError, EmptyInputError, NimplicitError, NonFiniteError,
                               OptionError, ShapeError)
@@ -402,18 +401,46 @@ class _Group:
 # ------------------------------------------------------------------------------
 
 class _Target:
-    """``fn`` seen as a function of one input ``x_i`` returning a flat vector."""
+    """``fn`` seen as a function of one input ``x_i`` returning a flat vector.
 
-    def __init__(self, flat_fn: Callable, inputs: Sequence[Any], i: int):
+    :meth:`raw` (what the finite differences call) evaluates each point at most
+    once per check: ``memo`` maps ``(i, bytes of x_i)`` to the values already
+    computed there, under ``name`` (``"f"``: ``fn``'s flat output, ``"h"``: the
+    gradient of the order-2 reduction).  With ``joint`` (a function of the whole
+    argument list returning the flat output and a function computing ``h`` by a
+    backward pass), the order-1 differences trace their forward passes and keep
+    them (``"vjp"``), so the order-2 differences, which visit the same points
+    (coordinate directions, same steps), only run the backward there.  ``fn``
+    is taken as a function of its inputs: the values are the ones a second
+    evaluation would return.
+    """
+
+    def __init__(self, flat_fn: Callable, inputs: Sequence[Any], i: int,
+                 memo: Optional[dict] = None, name: str = "f", joint: Optional[Callable] = None):
         self.flat_fn, self.inputs, self.i = flat_fn, list(inputs), i
+        self.memo, self.name, self.joint = memo, name, joint
 
-    def __call__(self, xi):
+    def _args(self, xi) -> list:
         args = list(self.inputs)
         args[self.i] = xi
-        return self.flat_fn(*args)
+        return args
+
+    def __call__(self, xi):
+        return self.flat_fn(*self._args(xi))
 
     def raw(self, xi):
-        return onp.asarray(self(xi), dtype=float)
+        if self.memo is None:
+            return onp.asarray(self(xi), dtype=float)
+        known = self.memo.setdefault((self.i, onp.asarray(xi, dtype=float).tobytes()), {})
+        if self.name == "h" and "h" not in known and "vjp" in known:
+            known["h"] = onp.asarray(known.pop("vjp")(), dtype=float)
+        if self.name not in known:
+            if self.joint is not None:
+                f, known["vjp"] = self.joint(*self._args(xi))
+                known["f"] = onp.asarray(f, dtype=float)
+            else:
+                known[self.name] = onp.asarray(self(xi), dtype=float)
+        return known[self.name]
 
 
 def _directions(rng, x, k: int) -> onp.ndarray:
@@ -588,27 +615,44 @@ def check_grad(fn: Callable[..., Any], *inputs: Any, modes: Sequence[str] = MODE
         cfg.forward_rtol = min(FORWARD_AMPLIFICATION * report.forward_error, FORWARD_ALLOWANCE_MAX)
         report.forward_allowance = cfg.forward_rtol
 
-    for i in argnums:
-        _check_input(report, cfg, _Target(flat_fn, inputs, i), inputs[i], i, layout, 1, rng,
-                     cache, ("order1", i))
-    if order == 2:
-        w = rng.standard_normal(layout.size)
+    # the order-1 probes of every input are drawn first, then the reduction w of order 2
+    # (the order in which the checks used to draw them), so that the order-1 finite
+    # differences can already evaluate the order-2 gradient at their points
+    probes = {i: _random_probes(rng, cfg, inputs[i], layout.size) for i in argnums}
+    w = rng.standard_normal(layout.size) if order == 2 else None
 
-        def reduction(sel, args):
+    def value_and_gradient(*args):
+        """``fn``'s flat output at ``args`` and a function returning ``h``, the gradient of
+        ``<w, flat fn>`` in every differentiated input (concatenated), from that forward."""
+        def of_selected(sel):
             full = list(args)
             for k, v in zip(argnums, sel):
                 full[k] = v
-            return anp.dot(w, flat_fn(*full))
+            return flat_fn(*full)
+        vjp, value = make_vjp(of_selected)(tuple(args[k] for k in argnums))
+        return value, lambda: anp.concatenate([anp.reshape(gk, (-1,)) for gk in vjp(w)])
 
-        def flat_gradient(*args):
-            g = ag_grad(reduction)(tuple(args[k] for k in argnums), args)
-            return anp.concatenate([anp.reshape(gk, (-1,)) for gk in g])
+    def flat_gradient(*args):
+        return value_and_gradient(*args)[1]()
 
+    memo: dict = {}
+    for i in argnums:
+        # coordinate directions (a whole Jacobian) are the same points at both orders
+        joint = value_and_gradient if order == 2 and onp.size(inputs[i]) <= cfg.full_max else None
+        if joint is None:
+            memo[(i, onp.asarray(inputs[i], dtype=float).tobytes())] = {
+                "f": onp.asarray(layout.flatten(out0), dtype=float)}
+        _check_input(report, cfg, _Target(flat_fn, inputs, i, memo, "f", joint), inputs[i], i,
+                     layout, 1, probes[i], cache, ("order1", i))
+    if order == 2:
         glayout = OutputLayout(tuple(onp.zeros(onp.shape(inputs[k])) for k in argnums),
                                [f"d/dx{k}" for k in argnums])
         for i in argnums:
-            _check_input(report, cfg, _Target(flat_gradient, inputs, i), inputs[i], i, glayout, 2,
-                         rng, {}, ("order2", i))
+            _check_input(report, cfg, _Target(flat_gradient, inputs, i, memo, "h"), inputs[i], i,
+                         glayout, 2, _random_probes(rng, cfg, inputs[i], glayout.size), {},
+                         ("order2", i))
+            for key in [key for key in memo if key[0] == i]:
+                del memo[key]      # the kept forward passes of input i
     report.seconds = time.perf_counter() - start
     if raise_on_fail:
         report.raise_if_failed()
@@ -659,8 +703,21 @@ def _fd(report: GradCheckReport, cache: dict, key, compute):
     return cache[key]
 
 
+def _random_probes(rng, cfg: _Settings, x, M: int):
+    """The random directions ``V`` (``None``: every coordinate, the whole Jacobian) and
+    cotangents ``U`` of one input's check, drawn from ``rng`` (none for an empty input)."""
+    n = int(onp.size(x))
+    if n == 0:
+        return None, None
+    if n <= cfg.full_max:
+        n_u = 0 if M <= FULL_ROWS_MAX else max(cfg.n_directions, 1)
+        return None, rng.standard_normal((n_u, M))
+    V = _directions(rng, onp.asarray(x, dtype=float), cfg.n_directions)
+    return V, rng.standard_normal((cfg.n_directions, M))
+
+
 def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i: int,
-                 layout: OutputLayout, order: int, rng, cache: dict, key) -> None:
+                 layout: OutputLayout, order: int, probes, cache: dict, key) -> None:
     shape = onp.shape(x)
     n = int(onp.prod(shape, dtype=int))
     M = layout.size
@@ -686,8 +743,8 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
         J_err = J_fd_err + noise[None, :]
         J_noise = _flat_or_zero(jac.noise_error, (M, n))
         J_kink = _flat_or_zero(jac.kinks, (M, n)).astype(bool)
-        n_u = 0 if M <= FULL_ROWS_MAX else max(cfg.n_directions, 1)
-        U = rng.standard_normal((n_u, M))
+        U = probes[1]
+        n_u = U.shape[0]
         if "fwd" in cfg.modes:
             group = _Group(i, "fwd", order, "jacobian")
             for j in range(n):
@@ -715,8 +772,7 @@ def _check_input(report: GradCheckReport, cfg: _Settings, target: _Target, x, i:
             report.results.append(group.finish(cfg))
         return
 
-    V = _directions(rng, x_arr, cfg.n_directions)
-    U = rng.standard_normal((cfg.n_directions, M))
+    V, U = probes
     fds = [_fd(report, cache, key + ("dir", d),
                lambda v=v: fdiff.directional_derivative(target.raw, x_arr, v, **fd_kw))
            for d, v in enumerate(V)]

@@ -227,8 +227,42 @@ def _job_order(jobs: List[Dict[str, Any]]) -> List[int]:
     return heads + [i for i in range(len(jobs)) if i not in chosen]
 
 
+#: Families whose compiled (numba) kernels can be compiled ahead, group by group:
+#: ``family -> (module, function, groups attribute)``; ``function((group,))`` compiles
+#: one group (into numba's on-disk cache, which every worker then reads).
+WARMUPS: Dict[str, tuple] = {
+    "qp": ("reference_layers.kernels.qp_pdipm", "compile_kernels", "KERNEL_GROUPS"),
+}
+
+
+def warmup_jobs(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One warm-up job per kernel group of every :data:`WARMUPS` family that ``jobs`` use."""
+    families = {_family(job["layer"]) for job in jobs}
+    out = []
+    for family, (module, function, groups) in WARMUPS.items():
+        if family in families:
+            for group in getattr(importlib.import_module(module), groups):
+                out.append({"family": family, "module": module, "function": function,
+                            "group": group})
+    return out
+
+
+def run_warmup(job: Dict[str, Any]) -> Dict[str, Any]:
+    """Compile one kernel group (a :func:`warmup_jobs` job) in a worker process.  A
+    failure is only recorded: the cases that need the kernels then report it."""
+    start = time.perf_counter()
+    error = None
+    try:
+        getattr(importlib.import_module(job["module"]), job["function"])((job["group"],))
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return dict(job, seconds=time.perf_counter() - start, error=error)
+
+
 def _run_pool(worker: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dict[str, Any]],
-              workers: int, on_result: Callable[[Dict[str, Any]], None]) -> List[Dict]:
+              workers: int, on_result: Callable[[Dict[str, Any]], None],
+              warmups: Sequence[Dict[str, Any]] = (),
+              warmup_worker: Callable[[Dict[str, Any]], Dict[str, Any]] = run_warmup) -> List[Dict]:
     """Run the jobs on a local process pool so that compiling is not done twice.
 
     A layer is *cold* until one of its jobs has finished (its first job compiles
@@ -236,19 +270,29 @@ def _run_pool(worker: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dic
     other process).  A cold layer's job never starts while a cold job of the same
     :func:`_family` is running in another worker: the second worker would compile
     the same kernels at the same time; it takes other work instead (order:
-    :func:`_job_order`).  Results in the order of ``jobs``.
+    :func:`_job_order`).  The ``warmups`` (:func:`warmup_jobs`, run by
+    ``warmup_worker``) start first, side by side (each compiles its own kernel
+    group), and a family's cold jobs wait until its warm-ups are done.  Results in
+    the order of ``jobs`` (the warm-ups' are not returned).
     """
     from concurrent.futures import FIRST_COMPLETED, wait
 
     results: List[Any] = [None] * len(jobs)
     pending = _job_order(jobs)
+    todo = list(warmups)
     warm: set = set()
-    running: Dict[Any, int] = {}
+    running: Dict[Any, Any] = {}    # future -> index of a job, or a warm-up (a dict)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        while pending or running:
+        while todo or pending or running:
             compiling = {_family(jobs[i]["layer"]) for i in running.values()
-                         if jobs[i]["layer"] not in warm}
+                         if isinstance(i, int) and jobs[i]["layer"] not in warm}
+            compiling |= {w["family"] for w in todo}
+            compiling |= {w["family"] for w in running.values() if isinstance(w, dict)}
             while len(running) < workers:
+                if todo:
+                    job = todo.pop(0)
+                    running[pool.submit(warmup_worker, job)] = job
+                    continue
                 pick = next((i for i in pending if jobs[i]["layer"] in warm
                              or _family(jobs[i]["layer"]) not in compiling), None)
                 if pick is None:
@@ -260,6 +304,9 @@ def _run_pool(worker: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dic
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in done:
                 i = running.pop(fut)
+                if isinstance(i, dict):
+                    fut.result()
+                    continue
                 results[i] = fut.result()
                 warm.add(jobs[i]["layer"])
                 on_result(results[i])
@@ -267,10 +314,11 @@ def _run_pool(worker: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dic
 
 
 def _run_jobs(worker: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dict[str, Any]],
-              workers: int, progress: Progress, scheduler: Optional[str] = None) -> List[Dict]:
+              workers: int, progress: Progress, scheduler: Optional[str] = None,
+              warmups: bool = False) -> List[Dict]:
     """Run ``worker`` on every job: in this process, a local process pool
-    (scheduled by :func:`_run_pool`), or on the Dask cluster at ``scheduler``;
-    results in the order of ``jobs``."""
+    (scheduled by :func:`_run_pool`, after the :func:`warmup_jobs` if ``warmups``),
+    or on the Dask cluster at ``scheduler``; results in the order of ``jobs``."""
     results = []
     if scheduler is not None:
         from .distributed import run_on_cluster
@@ -280,7 +328,8 @@ def _run_jobs(worker: Callable[[Dict[str, Any]], Dict[str, Any]], jobs: List[Dic
             results.append(worker(job))
             progress.update(job["layer"])
     else:
-        results = _run_pool(worker, jobs, workers, lambda r: progress.update(r["layer"]))
+        results = _run_pool(worker, jobs, workers, lambda r: progress.update(r["layer"]),
+                            warmup_jobs(jobs) if warmups else ())
     progress.close()
     return results
 
@@ -713,7 +762,7 @@ def _self_test(a, names: List[str], start: float) -> int:
     jobs = [{"layer": n, "seed": a.seed + c} for n in names for c in range(cases)]
     parts = _run_jobs(run_selftest_case, jobs, a.workers,
                       Progress([j["layer"] for j in jobs], "self-test", not a.no_progress),
-                      a.scheduler)
+                      a.scheduler, warmups=True)
     rows = merge_selftest(parts)
     print(format_selftest(rows))
     ok = all(r["passed"] for r in rows)
@@ -736,7 +785,7 @@ def _check(a, names: List[str], modes: tuple, registry: Dict[str, Entry], start:
                   "cwd": os.getcwd(), "verbose": a.verbose} for c in range(n_cases)]
     results = _run_jobs(run_case, jobs, a.workers,
                         Progress([j["layer"] for j in jobs], "gradcheck", not a.no_progress),
-                        a.scheduler)
+                        a.scheduler, warmups=not a.target)
     rows = summarize(results)
     print(format_table(rows))
     if a.verbose:
