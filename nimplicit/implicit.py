@@ -369,10 +369,17 @@ class _Tape:
         of unit cotangents (of at most :data:`STACK_ELEMENTS` entries per node), when
         :attr:`batchable`; the same numbers as ``r`` replays, up to the summation order
         of the BLAS products."""
-        eye = np.eye(r)
         chunk = max(1, STACK_ELEMENTS // self.widest)
-        return np.concatenate([np.asarray(self.vjp(eye[lo:lo + chunk])[0], dtype=float)
-                               for lo in range(0, r, chunk)])
+        rows = None
+        for lo in range(0, r, chunk):
+            hi = min(r, lo + chunk)
+            units = np.zeros((hi - lo, r))
+            units[np.arange(hi - lo), np.arange(lo, hi)] = 1.0
+            part = np.asarray(self.vjp(units)[0], dtype=float)
+            if rows is None:
+                rows = np.empty((r,) + part.shape[1:])
+            rows[lo:hi] = part
+        return rows
 
 
 #: largest number of entries of one node's stack of cotangents in :meth:`_Tape.rows`

@@ -1057,7 +1057,8 @@ _PROBE_VECTORS: dict = {}
 
 def _probe_vector(shape) -> np.ndarray:
     """The probe's right-hand side of ``shape``: standard normal from :data:`PROBE_SEED`,
-    drawn once per shape (read-only; the last few shapes are kept)."""
+    drawn once per shape (the last few shapes are kept); a fresh copy, since user
+    preconditioners and operators may write into their argument."""
     z = _PROBE_VECTORS.get(shape)
     if z is None:
         if len(_PROBE_VECTORS) >= 16:
@@ -1065,7 +1066,7 @@ def _probe_vector(shape) -> np.ndarray:
         z = np.random.default_rng(PROBE_SEED).standard_normal(shape)
         z.flags.writeable = False
         z = _PROBE_VECTORS.setdefault(shape, z)
-    return z
+    return z.copy()
 
 
 #: the relative residual the singularity probe of :class:`KrylovOrDense` solves to

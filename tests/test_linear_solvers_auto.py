@@ -293,3 +293,33 @@ def test_both_auto_paths_refuse_what_the_lu_refuses(options, cond, fails):
                 grad(loss)(a)
         else:
             assert_close(grad(loss)(a), np.linalg.solve(M.T, P.T @ np.ones(d)), 1e-9, kind)
+
+
+def test_the_probe_hands_callbacks_a_writeable_right_hand_side():
+    """A preconditioner or operator that works in place on its argument keeps working
+    under ``probe=True`` (the probe's cached right-hand side is handed out as a copy)."""
+    m = 70
+    W, x = problem(m, seed=3)
+
+    def in_place_jacobi(v):
+        v *= 1.0
+        return v
+
+    class InPlace(linear_solvers.Operator):
+        def mv(self, u):
+            return A @ u
+
+        def rmv(self, w):
+            w *= 1.0
+            return A.T @ w
+
+    A = np.eye(m) + W
+    state = linear_solvers.KrylovOrDense(probe=True).init(InPlace(m, m), None)
+    b = np.ones(m)
+    assert_close(state.solve(b.copy(), transpose=True), np.linalg.solve(A.T, b), rtol=1e-10)
+    solver = linear_solvers.KrylovOrDense(linear_solvers.GMRES(preconditioner=in_place_jacobi),
+                                          linear_solvers.LU(), probe=True)
+    layer = fixed_point_layer(T, solver=iterate, linear_solver=solver)
+    reference = fixed_point_layer(T, solver=iterate, linear_solver="lu")
+    g = grad(lambda b: anp.sum(layer(W, b) ** 2), 0)(x)
+    assert_close(g, grad(lambda b: anp.sum(reference(W, b) ** 2), 0)(x), rtol=1e-9)
