@@ -687,3 +687,20 @@ def test_smac_one_triangle_residual_product_keeps_the_derivatives(monkeypatch):
     plain = [make_jvp(f)(M)(W)[1], grad(f)(M)]
     for a, b in zip(ours, plain):
         assert_close(a, b, 1e-9, "SMAC one-triangle residual vs anp.dot")
+
+
+def test_cotangent_of_m_by_dger_is_np_outer():
+    # the one-triangle product's cotangent of M is written by BLAS dger into zeros: the
+    # same values as np.outer, oriented (g.size, y.size) and C-contiguous; other dtypes and
+    # a boxed cotangent (second order, covered above) take anp.outer
+    from reference_layers.matching.spectral import _outer
+    rng = onp.random.default_rng(8)
+    g, y = rng.standard_normal(5), rng.standard_normal(7)
+    g[1], y[3] = 0.0, -0.0
+    G = _outer(g, y)
+    assert G.shape == (5, 7) and G.dtype == onp.float64 and G.flags.c_contiguous
+    assert onp.array_equal(G, onp.outer(g, y))
+    g32 = g.astype(onp.float32)
+    G32 = _outer(g32, y.astype(onp.float32))
+    assert G32.dtype == onp.float32 and onp.array_equal(G32, onp.outer(g32, y.astype(onp.float32)))
+    assert onp.array_equal(_outer(g[:, None], y), onp.outer(g[:, None], y))

@@ -18,6 +18,7 @@ from typing import Optional
 
 import autograd.numpy as anp
 import numpy as np
+import scipy.linalg.blas
 from autograd.builtins import tuple as autograd_tuple
 from autograd.extend import defjvp, defvjp, primitive
 from autograd.tracer import getval, isbox
@@ -55,8 +56,9 @@ def _sym_matvec(M, y):
     """``M @ y`` for an exactly symmetric, C-contiguous float64 ``(N, N)`` ``M``,
     reading one triangle (BLAS ``dsymv``, :func:`.eigen.product`); an autograd
     primitive with the derivatives of ``M @ y``: the cotangent of ``M`` is
-    ``outer(g, y)`` (written directly: ``anp.dot``'s ``tensordot`` takes about
-    1.4x as long at 2500 x 2500), that of ``y`` is ``M' g = M g``."""
+    ``outer(g, y)`` (written directly by :func:`_outer`: ``anp.dot``'s
+    ``tensordot`` takes about 1.4x as long at 2500 x 2500), that of ``y`` is
+    ``M' g = M g``."""
     return product(M, True)(y)
 
 
@@ -66,7 +68,19 @@ def _sym_matvec_vjp_y(ans, M, y):
     return (lambda g: anp.dot(g, M)) if isbox(M) else (lambda g: _sym_matvec(M, g))
 
 
-defvjp(_sym_matvec, lambda ans, M, y: lambda g: anp.outer(g, y), _sym_matvec_vjp_y)
+def _outer(g, y):
+    """``outer(g, y)``; for plain 1-D float64 vectors by BLAS ``dger`` into zeros
+    (``np.zeros``: pages the kernel maps zeroed on first touch), the same numbers
+    (``0 + 1.0 * g_i y_j``; a zero is ``+0.0``) as ``np.outer``, C-contiguous,, in less CPU time at
+    2500 x 2500 (the N x N cotangent of ``M`` is the backward's largest write)."""
+    if (isbox(g) or isbox(y) or np.ndim(g) != 1 or np.ndim(y) != 1
+            or np.result_type(g, y) != np.float64):
+        return anp.outer(g, y)
+    G = np.zeros((y.shape[0], g.shape[0]), order="F")      # G' is C-ordered (g.size, y.size)
+    return scipy.linalg.blas.dger(1.0, y, g, a=G, overwrite_a=1).T
+
+
+defvjp(_sym_matvec, lambda ans, M, y: lambda g: _outer(g, y), _sym_matvec_vjp_y)
 defjvp(_sym_matvec,
        lambda dM, ans, M, y: anp.dot(dM, y),
        lambda dy, ans, M, y: _sym_matvec(M, dy))
