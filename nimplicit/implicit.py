@@ -160,6 +160,15 @@ def _is_f64(a) -> bool:
     return (type(a) is np.ndarray and a.dtype == np.float64) or isinstance(a, float)
 
 
+def _selected(argnums, fs) -> Callable:
+    """A node VJP ``g -> (fs[k](g) for k in argnums)``, the tuple autograd's node expects."""
+    fs = [fs[k] for k in argnums]
+    if len(fs) == 1:
+        f = fs[0]
+        return lambda g: (f(g),)
+    return lambda g: tuple(f(g) for f in fs)
+
+
 def _elementwise(*vjps):
     """A fast VJP maker for an elementwise primitive ``f(x[, y])``: ``vjps[k](g, *args)``
     is the VJP in argument ``k``, the same expression as autograd's.  Applies when every
@@ -171,11 +180,7 @@ def _elementwise(*vjps):
             return None
         if any(np.shape(args[k]) != np.shape(ans) for k in argnums):
             return None
-        fs = [vjps[k] for k in argnums]
-        if len(fs) == 1:
-            f = fs[0]
-            return lambda g: (f(g, *args),)
-        return lambda g: tuple(f(g, *args) for f in fs)
+        return _selected(argnums, [lambda g, f=f: f(g, *args) for f in vjps])
     return maker
 
 
@@ -207,11 +212,7 @@ def _product(argnums, ans, args, kwargs):
         fs = (lambda g: np.dot(g, B.T), lambda g: A[:, None] * np.expand_dims(g, -2))
     else:
         fs = (lambda g: np.dot(g, B.T), lambda g: np.matmul(A.T, g))
-    fs = [fs[k] for k in argnums]
-    if len(fs) == 1:
-        f = fs[0]
-        return lambda g: (f(g),)
-    return lambda g: tuple(f(g) for f in fs)
+    return _selected(argnums, fs)
 
 
 def _transpose(argnums, ans, args, kwargs):

@@ -249,7 +249,8 @@ def warmup_jobs(jobs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def run_warmup(job: Dict[str, Any]) -> Dict[str, Any]:
     """Compile one kernel group (a :func:`warmup_jobs` job) in a worker process.  A
-    failure is only recorded: the cases that need the kernels then report it."""
+    failure is returned in ``error``, not raised: the pool goes on, and the cases that
+    need the kernels compile them again and report the error themselves."""
     start = time.perf_counter()
     error = None
     try:

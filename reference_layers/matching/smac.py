@@ -50,7 +50,7 @@ from nimplicit.spectral import DEFAULT_GAP_TOL, require_simple_eigenvalue
 from .eigen import (DENSE_MAX, EigenData, default_tol, dense_eigendata, fix_sign, product,
                     krylov_eigendata)
 from .errors import ConstraintRankError, DegenerateEigenvalueError, InfeasibleConstraintsError
-from .spectral import _sym_matvec, backward_solver, layer_keywords
+from .spectral import _one_triangle, _sym_matvec, backward_solver, layer_keywords
 from .validation import as_real_array, check_affinity, positive_float
 
 #: relative singular-value threshold of the constraint rank
@@ -134,7 +134,7 @@ def _smac_residual_on(M_checked: np.ndarray, symmetric: bool):
     """:func:`_smac_residual`, with ``M y`` by :func:`.spectral._sym_matvec` (one
     triangle) when ``M`` is the validated, exactly ``symmetric`` float64 ``M_checked``
     (see :func:`.spectral._sm_residual_on`)."""
-    if not symmetric or M_checked.dtype != np.float64 or not M_checked.flags.c_contiguous:
+    if not _one_triangle(M_checked, symmetric):
         return _smac_residual
 
     def residual(z, M, Ceq):

@@ -71,7 +71,7 @@ def _sym_matvec_vjp_y(ans, M, y):
 def _outer(g, y):
     """``outer(g, y)``; for plain 1-D float64 vectors by BLAS ``dger`` into zeros
     (``np.zeros``: pages the kernel maps zeroed on first touch), the same numbers
-    (``0 + 1.0 * g_i y_j``; a zero is ``+0.0``) as ``np.outer``, C-contiguous,, in less CPU time at
+    (``0 + 1.0 * g_i y_j``; a zero is ``+0.0``) as ``np.outer``, C-contiguous, in less CPU time at
     2500 x 2500 (the N x N cotangent of ``M`` is the backward's largest write)."""
     if (isbox(g) or isbox(y) or np.ndim(g) != 1 or np.ndim(y) != 1
             or np.result_type(g, y) != np.float64):
@@ -86,14 +86,20 @@ defjvp(_sym_matvec,
        lambda dy, ans, M, y: _sym_matvec(M, dy))
 
 
+def _one_triangle(M_checked: np.ndarray, symmetric: bool) -> bool:
+    """Whether a residual may compute ``M y`` by :func:`_sym_matvec` at the validated
+    ``M_checked``: exactly ``symmetric``, 2-D, C-contiguous float64."""
+    return (symmetric and M_checked.ndim == 2 and M_checked.dtype == np.float64
+            and M_checked.flags.c_contiguous)
+
+
 def _sm_residual_on(M_checked: np.ndarray, symmetric: bool):
     """:func:`_sm_residual`, with ``M y`` by :func:`_sym_matvec` when ``M`` is the
     validated, exactly ``symmetric`` 2-D float64 ``M_checked`` (plain or traced:
     the core's residual check and the backward's products then read half of
     ``M``); any other ``M`` (a batch, float32, another array) takes
     :func:`_sm_residual`."""
-    if (not symmetric or M_checked.ndim != 2 or M_checked.dtype != np.float64
-            or not M_checked.flags.c_contiguous):
+    if not _one_triangle(M_checked, symmetric):
         return _sm_residual
 
     def residual(z, M):
