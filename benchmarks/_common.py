@@ -315,6 +315,20 @@ def progress(iterable: Iterable, **kwargs) -> Iterable:
     return tqdm(iterable, **kwargs)
 
 
+def package_versions(*names: str) -> dict:
+    """``{name: version}`` of installed distributions (``importlib.metadata``, so a
+    package without ``__version__``, autograd or qpth, still reports one); ``None``
+    for a package that is not installed."""
+    from importlib import metadata
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def machine_info() -> dict:
     """Python, NumPy and platform versions, for the header of a saved result."""
     import numpy

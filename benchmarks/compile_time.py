@@ -157,8 +157,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default=os.environ.get("NUMBA_NUM_THREADS", "2"))
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
+    sys.path.insert(0, ROOT)
+    from benchmarks._common import git_info, machine_info, package_versions
     load0 = os.getloadavg()
-    result = {"load_before": load0, "threads": args.threads}
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": " ".join(["python -m benchmarks.compile_time", *(argv or sys.argv[1:])]),
+              "git": git_info(), "machine": machine_info(),
+              "versions": package_versions("numpy", "scipy", "numba", "llvmlite", "autograd"),
+              "load_before": load0, "threads": args.threads}
     with tempfile.TemporaryDirectory() as cache:
         cold = _child(cache, args.threads)
         warm = _child(cache, args.threads)

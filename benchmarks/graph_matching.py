@@ -43,8 +43,9 @@ from autograd import make_vjp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks._common import (Column, format_table, machine_info, ratio, time_call,  # noqa: E402
-                                time_interleaved, write_json)
+from benchmarks._common import (Column, format_table, machine_info,  # noqa: E402
+                                package_versions, ratio, time_call, time_interleaved,
+                                write_json)
 from reference_layers import graph_matching as gm  # noqa: E402
 from verification.strategies.graph_matching import mixing_matrix, synthetic_pair  # noqa: E402
 
@@ -287,10 +288,8 @@ def main(argv=None):
     print(f"load average before: {load_before}, after: {_load()}; clock: {CLOCK}; medians")
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, "graph_matching.json")
-    import numba
-    import scipy
-    machine = dict(machine_info(), scipy=scipy.__version__, numba=numba.__version__,
-                   pygmtools=getattr(pygm, "__version__", None),
+    machine = dict(machine_info(), **package_versions("scipy", "numba", "autograd",
+                                                       "pygmtools"),
                    threads={v: os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS",
                                                            "OMP_NUM_THREADS",
                                                            "NUMBA_NUM_THREADS")},

@@ -93,9 +93,9 @@ import autograd.numpy as np                                    # noqa: E402
 from autograd import make_vjp                                  # noqa: E402
 
 import nimplicit                                               # noqa: E402
-from benchmarks._common import (Column, format_table, machine_info, peak_memory,  # noqa: E402
-                                progress, ratio, time_interleaved, write_csv,
-                                write_json)
+from benchmarks._common import (Column, format_table, machine_info,  # noqa: E402
+                                package_versions, peak_memory, progress, ratio,
+                                time_interleaved, write_csv, write_json)
 
 KRYLOV_RTOL = 1e-11
 
@@ -467,14 +467,7 @@ GENERIC_GOALS = {10: 5.0, 100: 3.0, 1000: 1.0}
 
 
 def _versions() -> dict:
-    import importlib
-    out = {}
-    for name in ("numpy", "scipy", "autograd", "jax", "jaxlib", "jaxopt"):
-        try:
-            out[name] = getattr(importlib.import_module(name), "__version__", "?")
-        except ImportError:
-            out[name] = None
-    return out
+    return package_versions("numpy", "scipy", "autograd", "jax", "jaxlib", "jaxopt")
 
 
 def generic_row(sizes: list, k: int, rho: float, threads: int, clock: str, repeats: int,

@@ -45,8 +45,8 @@ import numpy as onp
 from autograd import make_vjp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import (Column, format_table, machine_info, ratio,  # noqa: E402
-                                time_interleaved, write_json)
+from benchmarks._common import (Column, format_table, machine_info,  # noqa: E402
+                                package_versions, ratio, time_interleaved, write_json)
 from reference_layers.kernels.marching_cubes import marching_cubes  # noqa: E402
 from reference_layers.level_set import iso_surface_layer  # noqa: E402
 
@@ -140,18 +140,7 @@ def _ratios(row: dict) -> dict:
 
 
 def _versions() -> dict:
-    import autograd
-    import numba
-    import numpy
-    import scipy
-    out = {"numpy": numpy.__version__, "scipy": scipy.__version__, "numba": numba.__version__,
-           "autograd": getattr(autograd, "__version__", "?")}
-    try:
-        import skimage
-        out["scikit-image"] = skimage.__version__
-    except ImportError:
-        pass
-    return out
+    return package_versions("numpy", "scipy", "numba", "autograd", "scikit-image", "PyMCubes")
 
 
 def _git_commit() -> str:

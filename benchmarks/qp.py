@@ -42,8 +42,8 @@ import numpy as onp
 from autograd import make_vjp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks._common import (Column, format_table, machine_info, ratio,  # noqa: E402
-                                time_interleaved, write_json)
+from benchmarks._common import (Column, format_table, machine_info,  # noqa: E402
+                                package_versions, ratio, time_interleaved, write_json)
 from reference_layers.qp import qp_layer  # noqa: E402
 from verification.strategies.qp import kkt_jacobian, planted_qp  # noqa: E402
 
@@ -291,14 +291,8 @@ def main(argv=None):
 
 
 def _versions() -> dict:
-    out = {}
-    for name in ("numpy", "scipy", "numba", "autograd", "torch", "qpth", "cvxpylayers"):
-        try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except ImportError:
-            out[name] = None
-    return out
+    return package_versions("numpy", "scipy", "numba", "autograd", "torch", "qpth",
+                            "cvxpylayers")
 
 
 def _numba_threads():
