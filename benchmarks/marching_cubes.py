@@ -28,7 +28,8 @@ same mode (the goal of issue 13: <= 2, the backward no slower than the
 forward), ``vjp/kernel``, and scikit-image's ``lewiner`` over our
 ``kernel`` and ``layer``.  Besides ``benchmarks/output/``, ``--save``
 writes the dated record ``benchmarks/results/marching_cubes-<date>.json``
-(machine, versions, threads, load, medians, minima, ratios).
+(``marching_cubes-<date>-wall.json`` with ``--clock wall``): machine,
+versions, threads, load, medians, minima, ratios.
 
     PYTHONPATH=. python benchmarks/marching_cubes.py [--quick] [--sizes 32,64,128,256]
         [--clock cpu] [--save]
@@ -174,7 +175,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="sizes 32,64, 3 repeats")
     parser.add_argument("--save", action="store_true",
-                        help="also write benchmarks/results/marching_cubes-<date>.json")
+                        help="also write benchmarks/results/marching_cubes-<date>.json "
+                             "(<date>-wall.json for the wall clock)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or process CPU time (all threads) on a busy machine")
     args = parser.parse_args(argv)
@@ -200,7 +202,9 @@ def main(argv=None):
     write_json(os.path.join(OUT_DIR, f"marching_cubes_{args.clock}.json"), record)
     if args.save:
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        path = os.path.join(RESULTS_DIR, f"marching_cubes-{record['date'][:10]}.json")
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        variant = "" if args.clock == "cpu" else f"-{args.clock}"
+        path = os.path.join(RESULTS_DIR, f"marching_cubes-{stamp}{variant}.json")
         write_json(path, record)
         print(f"wrote {path}")
 
