@@ -150,6 +150,24 @@ def _gradcheck(cache_dir: str, threads: str) -> dict:
             "system_cpu_s": r1.ru_stime - r0.ru_stime, "layer_seconds": layers}
 
 
+def _summary(result: dict) -> list:
+    """One row per measured run, for the rendered results page."""
+    rows = [{"run": f"QP first fwd+bwd, {tag} cache", "wall_s": result[key]["first_call_s"],
+             "cpu_s": result[key]["first_call_cpu_s"]}
+            for tag, key in (("empty", "cold"), ("filled", "warm"),
+                             ("after compile_kernels", "after_parallel_warmup"))]
+    rows.append({"run": "compile_kernels, one process per group", "wall_s":
+                 result["parallel_warmup"]["wall_s"],
+                 "cpu_s": sum(result["parallel_warmup"]["cpu_s"].values())})
+    for tag, label in (("cold", "empty"), ("warm", "filled")):
+        r = result.get(f"gradcheck_{tag}")
+        if r is not None:
+            rows.append({"run": f"nimplicit-gradcheck, {label} cache", "wall_s": r["wall_s"],
+                         "cpu_s": r["user_cpu_s"] + r["system_cpu_s"]})
+    return [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}
+            for row in rows]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gradcheck", action="store_true",
@@ -198,6 +216,7 @@ def main(argv=None) -> int:
         for tag in ("cold", "warm"):
             r = result[f"gradcheck_{tag}"]
             print(f"gradcheck {tag}: {r['wall_s']:.1f} s wall, {r['user_cpu_s']:.1f} s user CPU")
+    result["summary"] = _summary(result)
     result["load_after"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:
