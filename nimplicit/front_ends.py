@@ -651,6 +651,12 @@ def constrained_argmin_layer(objective: Callable, eq: Optional[Callable] = None,
                                                         weak_tol=weak_tol), **options)
 
 
+def _objective_scale(grad_at_start: onp.ndarray) -> float:
+    """``1 / max(1, |grad f|_inf)`` at the starting point (1 when that is not finite)."""
+    size = float(onp.max(onp.abs(grad_at_start))) if grad_at_start.size else 0.0
+    return 1.0 / size if onp.isfinite(size) and size > 1.0 else 1.0
+
+
 def _slsqp_kkt(problem: _Problem, y_init, inputs, *, tol, active_tol, max_iter):
     """SLSQP from ``y_init``, multipliers of the active set by least squares, Newton
     polish of the active KKT system to ``tol``; returns the point and its
@@ -662,7 +668,14 @@ def _slsqp_kkt(problem: _Problem, y_init, inputs, *, tol, active_tol, max_iter):
         cons.append({"type": "eq", "fun": local.eq_values, "jac": local.eq_jac})
     if problem.ineq is not None:
         cons.append({"type": "ineq", "fun": local.ineq_values, "jac": local.ineq_jac})
-    res = scipy.optimize.minimize(local.objective, y_init.ravel(), jac=local.objective_grad,
+    # SLSQP's line search stops early (status 8) away from the solution when the
+    # objective's scale is large (an objective times 1e4): it minimizes c f, which has
+    # the same minimizer, with c = 1 / max(1, |grad f(y_init)|_inf) (only ever shrinking:
+    # a small gradient at y_init says nothing of the scale elsewhere); the multipliers
+    # below are fitted to the unscaled grad f
+    c = _objective_scale(local.objective_grad(y_init.ravel()))
+    res = scipy.optimize.minimize(lambda v: c * local.objective(v), y_init.ravel(),
+                                  jac=lambda v: c * local.objective_grad(v),
                                   constraints=cons, method="SLSQP",
                                   options={"ftol": 1e-15, "maxiter": max_iter})
     # status 8 (positive directional derivative in the line search) is SLSQP stopping at

@@ -302,6 +302,22 @@ def test_default_slsqp_forward_is_refused_not_wrong_at_extreme_scales():
     assert_close(y, onp.maximum(x, 0.0), 1e-9, "y")
 
 
+@pytest.mark.parametrize("c", [1e4, 1e8])
+def test_default_slsqp_forward_solves_objectives_of_large_scale(c):
+    """c/2 |y - x|^2 s.t. y <= 1 from y0 = 0: SLSQP on the unscaled objective stopped
+    (status 8) at points the layer refused for about a quarter of these x (the slow fuzz
+    suite's 'scale' class at c = 1e4); the forward minimizes c f / max(1, |grad c f(y0)|)."""
+    rng = onp.random.default_rng(2783)
+    layer = constrained_argmin_layer(lambda y, x: c * 0.5 * np.sum((y - x) ** 2),
+                                     ineq=lambda y, x: y - 1.0, y0=lambda x: onp.zeros(3))
+    base = onp.array([2.95218362, 1.47309568, 1.9829193])
+    for _ in range(40):
+        x = base + 1e-6 * rng.standard_normal(3)
+        y, _, nu = layer(x)
+        assert_close(y, onp.minimum(x, 1.0), 1e-12, "y")
+        assert_close(nu, c * (x - 1.0), 1e-8, "multipliers")
+
+
 def test_weak_tol_is_validated():
     with pytest.raises(InvalidOptionError, match="weak_tol"):
         constrained_argmin_layer(lambda y, x: np.sum(y ** 2), ineq=lambda y, x: -y, y0=onp.ones(2),
