@@ -300,6 +300,28 @@ def _cholesky(K, L, n, shift, piv_min):
 
 
 @njit(**_HELPER)
+def _cholesky_own_scale(K, L, n, rel_min):
+    """:func:`_cholesky` (no shift) whose pivot ``i`` must exceed ``rel_min * K[i, i]``:
+    a test invariant to a symmetric diagonal scaling ``D K D``."""
+    for i in range(n):
+        Li = L[i]
+        for j in range(i):
+            Lj = L[j]
+            acc = K[i, j]
+            for k in range(j):
+                acc -= Li[k] * Lj[k]
+            Li[j] = acc / Lj[j]
+        acc = K[i, i]
+        piv_min = rel_min * acc
+        for k in range(i):
+            acc -= Li[k] * Li[k]
+        if not (acc > piv_min and acc > 0.0):
+            return False
+        Li[i] = np.sqrt(acc)
+    return True
+
+
+@njit(**_HELPER)
 def _lsolve(L, x, n):
     """x <- L^{-1} x (L lower triangular)."""
     for i in range(n):
@@ -1351,11 +1373,11 @@ def _kkt_factor_kernel(Q, G, A, S_, NU, ACTIVE, DV, RHO, LK, WT, LS, FLAG,
             for j in range(i + 1):
                 Ls[i, j] = _dot(Wt[i], Wt[j], n)
             Ls[i, i] += Tc[i] * (1.0 + rho * Tc[i])
-        md = 0.0
-        for i in range(pc):
-            md = max(md, Ls[i, i])
-        # in-place Cholesky of the lower triangle of Ls (reads before it writes)
-        if pc > 0 and not _cholesky(Ls, Ls, pc, 0.0, sing_tol * md):
+        # in-place Cholesky of the lower triangle of Ls (reads before it writes); each
+        # pivot against its own diagonal entry: S's rows scale with the constraint rows
+        # (a row times 1e4 scales its pivot by 1e8), and a test against max diag(S)
+        # refused valid points whose active rows differ in scale
+        if pc > 0 and not _cholesky_own_scale(Ls, Ls, pc, sing_tol):
             FLAG[k] = 2
             continue
         FLAG[k] = 0
@@ -1503,7 +1525,10 @@ def kkt_jacobian_factor(
         clipped to 0.
     nu : (B, m) inequality multipliers; negative values are clipped to 0.
     degen_tol : a constraint with ``max(s_i, nu_i) <= degen_tol`` is degenerate.
-    sing_tol : relative pivot threshold for the two Cholesky factorisations.
+    sing_tol : relative pivot threshold for the two Cholesky factorisations: of
+        ``K_w`` against its largest diagonal entry, of the Schur complement
+        against each pivot's own diagonal entry (invariant to the scale of each
+        constraint row).
     num_threads : threads over which the batch is split.
 
     Returns
