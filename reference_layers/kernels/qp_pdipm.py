@@ -276,11 +276,13 @@ def _norm_inf(x, n):
 
 
 @njit(**_HELPER)
-def _cholesky(K, L, n, shift, piv_min):
+def _cholesky(K, L, n, shift, piv_min, rel_min):
     """Row-wise Cholesky ``L L' = K + shift*I`` reading the lower triangle of K.
 
-    Returns False when a pivot (before the square root) is not > piv_min.
-    Only the lower triangle of ``L`` is written.
+    Returns False when a pivot (before the square root) is not >
+    ``piv_min + rel_min * (K[i, i] + shift)`` (``rel_min`` alone: a test invariant
+    to a symmetric diagonal scaling ``D K D``).  Only the lower triangle of ``L``
+    is written.
     """
     for i in range(n):
         Li = L[i]
@@ -291,31 +293,10 @@ def _cholesky(K, L, n, shift, piv_min):
                 acc -= Li[k] * Lj[k]
             Li[j] = acc / Lj[j]
         acc = K[i, i] + shift
+        floor = piv_min + rel_min * acc
         for k in range(i):
             acc -= Li[k] * Li[k]
-        if not (acc > piv_min):
-            return False
-        Li[i] = np.sqrt(acc)
-    return True
-
-
-@njit(**_HELPER)
-def _cholesky_own_scale(K, L, n, rel_min):
-    """:func:`_cholesky` (no shift) whose pivot ``i`` must exceed ``rel_min * K[i, i]``:
-    a test invariant to a symmetric diagonal scaling ``D K D``."""
-    for i in range(n):
-        Li = L[i]
-        for j in range(i):
-            Lj = L[j]
-            acc = K[i, j]
-            for k in range(j):
-                acc -= Li[k] * Lj[k]
-            Li[j] = acc / Lj[j]
-        acc = K[i, i]
-        piv_min = rel_min * acc
-        for k in range(i):
-            acc -= Li[k] * Li[k]
-        if not (acc > piv_min and acc > 0.0):
+        if not (acc > floor):
             return False
         Li[i] = np.sqrt(acc)
     return True
@@ -409,7 +390,7 @@ def _chol_retry(K, L, n, delta, base):
         md = max(md, K[i, i])
     shift = delta
     for _ in range(7):
-        if _cholesky(K, L, n, shift, 0.0):
+        if _cholesky(K, L, n, shift, 0.0, 0.0):
             return shift
         shift = max(shift * 100.0, 1e-14 * (1.0 + md))
     return -1.0
@@ -780,7 +761,7 @@ def _qp_kernel(Q, q, G, h, A, b, Y, LAM, NU, SL, STATUS, ITERS, RES, k0, k1, war
                 v = 0.5 * (Qk[i, j] + Qk[j, i])
                 Qs[i, j] = v
                 qmax = max(qmax, abs(v))
-        if qmax > 0.0 and not _cholesky(Qs, L, n, psd_tol * qmax, 0.0):
+        if qmax > 0.0 and not _cholesky(Qs, L, n, psd_tol * qmax, 0.0, 0.0):
             STATUS[k] = _NONCONVEX
             _fill_nan(y, lam_out, nu, s, RES, k)
             continue
@@ -1363,7 +1344,7 @@ def _kkt_factor_kernel(Q, G, A, S_, NU, ACTIVE, DV, RHO, LK, WT, LS, FLAG,
         md = 0.0
         for i in range(n):
             md = max(md, K[i, i])
-        if not _cholesky(K, L, n, 0.0, sing_tol * md):
+        if not _cholesky(K, L, n, 0.0, sing_tol * md, 0.0):
             FLAG[k] = 2
             continue
         for j in range(pc):
@@ -1377,7 +1358,7 @@ def _kkt_factor_kernel(Q, G, A, S_, NU, ACTIVE, DV, RHO, LK, WT, LS, FLAG,
         # pivot against its own diagonal entry: S's rows scale with the constraint rows
         # (a row times 1e4 scales its pivot by 1e8), and a test against max diag(S)
         # refused valid points whose active rows differ in scale
-        if pc > 0 and not _cholesky_own_scale(Ls, Ls, pc, sing_tol):
+        if pc > 0 and not _cholesky(Ls, Ls, pc, 0.0, 0.0, sing_tol):
             FLAG[k] = 2
             continue
         FLAG[k] = 0
