@@ -651,27 +651,10 @@ def constrained_argmin_layer(objective: Callable, eq: Optional[Callable] = None,
                                                         weak_tol=weak_tol), **options)
 
 
-def _objective_scale(local: "_Local", v0: onp.ndarray) -> float:
-    """``1 / max(1, k)`` with ``k`` the objective's curvature at ``v0`` along its
-    gradient, by a difference of gradients: SLSQP starts from the identity as its
-    Hessian, so ``c f`` with ``c k ~ 1`` is the objective it handles best; 1 when
-    the estimate is not finite."""
-    g0 = local.objective_grad(v0)
-    norm = float(onp.linalg.norm(g0))
-    if not (onp.isfinite(norm) and norm > 0.0):
-        return 1.0
-    d = g0 / norm
-    step = 1e-4 * max(1.0, float(onp.max(onp.abs(v0))) if v0.size else 1.0)
-    with onp.errstate(all="ignore"):
-        curvature = abs(float(d @ (local.objective_grad(v0 + step * d) - g0))) / step
-    return 1.0 / curvature if onp.isfinite(curvature) and curvature > 1.0 else 1.0
-
-
-def _row_scales(jacobian: onp.ndarray) -> onp.ndarray:
-    """``1 / max(1, ||row||)`` per row of a constraint Jacobian (1 where not finite)."""
-    with onp.errstate(all="ignore"):
-        norms = onp.linalg.norm(jacobian, axis=1) if jacobian.size else onp.zeros(len(jacobian))
-    return onp.where(onp.isfinite(norms) & (norms > 1.0), 1.0 / onp.maximum(norms, 1.0), 1.0)
+def _objective_scale(grad_at_start: onp.ndarray) -> float:
+    """``1 / max(1, |grad f|_inf)`` at the starting point (1 when that is not finite)."""
+    size = float(onp.max(onp.abs(grad_at_start))) if grad_at_start.size else 0.0
+    return 1.0 / size if onp.isfinite(size) and size > 1.0 else 1.0
 
 
 def _slsqp_kkt(problem: _Problem, y_init, inputs, *, tol, active_tol, max_iter):
@@ -680,22 +663,17 @@ def _slsqp_kkt(problem: _Problem, y_init, inputs, *, tol, active_tol, max_iter):
     :class:`_SLSQPPoint` (``Solution``)."""
     shape = y_init.shape
     local = _Local(problem, shape, inputs)
-    # SLSQP stalls (line search, status 8; iteration limit, status 9) away from the
-    # solution when the objective's curvature or a constraint row is large (times 1e4):
-    # it solves the same problem with c f (c of _objective_scale) and each constraint
-    # row divided by max(1, the norm of its gradient at y_init); only ever shrinking.
-    # The multipliers below are fitted to the unscaled problem.
-    v0 = y_init.ravel()
     cons = []
     if problem.eq is not None:
-        re_ = _row_scales(local.constraint("h", v0)[1])
-        cons.append({"type": "eq", "fun": lambda v: re_ * local.eq_values(v),
-                     "jac": lambda v: re_[:, None] * local.eq_jac(v)})
+        cons.append({"type": "eq", "fun": local.eq_values, "jac": local.eq_jac})
     if problem.ineq is not None:
-        rg = _row_scales(local.constraint("g", v0)[1])
-        cons.append({"type": "ineq", "fun": lambda v: rg * local.ineq_values(v),
-                     "jac": lambda v: rg[:, None] * local.ineq_jac(v)})
-    c = _objective_scale(local, v0)
+        cons.append({"type": "ineq", "fun": local.ineq_values, "jac": local.ineq_jac})
+    # SLSQP's line search stops early (status 8) away from the solution when the
+    # objective's scale is large (an objective times 1e4): it minimizes c f, which has
+    # the same minimizer, with c = 1 / max(1, |grad f(y_init)|_inf) (only ever shrinking:
+    # a small gradient at y_init says nothing of the scale elsewhere); the multipliers
+    # below are fitted to the unscaled grad f
+    c = _objective_scale(local.objective_grad(y_init.ravel()))
     res = scipy.optimize.minimize(lambda v: c * local.objective(v), y_init.ravel(),
                                   jac=lambda v: c * local.objective_grad(v),
                                   constraints=cons, method="SLSQP",
