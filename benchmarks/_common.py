@@ -329,6 +329,15 @@ def package_versions(*names: str) -> dict:
     return out
 
 
+def record_header(command: str, *packages: str) -> dict:
+    """The header of a results file: UTC date, the command that wrote it, the machine
+    and the versions of ``packages`` (:func:`write_json` adds the git commit)."""
+    import datetime
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": command, "machine": machine_info(),
+            "versions": package_versions(*packages)}
+
+
 def machine_info() -> dict:
     """Python, NumPy and platform versions, for the header of a saved result."""
     import numpy

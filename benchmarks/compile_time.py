@@ -176,13 +176,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results to this file")
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
-    from benchmarks._common import git_info, machine_info, package_versions
+    from benchmarks._common import record_header, write_json
     load0 = os.getloadavg()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": " ".join(["python -m benchmarks.compile_time", *(argv or sys.argv[1:])]),
-              "git": git_info(), "machine": machine_info(),
-              "versions": package_versions("numpy", "scipy", "numba", "llvmlite", "autograd"),
-              "load_before": load0, "threads": args.threads}
+    command = " ".join(["python -m benchmarks.compile_time", *(argv or sys.argv[1:])])
+    result = dict(record_header(command, "numpy", "scipy", "numba", "llvmlite", "autograd"),
+                  load_before=load0, threads=args.threads)
     with tempfile.TemporaryDirectory() as cache:
         cold = _child(cache, args.threads)
         warm = _child(cache, args.threads)
@@ -219,8 +217,7 @@ def main(argv=None) -> int:
     result["summary"] = _summary(result)
     result["load_after"] = os.getloadavg()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.json, result)
     return 0
 
 

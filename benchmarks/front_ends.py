@@ -17,15 +17,13 @@ Run: ``python -m benchmarks.front_ends [--repeats 41] [--json PATH]``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 
 import autograd.numpy as anp
 import numpy as np
 from autograd import grad
 
-from benchmarks._common import (Column, format_table, machine_info, package_versions,
-                                time_interleaved, write_json)
+from benchmarks._common import Column, format_table, record_header, time_interleaved, write_json
 
 CASES = {"box-n4": "noisy-box-slsqp", "simplex-n5": "noisy-simplex-slsqp",
          "simplex-user-n6": "simplex-projection"}
@@ -68,12 +66,9 @@ def main(argv=None) -> list:
     print(format_table(rows, [Column("case", "case"), Column("forward ms", "forward_ms", "{:.2f}"),
                               Column("gradient ms", "gradient_ms", "{:.2f}")]))
     if args.json:
-        write_json(args.json, {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": " ".join(["python -m benchmarks.front_ends", *(argv or sys.argv[1:])]),
-            "machine": machine_info(),
-            "versions": package_versions("numpy", "scipy", "numba", "autograd"),
-            "repeats": args.repeats, "rows": rows})
+        command = " ".join(["python -m benchmarks.front_ends", *(argv or sys.argv[1:])])
+        write_json(args.json, dict(record_header(command, "numpy", "scipy", "numba", "autograd"),
+                                   repeats=args.repeats, rows=rows))
     return rows
 
 
