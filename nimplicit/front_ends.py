@@ -657,23 +657,39 @@ def _objective_scale(grad_at_start: onp.ndarray) -> float:
     return 1.0 / size if onp.isfinite(size) and size > 1.0 else 1.0
 
 
+def _row_scales(jacobian: onp.ndarray) -> onp.ndarray:
+    """``1 / max(1, |row|_inf)`` per row of a constraint Jacobian (1 where not finite)."""
+    if not jacobian.size:
+        return onp.ones(len(jacobian))
+    size = onp.max(onp.abs(jacobian), axis=1)
+    return onp.where(onp.isfinite(size) & (size > 1.0), 1.0 / onp.maximum(size, 1.0), 1.0)
+
+
 def _slsqp_kkt(problem: _Problem, y_init, inputs, *, tol, active_tol, max_iter):
     """SLSQP from ``y_init``, multipliers of the active set by least squares, Newton
     polish of the active KKT system to ``tol``; returns the point and its
     :class:`_SLSQPPoint` (``Solution``)."""
     shape = y_init.shape
     local = _Local(problem, shape, inputs)
-    cons = []
-    if problem.eq is not None:
-        cons.append({"type": "eq", "fun": local.eq_values, "jac": local.eq_jac})
-    if problem.ineq is not None:
-        cons.append({"type": "ineq", "fun": local.ineq_values, "jac": local.ineq_jac})
     # SLSQP's line search stops early (status 8) away from the solution when the
     # objective's scale is large (an objective times 1e4): it minimizes c f, which has
     # the same minimizer, with c = 1 / max(1, |grad f(y_init)|_inf) (only ever shrinking:
-    # a small gradient at y_init says nothing of the scale elsewhere); the multipliers
-    # below are fitted to the unscaled grad f
-    c = _objective_scale(local.objective_grad(y_init.ravel()))
+    # a small gradient at y_init says nothing of the scale elsewhere).  A constraint row
+    # times 1e4 leaves rounding of 1e-12 in its value, above SLSQP's absolute feasibility
+    # test (ftol), which then never passes (iteration limit, status 9): each row is
+    # divided by max(1, |its gradient at y_init|_inf) by the same rule.  The multipliers
+    # below are fitted to the unscaled problem.
+    v0 = y_init.ravel()
+    cons = []
+    if problem.eq is not None:
+        re_ = _row_scales(local.constraint("h", v0)[1])
+        cons.append({"type": "eq", "fun": lambda v: re_ * local.eq_values(v),
+                     "jac": lambda v: re_[:, None] * local.eq_jac(v)})
+    if problem.ineq is not None:
+        rg = _row_scales(local.constraint("g", v0)[1])
+        cons.append({"type": "ineq", "fun": lambda v: rg * local.ineq_values(v),
+                     "jac": lambda v: rg[:, None] * local.ineq_jac(v)})
+    c = _objective_scale(local.objective_grad(v0))
     res = scipy.optimize.minimize(lambda v: c * local.objective(v), y_init.ravel(),
                                   jac=lambda v: c * local.objective_grad(v),
                                   constraints=cons, method="SLSQP",

@@ -318,6 +318,26 @@ def test_default_slsqp_forward_solves_objectives_of_large_scale(c):
         assert_close(nu, c * (x - 1.0), 1e-8, "multipliers")
 
 
+@pytest.mark.parametrize("x", [[2.18529708, -0.07743116, -0.7919148],
+                               [1.84892737, 0.03545837, -0.03329714],
+                               [0.62604135, 2.63983585, -0.82773245]])
+@pytest.mark.parametrize("t", [1e4, 1e8])
+def test_default_slsqp_forward_solves_constraint_rows_of_large_scale(x, t):
+    """1e-4/2 |y - x|^2 s.t. t (y - 1) <= 0 from y0 = 0 (the slow fuzz suite's 'scale'
+    class, objective 1e-4 and rows 1e4; these x failed it): a row times t leaves rounding
+    of t 1e-16 in its value, SLSQP's absolute feasibility test never passed and it hit its
+    iteration limit (status 9, SolverError); the forward divides each row by
+    max(1, |its gradient at y0|_inf).  The multipliers are those of the unscaled rows."""
+    rng = onp.random.default_rng(388)
+    layer = constrained_argmin_layer(lambda y, x: 1e-4 * 0.5 * np.sum((y - x) ** 2),
+                                     ineq=lambda y, x: t * (y - 1.0), y0=lambda x: onp.zeros(3))
+    for _ in range(20):
+        xk = onp.array(x) + 1e-6 * rng.standard_normal(3)
+        y, _, nu = layer(xk)
+        assert_close(y, onp.minimum(xk, 1.0), 1e-12, "y")
+        assert_close(nu, 1e-4 * onp.maximum(xk - 1.0, 0.0) / t, 1e-8, "multipliers")
+
+
 def test_weak_tol_is_validated():
     with pytest.raises(InvalidOptionError, match="weak_tol"):
         constrained_argmin_layer(lambda y, x: np.sum(y ** 2), ineq=lambda y, x: -y, y0=onp.ones(2),

@@ -344,6 +344,20 @@ def _vertex_id(B, wbase, i, j, k, a, nx, ny, nz, nw):  # pragma: no cover
     return n
 
 
+@njit(cache=True, inline="always")
+def _id_in_word(cx, cy, cz, base, b, a):  # pragma: no cover
+    """:func:`_vertex_id` from the row word's crossed-edge masks and vertex base:
+    the vertex on the axis-``a`` edge at bit ``b`` (< 64) of that word."""
+    sb = np.uint64(b)
+    below = (_ONE << sb) - _ONE
+    n = base + np.int64(_popcount(cx & below) + _popcount(cy & below) + _popcount(cz & below))
+    if a >= 1:
+        n += np.int64((cx >> sb) & _ONE)
+    if a == 2:
+        n += np.int64((cy >> sb) & _ONE)
+    return n
+
+
 @njit(cache=True, nogil=True)
 def _emit_range(
     phi, level, sp, B, wbase, rowt, toff, tri_start, tri_count, tri_edges,
@@ -353,6 +367,10 @@ def _emit_range(
     nx, ny, nw = B.shape
     nz = phi.shape[2]
     ids = np.zeros(12, dtype=np.int64)
+    rcx = np.zeros(4, dtype=np.uint64)
+    rcy = np.zeros(4, dtype=np.uint64)
+    rcz = np.zeros(4, dtype=np.uint64)
+    rbase = np.zeros(4, dtype=np.int64)
     for i in range(i0, i1):
         for j in range(ny):
             # vertices owned by row (i, j), in (k, axis) order
@@ -380,6 +398,18 @@ def _emit_range(
                 f = toff[i, j]
                 for w in range(nw):
                     act = _active_cells(B, i, j, w, nz, nw)
+                    if act == 0:
+                        continue
+                    # the crossed-edge masks and vertex bases of word w of the four edge
+                    # rows (i + di, j + dj) of this cell row, once per word, not per edge
+                    for r in range(4):
+                        ii = i + (r & 1)
+                        jj = j + (r >> 1)
+                        cxr, cyr, czr = _cross_words(B, ii, jj, w, nx, ny, nz, nw)
+                        rcx[r] = cxr
+                        rcy[r] = cyr
+                        rcz[r] = czr
+                        rbase[r] = wbase[ii, jj, w]
                     while act != 0:
                         b = np.int64(_ctz(act))
                         act &= act - _ONE
@@ -392,10 +422,16 @@ def _emit_range(
                         # ids of the crossed edges of the cell (each is used by its triangles)
                         for e in range(12):
                             if ((case >> edge_start[e, 4]) ^ (case >> edge_start[e, 5])) & 1:
-                                ids[e] = _vertex_id(
-                                    B, wbase, i + edge_start[e, 1], j + edge_start[e, 2],
-                                    k + edge_start[e, 3], edge_start[e, 0], nx, ny, nz, nw,
-                                )
+                                kb = b + edge_start[e, 3]
+                                if kb < 64:
+                                    r = edge_start[e, 1] + 2 * edge_start[e, 2]
+                                    ids[e] = _id_in_word(rcx[r], rcy[r], rcz[r], rbase[r], kb,
+                                                         edge_start[e, 0])
+                                else:   # the edge starts in the next word
+                                    ids[e] = _vertex_id(
+                                        B, wbase, i + edge_start[e, 1], j + edge_start[e, 2],
+                                        k + edge_start[e, 3], edge_start[e, 0], nx, ny, nz, nw,
+                                    )
                         idx = case * 64 + bits
                         t0 = tri_start[idx]
                         for q in range(tri_count[idx]):

@@ -71,12 +71,21 @@ class KrylovData:
     for the Ritz vectors ``W = Q_k' S_r`` other than the leading one (values
     ``theta_r``), ``A W = W diag(theta_r) + beta q_{k+1} s_r'`` with
     ``s_r = S[k, r]``: the backward's deflation space and its image, with no
-    product with ``A``."""
+    product with ``A``.  ``W`` is formed on first use (by the backward; a forward
+    alone never pays for it) from the basis ``Q_k`` and the Ritz coefficients."""
 
-    __slots__ = ("W", "theta", "s", "q", "beta")
+    __slots__ = ("_Q", "_S", "_W", "theta", "s", "q", "beta")
 
-    def __init__(self, W, theta, s, q, beta):
-        self.W, self.theta, self.s, self.q, self.beta = W, theta, s, q, float(beta)
+    def __init__(self, Q, S, theta, s, q, beta):
+        self._Q, self._S, self._W = Q, S, None
+        self.theta, self.s, self.q, self.beta = theta, s, q, float(beta)
+
+    @property
+    def W(self) -> np.ndarray:
+        if self._W is None:
+            self._W = self._Q.T @ self._S
+            self._Q = self._S = None
+        return self._W
 
 
 def fix_sign(y: np.ndarray) -> np.ndarray:
@@ -152,10 +161,11 @@ def _lanczos_dense_kernel(M, q0, w0, tol, kmax, every, symmetric):  # pragma: no
     read, about half the memory traffic of ``M @ q``) when ``symmetric``
     (``M`` exactly symmetric, as the validation pass found), else ``dgemv``;
     the Ritz test's eigen-decomposition is LAPACK ``dsyev``.  ``w0 = M q0``
-    (or empty to compute it).  Returns ``(Q, alphas, betas, k, beta, w,
-    converged)``: the basis ``Q[:k + 1]``, the tridiagonal ``T[:k + 1, :k + 1]``
-    (diagonal ``alphas[:k + 1]``, off-diagonal ``betas[:k]``), the last ``beta``
-    and unnormalized residual vector ``w``."""
+    (or empty to compute it).  Returns ``(Q, theta, S, k, beta, w, converged)``:
+    the basis ``Q[:k + 1]``, the last Ritz test's eigen-decomposition of the
+    tridiagonal ``T[:k + 1, :k + 1]`` (values ``theta`` ascending, eigenvector ``r``
+    in the row ``S[r]``; empty when not converged), the last ``beta`` and the
+    unnormalized residual vector ``w``."""
     N = q0.shape[0]
     Q = np.empty((kmax + 1, N))
     for i in range(N):
@@ -213,12 +223,12 @@ def _lanczos_dense_kernel(M, q0, w0, tol, kmax, every, symmetric):  # pragma: no
         top = theta[k]
         spread = max(abs(top), abs(theta[0]))
         if beta * abs(S[k, k]) <= tol * abs(top) or beta <= 1e-14 * spread or k + 1 == N:
-            return Q, alphas, betas, k, beta, w, True
+            return Q, theta[:n], S, k, beta, w, True
         if k + 1 < kmax:
             betas[k] = beta
         for i in range(N):
             Q[k + 1, i] = w[i] / beta
-    return Q, alphas, betas, kmax - 1, beta, w, False
+    return Q, theta[:0], T[:0].reshape((0, 0)), kmax - 1, beta, w, False
 
 
 def _lanczos_dense(M, v0, tol: float, maxiter: int, w0=None, symmetric: bool = False):
@@ -229,24 +239,24 @@ def _lanczos_dense(M, v0, tol: float, maxiter: int, w0=None, symmetric: bool = F
     nv0 = np.linalg.norm(v0)
     w0 = np.empty(0) if w0 is None else np.ascontiguousarray(w0, dtype=float)
     every = 1 if N >= 1000 else 2
-    Q, alphas, betas, k, beta, w, ok = _lanczos_dense_kernel(
+    Q, theta, S, k, beta, w, ok = _lanczos_dense_kernel(
         np.ascontiguousarray(M, dtype=float), v0 / nv0, w0, float(tol), kmax, every,
         bool(symmetric))
     if not ok:
         return None
-    T = np.diag(alphas[:k + 1])
-    if k:
-        T[np.arange(k), np.arange(1, k + 1)] = T[np.arange(1, k + 1), np.arange(k)] = betas[:k]
-    theta, S = np.linalg.eigh(T)
-    return _ritz_output(Q[:k + 1], theta, S, k, beta, w, N)
+    # the kernel's last Ritz test: eigenvalues of T_k ascending, eigenvector r in row S[r]
+    return _ritz_output(Q[:k + 1], theta, S.T, k, beta, w, N)
 
 
 def _ritz_output(Qk, theta, S, k, beta, w, N):
-    """``(y, theta_1, theta_2, theta_min, steps, krylov)`` from the converged Lanczos data."""
+    """``(y, theta_1, theta_2, theta_min, steps, krylov)`` from the converged Lanczos data
+    (``S``: the eigenvectors of ``T_k`` as columns; the other Ritz vectors are signed so
+    that their last coefficient ``s_r`` is ``>= 0``, whichever LAPACK routine gave ``S``)."""
     y = Qk.T @ S[:, -1]
     krylov = None
     if k:
-        krylov = KrylovData(Qk.T @ S[:, :-1], theta[:-1], S[-1, :-1].copy(),
+        rest = S[:, :-1] * np.where(S[-1, :-1] < 0, -1.0, 1.0)
+        krylov = KrylovData(Qk, rest, theta[:-1], rest[-1].copy(),
                             w / beta if beta > 0 else np.zeros(N), beta if beta > 0 else 0.0)
     return (y / np.linalg.norm(y), float(theta[-1]), float(theta[-2]) if k else -np.inf,
             float(theta[0]), k + 1, krylov)
@@ -290,9 +300,12 @@ def krylov_eigendata(matvec, N: int, *, tol: float, max_iter: int, start=None,
     """Leading eigenpair by Lanczos from ``start`` (default ``1``); with the dense
     ``matrix`` (``matvec(v) = matrix @ v``) the loop runs compiled, its products
     reading one triangle when ``symmetric`` (``matrix`` exactly symmetric)."""
-    v0 = np.ones(N) if start is None else np.asarray(start, dtype=float)
-    if not np.any(v0):
-        v0, start_product = np.ones(N), None
+    if start is None:
+        v0 = np.ones(N)
+    else:
+        v0 = np.asarray(start, dtype=float)
+        if not np.any(v0):
+            v0, start_product = np.ones(N), None
     w0 = None if start_product is None else start_product / np.linalg.norm(v0)
     if matrix is not None:
         out = _lanczos_dense(matrix, v0, tol, max_iter, w0=w0, symmetric=symmetric)
